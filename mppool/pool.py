@@ -1,0 +1,749 @@
+"""The core pool: one thread-safe class, used in-process and served by the supervisor.
+
+State lives in a few containers guarded by one lock:
+
+    _avail    deque of idle entries (taken from the right, so the left end idles longest)
+    _using    lease id -> entry lent out
+    _waiters  deque of waiters, oldest first; each one's ``set()`` returns False once it
+              gave up, so an object is never handed to a waiter that timed out or died
+    _todel    entries taken out of the pool, to be closed outside the lock
+
+Every method decides under the lock and does the slow work (``fun``, hooks, ``closer``)
+outside it. A waiter is any object with ``set(result) -> bool``; the supervisor queues
+waiters tied to a client connection here, so a client that dies while waiting is dropped
+from the queue instead of blocking a server thread (DESIGN.md, trap 1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from .clock import REAL_CLOCK, Clock
+from .errors import PoolClosed, TimeOut
+from .holder import Holder, current_holder
+from .sched import Scheduler, Task, default_scheduler
+from .validate import check_callable, check_delay, check_int, check_timeout
+
+log = logging.getLogger("mppool")
+
+FunHook = Callable[[int], Any]
+PoolHook = Callable[[Any], Any]
+HealthHook = Callable[[Any], bool]
+
+LIFETIME_JITTER = 0.05
+
+
+class Budget(Protocol):
+    """A token pool that caps live objects across processes (SPEC §6)."""
+
+    def get(self, timeout: float | None = None) -> Any: ...
+    def put(self, token: Any) -> None: ...
+
+
+class _Create:
+    """Handed to a waiter instead of an object: a slot is reserved, create one."""
+
+    def __repr__(self) -> str:
+        return "CREATE"
+
+
+CREATE = _Create()
+
+
+class Entry:
+    __slots__ = ("obj", "num", "created", "expires", "uses", "last_get", "last_ret",
+                 "lease", "holder", "warned", "token")
+
+    def __init__(self, obj: Any, num: int, now: float, lifetime: float, token: Any) -> None:
+        self.obj = obj
+        self.num = num
+        self.created = now
+        # Jitter so that objects created together do not all expire together.
+        self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else 0.0
+        self.uses = 0
+        self.last_get = now
+        self.last_ret = now
+        self.lease = 0
+        self.holder: Holder | None = None
+        self.warned = False
+        self.token = token
+
+
+class Waiter:
+    """A getter blocked in this process. ``set``/``cancel`` are called under the pool lock."""
+
+    __slots__ = ("holder", "result", "done", "_event")
+
+    def __init__(self, holder: Holder) -> None:
+        self.holder = holder
+        self.result: Any = None
+        self.done = False
+        self._event = threading.Event()
+
+    def set(self, result: Any) -> bool:
+        if self.done:
+            return False
+        self.result = result
+        self.done = True
+        self._event.set()
+        return True
+
+    def cancel(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+
+_ids = itertools.count(1)
+_leases = itertools.count(1)
+
+
+class Pool:
+    """Thread-safe pool of objects created on demand by ``fun(i)`` (ProxyPatternPool's API)."""
+
+    def __init__(
+        self,
+        fun: FunHook | None = None,
+        max_size: int | None = 0,
+        min_size: int = 1,
+        timeout: float | None = None,
+        max_use: int = 0,
+        max_avail_delay: float = 0.0,
+        max_using_delay: float = 0.0,
+        max_using_delay_kill: float = 0.0,
+        health_freq: int = 1,
+        delay: float = 0.0,
+        opener: PoolHook | None = None,
+        getter: PoolHook | None = None,
+        retter: PoolHook | None = None,
+        closer: PoolHook | None = None,
+        health: HealthHook | None = None,
+        stats: Callable[[Any], Any] | None = None,
+        tracer: Callable[[Any], Any] | None = None,
+        log_level: int | None = None,
+        *,
+        max_lifetime: float = 0.0,
+        budget: Budget | None = None,
+        kill_holder: bool = False,
+        clock: Clock | None = None,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        # Validate everything before touching any state: nothing is half-created on error.
+        check_callable("fun", fun, required=True)
+        max_size = check_int("max_size", 0 if max_size is None else max_size)
+        min_size = check_int("min_size", min_size)
+        if max_size and min_size > max_size:
+            raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
+        self._timeout = check_timeout("timeout", timeout)
+        self._max_use = check_int("max_use", max_use)
+        self._max_avail_delay = check_delay("max_avail_delay", max_avail_delay)
+        max_using_delay = check_delay("max_using_delay", max_using_delay)
+        self._max_using_delay_kill = check_delay("max_using_delay_kill", max_using_delay_kill)
+        self._health_freq = check_int("health_freq", health_freq, minimum=1)
+        delay = check_delay("delay", delay)
+        self._max_lifetime = check_delay("max_lifetime", max_lifetime)
+        for name, hook in (("opener", opener), ("getter", getter), ("retter", retter),
+                           ("closer", closer), ("health", health), ("stats", stats),
+                           ("tracer", tracer)):
+            check_callable(name, hook)
+        if budget is not None and not (callable(getattr(budget, "get", None))
+                                       and callable(getattr(budget, "put", None))):
+            raise TypeError(f"budget must be a token pool with get() and put(), got {budget!r}")
+        if not isinstance(kill_holder, bool):
+            raise TypeError(f"kill_holder must be a bool, got {kill_holder!r}")
+        if log_level is not None:
+            log.setLevel(log_level)
+
+        self._fun: FunHook = fun  # type: ignore[assignment]
+        self._max_size = max_size
+        self._min_size = min_size
+        # If only the kill delay is given, warn at the same time as we kill.
+        self._max_using_delay_warn = max_using_delay or self._max_using_delay_kill
+        self._opener, self._getter, self._retter, self._closer = opener, getter, retter, closer
+        self._health, self._stats_hook, self._tracer = health, stats, tracer or str
+        self._budget = budget
+        self._kill_holder = kill_holder
+        self._clock = clock or REAL_CLOCK
+
+        self._id = next(_ids)
+        self._started = datetime.datetime.now()
+        self._started_mono = self._clock.now()
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._avail: deque[Entry] = deque()
+        self._using: dict[int, Entry] = {}
+        self._by_obj: dict[int, list[int]] = {}  # id(obj) -> lease ids, for ret(obj)
+        self._waiters: deque[Any] = deque()
+        self._todel: deque[Entry] = deque()
+        self._shutdown = False
+        self._fifo = False  # eventlet's pools.Pool hands out the oldest idle item first
+        self._nextnum = 0
+        self._ncreating = 0
+        self._counts = dict.fromkeys(
+            ("ncreated nuses nkilled nrecycled nwornout nborrows nreturns ndestroys nhealth "
+             "bad_health hk_rounds hk_errors hc_rounds hc_errors nexpired").split(), 0)
+        self._hk_time = 0.0
+        self._hk_last = self._started_mono
+        # Called with the holder of a killed lease when kill_holder=True (the supervisor
+        # terminates the process; in-process there is nobody else to kill).
+        self.on_kill_holder: Callable[[Holder, float], None] | None = None
+
+        smallest = min((d for d in (self._max_avail_delay, self._max_using_delay_warn,
+                                    self._max_lifetime) if d), default=0.0)
+        self._delay = delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
+        self._sched: Scheduler | None = None
+        self._own_sched = False
+        self._hk_task: Task | None = None
+        if self._delay:
+            if scheduler is not None:
+                self._sched = scheduler
+            elif clock is not None:
+                self._sched, self._own_sched = Scheduler(self._clock, workers=1), True
+            else:
+                self._sched = default_scheduler()
+            self._hk_task = self._sched.enter(self._delay, self._hk_tick)
+        self._fill()
+
+    # ------------------------------------------------------------------ public API
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Get an object; ``timeout=None`` uses the pool's, 0 means do not wait."""
+        entry = self.checkout(current_holder(), timeout)
+        with self._lock:
+            self._by_obj.setdefault(id(entry.obj), []).append(entry.lease)
+        return entry.obj
+
+    def ret(self, obj: Any) -> None:
+        """Return an object got from this pool; unknown or twice-returned objects are ignored."""
+        with self._lock:
+            leases = self._by_obj.get(id(obj))
+            lease = leases.pop() if leases else 0
+            if leases == []:
+                del self._by_obj[id(obj)]
+        if not lease:
+            log.warning("mppool: pool %d: ret() of an object it does not lend: %.80s",
+                        self._id, self._trace(obj))
+            return
+        self.checkin(lease)
+
+    put = ret
+
+    @contextmanager
+    def obj(self, timeout: float | None = None) -> Iterator[Any]:
+        """Get an object for a ``with`` block; it is always returned."""
+        o = self.get(timeout)
+        try:
+            yield o
+        finally:
+            self.ret(o)
+
+    item = obj
+
+    def free(self) -> int:
+        """How many get() calls would succeed right now without waiting."""
+        with self._lock:
+            if self._shutdown:
+                return 0
+            if not self._max_size:
+                return 2**31 - 1
+            return len(self._avail) + max(0, self._max_size - self._total())
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._waiters if not w.done)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._avail) + len(self._using)
+
+    def resize(self, max_size: int) -> None:
+        """Change the bound; extra idle objects are closed, new room goes to waiters."""
+        max_size = check_int("max_size", max_size)
+        with self._lock:
+            if max_size and self._min_size > max_size:
+                raise ValueError(f"max_size={max_size!r} is below min_size={self._min_size!r}")
+            self._max_size = max_size
+            while max_size and self._avail and self._total() > max_size:
+                self._todel.append(self._avail.popleft())
+            self._grant_slots()
+        self._flush()
+
+    def shutdown(self, delay: float = 0.0) -> None:
+        """Close every object, wake every waiter with PoolClosed; later gets raise it."""
+        delay = check_delay("delay", delay)
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            waiters, self._waiters = self._waiters, deque()
+            for w in waiters:
+                w.set(PoolClosed(f"pool {self._id} is shutting down"))
+            self._todel.extend(self._avail)
+            self._avail.clear()
+            deadline = self._clock.now() + delay
+            while self._using and delay and self._clock.now() < deadline:
+                self._drained.wait(max(0.0, deadline - self._clock.now()))
+            if self._using:
+                log.warning("mppool: pool %d shutting down with %d objects in use: closing them",
+                            self._id, len(self._using))
+                self._todel.extend(self._using.values())
+                self._using.clear()
+                self._by_obj.clear()
+        if self._hk_task is not None:
+            self._hk_task.cancel()
+        if self._own_sched and self._sched is not None:
+            self._sched.close()
+        self._flush()
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-compatible description, with ProxyPatternPool's keys plus ``nwaiting``."""
+        with self._lock:
+            now = self._clock.now()
+            c = self._counts
+            return {
+                "id": self._id,
+                "started": self._started.isoformat(),
+                "now": time.time(),
+                "running": now - self._started_mono,
+                "rel_hk_last": self._hk_last - now,
+                "time_per_hk": self._hk_time / max(c["hk_rounds"], 1),
+                "min_size": self._min_size,
+                "max_size": self._max_size,
+                "max_use": self._max_use,
+                "timeout": self._timeout,
+                "delay": self._delay,
+                "max_avail_delay": self._max_avail_delay,
+                "max_lifetime": self._max_lifetime,
+                "max_using_delay_kill": self._max_using_delay_kill,
+                "max_using_delay_warn": self._max_using_delay_warn,
+                "health_freq": self._health_freq,
+                "sem": ({"value": len(self._avail) + max(0, self._max_size - self._total()),
+                         "init": self._max_size} if self._max_size else None),
+                "navail": len(self._avail),
+                "nusing": len(self._using),
+                "ntodel": len(self._todel),
+                "nwaiting": sum(1 for w in self._waiters if not w.done),
+                "shutdown": self._shutdown,
+                "avail": [self._describe(e, now) for e in self._avail],
+                "using": [self._describe(e, now) for e in self._using.values()],
+                "nobjs": len(self._avail) + len(self._using),
+                "ncreating": self._ncreating,
+                **c,
+            }
+
+    def __str__(self) -> str:
+        return json.dumps(self.stats())
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return (f"<mppool.Pool {self._id} [objects: {len(self._using)} in use, "
+                    f"{len(self._avail)} idle, {self._ncreating} creating | "
+                    f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}]>")
+
+    def __del__(self) -> None:
+        task = getattr(self, "_hk_task", None)
+        if task is not None:
+            task.cancel()
+
+    # --------------------------------------------- lease API (also used by the supervisor)
+
+    def checkout(self, holder: Holder, timeout: float | None = None) -> Entry:
+        """Lease an entry to ``holder``, creating or waiting as needed."""
+        timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
+        waiter = Waiter(holder)
+        with self._lock:
+            got = self.acquire(holder, waiter if timeout != 0 else None)
+        if got is None:
+            if timeout == 0:
+                self._flush()
+                raise TimeOut(f"pool {self._id}: no object available (timeout=0)")
+            waiter.wait(timeout)
+            with self._lock:
+                if waiter.cancel():
+                    self._waiters.remove(waiter)
+                    raise TimeOut(f"pool {self._id}: no object available within {timeout} s")
+            got = waiter.result
+            if isinstance(got, BaseException):
+                raise got
+        self._flush()
+        if got is CREATE:
+            return self.create_for(holder)
+        self._hook("getter", self._getter, got.obj)
+        return got  # type: ignore[no-any-return]
+
+    def acquire(self, holder: Holder, waiter: Any | None) -> Entry | _Create | None:
+        """Under the lock: an idle entry now leased, CREATE (slot reserved), or None.
+
+        None means ``waiter`` was queued (or, without a waiter, nothing is available).
+        """
+        if self._shutdown:
+            raise PoolClosed(f"pool {self._id} is shutting down")
+        # Newcomers never barge past queued waiters.
+        if not any(not w.done for w in self._waiters):
+            now = self._clock.now()
+            while self._avail:
+                entry = self._avail.popleft() if self._fifo else self._avail.pop()
+                if entry.expires and now >= entry.expires:
+                    self._counts["nexpired"] += 1
+                    self._todel.append(entry)
+                    continue
+                self._lease(entry, holder, now)
+                return entry
+            if self._room():
+                self._ncreating += 1
+                return CREATE
+        if waiter is not None:
+            self._waiters.append(waiter)
+        return None
+
+    def create_for(self, holder: Holder) -> Entry:
+        """Create an object in a reserved slot and lease it; errors free the slot."""
+        entry = self._create()
+        with self._lock:
+            self._ncreating -= 1
+            if self._shutdown:
+                self._todel.append(entry)
+                closed = True
+            else:
+                self._lease(entry, holder, self._clock.now())
+                closed = False
+        if closed:
+            self._flush()
+            raise PoolClosed(f"pool {self._id} is shutting down")
+        self._hook("getter", self._getter, entry.obj)
+        return entry
+
+    def release_slot(self) -> None:
+        """Give back a slot reserved by acquire() that will not be used."""
+        with self._lock:
+            self._ncreating -= 1
+            self._grant_slots()
+        self._flush()
+
+    def checkin(self, lease: int) -> bool:
+        """Return a leased entry; False (and a warning) if the lease is unknown or killed."""
+        with self._lock:
+            entry = self._using.get(lease)
+        if entry is None:
+            log.warning("mppool: pool %d: lease %d returned twice, unknown or already killed",
+                        self._id, lease)
+            return False
+        self._hook("retter", self._retter, entry.obj)
+        with self._lock:
+            if self._using.pop(lease, None) is None:
+                return False  # killed or reclaimed while the retter ran
+            self._counts["nreturns"] += 1
+            entry.holder = None
+            entry.last_ret = now = self._clock.now()
+            if self._shutdown:
+                self._todel.append(entry)
+            elif self._max_use and entry.uses >= self._max_use:
+                self._counts["nwornout"] += 1
+                self._todel.append(entry)
+            elif entry.expires and now >= entry.expires:
+                self._counts["nexpired"] += 1
+                self._todel.append(entry)
+            else:
+                self._put_back(entry)
+            if not self._using:
+                self._drained.notify_all()
+        self._flush()
+        return True
+
+    def reclaim(self, pred: Callable[[Holder], bool], reset: PoolHook | None = None) -> int:
+        """Take back every lease whose holder matches ``pred`` (a holder that died).
+
+        With ``reset``, each object is reset (e.g. rolled back) and reused; if the reset
+        fails it is closed. Without it, objects go straight back to the pool.
+        """
+        with self._lock:
+            leases = [k for k, e in self._using.items() if e.holder is not None and pred(e.holder)]
+            entries = [self._using.pop(k) for k in leases]
+        for entry in entries:
+            ok = True
+            if reset is not None:
+                try:
+                    reset(entry.obj)
+                except Exception:
+                    log.warning("mppool: pool %d: reset of a reclaimed object failed, closing it",
+                                self._id, exc_info=True)
+                    ok = False
+            with self._lock:
+                entry.holder = None
+                entry.last_ret = self._clock.now()
+                if ok and not self._shutdown:
+                    self._put_back(entry)
+                else:
+                    self._todel.append(entry)
+                if not self._using:
+                    self._drained.notify_all()
+        if entries:
+            self._flush()
+        return len(entries)
+
+    def drop_waiters(self, pred: Callable[[Any], bool]) -> int:
+        """Forget queued waiters matching ``pred`` (their client went away)."""
+        with self._lock:
+            dropped = [w for w in self._waiters if pred(w) and w.cancel()]
+            for w in dropped:
+                self._waiters.remove(w)
+            if dropped:
+                self._grant_slots()  # a dropped waiter may have been first in line
+        return len(dropped)
+
+    def housekeep(self) -> None:
+        """One housekeeping round: long use, idle and lifetime recycling, health, refill."""
+        start = self._clock.now()
+        try:
+            with self._lock:
+                if self._shutdown:
+                    return
+                self._counts["hk_rounds"] += 1
+                self._hk_last = start
+                kills = self._check_long_use(start)
+                self._recycle_idle(start)
+            if self._kill_holder:
+                for holder, age in kills:
+                    self._terminate(holder, age)
+            if self._health and self._counts["hk_rounds"] % self._health_freq == 0:
+                self._health_round()
+            self._flush()
+            self._fill()
+        except Exception:
+            with self._lock:
+                self._counts["hk_errors"] += 1
+            log.exception("mppool: pool %d: housekeeping round failed", self._id)
+        finally:
+            with self._lock:
+                self._hk_time += self._clock.now() - start
+
+    # ------------------------------------------------------------------ internals
+
+    def _total(self) -> int:
+        return len(self._avail) + len(self._using) + self._ncreating
+
+    def _room(self) -> bool:
+        return not self._max_size or self._total() < self._max_size
+
+    def _lease(self, entry: Entry, holder: Holder, now: float) -> None:
+        entry.lease = lease = next(_leases)
+        entry.holder = holder
+        entry.last_get = now
+        entry.uses += 1
+        entry.warned = False
+        self._using[lease] = entry
+        self._counts["nuses"] += 1
+        self._counts["nborrows"] += 1
+
+    def _put_back(self, entry: Entry) -> None:
+        """Under the lock: hand an idle entry to the oldest live waiter, or keep it."""
+        now = self._clock.now()
+        while self._waiters:
+            w = self._waiters.popleft()
+            if w.done:
+                continue
+            self._lease(entry, w.holder, now)
+            if w.set(entry):
+                return
+            del self._using[entry.lease]
+            entry.holder = None
+        self._avail.append(entry)
+
+    def _grant_slots(self) -> None:
+        """Under the lock: turn free room into creation rights for the oldest waiters."""
+        while self._waiters and self._room() and not self._shutdown:
+            w = self._waiters.popleft()
+            if w.done:
+                continue
+            self._ncreating += 1
+            if not w.set(CREATE):
+                self._ncreating -= 1
+
+    def _create(self) -> Entry:
+        """Create an object in a slot already counted in ``_ncreating``."""
+        token = None
+        try:
+            if self._budget is not None:
+                # Drawn before fun runs, so the cross-process total never exceeds the budget.
+                token = self._budget.get(self._timeout)
+            with self._lock:
+                num = self._nextnum
+                self._nextnum += 1
+            obj = self._fun(num)
+        except BaseException:
+            if token is not None:
+                self._budget.put(token)  # type: ignore[union-attr]
+            with self._lock:
+                self._ncreating -= 1
+                self._grant_slots()
+            self._flush()
+            raise
+        self._hook("opener", self._opener, obj)
+        with self._lock:
+            self._counts["ncreated"] += 1
+            return Entry(obj, num, self._clock.now(), self._max_lifetime, token)
+
+    def _fill(self) -> None:
+        """Create objects up to min_size; errors are logged, not raised."""
+        while True:
+            with self._lock:
+                if self._shutdown or len(self._avail) + len(self._using) + self._ncreating >= self._min_size \
+                        or not self._room():
+                    return
+                self._ncreating += 1
+            try:
+                entry = self._create()
+            except Exception:
+                log.warning("mppool: pool %d: could not create an object to reach min_size=%d",
+                            self._id, self._min_size, exc_info=True)
+                return
+            with self._lock:
+                self._ncreating -= 1
+                if self._shutdown:
+                    self._todel.append(entry)
+                else:
+                    self._put_back(entry)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Close the entries taken out of the pool, outside the lock; free their slots."""
+        while True:
+            with self._lock:
+                if not self._todel:
+                    return
+                entry = self._todel.popleft()
+            self._hook("closer", self._closer, entry.obj)
+            if entry.token is not None:
+                try:
+                    self._budget.put(entry.token)  # type: ignore[union-attr]
+                except Exception:
+                    log.warning("mppool: pool %d: could not return a budget token", self._id,
+                                exc_info=True)
+            with self._lock:
+                self._counts["ndestroys"] += 1
+                self._grant_slots()
+
+    def _check_long_use(self, now: float) -> list[tuple[Holder, float]]:
+        """Under the lock: warn about and kill long leases."""
+        kills: list[tuple[Holder, float]] = []
+        if not self._max_using_delay_warn:
+            return kills
+        for lease, entry in list(self._using.items()):
+            age = now - entry.last_get
+            holder = entry.holder
+            if age >= self._max_using_delay_warn and not entry.warned:
+                entry.warned = True
+                log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
+                            age, holder.pid if holder else "?", self._trace(entry.obj))
+            if self._max_using_delay_kill and age >= self._max_using_delay_kill:
+                del self._using[lease]
+                self._counts["nkilled"] += 1
+                self._todel.append(entry)
+                log.warning("mppool: pool %d: killing lease %d held for %.1f s by pid %s",
+                            self._id, lease, age, holder.pid if holder else "?")
+                if holder is not None:
+                    kills.append((holder, age))
+        if not self._using:
+            self._drained.notify_all()
+        return kills
+
+    def _recycle_idle(self, now: float) -> None:
+        """Under the lock: close idle objects past max_avail_delay or max_lifetime."""
+        keep: deque[Entry] = deque()
+        count = len(self._avail) + len(self._using)
+        while self._avail:
+            entry = self._avail.popleft()
+            if entry.expires and now >= entry.expires:
+                self._counts["nexpired"] += 1
+                self._todel.append(entry)
+                count -= 1
+            elif (self._max_avail_delay and now - entry.last_ret >= self._max_avail_delay
+                  and count > self._min_size):
+                self._counts["nrecycled"] += 1
+                self._todel.append(entry)
+                count -= 1
+            else:
+                keep.append(entry)
+        self._avail = keep
+
+    def _health_round(self) -> None:
+        with self._lock:
+            self._counts["hc_rounds"] += 1
+            entries = list(self._avail)
+        for entry in entries:
+            with self._lock:
+                try:
+                    self._avail.remove(entry)  # borrowed: nobody gets it while checked
+                except ValueError:
+                    continue  # taken meanwhile
+                self._counts["nhealth"] += 1
+            healthy = True
+            try:
+                healthy = bool(self._health(entry.obj))  # type: ignore[misc]
+            except Exception:
+                healthy = False
+                with self._lock:
+                    self._counts["hc_errors"] += 1
+                log.warning("mppool: pool %d: health check raised", self._id, exc_info=True)
+            with self._lock:
+                if healthy and not self._shutdown:
+                    self._put_back(entry)
+                else:
+                    if not healthy:
+                        self._counts["bad_health"] += 1
+                        log.warning("mppool: pool %d: unhealthy object closed: %.80s",
+                                    self._id, self._trace(entry.obj))
+                    self._todel.append(entry)
+
+    def _terminate(self, holder: Holder, age: float) -> None:
+        if self.on_kill_holder is not None:
+            self.on_kill_holder(holder, age)
+
+    def _hk_tick(self) -> None:
+        self.housekeep()
+        with self._lock:
+            if self._shutdown or self._sched is None:
+                return
+        self._hk_task = self._sched.enter(self._delay, self._hk_tick)
+
+    def _hook(self, name: str, hook: PoolHook | None, obj: Any) -> None:
+        if hook is None:
+            return
+        try:
+            hook(obj)
+        except Exception:
+            log.warning("mppool: pool %d: %s hook raised, ignored", self._id, name, exc_info=True)
+
+    def _trace(self, obj: Any) -> str:
+        try:
+            return str(self._tracer(obj))
+        except Exception:
+            return f"<{type(obj).__name__}>"
+
+    def _describe(self, entry: Entry, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        try:
+            if self._stats_hook is not None:
+                data["stats"] = self._stats_hook(entry.obj)
+            else:
+                data["trace"] = str(self._tracer(entry.obj))
+        except Exception:
+            data["trace"] = f"<{type(entry.obj).__name__}>"
+        data.update(uses=entry.uses, last_get=entry.last_get - now, last_ret=entry.last_ret - now)
+        if entry.holder is not None:
+            data.update(lease=entry.lease, pid=entry.holder.pid, holder=entry.holder.as_dict())
+        return data
