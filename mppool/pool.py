@@ -62,7 +62,7 @@ CREATE = _Create()
 
 class Entry:
     __slots__ = ("obj", "num", "created", "expires", "uses", "last_get", "last_ret",
-                 "lease", "holder", "warned", "token")
+                 "lease", "holder", "warned", "token", "blob")
 
     def __init__(self, obj: Any, num: int, now: float, lifetime: float, token: Any) -> None:
         self.obj = obj
@@ -77,6 +77,7 @@ class Entry:
         self.holder: Holder | None = None
         self.warned = False
         self.token = token
+        self.blob: bytes | None = None  # the supervisor's cached pickle of obj
 
 
 class Waiter:
@@ -193,6 +194,7 @@ class Pool:
         self._fifo = False  # eventlet's pools.Pool hands out the oldest idle item first
         self._nextnum = 0
         self._ncreating = 0
+        self._nchecking = 0  # idle entries borrowed by a health check: they still hold a slot
         self._counts = dict.fromkeys(
             ("ncreated nuses nkilled nrecycled nwornout nborrows nreturns ndestroys nhealth "
              "bad_health hk_rounds hk_errors hc_rounds hc_errors nexpired").split(), 0)
@@ -457,6 +459,8 @@ class Pool:
             elif entry.expires and now >= entry.expires:
                 self._counts["nexpired"] += 1
                 self._todel.append(entry)
+            elif self._max_size and self._total() >= self._max_size:
+                self._todel.append(entry)  # the pool was resized below its current count
             else:
                 self._put_back(entry)
             if not self._using:
@@ -534,7 +538,7 @@ class Pool:
     # ------------------------------------------------------------------ internals
 
     def _total(self) -> int:
-        return len(self._avail) + len(self._using) + self._ncreating
+        return len(self._avail) + len(self._using) + self._ncreating + self._nchecking
 
     def _room(self) -> bool:
         return not self._max_size or self._total() < self._max_size
@@ -601,7 +605,7 @@ class Pool:
         """Create objects up to min_size; errors are logged, not raised."""
         while True:
             with self._lock:
-                if self._shutdown or len(self._avail) + len(self._using) + self._ncreating >= self._min_size \
+                if self._shutdown or self._total() >= self._min_size \
                         or not self._room():
                     return
                 self._ncreating += 1
@@ -691,6 +695,7 @@ class Pool:
                 except ValueError:
                     continue  # taken meanwhile
                 self._counts["nhealth"] += 1
+                self._nchecking += 1
             healthy = True
             try:
                 healthy = bool(self._health(entry.obj))  # type: ignore[misc]
@@ -700,6 +705,7 @@ class Pool:
                     self._counts["hc_errors"] += 1
                 log.warning("mppool: pool %d: health check raised", self._id, exc_info=True)
             with self._lock:
+                self._nchecking -= 1
                 if healthy and not self._shutdown:
                     self._put_back(entry)
                 else:

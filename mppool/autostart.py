@@ -1,0 +1,61 @@
+"""``connect(autostart=True)``: exactly one supervisor per address, however many racers.
+
+Under a ``filelock`` beside the socket, a caller either finds a live supervisor (a control
+connection succeeds) or removes what a crashed one left and starts a detached one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from filelock import FileLock
+from multiprocess.connection import Client as MPClient
+from multiprocess.context import AuthenticationError
+
+from .address import Address, client_authkey, display, key_path, parse_authkey, runtime_dir
+from .errors import ServerUnavailable
+
+log = logging.getLogger("mppool")
+
+
+def lock_path(address: Address) -> Path:
+    if isinstance(address, str):
+        return Path(address + ".lock")
+    return runtime_dir() / f"tcp-{address[0].replace(':', '_')}-{address[1]}.lock"
+
+
+def _alive(address: Address, key: bytes | None) -> bool:
+    if key is None:
+        return False
+    try:
+        MPClient(address, authkey=key).close()
+        return True
+    except AuthenticationError:
+        raise ServerUnavailable(f"supervisor at {display(address)} refused the key") from None
+    except (OSError, EOFError):
+        return False
+
+
+def ensure_supervisor(address: Address, authkey: object, timeout: float) -> bytes:
+    """Return the key of the supervisor serving ``address``, starting one if none is."""
+    from .server import Server
+
+    given = parse_authkey(authkey)
+    if isinstance(address, str):
+        Path(address).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with FileLock(str(lock_path(address)), timeout=max(timeout, 30.0)):
+        key = client_authkey(given, address)
+        if _alive(address, key):
+            return key  # type: ignore[return-value]
+        if isinstance(address, str) and os.path.exists(address):
+            log.warning("mppool: removing the stale socket %s of a supervisor that died", address)
+            for path in (address, address + ".lease", str(key_path(address))):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        server = Server(address, given).start(detach=True)
+        log.info("mppool: started supervisor pid %s at %s", server.pid, display(server.address))
+        return server.authkey

@@ -1,0 +1,450 @@
+"""The supervisor's lease loop: get and put for every client, on one thread.
+
+    client process                      supervisor
+    SharedPool.get() ── (rid, GET) ──▶  LeaseLoop (selectors, one thread)
+                                          ├ pool.acquire(holder, RemoteWaiter)
+                                          │   idle entry  → reply at once
+                                          │   CREATE      → fun() on a worker thread, then reply
+                                          │   none        → waiter queued in the Pool, deadline here
+                     ◀── (rid, OK, lease, blob)
+    SharedPool.ret() ── (0, PUT) ─────▶  pool.checkin(lease)  (no reply: order is kept per socket)
+
+No thread ever blocks on behalf of a client: a waiter is an entry in the pool's queue tied to
+its connection. When a connection closes (exit, crash, SIGKILL) the loop drops its waiters
+and gives back every lease it holds, at once (DESIGN.md, traps 1 and 6).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from . import wire
+from .errors import PoolClosed, TimeOut
+from .holder import HOSTNAME, Holder
+from .pool import CREATE, Entry
+from .remote import is_plain
+
+if TYPE_CHECKING:
+    from .supervisor import Record, Supervisor
+
+log = logging.getLogger("mppool")
+
+
+class RemoteWaiter:
+    """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
+
+    __slots__ = ("conn", "rid", "rec", "holder", "done")
+
+    def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.rec = rec
+        self.holder = conn.holder
+        self.done = False
+
+    def set(self, result: Any) -> bool:
+        if self.done or self.conn.closed:
+            return False
+        self.done = True
+        self.conn.loop.deliver(self, result)
+        return True
+
+    def cancel(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        return True
+
+    def __lt__(self, other: RemoteWaiter) -> bool:
+        return self.rid < other.rid
+
+
+class Conn:
+    """One client process's channel. ``send`` may be called from any thread."""
+
+    def __init__(self, loop: LeaseLoop, sock: socket.socket, cid: int) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.id = cid
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.wlock = threading.Lock()
+        self.closed = False
+        self.nonce = wire.new_nonce()
+        self.holder: Holder | None = None
+        self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
+
+    def send(self, msg: Any) -> None:
+        data = wire.dumps(msg)
+        with self.wlock:
+            if self.closed:
+                return
+            if self.wbuf:
+                self.wbuf += data
+                return
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.loop.call_soon(lambda: self.loop.close(self))
+                return
+            if n < len(data):
+                self.wbuf += data[n:]
+                self.loop.call_soon(lambda: self.loop.want_write(self))
+
+
+class LeaseLoop:
+    def __init__(self, sup: Supervisor, address: str | tuple[str, int], authkey: bytes,
+                 workers: int = 8) -> None:
+        self.sup = sup
+        self.authkey = authkey
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.lsock = socket.socket(family, socket.SOCK_STREAM)
+        if isinstance(address, str):
+            try:
+                os.unlink(address)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o077)  # the socket is created 0600
+            try:
+                self.lsock.bind(address)
+            finally:
+                os.umask(old)
+            self.address: str | tuple[str, int] = address
+        else:
+            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.lsock.bind(address)
+            self.address = self.lsock.getsockname()[:2]
+        self.lsock.listen(256)
+        self.lsock.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.pending: list[Callable[[], None]] = []
+        self.plock = threading.Lock()
+        self.timers: list[tuple[float, RemoteWaiter]] = []
+        self.conns: dict[int, Conn] = {}
+        self.ids = itertools.count(1)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="mppool-work")
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="mppool-leases", daemon=True)
+
+    # -------------------------------------------------------------- cross-thread entry points
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self.plock:
+            self.pending.append(fn)
+        try:
+            self.wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are stopping
+
+    def deliver(self, waiter: RemoteWaiter, result: Any) -> None:
+        """A waiter was handed ``result`` under the pool lock: act on it, never blocking."""
+        if result is CREATE:
+            self.executor.submit(self.create, waiter)
+        elif isinstance(result, BaseException):
+            waiter.conn.send((waiter.rid, wire.ERR, result))
+        else:
+            self.reply_entry(waiter, result)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.call_soon(lambda: None)
+        self.thread.join(5.0)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        clock = self.sup.clock
+        while not self.stopping:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - clock.now())
+            for key, mask in self.sel.select(timeout):
+                if key.fileobj is self.lsock:
+                    self.accept()
+                elif key.fileobj is self.wake_r:
+                    try:
+                        while self.wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    conn: Conn = key.data
+                    if mask & selectors.EVENT_READ:
+                        self.read(conn)
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                        self.flush(conn)
+            if self.pending:
+                with self.plock:
+                    todo, self.pending = self.pending, []
+                for fn in todo:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("mppool: lease loop callback failed")
+            if self.timers:
+                self.expire(clock.now())
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        self.sel.close()
+        self.lsock.close()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                log.warning("mppool: accept failed", exc_info=True)
+                return
+            sock.setblocking(False)
+            conn = Conn(self, sock, next(self.ids))
+            self.conns[conn.id] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            conn.send(conn.nonce)
+
+    def read(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        buf = conn.rbuf
+        buf += data
+        pos = 0
+        size = wire.HEADER.size
+        while len(buf) - pos >= size:
+            (n,) = wire.HEADER.unpack_from(buf, pos)
+            if len(buf) - pos - size < n:
+                break
+            frame = bytes(buf[pos + size:pos + size + n])
+            pos += size + n
+            try:
+                msg = pickle.loads(frame)
+            except Exception:
+                log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
+                self.close(conn)
+                return
+            if conn.holder is None:
+                if not self.hello(conn, msg):
+                    return
+                continue
+            try:
+                self.dispatch(conn, msg)
+            except Exception:
+                log.exception("mppool: conn %d: request %r failed", conn.id, msg[:2])
+            if conn.closed:
+                return
+        del buf[:pos]
+
+    def hello(self, conn: Conn, msg: Any) -> bool:
+        try:
+            answer, pid, start, host = msg
+            ok = wire.hmac.compare_digest(answer, wire.digest(self.authkey, conn.nonce))
+        except Exception:
+            ok = False
+        if not ok:
+            log.warning("mppool: refused a lease connection with a wrong key")
+            self.close(conn)
+            return False
+        if conn.sock.family == socket.AF_UNIX:
+            # The kernel's word beats the client's for who is on the other end.
+            creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid = int.from_bytes(creds[:4], "little")
+            host = HOSTNAME
+        conn.holder = Holder(pid, start, host, conn.id)
+        conn.send((0, wire.OK, conn.id))
+        self.sup.watch(conn.holder)
+        return True
+
+    def flush(self, conn: Conn) -> None:
+        with conn.wlock:
+            try:
+                n = conn.sock.send(conn.wbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = -1
+            if n >= 0:
+                del conn.wbuf[:n]
+                if not conn.wbuf:
+                    self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+                return
+        self.close(conn)
+
+    def want_write(self, conn: Conn) -> None:
+        if not conn.closed and conn.wbuf:
+            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def close(self, conn: Conn) -> None:
+        """The client is gone: forget its waiters and give back everything it held."""
+        with conn.wlock:
+            if conn.closed:
+                return
+            conn.closed = True
+        self.conns.pop(conn.id, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.refs.clear()
+        if conn.holder is not None:
+            self.sup.release_conn(conn)
+
+    # ------------------------------------------------------------------------- requests
+
+    def dispatch(self, conn: Conn, msg: tuple[Any, ...]) -> None:
+        rid, op = msg[0], msg[1]
+        if op == wire.GET:
+            self.get(conn, rid, msg[2], msg[3])
+        elif op == wire.PUT:
+            self.put(conn, msg[2], msg[3])
+        elif op in (wire.CALL, wire.GETATTR):
+            self.executor.submit(self.call, conn, msg)
+        elif op == wire.DROPREF:
+            conn.refs.pop(msg[2], None)
+        elif op == wire.PING:
+            conn.send((rid, wire.OK, os.getpid()))
+        else:
+            conn.send((rid, wire.ERR, ValueError(f"unknown op {op!r}")))
+
+    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
+        rec = self.sup.record(pool_id)
+        if rec is None:
+            conn.send((rid, wire.ERR, PoolClosed(f"pool {pool_id} is shutting down or unknown")))
+            return
+        pool = rec.pool
+        if timeout is None:
+            timeout = pool._timeout
+        waiter = RemoteWaiter(conn, rid, rec)
+        try:
+            with pool._lock:
+                got = pool.acquire(conn.holder, waiter if timeout != 0 else None)  # type: ignore[arg-type]
+        except PoolClosed as exc:
+            conn.send((rid, wire.ERR, exc))
+            return
+        if pool._todel:
+            self.executor.submit(pool._flush)
+        if got is None:
+            if timeout == 0:
+                conn.send((rid, wire.ERR, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)")))
+            elif timeout is not None:
+                heapq.heappush(self.timers, (self.sup.clock.now() + timeout, waiter))
+        elif got is CREATE:
+            waiter.done = True
+            self.executor.submit(self.create, waiter)
+        else:
+            self.reply_entry(waiter, got)
+
+    def expire(self, now: float) -> None:
+        if len(self.timers) > 1024:  # satisfied waiters linger until their deadline: prune
+            self.timers = [t for t in self.timers if not t[1].done]
+            heapq.heapify(self.timers)
+        while self.timers and self.timers[0][0] <= now:
+            _, waiter = heapq.heappop(self.timers)
+            if waiter.done:
+                continue
+            rec = waiter.rec
+            if rec.pool.drop_waiters(lambda w, waiter=waiter: w is waiter):  # type: ignore[misc]
+                waiter.conn.send((waiter.rid, wire.ERR,
+                                  TimeOut(f"pool {rec.name!r}: no object available in time")))
+
+    def create(self, waiter: RemoteWaiter) -> None:
+        """On a worker thread: run fun for a waiter that was granted a slot."""
+        rec, conn = waiter.rec, waiter.conn
+        if conn.closed:
+            rec.pool.release_slot()
+            return
+        try:
+            entry = rec.pool.create_for(conn.holder)  # type: ignore[arg-type]
+        except BaseException as exc:
+            conn.send((waiter.rid, wire.ERR, _portable(exc)))
+            return
+        self.reply_entry(waiter, entry)
+
+    def reply_entry(self, waiter: RemoteWaiter, entry: Entry) -> None:
+        rec, conn = waiter.rec, waiter.conn
+        if rec.getter is not None:
+            rec.pool._hook("getter", rec.getter, entry.obj)
+        try:
+            blob = rec.blob(entry)
+        except Exception as exc:
+            rec.pool.checkin(entry.lease)
+            conn.send((waiter.rid, wire.ERR, _portable(exc)))
+            return
+        conn.send((waiter.rid, wire.OK, entry.lease, blob))
+        if conn.closed:
+            # The connection went away while we were leasing: it never got the object.
+            rec.pool.reclaim(lambda h: h.conn == conn.id)
+
+    def put(self, conn: Conn, pool_id: int, lease: int) -> None:
+        rec = self.sup.record(pool_id)
+        if rec is None:
+            return
+        if conn.refs:
+            for ref in [r for r, (ls, _) in conn.refs.items() if ls == lease]:
+                del conn.refs[ref]
+        if rec.slow_ret:
+            self.executor.submit(rec.pool.checkin, lease)
+        else:
+            rec.pool.checkin(lease)
+
+    def call(self, conn: Conn, msg: tuple[Any, ...]) -> None:
+        """On a worker thread: a method call or attribute read on a proxied object."""
+        rid, op, pool_id, lease, ref, name = msg[:6]
+        try:
+            if ref:
+                owner, target = conn.refs[ref]
+            else:
+                rec = self.sup.record(pool_id)
+                entry = rec.pool._using.get(lease) if rec is not None else None
+                if entry is None or entry.holder is None or entry.holder.conn != conn.id:
+                    raise PoolClosed(f"lease {lease} was killed, reclaimed or returned "
+                                     "(pool shutting down or object no longer yours)")
+                owner, target = lease, entry.obj
+            if op == wire.GETATTR:
+                value = getattr(target, name)
+            else:
+                args, kwargs = msg[6], msg[7]
+                value = getattr(target, name)(*args, **kwargs)
+        except BaseException as exc:
+            conn.send((rid, wire.ERR, _portable(exc)))
+            return
+        if is_plain(value):
+            conn.send((rid, wire.OK, value))
+        else:
+            newref = next(self.ids)
+            conn.refs[newref] = (owner, value)
+            conn.send((rid, wire.REF, newref, type(value).__name__))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """An exception that will unpickle in the client: the original when possible."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,144 @@
+"""``mppool.Server``: the supervisor, as a multiprocess ``SyncManager``.
+
+``start()`` runs the supervisor in a fresh interpreter (``python -m mppool.supervisor``), not
+a fork of the caller: it inherits no threads, locks or listening sockets (a gunicorn arbiter's,
+say) and needs no ``if __name__ == "__main__"`` guard in the caller's script.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from types import TracebackType
+from typing import Any
+
+from multiprocess.managers import SyncManager, dispatch
+from multiprocess.connection import Client as MPClient
+
+from .address import Address, display, fresh_address, key_path, parse_address, server_authkey
+from .errors import ServerUnavailable
+
+START_TIMEOUT = 30.0
+
+
+class Server(SyncManager):
+    """The supervisor process; a context manager.
+
+    ``Server(address=None)`` listens on a fresh unix socket in a private directory.
+    """
+
+    def __init__(self, address: object = None, authkey: object = None) -> None:
+        addr = fresh_address() if address is None else parse_address(address)
+        key = server_authkey(authkey)
+        super().__init__(address=addr, authkey=key)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watch: threading.Thread | None = None
+
+    @property
+    def address(self) -> Address:  # type: ignore[override]
+        return self._address  # type: ignore[no-any-return]
+
+    @property
+    def authkey(self) -> bytes:
+        return bytes(self._authkey)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, detach: bool = False) -> Server:  # type: ignore[override]
+        """Start the supervisor process and wait until it serves; returns self.
+
+        With ``detach=True`` it outlives this process (autostart); otherwise it stops
+        when this process dies.
+        """
+        if self._proc is not None:
+            raise RuntimeError("this Server is already started")
+        # -c, not -m: under -m the module would be loaded twice (as __main__ and by name).
+        cmd = [sys.executable, "-c", "from mppool.supervisor import main; main()",
+               "--address", display(self._address)]
+        if not detach:
+            cmd += ["--parent", str(os.getpid())]
+        env = dict(os.environ, MPPOOL_AUTHKEY=self.authkey.hex())
+        env.pop("MPPOOL_ADDRESS", None)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+                                start_new_session=detach, close_fds=True)
+        self._proc = proc
+        line = _readline(proc, START_TIMEOUT)
+        if not line.startswith("READY "):
+            self._kill()
+            raise ServerUnavailable(f"supervisor for {display(self._address)} did not start "
+                                    f"(exit status {proc.poll()}, said {line!r})")
+        self._address = parse_address(line[6:].strip())
+        assert proc.stdout is not None
+        proc.stdout.close()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        """Stop the supervisor: every pool is shut down, socket and key file removed."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            conn = MPClient(self._address, authkey=self.authkey)
+            try:
+                dispatch(conn, None, "shutdown")
+            finally:
+                conn.close()
+        except Exception:
+            pass  # already gone, or unreachable: the pid below still ends it
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the pid we started
+            proc.wait(5)
+        self._proc = None
+        if isinstance(self._address, str):
+            for path in (self._address, self._address + ".lease", str(key_path(self._address))):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._proc = None
+
+    def client(self, timeout: float = 5.0) -> Any:
+        """A client of this supervisor (``mppool.connect(server.address, server.authkey)``)."""
+        from .client import connect
+        return connect(self._address, self.authkey, timeout=timeout)
+
+    def __enter__(self) -> Server:  # type: ignore[override]
+        return self.start() if self._proc is None else self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<mppool.Server {display(self._address)} pid={self.pid}>"
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Read the supervisor's READY line without hanging if it dies or stalls."""
+    assert proc.stdout is not None
+    out: list[bytes] = []
+    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    t.start()
+    t.join(timeout)
+    return out[0].decode(errors="replace") if out else ""
+
+
+def _control_factory() -> Any:
+    from .supervisor import get_control
+    return get_control()
+
+
+Server.register("Control", callable=_control_factory,
+                exposed=("info", "create", "stats", "pool_call", "names"))
+

@@ -1,0 +1,381 @@
+"""The supervisor process: named pools, the control plane, housekeeping and the watchdog.
+
+It runs as ``python -m mppool.supervisor`` (started by ``Server.start()``, ``connect(autostart=
+True)`` or ``mppool serve``). Two sockets:
+
+- the ``SyncManager`` socket (the address users give): control plane, through multiprocess
+  proxies with dill — creating pools (``fun`` and hooks travel here once), attaching, stats;
+- the lease socket (``<address>.lease``): get/put on the hot path (``leases.LeaseLoop``).
+
+The watchdog has two eyes: a lease connection closing (instant, free) and a periodic psutil
+scan of connected holders (pid + start time) for a holder whose socket outlives it, e.g. an
+fd inherited by a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import dill
+import psutil
+from multiprocess import process as mp_process
+
+from .address import Address, display, lease_address, parse_address, write_key
+from .clock import REAL_CLOCK, Clock
+from .errors import PoolClosed
+from .holder import HOSTNAME, Holder
+from .leases import Conn, LeaseLoop
+from .pool import Entry, Pool
+from .sched import Scheduler
+
+log = logging.getLogger("mppool")
+
+TRANSFERS = ("copy", "proxy")
+KILL_GRACE = 2.0
+
+
+def _reset_default(obj: Any) -> None:
+    """Reset a proxied object whose holder died: roll back a DB connection."""
+    rollback = getattr(obj, "rollback", None)
+    if callable(rollback):
+        rollback()
+
+
+class Record:
+    """A named pool served by the supervisor."""
+
+    def __init__(self, name: str, pid: int, pool: Pool, transfer: str, kind: str,
+                 fingerprint: Any, options: dict[str, Any]) -> None:
+        self.name = name
+        self.id = pid
+        self.pool = pool
+        self.transfer = transfer
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.getter = options.get("getter")
+        # Slow returns run on a worker thread, never on the lease loop.
+        self.slow_ret = bool(options.get("retter") or options.get("closer") or options.get("max_use")
+                             or options.get("max_lifetime"))
+        self.cache_blobs = self.getter is None and options.get("retter") is None
+        self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
+
+    def blob(self, entry: Entry) -> bytes | None:
+        """The bytes a client unpickles into its copy (None: the object stays here)."""
+        if self.transfer == "proxy":
+            return None
+        blob = entry.blob
+        if blob is None:
+            try:
+                blob = pickle.dumps(entry.obj, protocol=5)
+            except Exception:
+                blob = dill.dumps(entry.obj, recurse=True)  # unpickles with plain pickle + dill
+            if self.cache_blobs:
+                entry.blob = blob
+        return blob  # type: ignore[no-any-return]
+
+
+def fingerprint(options: dict[str, Any]) -> Any:
+    """Compare options across processes: callables by name and code, the rest by value."""
+    def fp(v: Any) -> Any:
+        if callable(v):
+            code = getattr(v, "__code__", None)
+            return ("fn", getattr(v, "__qualname__", repr(type(v))),
+                    code.co_code if code is not None else None)
+        return repr(v)
+    return sorted((k, fp(v)) for k, v in options.items())
+
+
+class Supervisor:
+    def __init__(self, address: Address, authkey: bytes, clock: Clock = REAL_CLOCK,
+                 scan_interval: float = 0.2) -> None:
+        self.address = address
+        self.clock = clock
+        self.sched = Scheduler(clock, workers=4, name="mppool-hk")
+        self.lock = threading.Lock()
+        self.records: dict[str, Record] = {}
+        self.by_id: dict[int, Record] = {}
+        self.next_id = 1
+        self.loop = LeaseLoop(self, lease_address(address), authkey)
+        self.scan_interval = scan_interval
+        self.nreclaimed = 0
+        self.nreclaim_events = 0
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        self.loop.thread.start()
+        self.sched.enter(self.scan_interval, self.scan)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.loop.stop()
+        with self.lock:
+            records = list(self.records.values())
+        for rec in records:
+            try:
+                rec.pool.shutdown()
+            except Exception:
+                log.warning("mppool: shutting down pool %r failed", rec.name, exc_info=True)
+        self.sched.close()
+
+    # ---------------------------------------------------------------------- registry
+
+    def record(self, pool_id: int) -> Record | None:
+        return self.by_id.get(pool_id)
+
+    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+        options: dict[str, Any] = dill.loads(blob) if blob else {}
+        with self.lock:
+            rec = self.records.get(name)
+            if rec is not None:
+                if options and (rec.kind != kind or rec.transfer != transfer
+                                or rec.fingerprint != fingerprint(options)):
+                    raise ValueError(f"pool {name!r} exists with other options; attach with "
+                                     f"client.pool({name!r}) or use another name")
+                return rec.id, rec.transfer, False
+            if not options:
+                raise ValueError(f"no pool named {name!r}: give fun and options to create it")
+            pool = Pool(**options, scheduler=self.sched, clock=self.clock
+                        if self.clock is not REAL_CLOCK else None)
+            pool.on_kill_holder = self.terminate_holder
+            rec = Record(name, self.next_id, pool, transfer, kind, fingerprint(options), options)
+            self.next_id += 1
+            self.records[name] = rec
+            self.by_id[rec.id] = rec
+        log.info("mppool: created %s pool %r (transfer=%s, max_size=%s)", kind, name, transfer,
+                 options.get("max_size"))
+        return rec.id, rec.transfer, True
+
+    def get_record(self, name: str) -> Record:
+        rec = self.records.get(name)
+        if rec is None:
+            raise KeyError(f"no pool named {name!r}")
+        return rec
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            rec = self.records.pop(name, None)
+            if rec is not None:
+                self.by_id.pop(rec.id, None)
+        if rec is not None:
+            rec.pool.shutdown()
+
+    # ---------------------------------------------------------------------- watchdog
+
+    def watch(self, holder: Holder) -> None:
+        log.debug("mppool: lease connection %d from pid %d", holder.conn, holder.pid)
+
+    def release_conn(self, conn: Conn) -> None:
+        """A client connection closed: drop its waiters, reclaim its leases."""
+        for rec in list(self.records.values()):
+            rec.pool.drop_waiters(lambda w: getattr(w, "conn", None) is conn)
+            if rec.reset is not None:
+                self.loop.executor.submit(self._reclaim, rec, conn.id)
+            else:
+                self._reclaim(rec, conn.id)
+
+    def _reclaim(self, rec: Record, cid: int) -> None:
+        n = rec.pool.reclaim(lambda h: h.conn == cid, reset=rec.reset)
+        if n:
+            self.nreclaimed += n
+            self.nreclaim_events += 1
+            log.warning("mppool: pool %r: reclaimed %d lease(s) of connection %d whose holder "
+                        "went away", rec.name, n, cid)
+
+    def scan(self) -> None:
+        """Close connections whose holder process is gone although its socket lives on."""
+        try:
+            for conn in list(self.loop.conns.values()):
+                holder = conn.holder
+                if holder is not None and not conn.closed and not holder.alive():
+                    log.warning("mppool: holder pid %d is gone but its connection is open "
+                                "(inherited socket?): closing it", holder.pid)
+                    self.loop.call_soon(lambda conn=conn: self.loop.close(conn))  # type: ignore[misc]
+        finally:
+            if not self.stopped.is_set():
+                self.sched.enter(self.scan_interval, self.scan)
+
+    def terminate_holder(self, holder: Holder, age: float) -> None:
+        """kill_holder=True: SIGTERM the holder of a killed lease, SIGKILL after a grace."""
+        if holder.host != HOSTNAME or holder.pid == os.getpid():
+            return
+        try:
+            proc = psutil.Process(holder.pid)
+            if abs(proc.create_time() - holder.start) > 0.01:
+                return  # the pid was reused: not our holder
+            log.warning("mppool: terminating pid %d, which held a lease for %.1f s", holder.pid, age)
+            proc.terminate()
+        except psutil.Error:
+            return
+
+        def finish() -> None:
+            try:
+                if proc.is_running() and abs(proc.create_time() - holder.start) <= 0.01:
+                    log.warning("mppool: pid %d ignored SIGTERM for %.1f s: SIGKILL", holder.pid,
+                                KILL_GRACE)
+                    proc.kill()
+            except psutil.Error:
+                pass
+        self.sched.enter(KILL_GRACE, finish)
+
+    # ---------------------------------------------------------------------- control plane
+
+    def stats(self) -> dict[str, Any]:
+        out = {}
+        for name, rec in list(self.records.items()):
+            s = rec.pool.stats()
+            s.update(name=name, kind=rec.kind, transfer=rec.transfer)
+            out[name] = s
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "lease_address": self.loop.address,
+                "address": display(self.address), "connections": len(self.loop.conns),
+                "nreclaimed": self.nreclaimed}
+
+
+class Control:
+    """What clients call through the SyncManager (one instance, shared by all proxies)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+
+    def info(self) -> dict[str, Any]:
+        return self._sup.info()
+
+    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
+        return self._sup.create(name, kind, transfer, blob)
+
+    def stats(self, name: str | None = None) -> dict[str, Any]:
+        if name is None:
+            return self._sup.stats()
+        rec = self._sup.get_record(name)
+        s = rec.pool.stats()
+        s.update(name=name, kind=rec.kind, transfer=rec.transfer)
+        return s
+
+    def pool_call(self, name: str, method: str, *args: Any) -> Any:
+        if method not in ("free", "waiting", "resize", "shutdown", "__len__", "__repr__"):
+            raise ValueError(f"method must be a pool method, got {method!r}")
+        if method == "shutdown":
+            self._sup.drop(name)
+            return None
+        return getattr(self._sup.get_record(name).pool, method)(*args)
+
+    def names(self) -> list[str]:
+        return list(self._sup.records)
+
+
+# ------------------------------------------------------------------------ process entry point
+
+_control: Control | None = None
+
+
+def get_control() -> Control:
+    if _control is None:
+        raise PoolClosed("supervisor is shutting down")
+    return _control
+
+
+def serve(address: Address, authkey: bytes, *, parent: int | None = None,
+          pools: dict[str, dict[str, Any]] | None = None, ready: Any = None) -> None:
+    """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies."""
+    global _control
+    from .server import Server
+
+    logging.basicConfig(level=os.environ.get("MPPOOL_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s mppool[%(process)d] %(levelname)s %(message)s")
+    old = os.umask(0o077)  # socket and key file are 0600
+    try:
+        manager = Server(address, authkey)
+        server = manager.get_server()
+    finally:
+        os.umask(old)
+    if isinstance(address, tuple):
+        address = tuple(server.address)  # type: ignore[assignment]
+    sup = Supervisor(address, authkey)
+    _control = Control(sup)
+    sup.start()
+    for name, opts in (pools or {}).items():
+        transfer = opts.pop("transfer", "copy")
+        kind = "token" if opts.pop("kind", "pool") == "token" else "pool"
+        sup.create(name, kind, transfer, dill.dumps(opts))
+    keyfile = write_key(address, authkey)
+    # Our own serve loop instead of Server.serve_forever(): that one creates its stop event
+    # only once running (a signal before would be lost) and ends with sys.exit().
+    stop = threading.Event()
+    server.stop_event = stop  # the manager's remote shutdown() sets it
+    mp_process.current_process()._manager_server = server  # type: ignore[attr-defined]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if parent:
+        def watch_parent() -> None:
+            while not stop.wait(0.2):
+                if not psutil.pid_exists(parent) or os.getppid() != parent:
+                    log.warning("mppool: parent %d is gone: stopping", parent)
+                    stop.set()
+        threading.Thread(target=watch_parent, name="mppool-parent", daemon=True).start()
+
+    def accept_loop() -> None:
+        # Not Server.accepter: it only survives OSError, so one client with a wrong key
+        # (AuthenticationError) would stop the control plane for everyone.
+        while not stop.is_set():
+            try:
+                c = server.listener.accept()
+            except Exception as exc:
+                log.warning("mppool: refused a control connection: %s", exc)
+                continue
+            threading.Thread(target=server.handle_request, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, name="mppool-control", daemon=True).start()
+    if ready is not None:
+        ready(display(address), sup.loop.address)
+    log.info("mppool: supervisor %d serving on %s", os.getpid(), display(address))
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        _control = None
+        sup.stop()
+        server.listener.close()  # removes the control socket
+        for path in ([sup.loop.address] if isinstance(address, str) else []) + [str(keyfile)]:
+            try:
+                os.unlink(path)  # type: ignore[arg-type]
+            except (OSError, TypeError):
+                pass
+        log.info("mppool: supervisor %d stopped", os.getpid())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mppool.supervisor")
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--parent", type=int, default=0)
+    ns = ap.parse_args(argv)
+    key = os.environ.pop("MPPOOL_AUTHKEY", "")
+    address = parse_address(ns.address)
+
+    def ready(addr: str, lease: Any) -> None:
+        sys.stdout.write(f"READY {addr}\n")
+        sys.stdout.flush()
+
+    serve(address, bytes.fromhex(key), parent=ns.parent or None, ready=ready)
+
+
+if __name__ == "__main__":
+
+    main()
