@@ -1,0 +1,69 @@
+# mppool developer tasks. Every target sets up the virtual environment it needs itself:
+# .venv is (re)built from pyproject.toml whenever pyproject.toml changes.
+#
+#   make demo    supervisor + workers sharing a budget, with a final check that the bound held
+#   make test    the whole test suite, in parallel (pytest-xdist)
+#   make lint    ruff + mypy
+#   make bench   benchmarks (scripts/bench.py), ratios against peers measured in the same run
+#   make docs    build the docs with mkdocs if mkdocs.yml exists, else say where they are
+#   make clean   remove caches and build output (make distclean also removes .venv)
+
+SHELL := /bin/bash
+
+# python3.11 if it is on PATH, else python3 (pyproject.toml requires >= 3.11).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.mppool-installed
+BENCH_STAMP := $(VENV)/.mppool-installed-bench
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test lint bench docs clean distclean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: neither python3.11 nor python3 is on PATH" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[test,lint]'
+	@touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[test,lint,bench]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/mppool demo
+
+# One command line; README.md and .ci/run use `make test` and nothing else.
+test: $(STAMP)
+	$(BIN)/python -m pytest -n auto
+
+# Runs both tools even when the first one fails, then fails if either did.
+lint: $(STAMP)
+	@status=0; \
+	echo "$(BIN)/ruff check mppool tests scripts"; \
+	$(BIN)/ruff check mppool tests scripts || status=1; \
+	echo "$(BIN)/mypy"; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python scripts/bench.py
+
+# Only needs the virtual environment when there is something to build.
+docs: $(if $(wildcard mkdocs.yml),$(STAMP))
+	@if [ -f mkdocs.yml ]; then \
+		$(BIN)/python -m pip install --quiet mkdocs && $(BIN)/mkdocs build --strict; \
+	else \
+		echo "No mkdocs.yml: the documentation is Markdown under docs/ (plus README.md); nothing to build."; \
+	fi
+
+clean:
+	rm -rf build dist site bench-results .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)
