@@ -92,6 +92,7 @@ class Channel:
         self._pending: dict[int, _Slot] = {}
         self._rids = itertools.count(1)
         self._broken: str | None = None
+        self.unsynced = False  # puts sent whose effect this process has not yet observed
 
     def request(self, *msg: Any) -> tuple[Any, ...]:
         if self._broken:
@@ -133,12 +134,23 @@ class Channel:
         try:
             with self._send_lock:
                 self._sock.sendall(wire.dumps((0, *msg)))
+            self.unsynced = True
         except OSError as exc:
             self._fail(f"supervisor unreachable: {exc}")
             raise ServerUnavailable(self._broken or str(exc)) from None
 
+    def sync(self) -> None:
+        """Wait until the supervisor has handled every put sent so far (it keeps order)."""
+        if self.unsynced:
+            self.unsynced = False
+            self.request(wire.PING)
+
     def _fail(self, why: str) -> None:
         self._broken = why
+        try:
+            self._sock.close()
+        except OSError:
+            pass
         for rid in list(self._pending):
             slot = self._pending.pop(rid, None)
             if slot is not None:
@@ -209,6 +221,10 @@ class Client:
             return self._control
 
     def _call(self, method: str, *args: Any) -> Any:
+        # Read your own writes: a stats() or free() after ret() sees that ret().
+        chan = self._chan
+        if chan is not None and chan.unsynced:
+            chan.sync()
         try:
             return getattr(self._ctl(), method)(*args)
         except (OSError, EOFError) as exc:
@@ -284,6 +300,14 @@ class Client:
 
     def __enter__(self) -> Client:
         return self
+
+    def __del__(self) -> None:
+        # A forgotten client still gives its leases back (the supervisor sees the close).
+        if getattr(self, "_manager_pid", 0) == os.getpid():
+            try:
+                self.close()
+            except Exception:
+                pass
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:

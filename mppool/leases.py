@@ -116,11 +116,12 @@ class LeaseLoop:
                 os.unlink(address)
             except FileNotFoundError:
                 pass
-            old = os.umask(0o077)  # the socket is created 0600
+            old = os.umask(0o177)  # sockets are created 0777 & ~umask: 0600
             try:
                 self.lsock.bind(address)
             finally:
                 os.umask(old)
+            os.chmod(address, 0o600)
             self.address: str | tuple[str, int] = address
         else:
             self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -106,6 +106,7 @@ class Supervisor:
         self.loop = LeaseLoop(self, lease_address(address), authkey)
         self.scan_interval = scan_interval
         self.nreclaimed = 0
+        self.suspects: set[int] = set()
         self.nreclaim_events = 0
         self.stopped = threading.Event()
 
@@ -194,14 +195,23 @@ class Supervisor:
                         "went away", rec.name, n, cid)
 
     def scan(self) -> None:
-        """Close connections whose holder process is gone although its socket lives on."""
+        """Close connections whose holder process is gone although its socket lives on.
+
+        A holder found dead is closed at the next scan if its socket is still open, so a
+        process whose EOF is already on its way is left to the (instant) close path.
+        """
         try:
+            suspects, self.suspects = self.suspects, set()
             for conn in list(self.loop.conns.values()):
                 holder = conn.holder
-                if holder is not None and not conn.closed and not holder.alive():
-                    log.warning("mppool: holder pid %d is gone but its connection is open "
-                                "(inherited socket?): closing it", holder.pid)
-                    self.loop.call_soon(lambda conn=conn: self.loop.close(conn))  # type: ignore[misc]
+                if holder is None or conn.closed or holder.alive():
+                    continue
+                if conn.id not in suspects:
+                    self.suspects.add(conn.id)
+                    continue
+                log.warning("mppool: holder pid %d is gone but its connection is still open "
+                            "(socket inherited by another process?): closing it", holder.pid)
+                self.loop.call_soon(lambda conn=conn: self.loop.close(conn))  # type: ignore[misc]
         finally:
             if not self.stopped.is_set():
                 self.sched.enter(self.scan_interval, self.scan)
@@ -296,12 +306,14 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
 
     logging.basicConfig(level=os.environ.get("MPPOOL_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s mppool[%(process)d] %(levelname)s %(message)s")
-    old = os.umask(0o077)  # socket and key file are 0600
+    old = os.umask(0o177)  # sockets are created 0777 & ~umask: 0600
     try:
         manager = Server(address, authkey)
         server = manager.get_server()
     finally:
         os.umask(old)
+    if isinstance(address, str):
+        os.chmod(address, 0o600)
     if isinstance(address, tuple):
         address = tuple(server.address)  # type: ignore[assignment]
     sup = Supervisor(address, authkey)

@@ -1,0 +1,135 @@
+"""Small helpers shared by the tests: wait on observable state with a deadline, drive
+housekeeping by hand on a fake clock, run threads that are always joined."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mppool.clock import FakeClock
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.002,
+               what: str | None = None) -> Any:
+    """Poll ``pred`` until it returns something true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or pred!r}")
+        time.sleep(interval)
+
+
+class _ManualTask:
+    __slots__ = ("due", "seq", "fn", "cancelled")
+
+    def __init__(self, due: float, seq: int, fn: Callable[[], None]) -> None:
+        self.due, self.seq, self.fn, self.cancelled = due, seq, fn, False
+
+    def __lt__(self, other: _ManualTask) -> bool:
+        return (self.due, self.seq) < (other.due, other.seq)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualScheduler:
+    """A scheduler with no threads: due tasks run in the test's thread on ``advance()``.
+
+    Pass it as ``Pool(..., clock=sched.clock, scheduler=sched)``; ``sched.advance(s)`` moves
+    the fake clock and runs every housekeeping round that has become due, deterministically.
+    """
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.clock = clock or FakeClock()
+        self._heap: list[_ManualTask] = []
+        self._seq = itertools.count()
+        self.entered: list[float] = []  # delays asked for, in order
+
+    def enter(self, delay: float, fn: Callable[[], None]) -> _ManualTask:
+        self.entered.append(delay)
+        task = _ManualTask(self.clock.now() + delay, next(self._seq), fn)
+        heapq.heappush(self._heap, task)
+        return task
+
+    def close(self, wait: bool = False) -> None:
+        self._heap.clear()
+
+    def pending(self) -> list[float]:
+        """Due times of the live tasks."""
+        return sorted(t.due for t in self._heap if not t.cancelled)
+
+    def run_due(self) -> int:
+        """Run every task due now (a task re-entered by a task runs only once it is due)."""
+        ran = 0
+        now = self.clock.now()
+        while self._heap and self._heap[0].due <= now:
+            task = heapq.heappop(self._heap)
+            if task.cancelled:
+                continue
+            task.fn()
+            ran += 1
+        return ran
+
+    def advance(self, seconds: float) -> int:
+        self.clock.advance(seconds)
+        return self.run_due()
+
+
+class Recorder:
+    """``fun`` and hooks that record what the pool did with them."""
+
+    def __init__(self, fail: Callable[[int], bool] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.nums: list[int] = []
+        self.closed: list[Any] = []
+        self.fail = fail
+
+    def fun(self, i: int) -> dict[str, int]:
+        with self.lock:
+            self.nums.append(i)
+        if self.fail is not None and self.fail(i):
+            raise RuntimeError(f"cannot create object {i}")
+        return {"num": i}
+
+    def closer(self, obj: Any) -> None:
+        with self.lock:
+            self.closed.append(obj)
+
+
+class Runner:
+    """Start threads that record their result or exception; ``join_all()`` joins them."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def start(self, fn: Callable[[], Any], name: str | None = None) -> dict[str, Any]:
+        box: dict[str, Any] = {"done": False}
+
+        def run() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # reported to the test through box
+                box["error"] = e
+            finally:
+                box["done"] = True
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        box["thread"] = t
+        self.threads.append(t)
+        t.start()
+        return box
+
+    def join_all(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self.threads if t.is_alive()]
+        self.threads.clear()
+        assert not alive, f"threads still running: {alive}"

@@ -1,0 +1,272 @@
+"""Pools shared across real processes through a supervisor (SPEC §4, §5)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import stat
+
+import pytest
+from helpers import wait_until
+from shared_fixtures import client, fork_ctx, procs, server  # noqa: F401
+from workers import churn, task_use_pool, wait_for_one
+
+import mppool
+from mppool.address import key_path, parse_address
+
+pytestmark = pytest.mark.slow
+
+
+def test_get_ret_copy_and_closure(client):
+    base = 100
+    pool = client.pool("closure", lambda i: {"n": base + i}, max_size=2, min_size=0)
+    a = pool.get()
+    b = pool.get()
+    assert sorted([a["n"], b["n"]]) == [100, 101]
+    with pytest.raises(mppool.TimeOut):
+        pool.get(timeout=0)
+    pool.ret(a)
+    with pool.obj() as c:
+        assert c == a  # the same supervisor object, a fresh copy
+    pool.ret(b)
+    s = pool.stats()
+    assert s["nobjs"] == 2 and s["nusing"] == 0 and s["ncreated"] == 2
+    assert pool.free() == 2 and pool.waiting() == 0 and len(pool) == 2
+
+
+def test_stats_show_holder_pid_and_json(client):
+    import json
+
+    pool = client.pool("st", lambda i: i, max_size=3)
+    obj = pool.get()
+    s = pool.stats()
+    assert [u["pid"] for u in s["using"]] == [os.getpid()]
+    assert json.loads(str(pool))["nusing"] == 1
+    assert client.stats()["st"]["nusing"] == 1
+    pool.ret(obj)
+
+
+def test_attach_and_option_conflicts(client, server):
+    client.pool("p", lambda i: i, max_size=2)
+    other = mppool.connect(server.address, server.authkey)
+    try:
+        same = other.pool("p")  # attach without options
+        assert same.get() in (0, 1)
+        with pytest.raises(ValueError, match="other options"):
+            other.pool("p", lambda i: i, max_size=3)
+        with pytest.raises(ValueError, match="no pool named"):
+            other.pool("missing")
+        with pytest.raises(TypeError, match="bogus"):
+            other.pool("q", lambda i: i, bogus=1)
+        with pytest.raises(TypeError, match="max_size"):
+            other.pool("q", lambda i: i, max_size="x")
+        with pytest.raises(ValueError, match="transfer"):
+            other.pool("q", lambda i: i, transfer="teleport")
+        assert "q" not in other.stats()  # nothing half-created
+    finally:
+        other.close()
+
+
+def test_fun_error_propagates_and_costs_no_slot(client):
+    def fun(i):
+        if i == 0:
+            raise RuntimeError("cannot connect")
+        return i
+
+    pool = client.pool("err", fun, max_size=1, min_size=0)
+    with pytest.raises(RuntimeError, match="cannot connect"):
+        pool.get()
+    assert pool.get(timeout=1) == 1  # the slot was not lost
+
+
+def test_proxy_transfer_calls_run_in_supervisor(client):
+    pool = client.pool("lists", lambda i: [i], transfer="proxy", max_size=1)
+    obj = pool.get()
+    obj.append(os.getpid())
+    assert obj.pop() == os.getpid()
+    assert obj.count(0) == 1
+    assert len(obj) == 1 and obj[0] == 0
+    pool.ret(obj)
+    with pytest.raises(mppool.PoolClosed, match="returned"):
+        obj.append(1)
+    again = pool.get()
+    assert again.copy() == [0]  # the same object, kept in the supervisor
+    pool.ret(again)
+
+
+def test_token_pool_invariant(client):
+    tokens = client.token_pool("tok", 3)
+    got = [tokens.get() for _ in range(3)]
+    assert len({id(t) for t in got}) == 3
+    with pytest.raises(mppool.TimeOut):
+        tokens.get(timeout=0.05)
+    s = tokens.stats()
+    assert s["nusing"] + tokens.free() == 3
+    for t in got:
+        tokens.put(t)
+    wait_until(lambda: tokens.free() == 3, what="all tokens back")
+
+
+def test_wrong_key_is_refused_and_server_keeps_serving(server):
+    with pytest.raises(mppool.ServerUnavailable, match="key"):
+        mppool.connect(server.address, b"not the key")
+    c = mppool.connect(server.address, server.authkey)
+    assert c.info()["pid"] == server.pid
+    c.close()
+
+
+def test_socket_and_key_file_are_private(server):
+    path = server.address
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path + ".lease").st_mode) == 0o600
+    key = key_path(path)
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert bytes.fromhex(key.read_text()) == server.authkey
+    # a client finds the key file beside the socket
+    c = mppool.connect(path)
+    assert c.info()["pid"] == server.pid
+    c.close()
+
+
+def test_tcp_address():
+    with mppool.Server("127.0.0.1:0") as srv:
+        host, port = srv.address
+        assert host == "127.0.0.1" and port > 0
+        c = mppool.connect(f"127.0.0.1:{port}", srv.authkey)
+        pool = c.token_pool("t", 1)
+        with pool.obj():
+            assert pool.free() == 0
+        c.close()
+
+
+@pytest.mark.parametrize("bad", ["", "no-slash-no-port", "host:port", ("h", 70000), 42, ("h",)])
+def test_bad_address(bad):
+    with pytest.raises((ValueError, TypeError), match="address"):
+        parse_address(bad)
+    with pytest.raises((ValueError, TypeError), match="address"):
+        mppool.Server(bad)
+
+
+def test_supervisor_gone_raises_server_unavailable():
+    srv = mppool.Server().start()
+    c = mppool.connect(srv.address, srv.authkey)
+    pool = c.token_pool("t", 1)
+    pool.get()
+    srv.shutdown()
+    with pytest.raises(mppool.ServerUnavailable):
+        pool.get(timeout=1)
+    with pytest.raises(mppool.ServerUnavailable):
+        pool.stats()
+    c.close()
+
+
+def test_bound_never_exceeded_by_many_processes(client, procs):
+    ctx = fork_ctx()
+    pool = client.pool("bound", lambda i: i, max_size=2, min_size=0)
+    inuse, peak, lock, errors = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Lock(), ctx.Queue()
+    for _ in range(6):
+        p = ctx.Process(target=churn, args=(pool, 2, inuse, lock, peak, 150, errors))
+        procs.append(p)
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert errors.empty(), errors.get()
+    assert 1 <= peak.value <= 2
+    s = pool.stats()
+    assert s["nobjs"] <= 2 and s["nusing"] == 0 and s["nborrows"] == 900
+
+
+def test_fifo_order_across_processes(client, procs):
+    ctx = fork_ctx()
+    pool = client.pool("fifo", lambda i: i, max_size=1)
+    held = pool.get()
+    started, results, seq = ctx.Queue(), ctx.Queue(), ctx.Value("i", 0)
+    for tag in range(4):
+        p = ctx.Process(target=wait_for_one, args=(pool, started, results, tag, None, seq))
+        procs.append(p)
+        p.start()
+        wait_until(lambda tag=tag: pool.waiting() == tag + 1, timeout=10, what=f"waiter {tag}")
+    pool.ret(held)
+    order = [tag for _, tag, _ in sorted(results.get(timeout=10) for _ in range(4))]
+    assert order == [0, 1, 2, 3]
+
+
+def test_waiter_that_timed_out_never_swallows(client, procs):
+    ctx = fork_ctx()
+    pool = client.pool("to", lambda i: i, max_size=1)
+    held = pool.get()
+    started, results = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=wait_for_one, args=(pool, started, results, "late", 0.2))
+    procs.append(p)
+    p.start()
+    p.join(10)
+    assert p.exitcode != 0  # it timed out
+    pool.ret(held)
+    assert pool.get(timeout=1) == held
+
+
+def test_bare_fork_child_gets_only_its_own_answers(client):
+    pool = client.pool("echo", lambda i: [], transfer="proxy", max_size=8, min_size=0)
+    tokens = client.token_pool("ftok", 8)
+    obj = pool.get()  # the parent's channel exists before the fork
+    obj.append(-1)
+    assert obj.pop() == -1
+    pids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                me = os.getpid()
+                for i in range(200):
+                    with pool.obj(timeout=20) as o:
+                        o.append((me, i))
+                        assert o.pop() == (me, i)
+                    with tokens.obj(timeout=20):
+                        pass
+                    if i % 50 == 0:
+                        assert "echo" in client.stats()
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for i in range(200):  # the parent keeps using its own connection meanwhile
+        obj.append(("parent", i))
+        assert obj.pop() == ("parent", i)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    pool.ret(obj)
+    wait_until(lambda: tokens.free() == 8, what="tokens back")
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_shared_pool_pickles_into_multiprocessing_pool(client, method):
+    pool = client.pool("mp", lambda i: f"obj{i}", max_size=2)
+    restored = pickle.loads(pickle.dumps(pool))
+    assert restored.name == "mp"
+    with multiprocessing.get_context(method).Pool(2) as mp:
+        results = mp.map(task_use_pool, [pool] * 6)
+    assert {obj for _, obj in results} <= {"obj0", "obj1"}
+    assert all(pid != os.getpid() for pid, _ in results)
+    wait_until(lambda: pool.stats()["nusing"] == 0, what="all returned")
+
+
+def test_shutdown_wakes_remote_waiters(client, procs):
+    ctx = fork_ctx()
+    pool = client.pool("sd", lambda i: i, max_size=1)
+    pool.get()
+    started, results = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=wait_for_one, args=(pool, started, results, 0))
+    procs.append(p)
+    p.start()
+    wait_until(lambda: pool.waiting() == 1, timeout=10)
+    pool.shutdown()
+    p.join(10)
+    assert p.exitcode == 1  # PoolClosed raised in the child
+    with pytest.raises(mppool.PoolClosed, match="shutting down"):
+        pool.get(timeout=0)
+
+

@@ -1,0 +1,66 @@
+"""Functions run in other processes by the cross-process tests (importable under spawn)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def hold_forever(pool: Any, ready: Any, n: int = 1) -> None:
+    """Take n objects, say so, then block until killed."""
+    held = [pool.get() for _ in range(n)]
+    ready.put((os.getpid(), [repr(h) for h in held]))
+    while True:
+        time.sleep(3600)
+
+
+def wait_for_one(pool: Any, started: Any, results: Any, tag: Any, timeout: float | None = None,
+                 seq: Any = None) -> None:
+    """Wait for one object; ``seq`` (a shared counter) numbers the holders in the order they
+    held it, since a Queue's feeder thread may deliver results out of that order."""
+    started.put(tag)
+    obj = pool.get(timeout=timeout)
+    n = 0
+    if seq is not None:
+        with seq.get_lock():
+            n = seq.value
+            seq.value += 1
+    results.put((n, tag, repr(obj)))
+    pool.ret(obj)
+
+
+def churn(pool: Any, max_size: int, inuse: Any, lock: Any, peak: Any, n: int, errors: Any) -> None:
+    """n get/ret cycles; count concurrent holders across processes and record the peak."""
+    try:
+        for _ in range(n):
+            obj = pool.get(timeout=30)
+            with lock:
+                inuse.value += 1
+                peak.value = max(peak.value, inuse.value)
+            with lock:
+                inuse.value -= 1
+            pool.ret(obj)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(f"{os.getpid()}: {exc!r}")
+
+
+def task_use_pool(pool: Any) -> tuple[int, Any]:
+    """A multiprocessing.Pool task: the shared pool arrives pickled and reconnects here."""
+    with pool.obj(timeout=10) as obj:
+        return os.getpid(), obj
+
+
+def chaos_worker(pools: list[Any], seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    while True:
+        pool = rnd.choice(pools)
+        try:
+            obj = pool.get(timeout=rnd.choice([0, 0.01, 0.2, None]))
+        except Exception:
+            continue
+        if rnd.random() < 0.5:
+            time.sleep(rnd.random() * 0.005)
+        pool.ret(obj)
