@@ -3,11 +3,21 @@
 The public names live in private modules and are re-exported here.
 """
 
-from .errors import ConnectTimeout, PoolClosed, PoolException, ServerUnavailable, TimeOut
 from .client import Client, SharedPool, connect
+from .errors import ConnectTimeout, PoolClosed, PoolException, ServerUnavailable, TimeOut
 from .pool import Pool
 from .server import Server
 
-__all__ = ["Pool", "Server", "connect", "Client", "SharedPool", "PoolException", "TimeOut", "PoolClosed", "ServerUnavailable",
-           "ConnectTimeout"]
+__all__ = [
+           "Client",
+           "ConnectTimeout",
+           "Pool",
+           "PoolClosed",
+           "PoolException",
+           "Server",
+           "ServerUnavailable",
+           "SharedPool",
+           "TimeOut",
+           "connect",
+]
 __version__ = "0.1.0"

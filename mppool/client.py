@@ -37,10 +37,11 @@ from .validate import check_delay
 
 log = logging.getLogger("mppool")
 
-_POOL_OPTIONS = frozenset((
-    "max_size min_size timeout max_use max_avail_delay max_using_delay max_using_delay_kill "
-    "health_freq delay opener getter retter closer health stats tracer log_level max_lifetime "
-    "kill_holder").split())
+_POOL_OPTIONS = frozenset([
+    "max_size", "min_size", "timeout", "max_use", "max_avail_delay", "max_using_delay",
+    "max_using_delay_kill", "health_freq", "delay", "opener", "getter", "retter", "closer",
+    "health", "stats", "tracer", "log_level", "max_lifetime", "kill_holder",
+])
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -285,10 +286,10 @@ class Client:
             return self._pools.setdefault(pool.name, pool)
 
     def stats(self) -> dict[str, Any]:
-        return self._call("stats")  # type: ignore[no-any-return]
+        return self._call("stats")
 
     def info(self) -> dict[str, Any]:
-        return self._call("info")  # type: ignore[no-any-return]
+        return self._call("info")
 
     def close(self) -> None:
         """Close this client; leases it still holds go back to their pools."""
@@ -380,13 +381,13 @@ class SharedPool:
     item = obj
 
     def stats(self) -> dict[str, Any]:
-        return self._client._call("stats", self.name)  # type: ignore[no-any-return]
+        return self._client._call("stats", self.name)
 
     def free(self) -> int:
-        return self._client._call("pool_call", self.name, "free")  # type: ignore[no-any-return]
+        return self._client._call("pool_call", self.name, "free")
 
     def waiting(self) -> int:
-        return self._client._call("pool_call", self.name, "waiting")  # type: ignore[no-any-return]
+        return self._client._call("pool_call", self.name, "waiting")
 
     def resize(self, max_size: int) -> None:
         self._client._call("pool_call", self.name, "resize", max_size)
@@ -395,7 +396,7 @@ class SharedPool:
         self._client._call("pool_call", self.name, "shutdown")
 
     def __len__(self) -> int:
-        return self._client._call("pool_call", self.name, "__len__")  # type: ignore[no-any-return]
+        return self._client._call("pool_call", self.name, "__len__")
 
     def __str__(self) -> str:
         import json
@@ -427,7 +428,7 @@ def _attach(address: str, authkey: str, name: str) -> SharedPool:
 class ObjectProxy:
     """A ``transfer="proxy"`` object: method calls run in the supervisor, on the real object."""
 
-    __slots__ = ("__weakref__", "_mp_pool", "_mp_lease", "_mp_ref", "_mp_type")
+    __slots__ = ("__weakref__", "_mp_lease", "_mp_pool", "_mp_ref", "_mp_type")
     _callables: dict[str, set[str]] = {}
 
     def __init__(self, pool: SharedPool, lease: int, ref: int, typename: str) -> None:
@@ -487,7 +488,7 @@ class ObjectProxy:
                 return
 
     def __len__(self) -> int:
-        return self._mp_call("__len__")  # type: ignore[no-any-return]
+        return self._mp_call("__len__")
 
     def __getitem__(self, key: Any) -> Any:
         return self._mp_call("__getitem__", key)
@@ -512,7 +513,7 @@ class ObjectProxy:
 
 
 class _Method:
-    __slots__ = ("_proxy", "_name")
+    __slots__ = ("_name", "_proxy")
 
     def __init__(self, proxy: ObjectProxy, name: str) -> None:
         self._proxy = proxy
@@ -539,6 +540,7 @@ def connect(address: object = None, authkey: object = None, *, autostart: bool =
     """
     timeout = check_delay("timeout", timeout)
     addr = default_address() if address is None else parse_address(address)
+    key: bytes | None
     if autostart:
         from .autostart import ensure_supervisor
         key = ensure_supervisor(addr, authkey, timeout)

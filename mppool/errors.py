@@ -7,7 +7,7 @@ takes the message as its only argument.
 
 from __future__ import annotations
 
-__all__ = ["PoolException", "TimeOut", "PoolClosed", "ServerUnavailable", "ConnectTimeout"]
+__all__ = ["ConnectTimeout", "PoolClosed", "PoolException", "ServerUnavailable", "TimeOut"]
 
 
 class PoolException(Exception):

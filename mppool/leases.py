@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 from .errors import PoolClosed, TimeOut
 from .holder import HOSTNAME, Holder
-from .pool import CREATE, Entry
+from .pool import CREATE, Entry, _Create
 from .remote import is_plain
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ log = logging.getLogger("mppool")
 class RemoteWaiter:
     """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
 
-    __slots__ = ("conn", "rid", "rec", "holder", "done")
+    __slots__ = ("conn", "done", "holder", "rec", "rid")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
         self.conn = conn
@@ -354,7 +354,7 @@ class LeaseLoop:
                 conn.send((rid, wire.ERR, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)")))
             elif timeout is not None:
                 heapq.heappush(self.timers, (self.sup.clock.now() + timeout, waiter))
-        elif got is CREATE:
+        elif isinstance(got, _Create):
             waiter.done = True
             self.executor.submit(self.create, waiter)
         else:

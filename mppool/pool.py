@@ -61,8 +61,20 @@ CREATE = _Create()
 
 
 class Entry:
-    __slots__ = ("obj", "num", "created", "expires", "uses", "last_get", "last_ret",
-                 "lease", "holder", "warned", "token", "blob")
+    __slots__ = (
+        "blob",
+        "created",
+        "expires",
+        "holder",
+        "last_get",
+        "last_ret",
+        "lease",
+        "num",
+        "obj",
+        "token",
+        "uses",
+        "warned",
+    )
 
     def __init__(self, obj: Any, num: int, now: float, lifetime: float, token: Any) -> None:
         self.obj = obj
@@ -83,7 +95,7 @@ class Entry:
 class Waiter:
     """A getter blocked in this process. ``set``/``cancel`` are called under the pool lock."""
 
-    __slots__ = ("holder", "result", "done", "_event")
+    __slots__ = ("_event", "done", "holder", "result")
 
     def __init__(self, holder: Holder) -> None:
         self.holder = holder
@@ -196,8 +208,11 @@ class Pool:
         self._ncreating = 0
         self._nchecking = 0  # idle entries borrowed by a health check: they still hold a slot
         self._counts = dict.fromkeys(
-            ("ncreated nuses nkilled nrecycled nwornout nborrows nreturns ndestroys nhealth "
-             "bad_health hk_rounds hk_errors hc_rounds hc_errors nexpired").split(), 0)
+            [
+                "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows",
+                "nreturns", "ndestroys", "nhealth", "bad_health", "hk_rounds",
+                "hk_errors", "hc_rounds", "hc_errors", "nexpired",
+            ], 0)
         self._hk_time = 0.0
         self._hk_last = self._started_mono
         # Called with the holder of a killed lease when kill_holder=True (the supervisor
@@ -382,10 +397,10 @@ class Pool:
             if isinstance(got, BaseException):
                 raise got
         self._flush()
-        if got is CREATE:
+        if isinstance(got, _Create):
             return self.create_for(holder)
         self._hook("getter", self._getter, got.obj)
-        return got  # type: ignore[no-any-return]
+        return got
 
     def acquire(self, holder: Holder, waiter: Any | None) -> Entry | _Create | None:
         """Under the lock: an idle entry now leased, CREATE (slot reserved), or None.

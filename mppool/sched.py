@@ -18,7 +18,7 @@ log = logging.getLogger("mppool")
 
 
 class Task:
-    __slots__ = ("due", "seq", "fn", "cancelled")
+    __slots__ = ("cancelled", "due", "fn", "seq")
 
     def __init__(self, due: float, seq: int, fn: Callable[[], None]) -> None:
         self.due = due

@@ -7,6 +7,7 @@ say) and needs no ``if __name__ == "__main__"`` guard in the caller's script.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from multiprocess.managers import SyncManager, dispatch
 from multiprocess.connection import Client as MPClient
+from multiprocess.managers import SyncManager, dispatch
 
 from .address import Address, display, fresh_address, key_path, parse_address, server_authkey
 from .errors import ServerUnavailable
@@ -33,12 +34,13 @@ class Server(SyncManager):
         addr = fresh_address() if address is None else parse_address(address)
         key = server_authkey(authkey)
         super().__init__(address=addr, authkey=key)
+        self._address: Address = addr
         self._proc: subprocess.Popen[bytes] | None = None
         self._watch: threading.Thread | None = None
 
     @property
-    def address(self) -> Address:  # type: ignore[override]
-        return self._address  # type: ignore[no-any-return]
+    def address(self) -> Address:
+        return self._address
 
     @property
     def authkey(self) -> bytes:
@@ -48,7 +50,7 @@ class Server(SyncManager):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self, detach: bool = False) -> Server:  # type: ignore[override]
+    def start(self, detach: bool = False) -> Server:
         """Start the supervisor process and wait until it serves; returns self.
 
         With ``detach=True`` it outlives this process (autostart); otherwise it stops
@@ -61,7 +63,10 @@ class Server(SyncManager):
                "--address", display(self._address)]
         if not detach:
             cmd += ["--parent", str(os.getpid())]
-        env = dict(os.environ, MPPOOL_AUTHKEY=self.authkey.hex())
+        # Like multiprocessing's spawn: the caller's sys.path, so that a fun or hook defined
+        # in the caller's modules unpickles (by reference) in the supervisor.
+        env = dict(os.environ, MPPOOL_AUTHKEY=self.authkey.hex(),
+                   MPPOOL_SYS_PATH=json.dumps([p or os.getcwd() for p in sys.path]))
         env.pop("MPPOOL_ADDRESS", None)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
                                 start_new_session=detach, close_fds=True)
@@ -76,7 +81,7 @@ class Server(SyncManager):
         proc.stdout.close()
         return self
 
-    def shutdown(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+    def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the supervisor: every pool is shut down, socket and key file removed."""
         proc = self._proc
         if proc is None:
@@ -113,7 +118,7 @@ class Server(SyncManager):
         from .client import connect
         return connect(self._address, self.authkey, timeout=timeout)
 
-    def __enter__(self) -> Server:  # type: ignore[override]
+    def __enter__(self) -> Server:
         return self.start() if self._proc is None else self
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,

@@ -15,13 +15,13 @@ fd inherited by a child process.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 import dill
@@ -79,7 +79,7 @@ class Record:
                 blob = dill.dumps(entry.obj, recurse=True)  # unpickles with plain pickle + dill
             if self.cache_blobs:
                 entry.blob = blob
-        return blob  # type: ignore[no-any-return]
+        return blob
 
 
 def fingerprint(options: dict[str, Any]) -> Any:
@@ -315,7 +315,7 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     if isinstance(address, str):
         os.chmod(address, 0o600)
     if isinstance(address, tuple):
-        address = tuple(server.address)  # type: ignore[assignment]
+        address = tuple(server.address)
     sup = Supervisor(address, authkey)
     _control = Control(sup)
     sup.start()
@@ -328,7 +328,7 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     # only once running (a signal before would be lost) and ends with sys.exit().
     stop = threading.Event()
     server.stop_event = stop  # the manager's remote shutdown() sets it
-    mp_process.current_process()._manager_server = server  # type: ignore[attr-defined]
+    mp_process.current_process()._manager_server = server
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent", type=int, default=0)
     ns = ap.parse_args(argv)
     key = os.environ.pop("MPPOOL_AUTHKEY", "")
+    extra = json.loads(os.environ.pop("MPPOOL_SYS_PATH", "[]"))
+    sys.path[:0] = [p for p in extra if p not in sys.path]
     address = parse_address(ns.address)
 
     def ready(addr: str, lease: Any) -> None:

@@ -21,10 +21,13 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
 import pytest
+
+import mppool
 
 # --------------------------------------------------------------------------------------------
 # Hang guard
@@ -328,3 +331,37 @@ def reap() -> Generator[None, None, None]:
         f"test left {len(procs)} child process(es) running (killed by pid): " + ", ".join(described) + note,
         pytrace=False,
     )
+
+
+# ---------------------------------------------------------------- supervisors and processes
+
+
+@pytest.fixture
+def server() -> Iterator[mppool.Server]:
+    srv = mppool.Server().start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+
+
+@pytest.fixture
+def client(server: mppool.Server) -> Iterator[Any]:
+    c = mppool.connect(server.address, server.authkey)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Processes a test starts; whatever is still alive at the end is killed, by pid."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+

@@ -27,7 +27,7 @@ def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 
 
 
 class _ManualTask:
-    __slots__ = ("due", "seq", "fn", "cancelled")
+    __slots__ = ("cancelled", "due", "fn", "seq")
 
     def __init__(self, due: float, seq: int, fn: Callable[[], None]) -> None:
         self.due, self.seq, self.fn, self.cancelled = due, seq, fn, False
@@ -133,3 +133,10 @@ class Runner:
         alive = [t.name for t in self.threads if t.is_alive()]
         self.threads.clear()
         assert not alive, f"threads still running: {alive}"
+
+
+def fork_ctx() -> Any:
+    """The start method of the cross-process tests: fast, and what gunicorn does."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork")

@@ -8,8 +8,7 @@ import pickle
 import stat
 
 import pytest
-from helpers import wait_until
-from shared_fixtures import client, fork_ctx, procs, server  # noqa: F401
+from helpers import fork_ctx, wait_until
 from workers import churn, task_use_pool, wait_for_one
 
 import mppool

@@ -64,3 +64,47 @@ def chaos_worker(pools: list[Any], seed: int) -> None:
         if rnd.random() < 0.5:
             time.sleep(rnd.random() * 0.005)
         pool.ret(obj)
+
+
+def hold_and_fork_keeper(pool: Any, ready: Any) -> None:
+    """Hold an object, then fork a child that keeps this process's sockets open and
+    outlives it: the supervisor must notice the holder's death by psutil, not by EOF."""
+    pool.get()
+    pid = os.fork()
+    if pid == 0:  # the keeper: inherits the lease socket and just sleeps
+        time.sleep(30)
+        os._exit(0)
+    ready.put((os.getpid(), pid))
+    while True:
+        time.sleep(3600)
+
+
+def get_loop(pool: Any, counter: Any) -> None:
+    """Endless get/ret, counting cycles; killed at a random moment by the test."""
+    while True:
+        obj = pool.get(timeout=10)
+        with counter.get_lock():
+            counter.value += 1
+        pool.ret(obj)
+
+
+def insert_uncommitted_then_hang(pool: Any, ready: Any) -> None:
+    """Open a transaction on a proxied DB connection and die in the middle of it."""
+    conn = pool.get()
+    conn.execute("insert into t values (42)")  # no commit
+    ready.put(conn.execute("select count(*) from t").fetchone()[0])
+    while True:
+        time.sleep(3600)
+
+
+class BadReset:
+    """A pooled object whose reset fails: the supervisor must close it, not reuse it."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def rollback(self) -> None:
+        raise RuntimeError("cannot roll back")
+
+    def ident(self) -> int:
+        return self.i
