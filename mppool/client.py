@@ -46,6 +46,13 @@ _POOL_OPTIONS = frozenset([
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
+class _DefaultSize(int):
+    """``max_size`` left at its default (4): attach to an existing token pool of any size."""
+
+
+_DEFAULT_TOKENS = _DefaultSize(4)
+
+
 def _after_fork_in_child() -> None:
     for client in list(_clients):
         client._forked()
@@ -272,12 +279,23 @@ class Client:
         pid, transfer, _ = self._call("create", name, "pool", transfer, blob)
         return self._remember(SharedPool(self, name, pid, transfer))
 
-    def token_pool(self, name: str, max_size: int = 4) -> SharedPool:
-        """The shared token pool ``name``: at most ``max_size`` tokens out at once."""
-        from .validate import check_int
-        check_int("max_size", max_size, minimum=1)
+    def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS) -> SharedPool:
+        """The shared token pool ``name``: at most ``max_size`` tokens out at once.
+
+        Without ``max_size`` an existing token pool is attached whatever its size (a new one
+        gets 4); with it, an existing pool of another size raises ValueError.
+        """
         from .pools import Token
-        blob = dill.dumps({"fun": _TokenMaker(Token), "max_size": max_size, "min_size": 0})
+        from .validate import check_int
+
+        check_int("max_size", max_size, minimum=1)
+        blob = dill.dumps({"fun": _TokenMaker(Token), "max_size": int(max_size), "min_size": 0})
+        if max_size is _DEFAULT_TOKENS:
+            try:
+                pid, _, _ = self._call("create", name, "token", "copy", None)
+                return self._remember(SharedPool(self, name, pid, "copy"))
+            except ValueError:
+                pass  # no such pool yet: create it with the default size
         pid, _, _ = self._call("create", name, "token", "copy", blob)
         return self._remember(SharedPool(self, name, pid, "copy"))
 

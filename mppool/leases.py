@@ -327,6 +327,9 @@ class LeaseLoop:
             self.executor.submit(self.call, conn, msg)
         elif op == wire.DROPREF:
             conn.refs.pop(msg[2], None)
+        elif op == wire.WAITING:
+            rec = self.sup.record(msg[2])
+            conn.send((rid, wire.OK, rec.pool.waiting() if rec is not None else 0))
         elif op == wire.PING:
             conn.send((rid, wire.OK, os.getpid()))
         else:

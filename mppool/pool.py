@@ -41,6 +41,9 @@ PoolHook = Callable[[Any], Any]
 HealthHook = Callable[[Any], bool]
 
 LIFETIME_JITTER = 0.05
+# How often a pool with a shared budget asks whether another process waits for it; idle
+# objects are then given back within this period (SPEC §6 says 100 ms at the latest).
+RECALL_PERIOD = 0.05
 
 
 class Budget(Protocol):
@@ -211,7 +214,7 @@ class Pool:
             [
                 "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows",
                 "nreturns", "ndestroys", "nhealth", "bad_health", "hk_rounds",
-                "hk_errors", "hc_rounds", "hc_errors", "nexpired",
+                "hk_errors", "hc_rounds", "hc_errors", "nexpired", "nrecalled",
             ], 0)
         self._hk_time = 0.0
         self._hk_last = self._started_mono
@@ -233,6 +236,14 @@ class Pool:
             else:
                 self._sched = default_scheduler()
             self._hk_task = self._sched.enter(self._delay, self._hk_tick)
+        self._recall_n = 0
+        self._recall_task: Task | None = None
+        if budget is not None and callable(getattr(budget, "waiting", None)):
+            if self._sched is None:
+                self._sched = (Scheduler(self._clock, workers=1) if clock is not None
+                               else default_scheduler())
+                self._own_sched = clock is not None
+            self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
         self._fill()
 
     # ------------------------------------------------------------------ public API
@@ -244,8 +255,11 @@ class Pool:
             self._by_obj.setdefault(id(entry.obj), []).append(entry.lease)
         return entry.obj
 
-    def ret(self, obj: Any) -> None:
-        """Return an object got from this pool; unknown or twice-returned objects are ignored."""
+    def ret(self, obj: Any, discard: bool = False) -> None:
+        """Return an object got from this pool; unknown or twice-returned objects are ignored.
+
+        With ``discard=True`` the object is closed instead of kept (it is known broken).
+        """
         with self._lock:
             leases = self._by_obj.get(id(obj))
             lease = leases.pop() if leases else 0
@@ -255,7 +269,7 @@ class Pool:
             log.warning("mppool: pool %d: ret() of an object it does not lend: %.80s",
                         self._id, self._trace(obj))
             return
-        self.checkin(lease)
+        self.checkin(lease, discard)
 
     put = ret
 
@@ -320,8 +334,9 @@ class Pool:
                 self._todel.extend(self._using.values())
                 self._using.clear()
                 self._by_obj.clear()
-        if self._hk_task is not None:
-            self._hk_task.cancel()
+        for task in (self._hk_task, self._recall_task):
+            if task is not None:
+                task.cancel()
         if self._own_sched and self._sched is not None:
             self._sched.close()
         self._flush()
@@ -451,7 +466,7 @@ class Pool:
             self._grant_slots()
         self._flush()
 
-    def checkin(self, lease: int) -> bool:
+    def checkin(self, lease: int, discard: bool = False) -> bool:
         """Return a leased entry; False (and a warning) if the lease is unknown or killed."""
         with self._lock:
             entry = self._using.get(lease)
@@ -466,7 +481,11 @@ class Pool:
             self._counts["nreturns"] += 1
             entry.holder = None
             entry.last_ret = now = self._clock.now()
-            if self._shutdown:
+            if self._shutdown or discard:
+                self._todel.append(entry)
+            elif self._recall_n > 0 and len(self._avail) + len(self._using) >= self._min_size:
+                self._recall_n -= 1  # another process waits for the budget: give it back
+                self._counts["nrecalled"] += 1
                 self._todel.append(entry)
             elif self._max_use and entry.uses >= self._max_use:
                 self._counts["nwornout"] += 1
@@ -733,6 +752,43 @@ class Pool:
     def _terminate(self, holder: Holder, age: float) -> None:
         if self.on_kill_holder is not None:
             self.on_kill_holder(holder, age)
+
+    def _recall_tick(self) -> None:
+        try:
+            self.recall()
+        finally:
+            with self._lock:
+                if self._shutdown or self._sched is None:
+                    return
+            self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
+
+    def recall(self) -> int:
+        """Give idle objects above min_size back to a budget that others wait for.
+
+        Only asks the budget (a round trip) when there is something to give; objects in
+        use are given back at their next ret instead. Returns how many were closed now.
+        """
+        with self._lock:
+            spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
+            if self._shutdown or (spare <= 0 and not self._using):
+                self._recall_n = 0
+                return 0
+        try:
+            wanted = int(self._budget.waiting())  # type: ignore[union-attr]
+        except Exception:
+            log.debug("mppool: pool %d: budget.waiting() failed", self._id, exc_info=True)
+            return 0
+        with self._lock:
+            spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
+            n = max(0, min(wanted, spare))
+            for _ in range(n):
+                self._todel.append(self._avail.popleft())  # the longest idle first
+            self._counts["nrecalled"] += n
+            self._recall_n = max(0, wanted - n)
+        if n:
+            log.info("mppool: pool %d: gave %d idle object(s) back to the budget", self._id, n)
+            self._flush()
+        return n
 
     def _hk_tick(self) -> None:
         self.housekeep()

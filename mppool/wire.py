@@ -21,7 +21,7 @@ HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
 
 # ops
-GET, PUT, CALL, GETATTR, DROPREF, PING = range(1, 7)
+GET, PUT, CALL, GETATTR, DROPREF, PING, WAITING = range(1, 8)
 # statuses
 OK, ERR, REF = range(3)
 

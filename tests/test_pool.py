@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -464,7 +463,8 @@ def test_timeouts_racing_returns_lose_nothing(make_pool: Callable[..., Pool],
     assert (s["navail"], s["nusing"], s["nwaiting"], s["nobjs"]) == (2, 0, 0, 2)
     assert s["nborrows"] == s["nreturns"] == sum(got)
     assert sum(got) + sum(timed_out) == 6 * 60
-    assert {id(pool.get(timeout=0)), id(pool.get(timeout=0))} and pool.free() == 0
+    a, b = pool.get(timeout=0), pool.get(timeout=0)
+    assert a is not b and pool.free() == 0
 
 
 # ------------------------------------------------------------------------------ recycling
@@ -806,8 +806,8 @@ def test_hook_exceptions_are_swallowed(make_pool: Callable[..., Pool], sched: Ma
     assert (s["nusing"], s["hk_errors"]) == (0, 0)
     assert s["nborrows"] == s["nreturns"] == 5
     assert calls, f"the {name} hook was never called"
-    if name in ("opener", "getter", "retter", "health"):
-        assert any(f"{name}" in m or "health" in m for m in mppool_warnings(warnings_log))
+    if name in ("opener", "getter", "retter", "closer", "health"):
+        assert any(name in m for m in mppool_warnings(warnings_log)), "the error is logged"
     pool.shutdown()
     s = pool.stats()
     assert (s["nobjs"], s["ncreating"]) == (0, 0)
@@ -1193,13 +1193,6 @@ def test_shutdown_rejects_a_bad_delay(make_pool: Callable[..., Pool]) -> None:
 # ------------------------------------------------------------------------------ misc
 
 
-def test_repr_summarises_the_state(make_pool: Callable[..., Pool]) -> None:
-    pool = make_pool(min_size=2, max_size=3)
-    pool.get()
-    text = repr(pool)
-    assert "1 in use" in text and "1 idle" in text and "3" in text
-
-
 def test_pools_are_exported_and_distinct(make_pool: Callable[..., Pool]) -> None:
     assert mppool.Pool is Pool
     a, b = make_pool(min_size=0), make_pool(min_size=0)
@@ -1212,7 +1205,6 @@ def test_log_messages_use_the_mppool_logger_with_arguments(
     pool.ret("unknown")
     records = [r for r in warnings_log.records if r.name == "mppool"]
     assert records and all(r.args for r in records)  # %s-style, not pre-formatted f-strings
-    pickle.dumps(records[0].getMessage())
 
 
 # ------------------------------------------------------------------------------ property

@@ -108,3 +108,19 @@ class BadReset:
 
     def ident(self) -> int:
         return self.i
+
+
+def budget_user(address: Any, authkey: bytes, n: int, hold: float, out: Any) -> None:
+    """A process with its own local pool drawing on a shared budget of tokens."""
+    import mppool
+
+    client = mppool.connect(address, authkey)
+    budget = client.token_pool("budget")
+    pool = mppool.Pool(lambda i: object(), max_size=4, min_size=0, budget=budget)
+    t0 = time.monotonic()
+    for _ in range(n):
+        with pool.obj(timeout=30):
+            time.sleep(hold)
+    out.put((os.getpid(), time.monotonic() - t0, pool.stats()["ncreated"]))
+    pool.shutdown()
+    client.close()
