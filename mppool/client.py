@@ -434,13 +434,18 @@ class SharedPool:
 _attached: dict[tuple[int, str, str], Client] = {}
 
 
-def _attach(address: str, authkey: str, name: str) -> SharedPool:
-    """Unpickle a shared pool: one client per process and supervisor, reused."""
+def _attach_client(address: str, authkey: str) -> Client:
+    """One client per process and supervisor for unpickled pools and proxies, reused."""
     key = (os.getpid(), address, authkey)
     client = _attached.get(key)
     if client is None or client._closed:
         client = _attached[key] = connect(address, authkey)
-    return client.pool(name)
+    return client
+
+
+def _attach(address: str, authkey: str, name: str) -> SharedPool:
+    """Unpickle a shared pool."""
+    return _attach_client(address, authkey).pool(name)
 
 
 class ObjectProxy:
@@ -510,6 +515,18 @@ class ObjectProxy:
 
     def __getitem__(self, key: Any) -> Any:
         return self._mp_call("__getitem__", key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._mp_call("__setitem__", key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._mp_call("__delitem__", key)
+
+    def __contains__(self, key: Any) -> bool:
+        return self._mp_call("__contains__", key)  # type: ignore[no-any-return]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._mp_call("__call__", *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<mppool proxy of {self._mp_type or 'pooled object'} lease={self._mp_lease}>"

@@ -422,6 +422,8 @@ class LeaseLoop:
         try:
             if ref:
                 owner, target = conn.refs[ref]
+            elif pool_id == 0:  # a tpool.Proxy: hosted, shared by every process
+                owner, target = 0, self.sup.hosted[lease]
             else:
                 rec = self.sup.record(pool_id)
                 entry = rec.pool._using.get(lease) if rec is not None else None

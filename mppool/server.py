@@ -36,7 +36,7 @@ class Server(SyncManager):
         super().__init__(address=addr, authkey=key)
         self._address: Address = addr
         self._proc: subprocess.Popen[bytes] | None = None
-        self._watch: threading.Thread | None = None
+        self._pid: int | None = None
 
     @property
     def address(self) -> Address:
@@ -48,20 +48,23 @@ class Server(SyncManager):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._pid
 
     def start(self, detach: bool = False) -> Server:
         """Start the supervisor process and wait until it serves; returns self.
 
-        With ``detach=True`` it outlives this process (autostart); otherwise it stops
-        when this process dies.
+        With ``detach=True`` it outlives this process (autostart): it is started through a
+        launcher that exits at once (a double fork), so it is nobody's child here and never
+        lingers as our zombie. Otherwise it is our child and stops when this process dies.
         """
-        if self._proc is not None:
+        if self._pid is not None:
             raise RuntimeError("this Server is already started")
         # -c, not -m: under -m the module would be loaded twice (as __main__ and by name).
         cmd = [sys.executable, "-c", "from mppool.supervisor import main; main()",
                "--address", display(self._address)]
-        if not detach:
+        if detach:
+            cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
+        else:
             cmd += ["--parent", str(os.getpid())]
         # Like multiprocessing's spawn: the caller's sys.path, so that a fun or hook defined
         # in the caller's modules unpickles (by reference) in the supervisor.
@@ -69,22 +72,29 @@ class Server(SyncManager):
                    MPPOOL_SYS_PATH=json.dumps([p or os.getcwd() for p in sys.path]))
         env.pop("MPPOOL_ADDRESS", None)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
-                                start_new_session=detach, close_fds=True)
-        self._proc = proc
+                                close_fds=True)
         line = _readline(proc, START_TIMEOUT)
-        if not line.startswith("READY "):
-            self._kill()
-            raise ServerUnavailable(f"supervisor for {display(self._address)} did not start "
-                                    f"(exit status {proc.poll()}, said {line!r})")
-        self._address = parse_address(line[6:].strip())
         assert proc.stdout is not None
         proc.stdout.close()
+        words = line.rstrip("\n").split(" ")
+        if len(words) < 3 or words[0] != "READY" or not words[-1].isdigit():
+            if proc.poll() is None:
+                proc.kill()  # only the process we started
+            proc.wait(5)
+            raise ServerUnavailable(f"supervisor for {display(self._address)} did not start "
+                                    f"(exit status {proc.poll()}, said {line!r})")
+        self._address = parse_address(" ".join(words[1:-1]))  # a path may hold spaces
+        self._pid = int(words[-1])
+        if detach:
+            proc.wait(5)  # the launcher: it exits as soon as the supervisor is started
+        else:
+            self._proc = proc
         return self
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:  # type: ignore[override]
         """Stop the supervisor: every pool is shut down, socket and key file removed."""
-        proc = self._proc
-        if proc is None:
+        pid = self._pid
+        if pid is None:
             return
         try:
             conn = MPClient(self._address, authkey=self.authkey)
@@ -94,24 +104,22 @@ class Server(SyncManager):
                 conn.close()
         except Exception:
             pass  # already gone, or unreachable: the pid below still ends it
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only the pid we started
-            proc.wait(5)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()  # only the pid we started
+                self._proc.wait(5)
+        else:
+            _wait_gone(pid, timeout)
         self._proc = None
+        self._pid = None
         if isinstance(self._address, str):
             for path in (self._address, self._address + ".lease", str(key_path(self._address))):
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
-
-    def _kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(5)
-        self._proc = None
 
     def client(self, timeout: float = 5.0) -> Any:
         """A client of this supervisor (``mppool.connect(server.address, server.authkey)``)."""
@@ -127,6 +135,24 @@ class Server(SyncManager):
 
     def __repr__(self) -> str:
         return f"<mppool.Server {display(self._address)} pid={self.pid}>"
+
+
+# Starts the supervisor in a new session and exits: the supervisor inherits our stdout pipe
+# and writes its READY line there itself.
+_LAUNCHER = "import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True)"
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait for a supervisor that is not our child to exit; SIGKILL it if it will not."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()  # the pid this Server started (checked by psutil's identity)
+    except psutil.Error:
+        pass
 
 
 def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -145,5 +171,6 @@ def _control_factory() -> Any:
 
 
 Server.register("Control", callable=_control_factory,
-                exposed=("info", "create", "stats", "pool_call", "names"))
+                exposed=("info", "create", "stats", "pool_call", "names", "execute", "host", "unhost",
+                         "set_num_threads", "killall"))
 

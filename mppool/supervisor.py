@@ -107,6 +107,8 @@ class Supervisor:
         self.scan_interval = scan_interval
         self.nreclaimed = 0
         self.suspects: set[int] = set()
+        self.hosted: dict[int, Any] = {}  # tpool.Proxy objects, by id
+        self.next_hosted = 1
         self.nreclaim_events = 0
         self.stopped = threading.Event()
 
@@ -239,6 +241,34 @@ class Supervisor:
                 pass
         self.sched.enter(KILL_GRACE, finish)
 
+    # ---------------------------------------------------------------------- tpool
+
+    def execute(self, blob: bytes) -> Any:
+        """Run a dill-shipped call on the worker threads; its exception propagates."""
+        fn, args, kwargs = dill.loads(blob)
+        return self.loop.executor.submit(fn, *args, **kwargs).result()
+
+    def host(self, blob: bytes) -> int:
+        obj = dill.loads(blob)
+        with self.lock:
+            hid = self.next_hosted
+            self.next_hosted += 1
+            self.hosted[hid] = obj
+        return hid
+
+    def unhost(self, hid: int) -> None:
+        with self.lock:
+            self.hosted.pop(hid, None)
+
+    def set_num_threads(self, n: int) -> None:
+        # ThreadPoolExecutor grows up to _max_workers on demand; idle extra threads stay
+        # parked if it shrinks, which is harmless.
+        self.loop.executor._max_workers = n  # type: ignore[attr-defined]
+
+    def killall(self) -> None:
+        with self.lock:
+            self.hosted.clear()
+
     # ---------------------------------------------------------------------- control plane
 
     def stats(self) -> dict[str, Any]:
@@ -285,6 +315,22 @@ class Control:
 
     def names(self) -> list[str]:
         return list(self._sup.records)
+
+    def execute(self, blob: bytes) -> Any:
+        return self._sup.execute(blob)
+
+    def host(self, blob: bytes) -> int:
+        return self._sup.host(blob)
+
+    def unhost(self, hid: int) -> None:
+        self._sup.unhost(hid)
+
+    def set_num_threads(self, n: int) -> None:
+        from .validate import check_int
+        self._sup.set_num_threads(check_int("n", n, minimum=1))
+
+    def killall(self) -> None:
+        self._sup.killall()
 
 
 # ------------------------------------------------------------------------ process entry point
@@ -384,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     address = parse_address(ns.address)
 
     def ready(addr: str, lease: Any) -> None:
-        sys.stdout.write(f"READY {addr}\n")
+        sys.stdout.write(f"READY {addr} {os.getpid()}\n")
         sys.stdout.flush()
 
     serve(address, bytes.fromhex(key), parent=ns.parent or None, ready=ready)

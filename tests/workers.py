@@ -124,3 +124,11 @@ def budget_user(address: Any, authkey: bytes, n: int, hold: float, out: Any) -> 
     out.put((os.getpid(), time.monotonic() - t0, pool.stats()["ncreated"]))
     pool.shutdown()
     client.close()
+
+
+def autostart_connect(address: str, out: Any) -> None:
+    import mppool
+
+    client = mppool.connect(address, autostart=True, timeout=20)
+    out.put(client.info()["pid"])
+    client.close()

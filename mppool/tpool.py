@@ -1,0 +1,88 @@
+"""eventlet's ``tpool`` with the supervisor as the thread pool.
+
+``execute(fn, *args, **kwargs)`` runs ``fn`` on the supervisor's worker threads and returns its
+result; ``Proxy(obj)`` hosts ``obj`` in the supervisor and returns a proxy that every process
+can call (it pickles, and reconnects wherever it is unpickled).
+
+The supervisor is the one of ``use(client)``, else ``mppool.connect(autostart=True)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import dill
+
+from .client import Client, ObjectProxy, connect
+from .validate import check_callable, check_int
+
+__all__ = ["Proxy", "execute", "killall", "set_num_threads", "use"]
+
+_client: Client | None = None
+_lock = threading.Lock()
+
+
+def use(client: Client | None) -> None:
+    """Make ``client``'s supervisor the thread pool (None: back to autostart)."""
+    global _client
+    _client = client
+
+
+def _get_client() -> Client:
+    global _client
+    with _lock:
+        if _client is None or _client._closed:
+            _client = connect(autostart=True)
+        return _client
+
+
+def execute(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` in the supervisor's worker threads; exceptions propagate."""
+    check_callable("fn", fn, required=True)
+    return _get_client()._call("execute", dill.dumps((fn, args, kwargs), recurse=True))
+
+
+class _Host:
+    """What an ObjectProxy needs of a pool, for hosted objects (pool id 0)."""
+
+    _id = 0
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+
+class Proxy(ObjectProxy):
+    """``obj`` hosted in the supervisor; calls run there, results come back by value.
+
+    ``autowrap`` and ``autowrap_names`` are accepted for eventlet compatibility: objects
+    that are not plain data are always returned as proxies here.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, obj: Any, autowrap: tuple[type, ...] = (), autowrap_names: tuple[str, ...] = (),
+                 *, _hid: int = 0, _client: Client | None = None) -> None:
+        client = _client or _get_client()
+        hid = _hid or client._call("host", dill.dumps(obj, recurse=True))
+        super().__init__(_Host(client), hid, 0, type(obj).__name__ if not _hid else "hosted")  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from .address import display
+        client = self._mp_pool._client
+        return (_rebuild, (display(client.address), client.authkey.hex(), self._mp_lease))
+
+
+def _rebuild(address: str, authkey: str, hid: int) -> Proxy:
+    from .client import _attach_client
+    return Proxy(None, _hid=hid, _client=_attach_client(address, authkey))
+
+
+def set_num_threads(n: int) -> None:
+    """How many worker threads the supervisor may run (it grows on demand up to n)."""
+    _get_client()._call("set_num_threads", check_int("n", n, minimum=1))
+
+
+def killall() -> None:
+    """Forget every hosted object; their proxies fail from now on."""
+    _get_client()._call("killall")
