@@ -523,7 +523,7 @@ class ObjectProxy:
         self._mp_call("__delitem__", key)
 
     def __contains__(self, key: Any) -> bool:
-        return self._mp_call("__contains__", key)  # type: ignore[no-any-return]
+        return self._mp_call("__contains__", key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._mp_call("__call__", *args, **kwargs)

@@ -756,11 +756,12 @@ class Pool:
     def _recall_tick(self) -> None:
         try:
             self.recall()
-        finally:
-            with self._lock:
-                if self._shutdown or self._sched is None:
-                    return
-            self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
+        except Exception:
+            log.exception("mppool: pool %d: budget recall failed", self._id)
+        with self._lock:
+            if self._shutdown or self._sched is None:
+                return
+        self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
 
     def recall(self) -> int:
         """Give idle objects above min_size back to a budget that others wait for.

@@ -91,7 +91,7 @@ class Server(SyncManager):
             self._proc = proc
         return self
 
-    def shutdown(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+    def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the supervisor: every pool is shut down, socket and key file removed."""
         pid = self._pid
         if pid is None:

@@ -263,7 +263,7 @@ class Supervisor:
     def set_num_threads(self, n: int) -> None:
         # ThreadPoolExecutor grows up to _max_workers on demand; idle extra threads stay
         # parked if it shrinks, which is harmless.
-        self.loop.executor._max_workers = n  # type: ignore[attr-defined]
+        self.loop.executor._max_workers = n
 
     def killall(self) -> None:
         with self.lock:
