@@ -209,7 +209,9 @@ class Pool:
         self._fifo = False  # eventlet's pools.Pool hands out the oldest idle item first
         self._nextnum = 0
         self._ncreating = 0
-        self._nchecking = 0  # idle entries borrowed by a health check: they still hold a slot
+        # Entries out of both _avail and _using for a moment (a health check, the reset of a
+        # reclaimed object): they still hold their slot, or the bound could be exceeded.
+        self._nchecking = 0
         self._counts = dict.fromkeys(
             [
                 "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows",
@@ -511,6 +513,7 @@ class Pool:
         with self._lock:
             leases = [k for k, e in self._using.items() if e.holder is not None and pred(e.holder)]
             entries = [self._using.pop(k) for k in leases]
+            self._nchecking += len(entries)
         for entry in entries:
             ok = True
             if reset is not None:
@@ -521,6 +524,7 @@ class Pool:
                                 self._id, exc_info=True)
                     ok = False
             with self._lock:
+                self._nchecking -= 1
                 entry.holder = None
                 entry.last_ret = self._clock.now()
                 if ok and not self._shutdown:

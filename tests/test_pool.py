@@ -1295,3 +1295,31 @@ def test_property_bounded_pool_stays_consistent(max_size: int, min_size: int, ma
     finally:
         pool.shutdown()
     assert len(closed) == len(made)
+
+
+def test_an_object_under_reset_after_reclaim_still_holds_its_slot():
+    """Reclaiming a dead holder's object resets it outside the lock; meanwhile the slot is
+    still taken, so a get() on a full pool must not create a second object."""
+    import mppool
+    from mppool.holder import Holder
+
+    pool = mppool.Pool(lambda i: i, max_size=1, min_size=0)
+    dead = Holder(pid=999999, start=1.0, host="elsewhere", conn=7)
+    pool.checkout(dead, timeout=0)
+    in_reset, release = threading.Event(), threading.Event()
+
+    def slow_reset(obj):
+        in_reset.set()
+        release.wait(5)
+
+    t = threading.Thread(target=pool.reclaim, args=(lambda h: h.conn == 7, slow_reset))
+    t.start()
+    try:
+        assert in_reset.wait(5)
+        with pytest.raises(mppool.TimeOut):
+            pool.get(timeout=0)
+        assert pool.stats()["ncreated"] == 1
+    finally:
+        release.set()
+        t.join(5)
+    assert pool.get(timeout=0) == 0  # the reset object, reused
