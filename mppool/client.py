@@ -62,10 +62,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Slot:
+    """A request's reply box. Its Event is made only if its thread has to wait for another
+    reader: most requests read their own reply and never need one."""
+
     __slots__ = ("event", "reply")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.event: threading.Event | None = None
         self.reply: tuple[Any, ...] | None = None
 
 
@@ -98,6 +101,7 @@ class Channel:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._pending: dict[int, _Slot] = {}
+        self._rbuf = bytearray()
         self._rids = itertools.count(1)
         self._broken: str | None = None
         self.unsynced = False  # puts sent whose effect this process has not yet observed
@@ -107,7 +111,8 @@ class Channel:
             raise ServerUnavailable(self._broken)
         rid = next(self._rids)
         slot = _Slot()
-        self._pending[rid] = slot
+        pending = self._pending
+        pending[rid] = slot
         try:
             with self._send_lock:
                 self._sock.sendall(wire.dumps((rid, *msg)))
@@ -117,23 +122,50 @@ class Channel:
             if self._read_lock.acquire(blocking=False):
                 try:
                     while slot.reply is None:
-                        reply = wire.recv_frame(self._sock)
-                        other = self._pending.pop(reply[0], None)
+                        reply = self._read_frame()
+                        other = pending.pop(reply[0], None)
                         if other is not None:
                             other.reply = reply
-                            other.event.set()
+                            if other.event is not None:
+                                other.event.set()
                 except (OSError, EOFError, pickle.UnpicklingError) as exc:
                     self._fail(f"supervisor connection lost: {exc or 'closed'}")
                 finally:
                     self._read_lock.release()
-                    for waiting in list(self._pending.values())[:1]:
-                        waiting.event.set()  # hand the reading over
+                    for waiting in pending.values():  # hand the reading over to one waiter
+                        if waiting.event is not None:
+                            waiting.event.set()
+                        break
             else:
-                slot.event.wait()
+                if slot.event is None:
+                    slot.event = threading.Event()
+                    continue  # the reader may have left before seeing our event: try again
+                # The timeout only recovers a hand-over that raced with making our Event.
+                slot.event.wait(0.05)
                 slot.event.clear()
         if slot.reply[0] == -1:
             raise ServerUnavailable(slot.reply[1])
         return slot.reply
+
+    def _read_frame(self) -> Any:
+        """One frame, with as few recv calls as possible (usually one)."""
+        buf = self._rbuf
+        size = wire.HEADER.size
+        while True:
+            if len(buf) >= size:
+                (n,) = wire.HEADER.unpack_from(buf)
+                if len(buf) >= size + n:
+                    msg = pickle.loads(memoryview(buf)[size:size + n])
+                    del buf[:size + n]
+                    return msg
+            data = self._sock.recv(262144)
+            if not data:
+                raise EOFError("connection closed")
+            if not buf and len(data) >= size:
+                (n,) = wire.HEADER.unpack_from(data)
+                if len(data) == size + n:  # the usual case: exactly one whole frame
+                    return pickle.loads(memoryview(data)[size:])
+            buf += data
 
     def post(self, *msg: Any) -> None:
         """Send without waiting for a reply (put): order on the socket is kept."""
@@ -163,7 +195,8 @@ class Channel:
             slot = self._pending.pop(rid, None)
             if slot is not None:
                 slot.reply = (-1, why)
-                slot.event.set()
+                if slot.event is not None:
+                    slot.event.set()
 
     def close(self) -> None:
         self._broken = self._broken or "client closed"

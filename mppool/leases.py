@@ -1,7 +1,7 @@
 """The supervisor's lease loop: get and put for every client, on one thread.
 
     client process                      supervisor
-    SharedPool.get() ── (rid, GET) ──▶  LeaseLoop (selectors, one thread)
+    SharedPool.get() ── (rid, GET) ──▶  LeaseLoop (epoll, one thread)
                                           ├ pool.acquire(holder, RemoteWaiter)
                                           │   idle entry  → reply at once
                                           │   CREATE      → fun() on a worker thread, then reply
@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import pickle
-import selectors
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -38,6 +38,32 @@ if TYPE_CHECKING:
     from .supervisor import Record, Supervisor
 
 log = logging.getLogger("mppool")
+
+
+# Hang-up and error count as readable: recv() then sees the EOF and closes the connection.
+_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_WRITE = select.POLLOUT
+
+
+class _Poller:
+    """epoll where there is one (Linux), poll elsewhere (macOS); timeouts in seconds."""
+
+    def __init__(self) -> None:
+        self._epoll = hasattr(select, "epoll")
+        self._p: Any = select.epoll() if self._epoll else select.poll()
+        self.register = self._p.register
+        self.modify = self._p.modify
+        self.unregister = self._p.unregister
+
+    def poll(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
+        if self._epoll:
+            # maxevents matters: by default epoll allocates a FD_SETSIZE-long array per call.
+            return self._p.poll(-1 if timeout is None else timeout, nfds)  # type: ignore[no-any-return]
+        return self._p.poll(None if timeout is None else timeout * 1000)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._epoll:
+            self._p.close()
 
 
 class RemoteWaiter:
@@ -129,12 +155,13 @@ class LeaseLoop:
             self.address = self.lsock.getsockname()[:2]
         self.lsock.listen(256)
         self.lsock.setblocking(False)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.poller = _Poller()
+        self.fds: dict[int, Conn] = {}
+        self.poller.register(self.lsock.fileno(), _READ)
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.poller.register(self.wake_r.fileno(), _READ)
         self.pending: list[Callable[[], None]] = []
         self.plock = threading.Lock()
         self.timers: list[tuple[float, RemoteWaiter]] = []
@@ -173,25 +200,28 @@ class LeaseLoop:
 
     def run(self) -> None:
         clock = self.sup.clock
+        poll = self.poller.poll
+        fds = self.fds
+        lfd, wfd = self.lsock.fileno(), self.wake_r.fileno()
         while not self.stopping:
             timeout = None
             if self.timers:
                 timeout = max(0.0, self.timers[0][0] - clock.now())
-            for key, mask in self.sel.select(timeout):
-                if key.fileobj is self.lsock:
+            for fd, mask in poll(timeout, len(fds) + 2):
+                conn = fds.get(fd)
+                if conn is not None:
+                    if mask & _READ:
+                        self.read(conn)
+                    if mask & _WRITE and not conn.closed:
+                        self.flush(conn)
+                elif fd == lfd:
                     self.accept()
-                elif key.fileobj is self.wake_r:
+                elif fd == wfd:
                     try:
                         while self.wake_r.recv(4096):
                             pass
                     except BlockingIOError:
                         pass
-                else:
-                    conn: Conn = key.data
-                    if mask & selectors.EVENT_READ:
-                        self.read(conn)
-                    if mask & selectors.EVENT_WRITE and not conn.closed:
-                        self.flush(conn)
             if self.pending:
                 with self.plock:
                     todo, self.pending = self.pending, []
@@ -204,7 +234,7 @@ class LeaseLoop:
                 self.expire(clock.now())
         for conn in list(self.conns.values()):
             self.close(conn)
-        self.sel.close()
+        self.poller.close()
         self.lsock.close()
 
     def accept(self) -> None:
@@ -219,12 +249,13 @@ class LeaseLoop:
             sock.setblocking(False)
             conn = Conn(self, sock, next(self.ids))
             self.conns[conn.id] = conn
-            self.sel.register(sock, selectors.EVENT_READ, conn)
+            self.fds[sock.fileno()] = conn
+            self.poller.register(sock.fileno(), _READ)
             conn.send(conn.nonce)
 
     def read(self, conn: Conn) -> None:
         try:
-            data = conn.sock.recv(262144)
+            data: bytes | bytearray = conn.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -232,33 +263,43 @@ class LeaseLoop:
         if not data:
             self.close(conn)
             return
-        buf = conn.rbuf
-        buf += data
+        if conn.rbuf:
+            conn.rbuf += data
+            data, conn.rbuf = conn.rbuf, bytearray()
+        view = memoryview(data)
+        end = len(data)
         pos = 0
         size = wire.HEADER.size
-        while len(buf) - pos >= size:
-            (n,) = wire.HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - size < n:
+        unpack = wire.HEADER.unpack_from
+        loads = pickle.loads
+        while end - pos >= size:
+            (n,) = unpack(data, pos)
+            if end - pos - size < n:
                 break
-            frame = bytes(buf[pos + size:pos + size + n])
-            pos += size + n
             try:
-                msg = pickle.loads(frame)
+                msg = loads(view[pos + size:pos + size + n])
             except Exception:
                 log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
                 self.close(conn)
                 return
-            if conn.holder is None:
-                if not self.hello(conn, msg):
-                    return
-                continue
+            pos += size + n
             try:
-                self.dispatch(conn, msg)
+                op = msg[1] if conn.holder is not None else 0
+                if op == wire.GET:
+                    self.get(conn, msg[0], msg[2], msg[3])
+                elif op == wire.PUT:
+                    self.put(conn, msg[2], msg[3])
+                elif op == 0:
+                    if not self.hello(conn, msg):
+                        return
+                else:
+                    self.dispatch(conn, msg)
             except Exception:
                 log.exception("mppool: conn %d: request %r failed", conn.id, msg[:2])
             if conn.closed:
                 return
-        del buf[:pos]
+        if pos < end:
+            conn.rbuf = bytearray(view[pos:])  # a partial frame: wait for the rest
 
     def hello(self, conn: Conn, msg: Any) -> bool:
         try:
@@ -291,13 +332,13 @@ class LeaseLoop:
             if n >= 0:
                 del conn.wbuf[:n]
                 if not conn.wbuf:
-                    self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+                    self.poller.modify(conn.sock.fileno(), _READ)
                 return
         self.close(conn)
 
     def want_write(self, conn: Conn) -> None:
         if not conn.closed and conn.wbuf:
-            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self.poller.modify(conn.sock.fileno(), _READ | _WRITE)
 
     def close(self, conn: Conn) -> None:
         """The client is gone: forget its waiters and give back everything it held."""
@@ -307,8 +348,10 @@ class LeaseLoop:
             conn.closed = True
         self.conns.pop(conn.id, None)
         try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
+            fd = conn.sock.fileno()
+            self.fds.pop(fd, None)
+            self.poller.unregister(fd)
+        except (KeyError, ValueError, OSError):
             pass
         conn.sock.close()
         conn.refs.clear()
