@@ -53,9 +53,18 @@ def current_holder() -> Holder:
     """This process as a holder; psutil is asked once per process, not per lease."""
     global _local
     h = _local
-    if h is not None and h.pid == os.getpid():
+    if h is not None:
         return h
     with _local_lock:
         pid = os.getpid()
         _local = Holder(pid, process_start(pid), HOSTNAME)
         return _local
+
+
+def _forget_in_child() -> None:
+    global _local, _local_lock
+    _local = None
+    _local_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -194,6 +194,7 @@ class Pool:
         self._budget = budget
         self._kill_holder = kill_holder
         self._clock = clock or REAL_CLOCK
+        self._now = self._clock.now
 
         self._id = next(_ids)
         self._started = datetime.datetime.now()
@@ -206,6 +207,7 @@ class Pool:
         self._waiters: deque[Any] = deque()
         self._todel: deque[Entry] = deque()
         self._shutdown = False
+        self._draining = False  # shutdown(delay) waits on _drained for leases to come back
         self._fifo = False  # eventlet's pools.Pool hands out the oldest idle item first
         self._nextnum = 0
         self._ncreating = 0
@@ -252,9 +254,29 @@ class Pool:
 
     def get(self, timeout: float | None = None) -> Any:
         """Get an object; ``timeout=None`` uses the pool's, 0 means do not wait."""
-        entry = self.checkout(current_holder(), timeout)
+        if timeout is not None:
+            check_timeout("timeout", timeout)
+        holder = current_holder()
+        got: Entry | None = None
         with self._lock:
-            self._by_obj.setdefault(id(entry.obj), []).append(entry.lease)
+            # Fast path, one lock: an idle object and nobody queued before us.
+            avail = self._avail
+            if avail and not self._waiters and not self._shutdown:
+                entry = avail.popleft() if self._fifo else avail.pop()
+                now = self._now()
+                if entry.expires and now >= entry.expires:
+                    avail.appendleft(entry) if self._fifo else avail.append(entry)  # general path
+                else:
+                    self._lease(entry, holder, now)
+                    self._remember(entry)
+                    got = entry
+        if got is not None:
+            if self._getter is not None:
+                self._hook("getter", self._getter, got.obj)
+            return got.obj
+        entry = self.checkout(holder, timeout)
+        with self._lock:
+            self._remember(entry)
         return entry.obj
 
     def ret(self, obj: Any, discard: bool = False) -> None:
@@ -263,15 +285,40 @@ class Pool:
         With ``discard=True`` the object is closed instead of kept (it is known broken).
         """
         with self._lock:
-            leases = self._by_obj.get(id(obj))
+            key = id(obj)
+            leases = self._by_obj.get(key)
             lease = leases.pop() if leases else 0
             if leases == []:
-                del self._by_obj[id(obj)]
+                del self._by_obj[key]
+            # Fast path, one lock: nothing to run, recycle, recall or hand to a waiter.
+            entry = self._using.get(lease)
+            if (entry is not None and not discard and self._retter is None
+                    and not self._waiters and not self._shutdown and not self._recall_n
+                    and not (self._max_use and entry.uses >= self._max_use)
+                    and not (self._max_size and self._total() > self._max_size)):
+                now = self._now()
+                if not entry.expires or now < entry.expires:
+                    del self._using[lease]
+                    self._counts["nreturns"] += 1
+                    entry.holder = None
+                    entry.last_ret = now
+                    self._avail.append(entry)
+                    if self._draining and not self._using:
+                        self._drained.notify_all()
+                    return
         if not lease:
             log.warning("mppool: pool %d: ret() of an object it does not lend: %.80s",
                         self._id, self._trace(obj))
             return
         self.checkin(lease, discard)
+
+    def _remember(self, entry: Entry) -> None:
+        """Under the lock: note which lease ret(obj) must give back."""
+        leases = self._by_obj.get(id(entry.obj))
+        if leases is None:
+            self._by_obj[id(entry.obj)] = [entry.lease]
+        else:
+            leases.append(entry.lease)
 
     put = ret
 
@@ -328,8 +375,10 @@ class Pool:
             self._todel.extend(self._avail)
             self._avail.clear()
             deadline = self._clock.now() + delay
+            self._draining = True
             while self._using and delay and self._clock.now() < deadline:
                 self._drained.wait(max(0.0, deadline - self._clock.now()))
+            self._draining = False
             if self._using:
                 log.warning("mppool: pool %d shutting down with %d objects in use: closing them",
                             self._id, len(self._using))
