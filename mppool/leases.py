@@ -58,8 +58,8 @@ class _Poller:
     def poll(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
         if self._epoll:
             # maxevents matters: by default epoll allocates a FD_SETSIZE-long array per call.
-            return self._p.poll(-1 if timeout is None else timeout, nfds)  # type: ignore[no-any-return]
-        return self._p.poll(None if timeout is None else timeout * 1000)  # type: ignore[no-any-return]
+            return self._p.poll(-1 if timeout is None else timeout, nfds)
+        return self._p.poll(None if timeout is None else timeout * 1000)
 
     def close(self) -> None:
         if self._epoll:
