@@ -188,7 +188,7 @@ class LeaseLoop:
         elif isinstance(result, BaseException):
             waiter.conn.send((waiter.rid, wire.ERR, result))
         else:
-            self.reply_entry(waiter, result)
+            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result)
 
     def stop(self) -> None:
         self.stopping = True
@@ -386,25 +386,31 @@ class LeaseLoop:
         pool = rec.pool
         if timeout is None:
             timeout = pool._timeout
-        waiter = RemoteWaiter(conn, rid, rec)
+        waiter = None
         try:
             with pool._lock:
-                got = pool.acquire(conn.holder, waiter if timeout != 0 else None)  # type: ignore[arg-type]
+                got = pool.acquire(conn.holder, None)  # type: ignore[arg-type]
+                if got is None and timeout != 0:  # nothing now: queue a waiter (rare path)
+                    waiter = RemoteWaiter(conn, rid, rec)
+                    got = pool.acquire(conn.holder, waiter)  # type: ignore[arg-type]
         except PoolClosed as exc:
             conn.send((rid, wire.ERR, exc))
             return
         if pool._todel:
             self.executor.submit(pool._flush)
         if got is None:
-            if timeout == 0:
+            if waiter is None:
                 conn.send((rid, wire.ERR, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)")))
             elif timeout is not None:
                 heapq.heappush(self.timers, (self.sup.clock.now() + timeout, waiter))
-        elif isinstance(got, _Create):
+            return
+        if isinstance(got, _Create):
+            if waiter is None:
+                waiter = RemoteWaiter(conn, rid, rec)
             waiter.done = True
             self.executor.submit(self.create, waiter)
         else:
-            self.reply_entry(waiter, got)
+            self.reply_entry(conn, rid, rec, got)
 
     def expire(self, now: float) -> None:
         if len(self.timers) > 1024:  # satisfied waiters linger until their deadline: prune
@@ -430,19 +436,18 @@ class LeaseLoop:
         except BaseException as exc:
             conn.send((waiter.rid, wire.ERR, _portable(exc)))
             return
-        self.reply_entry(waiter, entry)
+        self.reply_entry(conn, waiter.rid, rec, entry)
 
-    def reply_entry(self, waiter: RemoteWaiter, entry: Entry) -> None:
-        rec, conn = waiter.rec, waiter.conn
+    def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry) -> None:
         if rec.getter is not None:
             rec.pool._hook("getter", rec.getter, entry.obj)
         try:
             blob = rec.blob(entry)
         except Exception as exc:
             rec.pool.checkin(entry.lease)
-            conn.send((waiter.rid, wire.ERR, _portable(exc)))
+            conn.send((rid, wire.ERR, _portable(exc)))
             return
-        conn.send((waiter.rid, wire.OK, entry.lease, blob))
+        conn.send((rid, wire.OK, entry.lease, blob))
         if conn.closed:
             # The connection went away while we were leasing: it never got the object.
             rec.pool.reclaim(lambda h: h.conn == conn.id)

@@ -290,27 +290,34 @@ class Pool:
             lease = leases.pop() if leases else 0
             if leases == []:
                 del self._by_obj[key]
-            # Fast path, one lock: nothing to run, recycle, recall or hand to a waiter.
-            entry = self._using.get(lease)
-            if (entry is not None and not discard and self._retter is None
-                    and not self._waiters and not self._shutdown and not self._recall_n
-                    and not (self._max_use and entry.uses >= self._max_use)
-                    and not (self._max_size and self._total() > self._max_size)):
-                now = self._now()
-                if not entry.expires or now < entry.expires:
-                    del self._using[lease]
-                    self._counts["nreturns"] += 1
-                    entry.holder = None
-                    entry.last_ret = now
-                    self._avail.append(entry)
-                    if self._draining and not self._using:
-                        self._drained.notify_all()
-                    return
+            if not discard and self._fast_return(lease):
+                return
         if not lease:
             log.warning("mppool: pool %d: ret() of an object it does not lend: %.80s",
                         self._id, self._trace(obj))
             return
         self.checkin(lease, discard)
+
+    def _fast_return(self, lease: int) -> bool:
+        """Under the lock: return a lease in place if nothing needs doing (no hook to run,
+        nothing to recycle or recall, no waiter to hand it to); False means the general
+        path must handle it."""
+        entry = self._using.get(lease)
+        if (entry is None or self._retter is not None or self._waiters or self._shutdown
+                or self._recall_n or (self._max_use and entry.uses >= self._max_use)
+                or (self._max_size and self._total() > self._max_size)):
+            return False
+        now = self._now()
+        if entry.expires and now >= entry.expires:
+            return False
+        del self._using[lease]
+        self._counts["nreturns"] += 1
+        entry.holder = None
+        entry.last_ret = now
+        self._avail.append(entry)
+        if self._draining and not self._using:
+            self._drained.notify_all()
+        return True
 
     def _remember(self, entry: Entry) -> None:
         """Under the lock: note which lease ret(obj) must give back."""
@@ -476,7 +483,7 @@ class Pool:
         if self._shutdown:
             raise PoolClosed(f"pool {self._id} is shutting down")
         # Newcomers never barge past queued waiters.
-        if not any(not w.done for w in self._waiters):
+        if not self._waiters or not any(not w.done for w in self._waiters):
             now = self._clock.now()
             while self._avail:
                 entry = self._avail.popleft() if self._fifo else self._avail.pop()
@@ -520,6 +527,8 @@ class Pool:
     def checkin(self, lease: int, discard: bool = False) -> bool:
         """Return a leased entry; False (and a warning) if the lease is unknown or killed."""
         with self._lock:
+            if not discard and self._fast_return(lease):
+                return True
             entry = self._using.get(lease)
         if entry is None:
             log.warning("mppool: pool %d: lease %d returned twice, unknown or already killed",
