@@ -69,7 +69,7 @@ class _Poller:
 class RemoteWaiter:
     """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
 
-    __slots__ = ("conn", "done", "holder", "rec", "rid")
+    __slots__ = ("conn", "done", "holder", "rec", "rid", "since")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
         self.conn = conn
@@ -77,6 +77,7 @@ class RemoteWaiter:
         self.rec = rec
         self.holder = conn.holder
         self.done = False
+        self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
 
     def set(self, result: Any) -> bool:
         if self.done or self.conn.closed:
@@ -188,7 +189,7 @@ class LeaseLoop:
         elif isinstance(result, BaseException):
             waiter.conn.send((waiter.rid, wire.ERR, result))
         else:
-            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result)
+            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since)
 
     def stop(self) -> None:
         self.stopping = True
@@ -436,9 +437,13 @@ class LeaseLoop:
         except BaseException as exc:
             conn.send((waiter.rid, wire.ERR, _portable(exc)))
             return
-        self.reply_entry(conn, waiter.rid, rec, entry)
+        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since)
 
-    def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry) -> None:
+    def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
+                    since: float = 0.0) -> None:
+        metrics = self.sup.metrics
+        if metrics is not None:
+            metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
         if rec.getter is not None:
             rec.pool._hook("getter", rec.getter, entry.obj)
         try:
@@ -459,6 +464,11 @@ class LeaseLoop:
         if conn.refs:
             for ref in [r for r, (ls, _) in conn.refs.items() if ls == lease]:
                 del conn.refs[ref]
+        metrics = self.sup.metrics
+        if metrics is not None:
+            entry = rec.pool._using.get(lease)
+            if entry is not None:
+                metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
         if rec.slow_ret:
             self.executor.submit(rec.pool.checkin, lease)
         else:

@@ -108,6 +108,7 @@ class Supervisor:
         self.nreclaimed = 0
         self.suspects: set[int] = set()
         self.hosted: dict[int, Any] = {}  # tpool.Proxy objects, by id
+        self.metrics: Any = None  # metrics.Metrics when serving Prometheus metrics
         self.next_hosted = 1
         self.nreclaim_events = 0
         self.stopped = threading.Event()
@@ -345,7 +346,8 @@ def get_control() -> Control:
 
 
 def serve(address: Address, authkey: bytes, *, parent: int | None = None,
-          pools: dict[str, dict[str, Any]] | None = None, ready: Any = None) -> None:
+          pools: dict[str, dict[str, Any]] | None = None, ready: Any = None,
+          metrics_port: int | None = None) -> None:
     """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies."""
     global _control
     from .server import Server
@@ -363,6 +365,12 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     if isinstance(address, tuple):
         address = tuple(server.address)
     sup = Supervisor(address, authkey)
+    if metrics_port is not None:
+        from .metrics import Metrics
+
+        sup.metrics = Metrics(sup)
+        sup.metrics.serve(metrics_port)
+        log.info("mppool: Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
     _control = Control(sup)
     sup.start()
     for name, opts in (pools or {}).items():

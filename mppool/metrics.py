@@ -1,0 +1,72 @@
+"""Prometheus metrics for a supervisor (``mppool serve --metrics-port N``).
+
+Gauges and counters are read from every pool's ``stats()`` at scrape time, so the hot path
+pays nothing for them. The two histograms (acquire wait, hold time) are observed by the
+lease loop, only when metrics are on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+
+class Metrics:
+    """Histograms observed by the lease loop, and a collector of the pools' stats."""
+
+    def __init__(self, sup: Supervisor, registry: Any = None) -> None:
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.registry = registry or CollectorRegistry()
+        self.wait = Histogram("mppool_acquire_wait_seconds", "Time a get() waited for an object",
+                              ["pool"], buckets=BUCKETS, registry=self.registry)
+        self.hold = Histogram("mppool_hold_seconds", "Time an object was held before ret()",
+                              ["pool"], buckets=BUCKETS, registry=self.registry)
+        self.registry.register(_StatsCollector(sup))
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
+        from prometheus_client import start_http_server
+
+        return start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _StatsCollector:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        gauges = {
+            "size": ("mppool_pool_objects", "Objects the pool manages (idle + in use)", "nobjs"),
+            "max": ("mppool_pool_max_size", "The pool's bound (0: unbounded)", "max_size"),
+            "using": ("mppool_pool_in_use", "Objects lent out", "nusing"),
+            "idle": ("mppool_pool_idle", "Objects idle in the pool", "navail"),
+            "waiting": ("mppool_pool_waiting", "Blocked get() calls", "nwaiting"),
+        }
+        counters = {
+            "borrows": ("mppool_pool_borrows", "Objects lent", "nborrows"),
+            "created": ("mppool_pool_created", "Objects created", "ncreated"),
+            "kills": ("mppool_pool_kills", "Leases killed for exceeding max_using_delay_kill",
+                      "nkilled"),
+            "destroys": ("mppool_pool_destroys", "Objects closed", "ndestroys"),
+        }
+        stats = self.sup.stats()
+        for name, help_, key in gauges.values():
+            g = GaugeMetricFamily(name, help_, labels=["pool"])
+            for pool, s in stats.items():
+                g.add_metric([pool], float(s[key] or 0))
+            yield g
+        for name, help_, key in counters.values():
+            c = CounterMetricFamily(name, help_, labels=["pool"])
+            for pool, s in stats.items():
+                c.add_metric([pool], float(s[key]))
+            yield c
+        r = CounterMetricFamily("mppool_reclaimed", "Leases reclaimed from processes that died")
+        r.add_metric([], float(self.sup.nreclaimed))
+        yield r

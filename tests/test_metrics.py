@@ -1,0 +1,60 @@
+"""Prometheus metrics of a supervisor (SPEC §7, issue 5)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+import pytest
+from helpers import wait_until
+
+import mppool
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_metrics_endpoint_reports_pools_and_histograms():
+    pytest.importorskip("prometheus_client")
+    port = _free_port()
+    addr = os.path.join(tempfile.mkdtemp(prefix="mpm"), "s.sock")
+    key = os.urandom(16)
+    env = dict(os.environ, MPPOOL_AUTHKEY=key.hex())
+    code = ("from mppool.supervisor import serve; from mppool.address import parse_address; "
+            f"import os; serve(parse_address({addr!r}), bytes.fromhex(os.environ['MPPOOL_AUTHKEY']), "
+            f"metrics_port={port})")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        wait_until(lambda: os.path.exists(addr + ".key"), timeout=20, what="supervisor ready")
+        c = mppool.connect(addr, key)
+        pool = c.pool("nums", lambda i: i, max_size=2)
+        held = pool.get()
+        with pool.obj():
+            pass
+        text = _scrape(port)
+        assert 'mppool_pool_in_use{pool="nums"} 1.0' in text
+        assert 'mppool_pool_max_size{pool="nums"} 2.0' in text
+        assert 'mppool_acquire_wait_seconds_count{pool="nums"} 2.0' in text
+        assert 'mppool_hold_seconds_count{pool="nums"} 1.0' in text
+        assert "mppool_reclaimed_total 0.0" in text
+        pool.ret(held)
+        c.close()
+        wait_until(lambda: "mppool_pool_in_use{pool=\"nums\"} 0.0" in _scrape(port), what="returned")
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the supervisor this test started
+        assert proc.wait(10) == 0
