@@ -83,7 +83,7 @@ def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
 
         def load(n: int) -> None:
             for _ in range(n):
-                for attempt in range(3):
+                for _attempt in range(3):
                     try:
                         status, _ = _request(port)
                         break
@@ -129,7 +129,7 @@ def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
             proc.kill()
             proc.wait(5)
         proc.stderr.close()
-        gone, alive = psutil.wait_procs(children, timeout=15)
+        _, alive = psutil.wait_procs(children, timeout=15)
         for p in alive:  # processes this test started, by pid
             p.kill()
         assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
