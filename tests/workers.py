@@ -132,3 +132,147 @@ def autostart_connect(address: str, out: Any) -> None:
     client = mppool.connect(address, autostart=True, timeout=20)
     out.put(client.info()["pid"])
     client.close()
+
+
+# ------------------------------------------------------------------ db_pool: fake DB-API modules
+# Module-like objects (anything with connect() is a db_module). They live here so that the
+# supervisor can unpickle them by reference when a TpooledConnectionPool ships one there.
+
+DUMMY_CLOSED: list[Any] = []  # DummyConnections closed in this process, in order
+
+
+class DummyConnection:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.closed = False
+        self.rollbacks = 0
+
+    def rollback(self) -> None:
+        self.rollbacks += 1
+
+    def commit(self) -> None:
+        pass
+
+    def cursor(self) -> Any:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+        DUMMY_CLOSED.append(self)
+
+
+class DummyDBModule:
+    def connect(self, *args: Any, **kwargs: Any) -> DummyConnection:
+        return DummyConnection(*args, **kwargs)
+
+
+class RaisingDBModule:
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot connect")
+
+
+class SlowDBModule:
+    """connect() hangs while the file ``flag`` exists: a database that stopped answering."""
+
+    def connect(self, flag: str, **kwargs: Any) -> DummyConnection:
+        deadline = time.monotonic() + 30
+        while os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return DummyConnection(flag=flag, **kwargs)
+
+
+# ------------------------------------------------------------------ db_pool: PostgreSQL workers
+
+
+def pg_raw_hammer(budget: Any, dsn: str, app: str, n: int, nthreads: int, errors: Any) -> None:
+    """A process with its own RawConnectionPool on a shared budget, used by several threads."""
+    import threading
+
+    import psycopg
+
+    from mppool.db_pool import RawConnectionPool
+
+    pool = RawConnectionPool(psycopg, max_size=2, budget=budget, conninfo=dsn,
+                             application_name=app)
+
+    def work() -> None:
+        try:
+            for _ in range(n):
+                conn = pool.get(timeout=60)
+                try:
+                    conn.execute("select pg_sleep(0.005)").fetchall()
+                finally:
+                    conn.close()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            errors.put(f"{os.getpid()}: {exc!r}")
+
+    threads = [threading.Thread(target=work) for _ in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.shutdown()
+
+
+def pg_tpooled_hammer(address: Any, authkey: bytes, dsn: str, app: str, n: int, nthreads: int,
+                      errors: Any) -> None:
+    """A process using the shared TpooledConnectionPool through proxies, from several threads."""
+    import threading
+
+    import psycopg
+
+    import mppool
+    from mppool.db_pool import TpooledConnectionPool
+
+    client = mppool.connect(address, authkey)
+    pool = TpooledConnectionPool(psycopg, max_size=2, client=client, conninfo=dsn,
+                                 application_name=app)
+
+    def work() -> None:
+        try:
+            for _ in range(n):
+                with pool.item(timeout=60) as conn:
+                    conn.execute("select pg_sleep(0.005)").fetchall()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            errors.put(f"{os.getpid()}: {exc!r}")
+
+    threads = [threading.Thread(target=work) for _ in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+
+
+def pg_insert_then_hang(pool: Any, table: str, ready: Any) -> None:
+    """Open a transaction on a shared connection, say which backend it is, and hang."""
+    conn = pool.get()
+    conn.execute(f"insert into {table} values (42)")  # no commit
+    ready.put(conn.execute("select pg_backend_pid()").fetchone()[0])
+    while True:
+        time.sleep(3600)
+
+
+# --- batch-job patterns (docs/batch.md) -------------------------------------------------
+
+_batch_pool: Any = None
+
+
+def batch_init(address: str, authkey: str) -> None:
+    """An initializer: connect once per worker process, keep the shared pool in a global."""
+    global _batch_pool
+    import mppool
+
+    _batch_pool = mppool.connect(address, authkey).token_pool("batch")
+
+
+def batch_task(i: int) -> tuple[int, int]:
+    with _batch_pool.obj(timeout=30):
+        return os.getpid(), i * i
+
+
+def batch_task_with_pool(args: tuple[Any, int]) -> tuple[int, int]:
+    pool, i = args
+    with pool.obj(timeout=30):
+        return os.getpid(), i * i
