@@ -113,9 +113,10 @@ class Channel:
         slot = _Slot()
         pending = self._pending
         pending[rid] = slot
+        frame = wire.dump_get(rid, msg[1], msg[2]) if msg[0] == wire.GET else wire.dumps((rid, *msg))
         try:
             with self._send_lock:
-                self._sock.sendall(wire.dumps((rid, *msg)))
+                self._sock.sendall(frame)
         except OSError as exc:
             self._fail(f"supervisor unreachable: {exc}")
         while slot.reply is None:
@@ -155,7 +156,7 @@ class Channel:
             if len(buf) >= size:
                 (n,) = wire.HEADER.unpack_from(buf)
                 if len(buf) >= size + n:
-                    msg = pickle.loads(memoryview(buf)[size:size + n])
+                    msg = wire.loads(bytes(buf[size:size + n]))
                     del buf[:size + n]
                     return msg
             data = self._sock.recv(262144)
@@ -164,16 +165,17 @@ class Channel:
             if not buf and len(data) >= size:
                 (n,) = wire.HEADER.unpack_from(data)
                 if len(data) == size + n:  # the usual case: exactly one whole frame
-                    return pickle.loads(memoryview(data)[size:])
+                    return wire.loads(memoryview(data)[size:])
             buf += data
 
     def post(self, *msg: Any) -> None:
         """Send without waiting for a reply (put): order on the socket is kept."""
         if self._broken:
             raise ServerUnavailable(self._broken)
+        frame = wire.dump_put(msg[1], msg[2]) if msg[0] == wire.PUT else wire.dumps((0, *msg))
         try:
             with self._send_lock:
-                self._sock.sendall(wire.dumps((0, *msg)))
+                self._sock.sendall(frame)
             self.unsynced = True
         except OSError as exc:
             self._fail(f"supervisor unreachable: {exc}")

@@ -112,7 +112,9 @@ class Conn:
         self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
 
     def send(self, msg: Any) -> None:
-        data = wire.dumps(msg)
+        self.send_raw(wire.dumps(msg))
+
+    def send_raw(self, data: bytes) -> None:
         with self.wlock:
             if self.closed:
                 return
@@ -272,7 +274,7 @@ class LeaseLoop:
         pos = 0
         size = wire.HEADER.size
         unpack = wire.HEADER.unpack_from
-        loads = pickle.loads
+        loads = wire.loads
         while end - pos >= size:
             (n,) = unpack(data, pos)
             if end - pos - size < n:
@@ -452,7 +454,10 @@ class LeaseLoop:
             rec.pool.checkin(entry.lease)
             conn.send((rid, wire.ERR, _portable(exc)))
             return
-        conn.send((rid, wire.OK, entry.lease, blob))
+        if blob is None:
+            conn.send((rid, wire.OK, entry.lease, None))
+        else:
+            conn.send_raw(wire.dump_ok(rid, entry.lease, blob))
         if conn.closed:
             # The connection went away while we were leasing: it never got the object.
             rec.pool.reclaim(lambda h: h.conn == conn.id)

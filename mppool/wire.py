@@ -1,10 +1,16 @@
-"""The get/put channel: length-prefixed stdlib-pickle frames over a stream socket.
+"""The get/put channel: length-prefixed frames over a stream socket.
 
-dill stays off this path (DESIGN.md, trap 4): only plain tuples travel here; ``fun`` and
-hooks go once through the SyncManager control plane.
+dill stays off this path (DESIGN.md, trap 4): ``fun`` and hooks go once through the
+SyncManager control plane. A frame's payload is either a stdlib pickle of a tuple, or, for
+the three messages of every lease cycle, a fixed struct (pickle always starts with 0x80, so
+the first byte tells them apart):
 
-Client → supervisor: ``(rid, op, *args)``; supervisor → client: ``(rid, status, *values)``.
-A request with rid 0 expects no reply (put).
+    b"G" rid pool_id timeout      get           (timeout < 0: None)
+    b"P" pool_id lease            put           (no reply)
+    b"O" rid lease <blob>         get's answer  (the pickled object follows as is)
+
+Decoded, every message is a tuple: client → supervisor ``(rid, op, *args)``, supervisor →
+client ``(rid, status, *values)``. A request with rid 0 expects no reply.
 """
 
 from __future__ import annotations
@@ -28,9 +34,43 @@ OK, ERR, REF = range(3)
 NONCE_SIZE = 32
 
 
+_GET = struct.Struct("!BIId")
+_PUT = struct.Struct("!BIQ")
+_OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
+_OK_BODY = struct.Struct("!IQ")
+G, P, O = b"G"[0], b"P"[0], b"O"[0]
+
+
 def dumps(msg: Any) -> bytes:
     data = pickle.dumps(msg, protocol=5)
     return HEADER.pack(len(data)) + data
+
+
+def dump_get(rid: int, pool_id: int, timeout: float | None) -> bytes:
+    return HEADER.pack(_GET.size) + _GET.pack(G, rid, pool_id, -1.0 if timeout is None else timeout)
+
+
+def dump_put(pool_id: int, lease: int) -> bytes:
+    return HEADER.pack(_PUT.size) + _PUT.pack(P, pool_id, lease)
+
+
+def dump_ok(rid: int, lease: int, blob: bytes) -> bytes:
+    return _OK.pack(1 + _OK_BODY.size + len(blob), O, rid, lease) + blob
+
+
+def loads(frame: Any) -> Any:
+    """Decode one payload (bytes or memoryview) into its tuple."""
+    kind = frame[0]
+    if kind == O:
+        rid, lease = _OK_BODY.unpack_from(frame, 1)
+        return (rid, OK, lease, frame[1 + _OK_BODY.size:])
+    if kind == G:
+        _, rid, pool_id, timeout = _GET.unpack_from(frame)
+        return (rid, GET, pool_id, None if timeout < 0 else timeout)
+    if kind == P:
+        _, pool_id, lease = _PUT.unpack_from(frame)
+        return (0, PUT, pool_id, lease)
+    return pickle.loads(frame)
 
 
 def digest(authkey: bytes, nonce: bytes) -> bytes:

@@ -46,6 +46,7 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         held = pool.get()
         with pool.obj():
             pass
+        pool.stats()  # a control-plane call syncs this process's puts; a scrape does not
         text = _scrape(port)
         assert 'mppool_pool_in_use{pool="nums"} 1.0' in text
         assert 'mppool_pool_max_size{pool="nums"} 2.0' in text
