@@ -38,7 +38,7 @@ _GET = struct.Struct("!BIId")
 _PUT = struct.Struct("!BIQ")
 _OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
 _OK_BODY = struct.Struct("!IQ")
-G, P, O = b"G"[0], b"P"[0], b"O"[0]
+KIND_GET, KIND_PUT, KIND_OK = b"G"[0], b"P"[0], b"O"[0]
 
 
 def dumps(msg: Any) -> bytes:
@@ -47,27 +47,27 @@ def dumps(msg: Any) -> bytes:
 
 
 def dump_get(rid: int, pool_id: int, timeout: float | None) -> bytes:
-    return HEADER.pack(_GET.size) + _GET.pack(G, rid, pool_id, -1.0 if timeout is None else timeout)
+    return HEADER.pack(_GET.size) + _GET.pack(KIND_GET, rid, pool_id, -1.0 if timeout is None else timeout)
 
 
 def dump_put(pool_id: int, lease: int) -> bytes:
-    return HEADER.pack(_PUT.size) + _PUT.pack(P, pool_id, lease)
+    return HEADER.pack(_PUT.size) + _PUT.pack(KIND_PUT, pool_id, lease)
 
 
 def dump_ok(rid: int, lease: int, blob: bytes) -> bytes:
-    return _OK.pack(1 + _OK_BODY.size + len(blob), O, rid, lease) + blob
+    return _OK.pack(1 + _OK_BODY.size + len(blob), KIND_OK, rid, lease) + blob
 
 
 def loads(frame: Any) -> Any:
     """Decode one payload (bytes or memoryview) into its tuple."""
     kind = frame[0]
-    if kind == O:
+    if kind == KIND_OK:
         rid, lease = _OK_BODY.unpack_from(frame, 1)
         return (rid, OK, lease, frame[1 + _OK_BODY.size:])
-    if kind == G:
+    if kind == KIND_GET:
         _, rid, pool_id, timeout = _GET.unpack_from(frame)
         return (rid, GET, pool_id, None if timeout < 0 else timeout)
-    if kind == P:
+    if kind == KIND_PUT:
         _, pool_id, lease = _PUT.unpack_from(frame)
         return (0, PUT, pool_id, lease)
     return pickle.loads(frame)
