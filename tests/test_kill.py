@@ -295,3 +295,31 @@ def test_proxy_object_whose_reset_fails_is_closed(client, procs):
     s = pool.stats()
     assert s["ndestroys"] == 1 and s["ncreated"] == 2
     pool.ret(obj)
+
+
+def test_holder_ignoring_sigterm_gets_sigkill(client, procs):
+    from workers import hold_ignoring_sigterm
+
+    ctx = fork_ctx()
+    pool = client.pool("stubborn", lambda i: i, max_size=1, max_using_delay_kill=0.2,
+                       kill_holder=True)
+    ready = ctx.Queue()
+    p = ctx.Process(target=hold_ignoring_sigterm, args=(pool, ready))
+    procs.append(p)
+    p.start()
+    ready.get(timeout=10)
+    p.join(10)  # SIGTERM is ignored; SIGKILL follows after the grace period (2 s)
+    assert p.exitcode == -signal.SIGKILL
+
+
+def test_slow_health_check_does_not_stall_other_pools(client):
+    """Housekeeping runs as tasks on several workers: a pool whose health check blocks for
+    seconds does not delay the lease kill of another pool."""
+    from workers import slow_health
+
+    client.pool("sick", lambda i: i, max_size=2, health=slow_health, delay=0.05)
+    other = client.pool("busy", lambda i: i, max_size=1, max_using_delay_kill=0.3)
+    other.get()
+    t0 = time.monotonic()
+    wait_until(lambda: other.stats()["nkilled"] == 1, timeout=2.5, what="the lease kill")
+    assert time.monotonic() - t0 < 2.5  # well before the 3 s health check ends

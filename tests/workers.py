@@ -276,3 +276,19 @@ def batch_task_with_pool(args: tuple[Any, int]) -> tuple[int, int]:
     pool, i = args
     with pool.obj(timeout=30):
         return os.getpid(), i * i
+
+
+def hold_ignoring_sigterm(pool: Any, ready: Any) -> None:
+    """Hold an object and ignore SIGTERM: kill_holder must escalate to SIGKILL."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pool.get()
+    ready.put(os.getpid())
+    while True:
+        time.sleep(3600)
+
+
+def slow_health(obj: Any) -> bool:
+    time.sleep(3)
+    return True
