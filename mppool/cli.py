@@ -1,0 +1,544 @@
+"""The ``mppool`` command line (also ``python -m mppool``): serve, stats, top, demo.
+
+The library only logs; this module is the one place that writes to the terminal.
+
+Exit status: 0 success, 1 failure (no supervisor, a bound that did not hold), 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from .address import Address, default_address, display, key_path, parse_address, parse_authkey, server_authkey
+from .autostart import lock_path
+from .client import _POOL_OPTIONS, Client, _TokenMaker, connect
+from .demo import POOL_NAME, Demo, DemoResult, KillReport
+from .errors import PoolException, ServerUnavailable
+from .pool import Pool
+from .pools import Token
+from .supervisor import TRANSFERS, serve
+from .validate import check_int
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+HOOKS = ("opener", "getter", "retter", "closer", "health", "stats", "tracer")
+KINDS = ("pool", "token")
+TOKEN_KEYS = frozenset(("kind", "max_size"))
+MAX_HOLDER_ROWS = 40
+
+
+class CliError(Exception):
+    """A failure to report in one line, with the exit status to return."""
+
+    def __init__(self, message: str, status: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConfigError(CliError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def _address_arg(value: str) -> Address:
+    try:
+        return parse_address(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _authkey_arg(value: str) -> bytes:
+    try:
+        key = parse_authkey(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not key:
+        raise argparse.ArgumentTypeError("authkey must be a non-empty hex string")
+    return key
+
+
+def _positive_float(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return f
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", type=_address_arg, default=None,
+                        help="unix socket path or host:port (default: $MPPOOL_ADDRESS, else the "
+                             "per-user default socket)")
+    common.add_argument("--authkey", type=_authkey_arg, default=None,
+                        help="the key, in hex (default: $MPPOOL_AUTHKEY, else the key file "
+                             "beside the socket)")
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--timeout", type=_positive_float, default=2.0,
+                        help="seconds to keep trying to reach the supervisor (default: 2)")
+
+    ap = argparse.ArgumentParser(prog="mppool", description="A resource pool shared by many processes.")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("serve", parents=[common], help="run a supervisor in the foreground",
+                       description="Run a supervisor in the foreground until SIGTERM or Ctrl-C.")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML file declaring pools: [pools.NAME] kind/fun/max_size/...")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                   help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stats", parents=[common, client], help="every pool's stats")
+    p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("top", parents=[common, client], help="live view of pools, holders, waiters")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds between refreshes (default: 1)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="workers sharing a budget, with a check that the bound held",
+                       description="Start a private supervisor and N worker processes sharing a "
+                                   "token budget of C; SIGKILL one while it holds a token; check "
+                                   "that at most C tokens were ever out and that none was lost. "
+                                   "--address/--authkey default to a fresh private socket here.")
+    p.add_argument("--workers", type=_int_at_least(2), default=6, metavar="N",
+                   help="worker processes (default: 6; one of them gets killed)")
+    p.add_argument("--budget", type=_int_at_least(1), default=2, metavar="C",
+                   help="tokens in the shared budget (default: 2)")
+    p.add_argument("--seconds", type=_positive_float, default=5.0, metavar="S",
+                   help="how long the workers run (default: 5)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return int(ns.func(ns, out, err))
+    except CliError as exc:
+        # soft_wrap: one unbroken line, so that names in it can be searched for.
+        err.print(Text(f"mppool {ns.verb}: error: {exc}", style="bold red"), soft_wrap=True)
+        return exc.status
+    except KeyboardInterrupt:
+        err.print(Text(f"mppool {ns.verb}: interrupted"))
+        return 130
+
+
+# ------------------------------------------------------------------------------ client verbs
+
+
+def _connect(ns: argparse.Namespace) -> Client:
+    address = ns.address if ns.address is not None else default_address()
+    if (ns.authkey is None and not os.environ.get("MPPOOL_AUTHKEY")
+            and not key_path(address).exists()):
+        # The library's wording ("pass authkey=") is for programmers; say it in CLI terms.
+        raise CliError(f"no supervisor reachable at {display(address)}: no key file "
+                       f"{key_path(address)} (is `mppool serve` running there?) and no --authkey "
+                       "or MPPOOL_AUTHKEY")
+    try:
+        return connect(address, ns.authkey, timeout=ns.timeout)
+    except ServerUnavailable as exc:
+        raise CliError(f"no supervisor reachable at {display(address)}: {exc}") from None
+
+
+def _size(n: Any) -> str:
+    return "∞" if not n else str(n)
+
+
+def _pools_table(stats: dict[str, Any], title: str | None = None) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("pool", style="bold")
+    t.add_column("kind", no_wrap=True)
+    for col in ("max", "in use", "idle", "waiting", "borrows", "killed", "created"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name in sorted(stats):
+        s = stats[name]
+        kind = str(s.get("kind", "pool"))
+        if s.get("transfer") == "proxy":
+            kind += " (proxy)"
+        waiting = int(s.get("nwaiting", 0))
+        label = Text(name)
+        if s.get("shutdown"):
+            label.append(" (shut down)", style="red")
+        t.add_row(label, kind, _size(s.get("max_size")), str(s.get("nusing", 0)),
+                  str(s.get("navail", 0)), Text(str(waiting), style="yellow" if waiting else ""),
+                  str(s.get("nborrows", 0)), str(s.get("nkilled", 0)), str(s.get("ncreated", 0)))
+    return t
+
+
+def _header(info: dict[str, Any]) -> Text:
+    return Text(f"supervisor pid {info.get('pid')} at {info.get('address')} · "
+                f"{info.get('connections', 0)} lease connection(s) · "
+                f"{info.get('nreclaimed', 0)} lease(s) reclaimed from dead holders")
+
+
+def cmd_stats(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    client = _connect(ns)
+    try:
+        stats = client.stats()
+        info = client.info()
+    except PoolException as exc:
+        raise CliError(f"supervisor stopped answering: {exc}") from None
+    finally:
+        client.close()
+    if ns.json:
+        # Plain json, not rich: the output must parse whatever the terminal width.
+        sys.stdout.write(json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n")
+        return EXIT_OK
+    out.print(_header(info))
+    if not stats:
+        out.print("no pools")
+    else:
+        out.print(_pools_table(stats))
+    return EXIT_OK
+
+
+def _top_frame(client: Client) -> RenderableType:
+    stats = client.stats()
+    info = client.info()
+    holders = Table(title="holders", title_justify="left")
+    for col, justify in (("pool", "left"), ("pid", "right"), ("lease age", "right"),
+                         ("uses", "right"), ("host", "left"), ("object", "left")):
+        holders.add_column(col, justify=justify)  # type: ignore[arg-type]
+    rows = []
+    for name, s in stats.items():
+        for u in s.get("using", ()):
+            age = -float(u.get("last_get", 0.0))
+            obj = u.get("trace") if "trace" in u else json.dumps(u.get("stats"), default=str)
+            rows.append((age, name, u.get("pid", "?"), u.get("uses", ""),
+                         (u.get("holder") or {}).get("host", ""), str(obj)[:40]))
+    rows.sort(key=lambda r: -r[0])  # the longest-held first: those are the suspicious ones
+    for age, name, pid, uses, host, obj in rows[:MAX_HOLDER_ROWS]:
+        # Text, not str: an object's repr may hold [brackets] that rich would read as markup.
+        holders.add_row(Text(name), str(pid), f"{age:.3f} s", str(uses), Text(host), Text(obj))
+    if len(rows) > MAX_HOLDER_ROWS:
+        holders.caption = f"… and {len(rows) - MAX_HOLDER_ROWS} more"
+    if not rows:
+        holders.caption = "no leases out"
+    waiting = {n: int(s.get("nwaiting", 0)) for n, s in stats.items() if s.get("nwaiting")}
+    waiters = Text("waiters: " + (", ".join(f"{n} on {name!r}" for name, n in sorted(waiting.items()))
+                                  if waiting else "none"),
+                   style="yellow" if waiting else "")
+    parts: list[RenderableType] = [_header(info), Text(time.strftime("%H:%M:%S"), style="dim")]
+    parts.append(_pools_table(stats, title="pools") if stats else Text("no pools"))
+    parts += [holders, waiters]
+    return Group(*parts)
+
+
+def cmd_top(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    client = _connect(ns)
+    try:
+        if ns.once:
+            out.print(_top_frame(client))
+            return EXIT_OK
+        with Live(_top_frame(client), console=out, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(ns.interval)
+                    live.update(_top_frame(client), refresh=True)
+            except KeyboardInterrupt:
+                return EXIT_OK  # Ctrl-C is how one leaves top
+    except PoolException as exc:
+        raise CliError(f"supervisor stopped answering: {exc}") from None
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+def _import_path(where: str, key: str, value: Any) -> Callable[..., Any]:
+    if not isinstance(value, str) or value.count(":") != 1:
+        raise ConfigError(f"{where}: {key} must be an import path \"module:attribute\", got {value!r}")
+    modname, _, attr = value.partition(":")
+    if not modname or not attr:
+        raise ConfigError(f"{where}: {key} must be an import path \"module:attribute\", got {value!r}")
+    try:
+        obj: Any = importlib.import_module(modname)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: {key} = {value!r}: cannot import module {modname!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{where}: {key} = {value!r}: {modname!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ConfigError(f"{where}: {key} = {value!r} is not callable")
+    return obj
+
+
+def _check_keys(where: str, spec: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        keys = ", ".join(repr(k) for k in unknown)
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {keys} for {what} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _pool_options(where: str, spec: Any) -> dict[str, Any]:
+    """One ``[pools.NAME]`` table as ``supervisor.serve`` takes it, fully validated."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a table, got {spec!r}")
+    kind = spec.get("kind", "pool")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if kind == "token":
+        _check_keys(where, spec, TOKEN_KEYS, "a token pool")
+        try:
+            max_size = check_int("max_size", spec.get("max_size", 4), minimum=1)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        # Exactly what client.token_pool() sends, so that clients can attach to it by name.
+        return {"kind": "token", "fun": _TokenMaker(Token), "max_size": max_size, "min_size": 0}
+    _check_keys(where, spec, _POOL_OPTIONS | {"kind", "transfer", "fun"}, "a pool")
+    transfer = spec.get("transfer", "copy")
+    if transfer not in TRANSFERS:
+        raise ConfigError(f"{where}: transfer must be one of {', '.join(map(repr, TRANSFERS))}, "
+                          f"got {transfer!r}")
+    if "fun" not in spec:
+        raise ConfigError(f"{where}: missing key 'fun' (an import path \"module:function\" that "
+                          "creates an object)")
+    opts = {k: v for k, v in spec.items() if k not in ("kind", "transfer")}
+    for key in ("fun", *HOOKS):
+        if key in opts:
+            opts[key] = _import_path(where, key, opts[key])
+    try:
+        min_size = check_int("min_size", opts.get("min_size", 1))
+        max_size = opts.get("max_size", 0)
+        if isinstance(max_size, int) and max_size and min_size > max_size:
+            raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
+        # A trial pool checks every option exactly as the supervisor will; min_size=0 so that
+        # fun is not called here.
+        Pool(**dict(opts, min_size=0)).shutdown()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return {"kind": "pool", "transfer": transfer, **opts}
+
+
+def load_config(path: Path) -> dict[str, dict[str, Any]]:
+    """Pools declared in a TOML file: ``[pools.NAME]`` tables; ConfigError names what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"pools"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))} "
+                          "(expected only [pools.NAME] tables)")
+    pools = data.get("pools", {})
+    if not isinstance(pools, dict):
+        raise ConfigError(f"{path}: 'pools' must be a table of [pools.NAME] tables")
+    return {name: _pool_options(f"{path}: pool {name!r}", spec) for name, spec in pools.items()}
+
+
+def _listening(address: Address) -> bool:
+    """Something accepts connections at this unix socket (whatever its key)."""
+    if not isinstance(address, str) or not os.path.exists(address):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    pools = load_config(ns.config) if ns.config is not None else {}
+    address: Address = ns.address if ns.address is not None else default_address()
+    if isinstance(address, str) and not Path(address).parent.is_dir():
+        raise CliError(f"cannot serve on {address}: directory {str(Path(address).parent)!r} does not exist")
+    key = server_authkey(ns.authkey)
+
+    # serve() installs its SIGTERM/SIGINT handlers only once it is set up; a signal before
+    # that is kept here and re-sent once they are in place, so it still stops cleanly.
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+           for s in (signal.SIGTERM, signal.SIGINT)}
+    # The autostart lock: a connect(autostart=True) racing with us waits, then finds us.
+    lock = FileLock(str(lock_path(address)))
+
+    def ready(addr: str, lease: Any) -> None:
+        lock.release()
+        names = ", ".join(f"{n} ({o['kind']})" for n, o in pools.items()) or "none"
+        where = f"; key file {key_path(parse_address(addr))}"
+        # soft_wrap: one line, whatever the width, for whoever parses it.
+        out.print(f"mppool: supervisor pid {os.getpid()} serving on {addr}{where}; pools: {names}",
+                  soft_wrap=True, markup=False)
+        out.file.flush()
+        for signum in pending:
+            os.kill(os.getpid(), signum)
+
+    try:
+        try:
+            lock.acquire(timeout=30)
+        except LockTimeout:
+            raise CliError(f"cannot serve on {display(address)}: lock {lock.lock_file} is held "
+                           "by another process") from None
+        try:
+            if _listening(address):
+                raise CliError(f"a supervisor is already serving on {display(address)}")
+            if isinstance(address, str):
+                # A supervisor that was SIGKILLed left its socket behind: nothing listens on it.
+                for path in (address, address + ".lease", str(key_path(address))):
+                    if os.path.exists(path):
+                        err.print(f"mppool serve: removing stale {path}", markup=False)
+                        os.unlink(path)
+            try:
+                serve(address, key, pools={n: dict(o) for n, o in pools.items()}, ready=ready,
+                      metrics_port=ns.metrics_port)
+            except OSError as exc:
+                raise CliError(f"cannot serve on {display(address)}: {exc}") from None
+        finally:
+            lock.release()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    out.print(f"mppool: supervisor pid {os.getpid()} stopped", markup=False)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def cmd_demo(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    # The supervisor's own warnings (the reclaim) would tear through the progress bar; the
+    # summary reports the same facts.
+    os.environ.setdefault("MPPOOL_LOG_LEVEL", "ERROR")
+    # SIGTERM ends the run like Ctrl-C, so that the with-block below still reaps everything.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    demo = Demo(ns.workers, ns.budget, ns.seconds, ns.address, ns.authkey)
+    kill: KillReport | None = None
+    result: DemoResult | None = None
+    out.print(f"[bold]mppool demo[/]: {ns.workers} worker processes share a budget of "
+              f"{ns.budget} tokens for {ns.seconds:g} s")
+    with demo:
+        try:
+            demo.start()
+        except (RuntimeError, PoolException) as exc:
+            raise CliError(f"could not start: {exc}") from None
+        assert demo.server is not None
+        out.print(f"supervisor pid {demo.server.pid} on {display(demo.server.address)}; "
+                  f"token pool {POOL_NAME!r} of {ns.budget}; "
+                  f"worker pids {', '.join(map(str, demo.pids))}", markup=False)
+        progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[status]}"), console=out)
+        kill_at = ns.seconds * 0.4  # early enough that the others run on with the reclaimed token
+        with progress:
+            task = progress.add_task("leasing", total=ns.seconds, status="")
+            demo.go()
+            try:
+                while (elapsed := demo.elapsed()) < ns.seconds:
+                    s = demo.sample()
+                    if kill is None and elapsed >= kill_at:
+                        kill = demo.kill_one()
+                        progress.console.print(_kill_line(kill))
+                    progress.update(task, completed=min(s.elapsed, ns.seconds),
+                                    status=f"tokens out {s.out}/{ns.budget} · waiting {s.waiting} · "
+                                           f"leases {s.leases}")
+                    time.sleep(0.005)
+            except PoolException as exc:
+                raise CliError(f"the supervisor stopped answering: {exc}") from None
+            progress.update(task, completed=ns.seconds)
+        result = demo.finish()
+    _demo_summary(out, result)
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _kill_line(k: KillReport, prefix: str = "watchdog: ") -> Text:
+    if not k.held:
+        return Text(f"{prefix}worker {k.index} (pid {k.pid}) was not seen holding a token; "
+                    "nothing to show", style="bold red")
+    if k.reclaim_ms is None:
+        return Text(f"{prefix}SIGKILLed worker {k.index} (pid {k.pid}) holding a token; the token "
+                    "did NOT come back", style="bold red")
+    sums = k.out + k.available == k.budget
+    return Text(f"{prefix}SIGKILLed worker {k.index} (pid {k.pid}) while it held a token → "
+                f"token back in {k.reclaim_ms:.1f} ms (out {k.out} + available {k.available} "
+                f"{'=' if sums else '≠'} budget {k.budget})", style="green" if sums else "bold red")
+
+
+def _demo_summary(out: Console, r: DemoResult) -> None:
+    t = Table(title="leases per worker", title_justify="left")
+    t.add_column("worker", justify="right")
+    t.add_column("pid", justify="right")
+    t.add_column("leases", justify="right")
+    t.add_column("peak out seen", justify="right")
+    t.add_column("fate")
+    for w in r.workers:
+        t.add_row(str(w.index), str(w.pid), str(w.leases), str(w.peak_seen), w.fate)
+    out.print(t)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(justify="right", style="bold")
+    facts.add_column()
+    facts.add_row("total leases", f"{r.total_leases} in {r.seconds:g} s")
+    facts.add_row("peak tokens out", f"{r.peak_sampled} (supervisor, {r.nsamples} samples by the parent)")
+    facts.add_row("", f"{r.peak_workers} (supervisor, read by the workers while holding)")
+    facts.add_row("", f"{r.peak_inflight} (workers between get and ret, shared counter)")
+    facts.add_row("max allowed", str(r.budget))
+    facts.add_row("watchdog", _kill_line(r.kill, prefix="") if r.kill is not None
+                  else Text("not run", style="red"))
+    facts.add_row("reclaimed", f"{r.nreclaimed} lease(s) from dead holders")
+    balanced = r.final_out + r.final_available == r.budget
+    facts.add_row("at the end", Text(f"tokens out {r.final_out} + available {r.final_available} "
+                                     f"{'=' if balanced else '≠'} budget {r.budget}",
+                                     style="" if balanced else "bold red"))
+    out.print(facts)
+    for e in r.errors:
+        out.print(Text(f"error: {e}", style="bold red"))
+    if r.bound_held:
+        out.print(Text(f"bound held: peak {r.peak} <= budget {r.budget}", style="bold green"))
+    else:
+        out.print(Text(f"bound VIOLATED: peak {r.peak} > budget {r.budget}", style="bold red"))
+    if r.bound_held and not r.ok:
+        out.print(Text("but the run was not clean (see above): exit status 1", style="bold red"))
