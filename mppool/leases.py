@@ -239,6 +239,8 @@ class LeaseLoop:
             self.close(conn)
         self.poller.close()
         self.lsock.close()
+        self.wake_r.close()
+        self.wake_w.close()
 
     def accept(self) -> None:
         while True:

@@ -31,7 +31,10 @@ class Server(SyncManager):
     """
 
     def __init__(self, address: object = None, authkey: object = None) -> None:
-        addr = fresh_address() if address is None else parse_address(address)
+        fresh = fresh_address() if address is None else None
+        addr: Address = fresh if fresh is not None else parse_address(address)
+        # The private directory of a fresh address is ours to remove at shutdown.
+        self._own_dir = os.path.dirname(fresh) if fresh is not None else None
         key = server_authkey(authkey)
         super().__init__(address=addr, authkey=key)
         self._address: Address = addr
@@ -120,6 +123,11 @@ class Server(SyncManager):
                     os.unlink(path)
                 except OSError:
                     pass
+        if self._own_dir:
+            try:
+                os.rmdir(self._own_dir)
+            except OSError:
+                pass  # not empty: something of the user's is there, leave it
 
     def client(self, timeout: float = 5.0) -> Any:
         """A client of this supervisor (``mppool.connect(server.address, server.authkey)``)."""

@@ -373,10 +373,22 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
         log.info("mppool: Prometheus metrics on http://127.0.0.1:%d/metrics", metrics_port)
     _control = Control(sup)
     sup.start()
-    for name, opts in (pools or {}).items():
-        transfer = opts.pop("transfer", "copy")
-        kind = "token" if opts.pop("kind", "pool") == "token" else "pool"
-        sup.create(name, kind, transfer, dill.dumps(opts))
+    try:
+        for name, opts in (pools or {}).items():
+            transfer = opts.pop("transfer", "copy")
+            kind = "token" if opts.pop("kind", "pool") == "token" else "pool"
+            sup.create(name, kind, transfer, dill.dumps(opts))
+    except BaseException:
+        # Nothing half-started is left behind: threads stopped, sockets closed and removed.
+        _control = None
+        sup.stop()
+        server.listener.close()
+        if isinstance(address, str):
+            try:
+                os.unlink(sup.loop.address)  # type: ignore[arg-type]
+            except OSError:
+                pass
+        raise
     keyfile = write_key(address, authkey)
     # Our own serve loop instead of Server.serve_forever(): that one creates its stop event
     # only once running (a signal before would be lost) and ends with sys.exit().

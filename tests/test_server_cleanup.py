@@ -1,0 +1,27 @@
+"""A Server leaves nothing behind: its private directory and files go at shutdown."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import mppool
+from mppool.supervisor import serve
+
+pytestmark = pytest.mark.slow
+
+
+def test_shutdown_removes_the_private_directory():
+    srv = mppool.Server().start()
+    d = os.path.dirname(srv.address)
+    assert os.path.isdir(d)
+    srv.shutdown()
+    assert not os.path.exists(d)
+
+
+def test_serve_with_a_bad_pool_leaves_nothing_half_started(tmp_path):
+    addr = str(tmp_path / "s.sock")
+    with pytest.raises(TypeError, match="max_size"):
+        serve(addr, os.urandom(16), pools={"bad": {"fun": abs, "max_size": "many"}})
+    assert not os.path.exists(addr) and not os.path.exists(addr + ".lease")
