@@ -5,7 +5,7 @@
 #   make test    the whole test suite, in parallel (pytest-xdist)
 #   make lint    ruff + mypy
 #   make bench   benchmarks (scripts/bench.py), ratios against peers measured in the same run
-#   make docs    build the docs with mkdocs if mkdocs.yml exists, else say where they are
+#   make docs    build the documentation site (mkdocs --strict) into site/
 #   make clean   remove caches and build output (make distclean also removes .venv)
 
 SHELL := /bin/bash
@@ -17,6 +17,7 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.mppool-installed
 BENCH_STAMP := $(VENV)/.mppool-installed-bench
+DOCS_STAMP  := $(VENV)/.mppool-installed-docs
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -53,13 +54,14 @@ lint: $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python scripts/bench.py
 
-# Only needs the virtual environment when there is something to build.
-docs: $(if $(wildcard mkdocs.yml),$(STAMP))
-	@if [ -f mkdocs.yml ]; then \
-		$(BIN)/python -m pip install --quiet mkdocs && $(BIN)/mkdocs build --strict; \
-	else \
-		echo "No mkdocs.yml: the documentation is Markdown under docs/ (plus README.md); nothing to build."; \
-	fi
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[docs]'
+	@touch $@
+
+# --strict: a broken link, a missing anchor or a docstring mkdocstrings cannot render fails
+# the build. NO_MKDOCS_2_WARNING silences mkdocs-material's banner about MkDocs 2.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf build dist site bench-results .pytest_cache .mypy_cache .ruff_cache *.egg-info
