@@ -389,6 +389,10 @@ def _listening(address: Address) -> bool:
 
 
 def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    # A console script does not put the current directory on sys.path (python -m does):
+    # add it, so that fun = "mymodule:make" in the config finds mymodule, as gunicorn does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     pools = load_config(ns.config) if ns.config is not None else {}
     address: Address = ns.address if ns.address is not None else default_address()
     if isinstance(address, str) and not Path(address).parent.is_dir():

@@ -31,7 +31,7 @@ from multiprocess.managers import BaseProxy
 
 from . import wire
 from .address import Address, client_authkey, default_address, display, parse_address
-from .errors import PoolClosed, ServerUnavailable
+from .errors import PoolException, ServerUnavailable
 from .holder import current_holder
 from .validate import check_delay
 
@@ -59,6 +59,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _forget_proxy_connections(address: Address) -> None:
+    """Drop multiprocess's cached proxy connection to ``address``: after a supervisor died,
+    a new one at the same address must not be reached through the dead socket."""
+    key = address if isinstance(address, str) else tuple(address)
+    entry = BaseProxy._address_to_local.get(key)
+    if entry is not None:
+        entry[0].__dict__.clear()
 
 
 class _Slot:
@@ -172,7 +181,8 @@ class Channel:
         """Send without waiting for a reply (put): order on the socket is kept."""
         if self._broken:
             raise ServerUnavailable(self._broken)
-        frame = wire.dump_put(msg[1], msg[2]) if msg[0] == wire.PUT else wire.dumps((0, *msg))
+        frame = (wire.dump_put(msg[1], msg[2]) if msg[0] == wire.PUT and len(msg) == 3
+                 else wire.dumps((0, *msg)))
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
@@ -255,6 +265,7 @@ class Client:
                         raise ServerUnavailable(f"supervisor at {display(self.address)} refused "
                                                 "the key (wrong authkey)") from None
                     except (OSError, EOFError) as exc:
+                        _forget_proxy_connections(self.address)
                         if time.monotonic() >= deadline:
                             raise ServerUnavailable(
                                 f"no supervisor at {display(self.address)}: {exc}") from None
@@ -272,6 +283,7 @@ class Client:
             return getattr(self._ctl(), method)(*args)
         except (OSError, EOFError) as exc:
             self._control = None
+            _forget_proxy_connections(self.address)
             raise ServerUnavailable(f"supervisor at {display(self.address)} is gone: {exc}") from None
 
     def channel(self) -> Channel:
@@ -302,7 +314,7 @@ class Client:
 
     def pool(self, name: str, fun: Any = None, *, transfer: str = "copy",
              **options: Any) -> SharedPool:
-        """The shared pool ``name``, created on first use with ``fun`` and SPEC §2 options."""
+        """The shared pool ``name``, created on first use with ``fun`` and ``mppool.Pool`` options."""
         unknown = sorted(set(options) - _POOL_OPTIONS)
         if unknown:
             raise TypeError(f"unknown pool option(s) {', '.join(unknown)} for pool {name!r}")
@@ -407,7 +419,8 @@ class SharedPool:
             self._leases[id(obj)] = (obj, lease)
         return obj
 
-    def ret(self, obj: Any) -> None:
+    def ret(self, obj: Any, discard: bool = False) -> None:
+        """Return an object; with ``discard=True`` the supervisor closes it instead."""
         with self._lock:
             held = self._leases.pop(id(obj), None)
         if held is None or held[0] is not obj:
@@ -419,7 +432,10 @@ class SharedPool:
             return
         if isinstance(obj, ObjectProxy):
             object.__setattr__(obj, "_mp_lease", 0)  # further calls fail clearly
-        self._client.channel().post(wire.PUT, self._id, held[1])
+        if discard:
+            self._client.channel().post(wire.PUT, self._id, held[1], True)
+        else:
+            self._client.channel().post(wire.PUT, self._id, held[1])
 
     put = ret
 
@@ -446,7 +462,7 @@ class SharedPool:
         self._client._call("pool_call", self.name, "resize", max_size)
 
     def shutdown(self, delay: float = 0.0) -> None:
-        self._client._call("pool_call", self.name, "shutdown")
+        self._client._call("pool_call", self.name, "shutdown", check_delay("delay", delay))
 
     def __len__(self) -> int:
         return self._client._call("pool_call", self.name, "__len__")
@@ -497,8 +513,8 @@ class ObjectProxy:
 
     def _mp_request(self, op: int, name: str, *rest: Any) -> Any:
         if not self._mp_lease and not self._mp_ref:
-            raise PoolClosed("this object was returned to its pool: get another one "
-                             "(pool object no longer yours, not shutting down)")
+            raise PoolException("this object was returned to its pool and is no longer "
+                                "yours: get() another one")
         reply = self._mp_pool._client.channel().request(
             op, self._mp_pool._id, self._mp_lease, self._mp_ref, name, *rest)
         status = reply[1]

@@ -293,7 +293,7 @@ class LeaseLoop:
                 if op == wire.GET:
                     self.get(conn, msg[0], msg[2], msg[3])
                 elif op == wire.PUT:
-                    self.put(conn, msg[2], msg[3])
+                    self.put(conn, msg[2], msg[3], len(msg) > 4 and msg[4])
                 elif op == 0:
                     if not self.hello(conn, msg):
                         return
@@ -464,7 +464,7 @@ class LeaseLoop:
             # The connection went away while we were leasing: it never got the object.
             rec.pool.reclaim(lambda h: h.conn == conn.id)
 
-    def put(self, conn: Conn, pool_id: int, lease: int) -> None:
+    def put(self, conn: Conn, pool_id: int, lease: int, discard: bool = False) -> None:
         rec = self.sup.record(pool_id)
         if rec is None:
             return
@@ -476,8 +476,8 @@ class LeaseLoop:
             entry = rec.pool._using.get(lease)
             if entry is not None:
                 metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
-        if rec.slow_ret:
-            self.executor.submit(rec.pool.checkin, lease)
+        if rec.slow_ret or discard:  # a discard runs the closer: off the loop
+            self.executor.submit(rec.pool.checkin, lease, discard)
         else:
             rec.pool.checkin(lease)
 

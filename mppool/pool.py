@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .clock import REAL_CLOCK, Clock
-from .errors import PoolClosed, TimeOut
+from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .sched import Scheduler, Task, default_scheduler
 from .validate import check_callable, check_delay, check_int, check_timeout
@@ -47,7 +47,7 @@ RECALL_PERIOD = 0.05
 
 
 class Budget(Protocol):
-    """A token pool that caps live objects across processes (SPEC §6)."""
+    """A token pool that caps live objects across processes (a shared token pool)."""
 
     def get(self, timeout: float | None = None) -> Any: ...
     def put(self, token: Any) -> None: ...
@@ -730,6 +730,9 @@ class Pool:
             if entry.token is not None:
                 try:
                     self._budget.put(entry.token)  # type: ignore[union-attr]
+                except ServerUnavailable as exc:
+                    # The supervisor is gone: so is the budget, nothing to give back.
+                    log.info("mppool: pool %d: budget token not returned: %s", self._id, exc)
                 except Exception:
                     log.warning("mppool: pool %d: could not return a budget token", self._id,
                                 exc_info=True)

@@ -1,13 +1,13 @@
-"""eventlet's ``pools`` module on native threads: ``Pool``, ``TokenPool`` and ``Token`` (SPEC §3, §5).
+"""eventlet's ``pools`` module on native threads: ``Pool``, ``TokenPool`` and ``Token``.
 
-These classes are a thin layer over the core :class:`mppool.pool.Pool`, which does all of the
+These classes are a thin layer over the core `mppool.pool.Pool`, which does all of the
 counting, creating and waiting (first come, first served, a timed-out waiter never swallows
 an item). The layer adds what eventlet users expect on top of it:
 
-- items come from a nullary :meth:`Pool.create` (eventlet's name) instead of ``fun(i)``;
+- items come from a nullary `Pool.create` (eventlet's name) instead of ``fun(i)``;
 - ``order_as_stack`` picks which idle item comes out next: the core pool hands out the oldest
   idle item when its ``_fifo`` flag is set, the most recently returned one otherwise;
-- :meth:`Pool.put` of an item the pool never lent is adopted rather than ignored (see there).
+- `Pool.put` of an item the pool never lent is adopted rather than ignored (see there).
 
 Differences from eventlet, all in the direction of keeping ``max_size`` a hard bound:
 ``max_size`` must be at least 1 (the core pool reads 0 as "unbounded", eventlet as "nothing
@@ -37,10 +37,10 @@ T = TypeVar("T")
 
 
 class Pool(Generic[T]):
-    """A bounded pool of items made by :meth:`create`, shared by threads (eventlet's API).
+    """A bounded pool of items made by `create`, shared by threads (eventlet's API).
 
     Provide the items either with ``create`` (a function of no arguments) or by overriding
-    :meth:`create` in a subclass. ``min_size`` items are created at construction; the others
+    `create` in a subclass. ``min_size`` items are created at construction; the others
     lazily, when ``get()`` finds no idle item and fewer than ``max_size`` exist. ``get()``
     then blocks until an item is put back (or ``timeout`` expires), and blocked callers are
     served in arrival order. Always ``put()`` what you ``get()``, or use ``with pool.item()``.
@@ -85,7 +85,7 @@ class Pool(Generic[T]):
         """Return an item, creating one if there is room, else waiting for a ``put()``.
 
         ``timeout=None`` waits forever, ``0`` does not wait; ``mppool.TimeOut`` when nothing
-        came in time. An exception from :meth:`create` propagates and costs no room.
+        came in time. An exception from `create` propagates and costs no room.
         """
         entry = self._pool.checkout(current_holder(), timeout)
         with self._lock:
@@ -95,11 +95,11 @@ class Pool(Generic[T]):
     def put(self, item: T) -> None:
         """Give an item back: to the oldest blocked ``get()``, else to the idle items.
 
-        - An item got from this pool is returned. If :meth:`resize` shrank the pool while it
+        - An item got from this pool is returned. If `resize` shrank the pool while it
           was out and the pool still holds too many items, it is discarded instead, as in
           eventlet, even when a ``get()`` is waiting (the core pool does this).
         - An item this pool already holds idle (put twice) is ignored with a warning.
-        - Any other item is *adopted*: it is used in place of the next :meth:`create` call.
+        - Any other item is *adopted*: it is used in place of the next `create` call.
           eventlet appends such items to its free list, so that the pool can grow past
           ``max_size`` or lend one object to two callers; adopting keeps the bound exact and
           still lets a pool be filled by hand with ``put()``. An adopted item therefore does
@@ -170,7 +170,7 @@ class Pool(Generic[T]):
 
     @property
     def max_size(self) -> int:
-        """The bound on items alive at once; change it with :meth:`resize`."""
+        """The bound on items alive at once; change it with `resize`."""
         return self._max_size
 
     @property
@@ -190,7 +190,7 @@ class Pool(Generic[T]):
         return len(self._pool)
 
     def stats(self) -> dict[str, Any]:
-        """The core pool's JSON-compatible stats (SPEC §2)."""
+        """The core pool's JSON-compatible stats."""
         return self._pool.stats()
 
     def __repr__(self) -> str:
@@ -229,9 +229,9 @@ class Token:
 
 
 class TokenPool(Pool[Token]):
-    """A pool of ``max_size`` distinct :class:`Token` objects bounding concurrency.
+    """A pool of ``max_size`` distinct `Token` objects bounding concurrency.
 
-    Tokens out plus tokens available always make ``max_size`` (SPEC §5); ``stats()`` reads
+    Tokens out plus tokens available always make ``max_size``; ``stats()`` reads
     both from one snapshot. ``max_size`` comes first, as in ``client.token_pool(name,
     max_size)``; the other eventlet arguments are keyword-only, so an eventlet-style
     positional ``TokenPool(0, 10)`` fails loudly instead of meaning something else.

@@ -167,13 +167,13 @@ class Supervisor:
             raise KeyError(f"no pool named {name!r}")
         return rec
 
-    def drop(self, name: str) -> None:
+    def drop(self, name: str, delay: float = 0.0) -> None:
         with self.lock:
             rec = self.records.pop(name, None)
             if rec is not None:
                 self.by_id.pop(rec.id, None)
         if rec is not None:
-            rec.pool.shutdown()
+            rec.pool.shutdown(delay)
 
     # ---------------------------------------------------------------------- watchdog
 
@@ -310,7 +310,7 @@ class Control:
         if method not in ("free", "waiting", "resize", "shutdown", "__len__", "__repr__"):
             raise ValueError(f"method must be a pool method, got {method!r}")
         if method == "shutdown":
-            self._sup.drop(name)
+            self._sup.drop(name, *args)
             return None
         return getattr(self._sup.get_record(name).pool, method)(*args)
 

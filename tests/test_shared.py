@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import stat
 
 import pytest
@@ -87,7 +88,7 @@ def test_proxy_transfer_calls_run_in_supervisor(client):
     assert obj.count(0) == 1
     assert len(obj) == 1 and obj[0] == 0
     pool.ret(obj)
-    with pytest.raises(mppool.PoolClosed, match="returned"):
+    with pytest.raises(mppool.PoolException, match="returned"):
         obj.append(1)
     again = pool.get()
     assert again.copy() == [0]  # the same object, kept in the supervisor
@@ -269,3 +270,34 @@ def test_shutdown_wakes_remote_waiters(client, procs):
         pool.get(timeout=0)
 
 
+
+
+def test_ret_discard_closes_the_object(client):
+    pool = client.pool("disc", lambda i: i, max_size=1)
+    obj = pool.get()
+    pool.ret(obj, discard=True)
+    wait_until(lambda: pool.stats()["ndestroys"] == 1, what="discarded object closed")
+    assert pool.get(timeout=1) == 1  # a new one in the freed slot
+
+
+def test_returned_proxy_refuses_clearly(client):
+    pool = client.pool("retp", lambda i: [i], transfer="proxy", max_size=1)
+    obj = pool.get()
+    pool.ret(obj)
+    with pytest.raises(mppool.PoolException, match="returned to its pool"):
+        obj.append(1)
+
+
+def test_reconnect_to_a_restarted_supervisor_at_the_same_address(tmp_path):
+    addr = str(tmp_path / "s.sock")
+    key = os.urandom(16)
+    first = mppool.Server(addr, key).start()
+    stale = mppool.connect(addr, key)
+    assert stale.stats() == {}
+    os.kill(first.pid, signal.SIGKILL)  # the supervisor this test started
+    first.shutdown()
+    with mppool.Server(addr, key) as second:
+        fresh = mppool.connect(addr, key, timeout=5)
+        assert fresh.info()["pid"] == second.pid
+        fresh.close()
+    stale.close()
