@@ -232,7 +232,9 @@ class Client:
         self._manager_pid = 0
         self._control: Any = None
         self._chan: Channel | None = None
-        self._pools: dict[str, SharedPool] = {}
+        # Weak: pools point to their client, and a cycle would leave a dropped client to
+        # the cyclic GC, which may finalize its socket before Client.__del__ closes it.
+        self._pools: weakref.WeakValueDictionary[str, SharedPool] = weakref.WeakValueDictionary()
         self._closed = False
         self._info: dict[str, Any] = {}
         self._ctl()  # fail now, not at first use
@@ -258,8 +260,13 @@ class Client:
                         manager = Server.__new__(Server)
                         BaseManager.__init__(manager, address=self.address, authkey=self.authkey)
                         BaseManager.connect(manager)
-                        self._control = manager.Control()
-                        self._info = self._control.info()
+                        control = manager.Control()
+                        # multiprocess shares one cached connection per address among all
+                        # proxies of a process: a stale client's dead socket could then serve
+                        # a fresh client. Each client keeps its own.
+                        control._tls = threading.local()
+                        self._info = control.info()
+                        self._control = control
                         break
                     except AuthenticationError:
                         raise ServerUnavailable(f"supervisor at {display(self.address)} refused "
@@ -307,7 +314,7 @@ class Client:
         self._lock = threading.Lock()
         for addr_local in list(BaseProxy._address_to_local.values()):
             addr_local[0].__dict__.clear()  # the proxies' thread-local connection
-        for pool in self._pools.values():
+        for pool in list(self._pools.values()):
             pool._forked()
 
     # --------------------------------------------------------------- public API
@@ -348,7 +355,11 @@ class Client:
 
     def _remember(self, pool: SharedPool) -> SharedPool:
         with self._lock:
-            return self._pools.setdefault(pool.name, pool)
+            known = self._pools.get(pool.name)
+            if known is not None:
+                return known
+            self._pools[pool.name] = pool
+            return pool
 
     def stats(self) -> dict[str, Any]:
         return self._call("stats")

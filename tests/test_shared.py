@@ -301,3 +301,24 @@ def test_reconnect_to_a_restarted_supervisor_at_the_same_address(tmp_path):
         assert fresh.info()["pid"] == second.pid
         fresh.close()
     stale.close()
+
+
+def test_dropped_clients_close_their_sockets(server):
+    """A client dropped without close() closes its socket at once, by refcount: it is in no
+    reference cycle, so it never waits for the cyclic GC (which may finalize the socket
+    first and warn about an unclosed socket)."""
+    import gc
+
+    probe = mppool.connect(server.address, server.authkey)
+    gc.disable()  # only refcounting may close them
+    try:
+        for _ in range(10):
+            c = mppool.connect(server.address, server.authkey)
+            tokens = c.token_pool("drop", 2)
+            tokens.put(tokens.get())
+            del c, tokens
+        wait_until(lambda: probe.info()["connections"] == 0, what="the supervisor saw every close")
+    finally:
+        gc.enable()
+        gc.collect()
+    probe.close()
