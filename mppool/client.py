@@ -21,7 +21,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +32,7 @@ from . import wire
 from .address import Address, client_authkey, default_address, display, parse_address
 from .errors import PoolException, ServerUnavailable
 from .holder import current_holder
+from .lender import Lender
 from .validate import check_delay
 
 log = logging.getLogger("mppool")
@@ -404,7 +404,7 @@ class _TokenMaker:
         return self.cls()
 
 
-class SharedPool:
+class SharedPool(Lender):
     """A pool served by the supervisor, with the API of ``mppool.Pool``.
 
     It pickles as (address, key, name) and reconnects wherever it is unpickled.
@@ -449,16 +449,6 @@ class SharedPool:
             self._client.channel().post(wire.PUT, self._id, held[1])
 
     put = ret
-
-    @contextmanager
-    def obj(self, timeout: float | None = None) -> Iterator[Any]:
-        o = self.get(timeout)
-        try:
-            yield o
-        finally:
-            self.ret(o)
-
-    item = obj
 
     def stats(self) -> dict[str, Any]:
         return self._client._call("stats", self.name)

@@ -6,7 +6,7 @@ that could break it: the supervisor's own count of tokens out, sampled by the pa
 by each worker while it holds a token, and a cross-process count of holders kept in shared
 memory. One worker is SIGKILLed while holding a token to show the watchdog giving it back.
 
-Nothing here writes to the terminal (``mppool.cli`` renders what :class:`Demo` reports).
+Nothing here writes to the terminal (``mppool.cli`` renders what `Demo` reports).
 Workers are module-level functions so that the 'spawn' start method can import them.
 """
 

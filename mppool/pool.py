@@ -24,13 +24,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .clock import REAL_CLOCK, Clock
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
+from .lender import Lender
 from .sched import Scheduler, Task, default_scheduler
 from .validate import check_callable, check_delay, check_int, check_timeout
 
@@ -128,7 +128,7 @@ _ids = itertools.count(1)
 _leases = itertools.count(1)
 
 
-class Pool:
+class Pool(Lender):
     """Thread-safe pool of objects created on demand by ``fun(i)`` (ProxyPatternPool's API)."""
 
     def __init__(
@@ -328,17 +328,6 @@ class Pool:
             leases.append(entry.lease)
 
     put = ret
-
-    @contextmanager
-    def obj(self, timeout: float | None = None) -> Iterator[Any]:
-        """Get an object for a ``with`` block; it is always returned."""
-        o = self.get(timeout)
-        try:
-            yield o
-        finally:
-            self.ret(o)
-
-    item = obj
 
     def free(self) -> int:
         """How many get() calls would succeed right now without waiting."""

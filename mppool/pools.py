@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from .holder import current_holder
+from .lender import Lender
 from .pool import Pool as _CorePool
 from .validate import check_callable, check_int
 
@@ -36,7 +36,7 @@ log = logging.getLogger("mppool")
 T = TypeVar("T")
 
 
-class Pool(Generic[T]):
+class Pool(Lender, Generic[T]):
     """A bounded pool of items made by `create`, shared by threads (eventlet's API).
 
     Provide the items either with ``create`` (a function of no arguments) or by overriding
@@ -124,17 +124,6 @@ class Pool(Generic[T]):
                         outcome, item)
             return
         self._pool.checkin(lease)
-
-    @contextmanager
-    def item(self, timeout: float | None = None) -> Iterator[T]:
-        """``with pool.item() as thing:`` gets an item and always puts it back."""
-        obj = self.get(timeout)
-        try:
-            yield obj
-        finally:
-            self.put(obj)
-
-    obj = item
 
     def resize(self, new_size: int) -> None:
         """Set ``max_size`` to ``new_size``.

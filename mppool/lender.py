@@ -1,0 +1,27 @@
+"""The ``with pool.obj() as o:`` context manager, for every pool that has get() and put()."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Lender:
+    """``obj(timeout)`` (alias ``item``): get an object for a ``with`` block, always put back."""
+
+    def get(self, timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def put(self, obj: Any) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def obj(self, timeout: float | None = None) -> Iterator[Any]:
+        o = self.get(timeout)
+        try:
+            yield o
+        finally:
+            self.put(o)
+
+    item = obj
