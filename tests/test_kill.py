@@ -87,9 +87,10 @@ def test_kill_during_get_loses_nothing(client, procs):
     ctx = fork_ctx()
     pool = client.pool("churn", lambda i: i, max_size=3, min_size=0)
     tokens = client.token_pool("churn-t", 2)
-    counter = ctx.Value("i", 0)
+    counter = ctx.RawValue("i", 0)  # no lock: a killed child would keep it forever
     rnd = random.Random(7)
     for _ in range(12):
+        counter.value = 0
         p = ctx.Process(target=get_loop, args=(rnd.choice([pool, tokens]), counter))
         procs.append(p)
         p.start()

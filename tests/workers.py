@@ -80,11 +80,14 @@ def hold_and_fork_keeper(pool: Any, ready: Any) -> None:
 
 
 def get_loop(pool: Any, counter: Any) -> None:
-    """Endless get/ret, counting cycles; killed at a random moment by the test."""
+    """Endless get/ret, counting cycles; killed at a random moment by the test.
+
+    ``counter`` is a lock-free RawValue: a process SIGKILLed while holding a
+    multiprocessing lock never releases it, and the test would hang reading the count.
+    """
     while True:
         obj = pool.get(timeout=10)
-        with counter.get_lock():
-            counter.value += 1
+        counter.value += 1
         pool.ret(obj)
 
 
