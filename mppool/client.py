@@ -425,7 +425,8 @@ class SharedPool(Lender):
         if reply[1] == wire.ERR:
             raise reply[2]
         lease, blob = reply[2], reply[3]
-        obj = ObjectProxy(self, lease, 0, "") if blob is None else pickle.loads(blob)
+        # The method cache of proxies is per kind of object: here, per pool.
+        obj = ObjectProxy(self, lease, 0, f"pool {self.name}") if blob is None else pickle.loads(blob)
         with self._lock:
             self._leases[id(obj)] = (obj, lease)
         return obj
@@ -461,6 +462,10 @@ class SharedPool(Lender):
 
     def resize(self, max_size: int) -> None:
         self._client._call("pool_call", self.name, "resize", max_size)
+
+    def clear(self) -> int:
+        """Close every idle object in the supervisor; returns how many."""
+        return self._client._call("pool_call", self.name, "clear")
 
     def shutdown(self, delay: float = 0.0) -> None:
         self._client._call("pool_call", self.name, "shutdown", check_delay("delay", delay))
@@ -500,6 +505,12 @@ def _attach(address: str, authkey: str, name: str) -> SharedPool:
     return _attach_client(address, authkey).pool(name)
 
 
+# What a proxied attribute is when it is a method (qualified type names, as the supervisor
+# sends them): calling it then needs one round trip, not two.
+_CALLABLE_TYPES = frozenset(("builtins.method", "builtins.builtin_function_or_method",
+                             "builtins.function", "builtins.method-wrapper"))
+
+
 class ObjectProxy:
     """A ``transfer="proxy"`` object: method calls run in the supervisor, on the real object."""
 
@@ -537,8 +548,7 @@ class ObjectProxy:
         if name in known:
             return _Method(self, name)
         value = self._mp_request(wire.GETATTR, name)
-        if isinstance(value, ObjectProxy) and value._mp_type in ("method", "builtin_function_or_method",
-                                                                 "function"):
+        if isinstance(value, ObjectProxy) and value._mp_type in _CALLABLE_TYPES:
             value._mp_release()
             known.add(name)
             return _Method(self, name)

@@ -609,15 +609,7 @@ class RawConnectionPool(BaseConnectionPool):
         self._pool.checkin(handle, discard)
 
     def clear(self) -> None:
-        pool = self._pool
-        # The core pool has no public "close the idle ones"; this is what its resize() does
-        # to idle entries above a smaller bound, for all of them. _flush closes them outside
-        # the lock, returns their budget tokens and lets waiters create new connections.
-        with pool._lock:
-            idle = list(pool._avail)
-            pool._avail.clear()
-            pool._todel.extend(idle)
-        pool._flush()
+        self._pool.clear()
 
     def free(self) -> int:
         return self._pool.free()

@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import wire
@@ -110,6 +110,9 @@ class Conn:
         self.nonce = wire.new_nonce()
         self.holder: Holder | None = None
         self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
+        # Puts still running on a worker thread (hooks): a PING is answered after them, so
+        # a client's sync() means "every put I sent has taken effect".
+        self.puts_running: set[Future[Any]] = set()
 
     def send(self, msg: Any) -> None:
         self.send_raw(wire.dumps(msg))
@@ -379,7 +382,23 @@ class LeaseLoop:
             rec = self.sup.record(msg[2])
             conn.send((rid, wire.OK, rec.pool.waiting() if rec is not None else 0))
         elif op == wire.PING:
-            conn.send((rid, wire.OK, os.getpid()))
+            reply = (rid, wire.OK, os.getpid())
+            running = list(conn.puts_running)
+            if not running:
+                conn.send(reply)
+            else:
+                left = [len(running)]
+                lock = threading.Lock()
+
+                def one_done(_: Future[Any]) -> None:
+                    with lock:
+                        left[0] -= 1
+                        last = left[0] == 0
+                    if last:
+                        conn.send(reply)
+
+                for fut in running:
+                    fut.add_done_callback(one_done)
         else:
             conn.send((rid, wire.ERR, ValueError(f"unknown op {op!r}")))
 
@@ -477,7 +496,9 @@ class LeaseLoop:
             if entry is not None:
                 metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
         if rec.slow_ret or discard:  # a discard runs the closer: off the loop
-            self.executor.submit(rec.pool.checkin, lease, discard)
+            fut = self.executor.submit(rec.pool.checkin, lease, discard)
+            conn.puts_running.add(fut)
+            fut.add_done_callback(conn.puts_running.discard)
         else:
             rec.pool.checkin(lease)
 
@@ -509,7 +530,8 @@ class LeaseLoop:
         else:
             newref = next(self.ids)
             conn.refs[newref] = (owner, value)
-            conn.send((rid, wire.REF, newref, type(value).__name__))
+            kind = type(value)
+            conn.send((rid, wire.REF, newref, f"{kind.__module__}.{kind.__qualname__}"))
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -346,6 +346,18 @@ class Pool(Lender):
         with self._lock:
             return len(self._avail) + len(self._using)
 
+    def clear(self) -> int:
+        """Close every idle object (those in use are not touched); returns how many.
+
+        min_size is refilled by housekeeping, as after any other close.
+        """
+        with self._lock:
+            idle = list(self._avail)
+            self._avail.clear()
+            self._todel.extend(idle)
+        self._flush()
+        return len(idle)
+
     def resize(self, max_size: int) -> None:
         """Change the bound; extra idle objects are closed, new room goes to waiters."""
         max_size = check_int("max_size", max_size)
@@ -662,13 +674,17 @@ class Pool(Lender):
             if not w.set(CREATE):
                 self._ncreating -= 1
 
-    def _create(self) -> Entry:
-        """Create an object in a slot already counted in ``_ncreating``."""
+    def _create(self, fill: bool = False) -> Entry:
+        """Create an object in a slot already counted in ``_ncreating``.
+
+        ``fill``: for min_size, never wait for a budget token (a constructor or a
+        housekeeping round must not block on other processes); try again later.
+        """
         token = None
         try:
             if self._budget is not None:
                 # Drawn before fun runs, so the cross-process total never exceeds the budget.
-                token = self._budget.get(self._timeout)
+                token = self._budget.get(0 if fill else self._timeout)
             with self._lock:
                 num = self._nextnum
                 self._nextnum += 1
@@ -695,7 +711,11 @@ class Pool(Lender):
                     return
                 self._ncreating += 1
             try:
-                entry = self._create()
+                entry = self._create(fill=True)
+            except TimeOut:
+                log.info("mppool: pool %d: no budget token free to reach min_size=%d yet",
+                         self._id, self._min_size)
+                return
             except Exception:
                 log.warning("mppool: pool %d: could not create an object to reach min_size=%d",
                             self._id, self._min_size, exc_info=True)

@@ -307,7 +307,7 @@ class Control:
         return s
 
     def pool_call(self, name: str, method: str, *args: Any) -> Any:
-        if method not in ("free", "waiting", "resize", "shutdown", "__len__", "__repr__"):
+        if method not in ("free", "waiting", "resize", "shutdown", "clear", "__len__", "__repr__"):
             raise ValueError(f"method must be a pool method, got {method!r}")
         if method == "shutdown":
             self._sup.drop(name, *args)

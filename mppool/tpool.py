@@ -65,7 +65,7 @@ class Proxy(ObjectProxy):
                  *, _hid: int = 0, _client: Client | None = None) -> None:
         client = _client or _get_client()
         hid = _hid or client._call("host", dill.dumps(obj, recurse=True))
-        super().__init__(_Host(client), hid, 0, type(obj).__name__ if not _hid else "hosted")  # type: ignore[arg-type]
+        super().__init__(_Host(client), hid, 0, f"hosted {hid}")  # type: ignore[arg-type]
 
     def __reduce__(self) -> tuple[Any, ...]:
         from .address import display

@@ -110,3 +110,15 @@ def test_budget_token_returned_when_fun_fails(server, client):
         pool.get()
     assert budget.free() == 1
     pool.shutdown()
+
+
+def test_min_size_fill_never_blocks_on_an_exhausted_budget(server, client):
+    budget = client.token_pool("budget", 1)
+    hog = budget.get()  # the whole budget is out
+    t0 = time.monotonic()
+    pool = mppool.Pool(lambda i: i, max_size=2, min_size=1, budget=budget)
+    assert time.monotonic() - t0 < 2  # construction did not wait for a token
+    assert len(pool) == 0  # the fill is retried by housekeeping, not waited for
+    budget.put(hog)
+    assert pool.get(timeout=5) == 0
+    pool.shutdown()

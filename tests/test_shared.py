@@ -322,3 +322,39 @@ def test_dropped_clients_close_their_sockets(server):
         gc.enable()
         gc.collect()
     probe.close()
+
+
+def test_read_your_writes_with_a_slow_retter(client):
+    """A put with a hook runs on a worker thread; stats() right after ret() still sees it."""
+    import time as _time
+
+    def slow_retter(obj):
+        _time.sleep(0.05)
+
+    pool = client.pool("slowret", lambda i: i, max_size=2, retter=slow_retter)
+    for _ in range(10):
+        pool.ret(pool.get())
+        assert pool.free() == 2  # not 1: the sync waited for the put to finish
+
+
+def test_proxy_method_cache_is_per_pool(client):
+    """``pop`` is a method of a list and a key-like attribute elsewhere: what one pool's
+    objects taught the client must not be applied to another pool's objects."""
+    import types
+
+    lists = client.pool("plists", lambda i: [1, 2], transfer="proxy", max_size=1)
+    ns = client.pool("pns", lambda i: types.SimpleNamespace(pop=7), transfer="proxy", max_size=1)
+    with lists.obj() as lst:
+        assert lst.pop() == 2  # learnt: "pop" is a method, for this pool's objects
+    with ns.obj() as n:
+        assert n.pop == 7  # still an attribute here
+
+
+def test_clear_closes_idle_objects_only(client):
+    pool = client.pool("clr", lambda i: i, max_size=3, min_size=0)
+    a, b = pool.get(), pool.get()
+    pool.ret(b)
+    assert pool.clear() == 1
+    s = pool.stats()
+    assert s["navail"] == 0 and s["nusing"] == 1 and s["ndestroys"] == 1
+    pool.ret(a)
