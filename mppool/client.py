@@ -168,7 +168,7 @@ class Channel:
                     msg = wire.loads(bytes(buf[size:size + n]))
                     del buf[:size + n]
                     return msg
-            data = self._sock.recv(262144)
+            data = self._sock.recv(wire.RECV_SIZE)
             if not data:
                 raise EOFError("connection closed")
             if not buf and len(data) >= size:

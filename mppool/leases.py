@@ -263,7 +263,7 @@ class LeaseLoop:
 
     def read(self, conn: Conn) -> None:
         try:
-            data: bytes | bytearray = conn.sock.recv(262144)
+            data: bytes | bytearray = conn.sock.recv(wire.RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -24,6 +24,9 @@ import struct
 from typing import Any
 
 HEADER = struct.Struct("!I")
+# How much one recv() asks for. Above glibc's mmap threshold (128 KiB) every call would
+# mmap and munmap its buffer: recv(262144) measured 15 us against 1.9 us for 64 KiB.
+RECV_SIZE = 65536
 MAX_FRAME = 1 << 30
 
 # ops
