@@ -140,6 +140,7 @@ class LeaseLoop:
     def __init__(self, sup: Supervisor, address: str | tuple[str, int], authkey: bytes,
                  workers: int = 8) -> None:
         self.sup = sup
+        self.records = sup.by_id  # pool id -> Record (the same dict, read on the hot path)
         self.authkey = authkey
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.lsock = socket.socket(family, socket.SOCK_STREAM)
@@ -279,31 +280,39 @@ class LeaseLoop:
         pos = 0
         size = wire.HEADER.size
         unpack = wire.HEADER.unpack_from
-        loads = wire.loads
+        authed = conn.holder is not None
         while end - pos >= size:
             (n,) = unpack(data, pos)
-            if end - pos - size < n:
+            start = pos + size
+            if end - start < n:
                 break
+            pos = start + n
+            kind = data[start] if n else 0
             try:
-                msg = loads(view[pos + size:pos + size + n])
-            except Exception:
-                log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
-                self.close(conn)
-                return
-            pos += size + n
-            try:
-                op = msg[1] if conn.holder is not None else 0
-                if op == wire.GET:
-                    self.get(conn, msg[0], msg[2], msg[3])
-                elif op == wire.PUT:
-                    self.put(conn, msg[2], msg[3], len(msg) > 4 and msg[4])
-                elif op == 0:
-                    if not self.hello(conn, msg):
-                        return
+                # The two messages of every lease cycle, decoded in place (no tuple, no copy).
+                if kind == wire.KIND_GET and authed:
+                    _, rid, pool_id, timeout = wire.GET_FRAME.unpack_from(data, start)
+                    self.get(conn, rid, pool_id, None if timeout < 0 else timeout)
+                elif kind == wire.KIND_PUT and authed:
+                    _, pool_id, lease = wire.PUT_FRAME.unpack_from(data, start)
+                    self.put(conn, pool_id, lease)
                 else:
-                    self.dispatch(conn, msg)
+                    try:
+                        msg = wire.loads(view[start:pos])
+                    except Exception:
+                        log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
+                        self.close(conn)
+                        return
+                    if not authed:
+                        if not self.hello(conn, msg):
+                            return
+                        authed = True
+                    elif msg[1] == wire.PUT:  # a put with discard=True
+                        self.put(conn, msg[2], msg[3], len(msg) > 4 and msg[4])
+                    else:
+                        self.dispatch(conn, msg)
             except Exception:
-                log.exception("mppool: conn %d: request %r failed", conn.id, msg[:2])
+                log.exception("mppool: conn %d: a request failed", conn.id)
             if conn.closed:
                 return
         if pos < end:
@@ -403,7 +412,7 @@ class LeaseLoop:
             conn.send((rid, wire.ERR, ValueError(f"unknown op {op!r}")))
 
     def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
-        rec = self.sup.record(pool_id)
+        rec = self.records.get(pool_id)
         if rec is None:
             conn.send((rid, wire.ERR, PoolClosed(f"pool {pool_id} is shutting down or unknown")))
             return
@@ -484,7 +493,7 @@ class LeaseLoop:
             rec.pool.reclaim(lambda h: h.conn == conn.id)
 
     def put(self, conn: Conn, pool_id: int, lease: int, discard: bool = False) -> None:
-        rec = self.sup.record(pool_id)
+        rec = self.records.get(pool_id)
         if rec is None:
             return
         if conn.refs:

@@ -37,8 +37,8 @@ OK, ERR, REF = range(3)
 NONCE_SIZE = 32
 
 
-_GET = struct.Struct("!BIId")
-_PUT = struct.Struct("!BIQ")
+GET_FRAME = _GET = struct.Struct("!BIId")
+PUT_FRAME = _PUT = struct.Struct("!BIQ")
 _OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
 _OK_BODY = struct.Struct("!IQ")
 KIND_GET, KIND_PUT, KIND_OK = b"G"[0], b"P"[0], b"O"[0]
