@@ -12,6 +12,7 @@ its own on first use.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import os
@@ -96,16 +97,22 @@ class Channel:
             sock.connect(address if isinstance(address, str) else tuple(address))
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nonce = wire.recv_frame(sock)
+            nonce = wire.recv_raw(sock)
+            if nonce[:1] != b"N" or len(nonce) != 1 + wire.NONCE_SIZE:
+                raise EOFError("not a supervisor's greeting")
+            mine = wire.new_nonce()
             h = current_holder()
-            sock.sendall(wire.dumps((wire.digest(authkey, nonce), h.pid, h.start, h.host)))
-            reply = wire.recv_frame(sock)
+            sock.sendall(wire.dump_hello(wire.digest(authkey, nonce[1:]), mine, h.pid, h.start,
+                                         h.host))
+            answer, conn_id = wire.parse_ack(wire.recv_raw(sock))
+            if not hmac.compare_digest(answer, wire.digest(authkey, mine)):
+                raise EOFError("the supervisor does not know the key")
         except (OSError, EOFError) as exc:
             sock.close()
             raise ServerUnavailable(f"cannot open the lease channel at {display(address)}: "
                                     f"{exc or 'refused (wrong key?)'}") from None
         sock.settimeout(None)
-        self.conn_id = reply[2]
+        self.conn_id = conn_id
         self._sock = sock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -458,7 +465,8 @@ class SharedPool(Lender):
         return self._client._call("pool_call", self.name, "free")
 
     def waiting(self) -> int:
-        return self._client._call("pool_call", self.name, "waiting")
+        # On the lease channel, not the dill control plane: budgets poll it (Pool.recall()).
+        return self._client.channel().request(wire.WAITING, self._id)[2]
 
     def resize(self, max_size: int) -> None:
         self._client._call("pool_call", self.name, "resize", max_size)

@@ -17,6 +17,7 @@ and gives back every lease it holds, at once (DESIGN.md, traps 1 and 6).
 from __future__ import annotations
 
 import heapq
+import hmac
 import itertools
 import logging
 import os
@@ -260,7 +261,7 @@ class LeaseLoop:
             self.conns[conn.id] = conn
             self.fds[sock.fileno()] = conn
             self.poller.register(sock.fileno(), _READ)
-            conn.send(conn.nonce)
+            conn.send_raw(wire.dump_nonce(conn.nonce))
 
     def read(self, conn: Conn) -> None:
         try:
@@ -296,6 +297,11 @@ class LeaseLoop:
                 elif kind == wire.KIND_PUT and authed:
                     _, pool_id, lease = wire.PUT_FRAME.unpack_from(data, start)
                     self.put(conn, pool_id, lease)
+                elif not authed:
+                    # Nothing is unpickled before the client proved it has the key.
+                    if not self.hello(conn, view[start:pos]):
+                        return
+                    authed = True
                 else:
                     try:
                         msg = wire.loads(view[start:pos])
@@ -303,11 +309,7 @@ class LeaseLoop:
                         log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
                         self.close(conn)
                         return
-                    if not authed:
-                        if not self.hello(conn, msg):
-                            return
-                        authed = True
-                    elif msg[1] == wire.PUT:  # a put with discard=True
+                    if msg[1] == wire.PUT:  # a put with discard=True
                         self.put(conn, msg[2], msg[3], len(msg) > 4 and msg[4])
                     else:
                         self.dispatch(conn, msg)
@@ -318,14 +320,14 @@ class LeaseLoop:
         if pos < end:
             conn.rbuf = bytearray(view[pos:])  # a partial frame: wait for the rest
 
-    def hello(self, conn: Conn, msg: Any) -> bool:
+    def hello(self, conn: Conn, frame: Any) -> bool:
         try:
-            answer, pid, start, host = msg
-            ok = wire.hmac.compare_digest(answer, wire.digest(self.authkey, conn.nonce))
+            answer, client_nonce, pid, start, host = wire.parse_hello(frame)
+            ok = hmac.compare_digest(answer, wire.digest(self.authkey, conn.nonce))
         except Exception:
             ok = False
         if not ok:
-            log.warning("mppool: refused a lease connection with a wrong key")
+            log.warning("mppool: refused a lease connection with a wrong key or no handshake")
             self.close(conn)
             return False
         if conn.sock.family == socket.AF_UNIX:
@@ -334,8 +336,7 @@ class LeaseLoop:
             pid = int.from_bytes(creds[:4], "little")
             host = HOSTNAME
         conn.holder = Holder(pid, start, host, conn.id)
-        conn.send((0, wire.OK, conn.id))
-        self.sup.watch(conn.holder)
+        conn.send_raw(wire.dump_ack(wire.digest(self.authkey, client_nonce), conn.id))
         return True
 
     def flush(self, conn: Conn) -> None:

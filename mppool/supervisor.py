@@ -177,9 +177,6 @@ class Supervisor:
 
     # ---------------------------------------------------------------------- watchdog
 
-    def watch(self, holder: Holder) -> None:
-        log.debug("mppool: lease connection %d from pid %d", holder.conn, holder.pid)
-
     def release_conn(self, conn: Conn) -> None:
         """A client connection closed: drop its waiters, reclaim its leases."""
         for rec in list(self.records.values()):

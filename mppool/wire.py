@@ -76,6 +76,51 @@ def loads(frame: Any) -> Any:
     return pickle.loads(frame)
 
 
+# The handshake is raw structs, never pickle: nothing is unpickled from a peer that has not
+# proved it knows the key (a pickle can run code). Mutual: each side answers the other's nonce.
+#   supervisor -> client  b"N" nonce(32)
+#   client -> supervisor  b"H" hmac(key, nonce)(32) client_nonce(32) pid start_time host
+#   supervisor -> client  b"A" hmac(key, client_nonce)(32) conn_id
+_HELLO = struct.Struct("!c32s32sId")
+_ACK = struct.Struct("!c32sQ")
+
+
+def dump_nonce(nonce: bytes) -> bytes:
+    return HEADER.pack(1 + len(nonce)) + b"N" + nonce
+
+
+def dump_hello(answer: bytes, client_nonce: bytes, pid: int, start: float, host: str) -> bytes:
+    body = _HELLO.pack(b"H", answer, client_nonce, pid, start) + host.encode()[:255]
+    return HEADER.pack(len(body)) + body
+
+
+def parse_hello(frame: Any) -> tuple[bytes, bytes, int, float, str]:
+    """ValueError unless ``frame`` is a well-formed hello."""
+    if len(frame) < _HELLO.size or frame[0] != b"H"[0]:
+        raise ValueError("not a hello")
+    _, answer, client_nonce, pid, start = _HELLO.unpack_from(frame)
+    return answer, client_nonce, pid, start, bytes(frame[_HELLO.size:]).decode(errors="replace")
+
+
+def dump_ack(answer: bytes, conn_id: int) -> bytes:
+    return HEADER.pack(_ACK.size) + _ACK.pack(b"A", answer, conn_id)
+
+
+def recv_raw(sock: socket.socket) -> bytes:
+    """One frame's payload, as bytes (for the handshake: nothing is unpickled)."""
+    (n,) = HEADER.unpack(recv_exact(sock, HEADER.size))
+    if n > 4096:
+        raise EOFError(f"handshake frame of {n} bytes refused")
+    return recv_exact(sock, n)
+
+
+def parse_ack(frame: bytes) -> tuple[bytes, int]:
+    if len(frame) != _ACK.size or frame[:1] != b"A":
+        raise EOFError("not a handshake acknowledgement")
+    _, answer, conn_id = _ACK.unpack(frame)
+    return answer, conn_id
+
+
 def digest(authkey: bytes, nonce: bytes) -> bytes:
     return hmac.new(authkey, nonce, hashlib.sha256).digest()
 
@@ -92,10 +137,3 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             raise EOFError("connection closed")
         buf += chunk
     return bytes(buf)
-
-
-def recv_frame(sock: socket.socket) -> Any:
-    (n,) = HEADER.unpack(recv_exact(sock, HEADER.size))
-    if n > MAX_FRAME:
-        raise EOFError(f"frame of {n} bytes refused")
-    return pickle.loads(recv_exact(sock, n))

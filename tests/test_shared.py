@@ -358,3 +358,43 @@ def test_clear_closes_idle_objects_only(client):
     s = pool.stats()
     assert s["navail"] == 0 and s["nusing"] == 1 and s["ndestroys"] == 1
     pool.ret(a)
+
+
+class _Evil:
+    """A pickle that runs code when loaded: it must never be loaded unauthenticated."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("address", ["unix", "tcp"])
+def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
+    import socket as _socket
+
+    from mppool import wire
+
+    marker = tmp_path / "pwned"
+    addr = str(tmp_path / "s.sock") if address == "unix" else "127.0.0.1:0"
+    with mppool.Server(addr) as srv:
+        c = mppool.connect(srv.address, srv.authkey)
+        lease_addr = c.info()["lease_address"]
+        c.close()
+        family = _socket.AF_UNIX if isinstance(lease_addr, str) else _socket.AF_INET
+        with _socket.socket(family, _socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(lease_addr if isinstance(lease_addr, str) else tuple(lease_addr))
+            wire.recv_raw(s)  # the greeting
+            s.sendall(wire.dumps(_Evil(str(marker))))  # instead of a hello
+            assert s.recv(100) == b""  # closed on us
+        # and a hello with a wrong key is refused too
+        with _socket.socket(family, _socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(lease_addr if isinstance(lease_addr, str) else tuple(lease_addr))
+            nonce = wire.recv_raw(s)[1:]
+            s.sendall(wire.dump_hello(wire.digest(b"wrong", nonce), wire.new_nonce(), 1, 0.0, "h"))
+            assert s.recv(100) == b""
+        assert mppool.connect(srv.address, srv.authkey).info()["pid"] == srv.pid  # still serving
+    assert not marker.exists()
