@@ -125,11 +125,11 @@ class Channel:
     def request(self, *msg: Any) -> tuple[Any, ...]:
         if self._broken:
             raise ServerUnavailable(self._broken)
-        rid = next(self._rids)
+        rid = next(self._rids) & 0xFFFFFFFF or 1  # 32 bits on the wire; 0 means "no reply"
+        frame = wire.dump_get(rid, msg[1], msg[2]) if msg[0] == wire.GET else wire.dumps((rid, *msg))
         slot = _Slot()
         pending = self._pending
         pending[rid] = slot
-        frame = wire.dump_get(rid, msg[1], msg[2]) if msg[0] == wire.GET else wire.dumps((rid, *msg))
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
@@ -145,8 +145,12 @@ class Channel:
                             other.reply = reply
                             if other.event is not None:
                                 other.event.set()
-                except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                except (OSError, EOFError) as exc:
                     self._fail(f"supervisor connection lost: {exc or 'closed'}")
+                except Exception as exc:
+                    # A reply that cannot be read may be another thread's: fail them all
+                    # rather than leave one waiting for ever.
+                    self._fail(f"unreadable reply from the supervisor: {exc!r}")
                 finally:
                     self._read_lock.release()
                     for waiting in pending.values():  # hand the reading over to one waiter
@@ -432,8 +436,12 @@ class SharedPool(Lender):
         if reply[1] == wire.ERR:
             raise reply[2]
         lease, blob = reply[2], reply[3]
-        # The method cache of proxies is per kind of object: here, per pool.
-        obj = ObjectProxy(self, lease, 0, f"pool {self.name}") if blob is None else pickle.loads(blob)
+        try:
+            # The method cache of proxies is per kind of object: here, per pool.
+            obj = ObjectProxy(self, lease, 0, f"pool {self.name}") if blob is None else pickle.loads(blob)
+        except Exception:
+            self._client.channel().post(wire.PUT, self._id, lease, True)  # not usable: discard
+            raise
         with self._lock:
             self._leases[id(obj)] = (obj, lease)
         return obj

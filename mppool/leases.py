@@ -84,7 +84,9 @@ class RemoteWaiter:
         if self.done or self.conn.closed:
             return False
         self.done = True
-        self.conn.loop.deliver(self, result)
+        # Under the pool lock: only record. The reply (hooks, pickling, and on failure a
+        # checkin that takes that same lock) is made by the loop once the lock is released.
+        self.conn.loop.call_soon(lambda: self.conn.loop.deliver(self, result))
         return True
 
     def cancel(self) -> bool:
@@ -182,8 +184,11 @@ class LeaseLoop:
     # -------------------------------------------------------------- cross-thread entry points
 
     def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread, after the events at hand (from any thread)."""
         with self.plock:
             self.pending.append(fn)
+        if threading.get_ident() == self.thread.ident:
+            return  # the loop runs pending callbacks before it waits again
         try:
             self.wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -470,14 +475,15 @@ class LeaseLoop:
         except BaseException as exc:
             conn.send((waiter.rid, wire.ERR, _portable(exc)))
             return
-        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since)
+        # create_for() already ran the getter hook.
+        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since, getter=False)
 
     def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
-                    since: float = 0.0) -> None:
+                    since: float = 0.0, getter: bool = True) -> None:
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
-        if rec.getter is not None:
+        if getter and rec.getter is not None:
             rec.pool._hook("getter", rec.getter, entry.obj)
         try:
             blob = rec.blob(entry)
@@ -498,7 +504,8 @@ class LeaseLoop:
         if rec is None:
             return
         if conn.refs:
-            for ref in [r for r, (ls, _) in conn.refs.items() if ls == lease]:
+            # list(): worker threads add refs (call()) while the loop drops them here.
+            for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
                 del conn.refs[ref]
         metrics = self.sup.metrics
         if metrics is not None:
@@ -535,13 +542,16 @@ class LeaseLoop:
         except BaseException as exc:
             conn.send((rid, wire.ERR, _portable(exc)))
             return
-        if is_plain(value):
-            conn.send((rid, wire.OK, value))
-        else:
-            newref = next(self.ids)
-            conn.refs[newref] = (owner, value)
-            kind = type(value)
-            conn.send((rid, wire.REF, newref, f"{kind.__module__}.{kind.__qualname__}"))
+        try:
+            if is_plain(value):
+                conn.send((rid, wire.OK, value))
+            else:
+                newref = next(self.ids)
+                conn.refs[newref] = (owner, value)
+                kind = type(value)
+                conn.send((rid, wire.REF, newref, f"{kind.__module__}.{kind.__qualname__}"))
+        except Exception as exc:  # a result that does not pickle: the caller must not hang
+            conn.send((rid, wire.ERR, _portable(exc)))
 
 
 def _portable(exc: BaseException) -> BaseException:

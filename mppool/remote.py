@@ -8,8 +8,7 @@ import uuid
 from typing import Any
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray, decimal.Decimal,
-            datetime.date, datetime.time, datetime.datetime, datetime.timedelta, uuid.UUID,
-            memoryview)
+            datetime.date, datetime.time, datetime.datetime, datetime.timedelta, uuid.UUID)
 
 
 def is_plain(value: Any, depth: int = 0) -> bool:

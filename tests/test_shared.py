@@ -398,3 +398,58 @@ def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
             assert s.recv(100) == b""
         assert mppool.connect(srv.address, srv.authkey).info()["pid"] == srv.pid  # still serving
     assert not marker.exists()
+
+
+def test_handing_an_unpicklable_object_to_a_waiter_does_not_deadlock(client):
+    """Handing an object to a queued waiter runs the getter and pickles the object; when
+    that fails the lease is given back, which takes the pool lock: it must not happen
+    under that lock (it deadlocked the lease loop)."""
+    from workers import unpicklable_on_second_get
+
+    pool = client.pool("unpk", lambda i: [], max_size=1, min_size=0,
+                       getter=unpicklable_on_second_get)
+    first = pool.get()
+    assert first == [1]  # the getter ran once, not twice, for a newly created object
+    errors: list[BaseException] = []
+
+    def waiter():
+        try:
+            pool.get(timeout=5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    import threading as _threading
+
+    t = _threading.Thread(target=waiter)
+    t.start()
+    wait_until(lambda: pool.waiting() == 1, what="the waiter queued")
+    pool.ret(first)
+    t.join(10)
+    assert not t.is_alive(), "the waiter hangs: the lease loop deadlocked"
+    assert len(errors) == 1  # its object could not be sent: it gets the error
+    other = client.pool("unpk-other", lambda i: i, max_size=1)
+    assert other.get(timeout=2) == 0  # and the supervisor still serves
+
+
+def test_a_result_that_cannot_travel_fails_the_call_not_the_caller(client):
+    import io
+
+    from mppool import tpool
+
+    tpool.use(client)
+    try:
+        buf = tpool.Proxy(io.BytesIO(b"abc"))
+        view = buf.getbuffer()  # a memoryview: not plain data, so it comes back as a proxy
+        assert bytes(view.tobytes()) == b"abc"
+    finally:
+        tpool.use(None)
+
+
+def test_request_ids_wrap_at_32_bits(client):
+    tokens = client.token_pool("rid", 1)
+    chan = client.channel()
+    import itertools as _itertools
+
+    chan._rids = _itertools.count(2**32 - 2)
+    for _ in range(4):  # crosses 2**32: ids wrap, skipping 0 (which means "no reply")
+        tokens.put(tokens.get(timeout=2))

@@ -295,3 +295,10 @@ def hold_ignoring_sigterm(pool: Any, ready: Any) -> None:
 def slow_health(obj: Any) -> bool:
     time.sleep(3)
     return True
+
+
+def unpicklable_on_second_get(obj: Any) -> None:
+    """A getter hook after which the object no longer pickles (the second time it runs)."""
+    obj.append(1)
+    if len(obj) >= 2:
+        obj.append(x for x in ())  # a generator: cannot be pickled
