@@ -455,6 +455,7 @@ class Pool(Lender):
     def checkout(self, holder: Holder, timeout: float | None = None) -> Entry:
         """Lease an entry to ``holder``, creating or waiting as needed."""
         timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
+        deadline = None if timeout is None else self._clock.now() + timeout
         waiter = Waiter(holder)
         with self._lock:
             got = self.acquire(holder, waiter if timeout != 0 else None)
@@ -472,7 +473,9 @@ class Pool(Lender):
                 raise got
         self._flush()
         if isinstance(got, _Create):
-            return self.create_for(holder)
+            # What is left of the caller's timeout bounds the wait for a budget token too.
+            left = None if deadline is None else max(0.0, deadline - self._clock.now())
+            return self.create_for(holder, left)
         self._hook("getter", self._getter, got.obj)
         return got
 
@@ -501,9 +504,12 @@ class Pool(Lender):
             self._waiters.append(waiter)
         return None
 
-    def create_for(self, holder: Holder) -> Entry:
-        """Create an object in a reserved slot and lease it; errors free the slot."""
-        entry = self._create()
+    def create_for(self, holder: Holder, timeout: float | None = None) -> Entry:
+        """Create an object in a reserved slot and lease it; errors free the slot.
+
+        ``timeout`` bounds the wait for a budget token (None: the pool's timeout).
+        """
+        entry = self._create(timeout=self._timeout if timeout is None else timeout)
         with self._lock:
             self._ncreating -= 1
             if self._shutdown:
@@ -674,7 +680,7 @@ class Pool(Lender):
             if not w.set(CREATE):
                 self._ncreating -= 1
 
-    def _create(self, fill: bool = False) -> Entry:
+    def _create(self, fill: bool = False, timeout: float | None = None) -> Entry:
         """Create an object in a slot already counted in ``_ncreating``.
 
         ``fill``: for min_size, never wait for a budget token (a constructor or a
@@ -684,7 +690,7 @@ class Pool(Lender):
         try:
             if self._budget is not None:
                 # Drawn before fun runs, so the cross-process total never exceeds the budget.
-                token = self._budget.get(0 if fill else self._timeout)
+                token = self._budget.get(0 if fill else timeout)
             with self._lock:
                 num = self._nextnum
                 self._nextnum += 1

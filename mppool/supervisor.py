@@ -22,6 +22,7 @@ import pickle
 import signal
 import sys
 import threading
+import types
 from typing import Any
 
 import dill
@@ -83,14 +84,35 @@ class Record:
 
 
 def fingerprint(options: dict[str, Any]) -> Any:
-    """Compare options across processes: callables by name and code, the rest by value."""
-    def fp(v: Any) -> Any:
-        if callable(v):
-            code = getattr(v, "__code__", None)
-            return ("fn", getattr(v, "__qualname__", repr(type(v))),
-                    code.co_code if code is not None else None)
-        return repr(v)
-    return sorted((k, fp(v)) for k, v in options.items())
+    """Compare options across processes: functions by everything that shapes what they do
+    (code, constants, names, defaults, closure values), the rest by value."""
+    return sorted((k, _fp(v, 0)) for k, v in options.items())
+
+
+def _fp(v: Any, depth: int) -> Any:
+    if depth > 6:
+        return "..."
+    if isinstance(v, types.CodeType):
+        # Not repr(): a nested code object's repr holds its address, which differs per process.
+        return ("code", v.co_code, tuple(_fp(c, depth + 1) for c in v.co_consts), v.co_names)
+    if isinstance(v, types.FunctionType):
+        cells = []
+        for cell in v.__closure__ or ():
+            try:
+                cells.append(_fp(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell
+                cells.append("<empty>")
+        return ("fn", v.__qualname__, _fp(v.__code__, depth + 1), _fp(v.__defaults__, depth + 1),
+                _fp(v.__kwdefaults__, depth + 1), tuple(cells))
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, tuple(_fp(x, depth + 1) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((repr(k), _fp(x, depth + 1)) for k, x in v.items())))
+    if callable(v) and not isinstance(v, type) and hasattr(v, "__dict__"):
+        return ("obj", type(v).__qualname__, _fp(vars(v), depth + 1))
+    if isinstance(v, type):
+        return ("type", v.__module__, v.__qualname__)
+    return repr(v)
 
 
 class Supervisor:

@@ -122,3 +122,19 @@ def test_min_size_fill_never_blocks_on_an_exhausted_budget(server, client):
     budget.put(hog)
     assert pool.get(timeout=5) == 0
     pool.shutdown()
+
+
+def test_get_timeout_bounds_the_wait_for_a_budget_token(server, client):
+    budget = client.token_pool("budget", 1)
+    hog = budget.get()
+    pool = mppool.Pool(lambda i: i, max_size=2, min_size=0, budget=budget)
+    with pytest.raises(mppool.TimeOut):
+        pool.get(timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(mppool.TimeOut):
+        pool.get(timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    assert pool.stats()["ncreating"] == 0  # the reserved slot was given back
+    budget.put(hog)
+    assert pool.get(timeout=5) == 0
+    pool.shutdown()

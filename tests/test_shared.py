@@ -453,3 +453,19 @@ def test_request_ids_wrap_at_32_bits(client):
     chan._rids = _itertools.count(2**32 - 2)
     for _ in range(4):  # crosses 2**32: ids wrap, skipping 0 (which means "no reply")
         tokens.put(tokens.get(timeout=2))
+
+
+def test_same_name_with_another_fun_is_refused(client, server):
+    dsn = "db-one"
+    client.pool("fp", lambda i: (dsn, i), max_size=2)
+    other = mppool.connect(server.address, server.authkey)
+    try:
+        with pytest.raises(ValueError, match="other options"):
+            other.pool("fp", lambda i: ("db-two", i), max_size=2)  # another constant
+        dsn2 = "db-two"
+        with pytest.raises(ValueError, match="other options"):
+            other.pool("fp", lambda i: (dsn2, i), max_size=2)  # another closure value
+        same = other.pool("fp", lambda i: (dsn, i), max_size=2)  # the same: attaches
+        assert same.get(timeout=1)[0] == "db-one"
+    finally:
+        other.close()
