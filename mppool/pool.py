@@ -20,9 +20,11 @@ import datetime
 import itertools
 import json
 import logging
+import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -126,6 +128,27 @@ class Waiter:
 
 _ids = itertools.count(1)
 _leases = itertools.count(1)
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # every pool, for the fork hook
+
+
+def _weakly(pool: Pool, method: str) -> Callable[[], None]:
+    """A task calling ``pool.<method>()`` that does not keep the pool alive."""
+    ref = weakref.ref(pool)
+
+    def tick() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)()
+
+    return tick
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Pool(Lender):
@@ -231,6 +254,10 @@ class Pool(Lender):
         self._delay = delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
         self._sched: Scheduler | None = None
         self._own_sched = False
+        # Tasks hold the pool weakly: a pool dropped without shutdown() is still finalized
+        # (its __del__ shuts it down, giving back objects and budget tokens).
+        self._weak_hk = _weakly(self, "_hk_tick")
+        self._weak_recall = _weakly(self, "_recall_tick")
         self._hk_task: Task | None = None
         if self._delay:
             if scheduler is not None:
@@ -239,7 +266,7 @@ class Pool(Lender):
                 self._sched, self._own_sched = Scheduler(self._clock, workers=1), True
             else:
                 self._sched = default_scheduler()
-            self._hk_task = self._sched.enter(self._delay, self._hk_tick)
+            self._hk_task = self._sched.enter(self._delay, self._weak_hk)
         self._recall_n = 0
         self._recall_task: Task | None = None
         if budget is not None and callable(getattr(budget, "waiting", None)):
@@ -247,7 +274,8 @@ class Pool(Lender):
                 self._sched = (Scheduler(self._clock, workers=1) if clock is not None
                                else default_scheduler())
                 self._own_sched = clock is not None
-            self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
+            self._recall_task = self._sched.enter(RECALL_PERIOD, self._weak_recall)
+        _pools.add(self)
         self._fill()
 
     # ------------------------------------------------------------------ public API
@@ -446,9 +474,11 @@ class Pool(Lender):
                     f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}]>")
 
     def __del__(self) -> None:
-        task = getattr(self, "_hk_task", None)
-        if task is not None:
-            task.cancel()
+        try:
+            if not self._shutdown:
+                self.shutdown()  # objects closed, budget tokens given back
+        except Exception:
+            pass  # interpreter shutdown, or a supervisor already gone
 
     # --------------------------------------------- lease API (also used by the supervisor)
 
@@ -841,7 +871,7 @@ class Pool(Lender):
         with self._lock:
             if self._shutdown or self._sched is None:
                 return
-        self._recall_task = self._sched.enter(RECALL_PERIOD, self._recall_tick)
+        self._recall_task = self._sched.enter(RECALL_PERIOD, self._weak_recall)
 
     def recall(self) -> int:
         """Give idle objects above min_size back to a budget that others wait for.
@@ -876,7 +906,24 @@ class Pool(Lender):
         with self._lock:
             if self._shutdown or self._sched is None:
                 return
-        self._hk_task = self._sched.enter(self._delay, self._hk_tick)
+        self._hk_task = self._sched.enter(self._delay, self._weak_hk)
+
+    def _after_fork_in_child(self) -> None:
+        """A pool inherited through fork starts empty in the child: its objects (and their
+        budget tokens) are the parent's, and closing one here could, say, end a database
+        session the parent still uses. Housekeeping moves to threads that exist here."""
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        for container in (self._avail, self._using, self._by_obj, self._waiters, self._todel):
+            container.clear()
+        self._ncreating = self._nchecking = self._recall_n = 0
+        if self._sched is None or self._shutdown:
+            return
+        self._sched = Scheduler(self._clock, workers=1) if self._own_sched else default_scheduler()
+        if self._hk_task is not None:
+            self._hk_task = self._sched.enter(self._delay, self._weak_hk)
+        if self._recall_task is not None:
+            self._recall_task = self._sched.enter(RECALL_PERIOD, self._weak_recall)
 
     def _hook(self, name: str, hook: PoolHook | None, obj: Any) -> None:
         if hook is None:

@@ -138,3 +138,41 @@ def test_get_timeout_bounds_the_wait_for_a_budget_token(server, client):
     budget.put(hog)
     assert pool.get(timeout=5) == 0
     pool.shutdown()
+
+
+def test_a_dropped_pool_gives_its_budget_tokens_back(server, client):
+    """Scheduled tasks hold a pool weakly: a budgeted pool dropped without shutdown() is
+    finalized and its idle objects' tokens go back (they were kept for the process's life)."""
+    import gc
+
+    budget = client.token_pool("budget", 2)
+    pool = mppool.Pool(lambda i: i, max_size=2, min_size=2, budget=budget)
+    assert budget.free() == 0
+    del pool
+    gc.collect()
+    wait_until(lambda: budget.free() == 2, what="the dropped pool's tokens back")
+
+
+def test_pool_inherited_through_fork_starts_empty_and_keeps_housekeeping():
+    import os as _os
+
+    pool = mppool.Pool(lambda i: (_os.getpid(), i), max_size=3, min_size=2, delay=0.05)
+    assert len(pool) == 2
+    pid = _os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if len(pool) == 0:  # the parent's objects are not ours
+                obj = pool.get(timeout=2)
+                rounds = pool.stats()["hk_rounds"]
+                deadline = time.monotonic() + 5
+                while pool.stats()["hk_rounds"] <= rounds and time.monotonic() < deadline:
+                    time.sleep(0.01)  # housekeeping runs on threads of this process
+                if obj[0] == _os.getpid() and pool.stats()["hk_rounds"] > rounds:
+                    code = 0
+        finally:
+            _os._exit(code)
+    _, status = _os.waitpid(pid, 0)
+    assert _os.waitstatus_to_exitcode(status) == 0
+    assert len(pool) == 2  # the parent's pool is untouched
+    pool.shutdown()
