@@ -507,6 +507,20 @@ class SharedPool(Lender):
 _attached: dict[tuple[int, str, str], Client] = {}
 
 
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process's client of the default supervisor (``connect(autostart=True)``), made
+    once and shared: tpool and TpooledConnectionPool(client=None) use it."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = connect(autostart=True)
+        return _default
+
+
 def _attach_client(address: str, authkey: str) -> Client:
     """One client per process and supervisor for unpickled pools and proxies, reused."""
     key = (os.getpid(), address, authkey)

@@ -649,21 +649,6 @@ class RawConnectionPool(BaseConnectionPool):
 
 # ------------------------------------------------------------------ the tpooled (shared) pool
 
-_default_client: Client | None = None
-_default_client_lock = threading.Lock()
-
-
-def _get_default_client() -> Client:
-    """One autostarted client per process, shared by every pool created with client=None."""
-    global _default_client
-    from .client import connect
-
-    with _default_client_lock:
-        if _default_client is None or _default_client._closed:
-            _default_client = connect(autostart=True)
-        return _default_client
-
-
 def _canonical(value: Any) -> Any:
     """A stable description of connection arguments, the same in every process."""
     if isinstance(value, Mapping):
@@ -807,7 +792,9 @@ class TpooledConnectionPool(BaseConnectionPool):
             raise TypeError(f"client must be an mppool client (mppool.connect()), got {client!r}")
         super().__init__(db_module, min_size, max_size, max_idle, max_age, connect_timeout,
                          cleanup, *args, **kwargs)
-        self._client = client if client is not None else _get_default_client()
+        from .client import default_client
+
+        self._client = client if client is not None else default_client()
         self.name = shared_pool_name(db_module, args, kwargs)
         target = _module_name(db_module) if isinstance(db_module, (str, types.ModuleType)) \
             else db_module

@@ -31,11 +31,11 @@ class Server(SyncManager):
     """
 
     def __init__(self, address: object = None, authkey: object = None) -> None:
+        key = server_authkey(authkey)  # checked first: a bad key must leave no directory
         fresh = fresh_address() if address is None else None
         addr: Address = fresh if fresh is not None else parse_address(address)
         # The private directory of a fresh address is ours to remove at shutdown.
         self._own_dir = os.path.dirname(fresh) if fresh is not None else None
-        key = server_authkey(authkey)
         super().__init__(address=addr, authkey=key)
         self._address: Address = addr
         self._proc: subprocess.Popen[bytes] | None = None

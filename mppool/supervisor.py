@@ -186,7 +186,7 @@ class Supervisor:
     def get_record(self, name: str) -> Record:
         rec = self.records.get(name)
         if rec is None:
-            raise KeyError(f"no pool named {name!r}")
+            raise PoolClosed(f"pool {name!r} is shutting down or was never created")
         return rec
 
     def drop(self, name: str, delay: float = 0.0) -> None:

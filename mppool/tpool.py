@@ -9,18 +9,16 @@ The supervisor is the one of ``use(client)``, else ``mppool.connect(autostart=Tr
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import dill
 
-from .client import Client, ObjectProxy, connect
+from .client import Client, ObjectProxy, default_client
 from .validate import check_callable, check_int
 
 __all__ = ["Proxy", "execute", "killall", "set_num_threads", "use"]
 
 _client: Client | None = None
-_lock = threading.Lock()
 
 
 def use(client: Client | None) -> None:
@@ -30,11 +28,8 @@ def use(client: Client | None) -> None:
 
 
 def _get_client() -> Client:
-    global _client
-    with _lock:
-        if _client is None or _client._closed:
-            _client = connect(autostart=True)
-        return _client
+    client = _client
+    return client if client is not None and not client._closed else default_client()
 
 
 def execute(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -602,7 +602,7 @@ def test_tpooled_default_client_autostarts(client: Any, db_path: str,
         calls.append(kwargs)
         return client
 
-    monkeypatch.setattr(db_pool, "_default_client", None)
+    monkeypatch.setattr("mppool.client._default", None)
     monkeypatch.setattr("mppool.client.connect", fake_connect)
     a = TpooledConnectionPool(sqlite3, database=db_path, check_same_thread=False)
     b = TpooledConnectionPool(sqlite3, database=db_path, check_same_thread=False)
@@ -655,7 +655,7 @@ BAD = [
 @pytest.mark.parametrize(("kwargs", "exc", "name"), BAD)
 def test_bad_arguments(cls: type, kwargs: dict[str, Any], exc: type, name: str,
                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(db_pool, "_get_default_client", _no_client)
+    monkeypatch.setattr("mppool.client.default_client", _no_client)
     with pytest.raises(exc, match=name) as info:
         cls(DummyDBModule(), **kwargs)
     value = next(iter(kwargs.values()))
@@ -666,13 +666,13 @@ def test_bad_arguments(cls: type, kwargs: dict[str, Any], exc: type, name: str,
 @pytest.mark.parametrize(("module", "exc"), [(42, TypeError), ("", ValueError),
                                              ("not a name", ValueError), (None, TypeError)])
 def test_bad_db_module(cls: type, module: Any, exc: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(db_pool, "_get_default_client", _no_client)
+    monkeypatch.setattr("mppool.client.default_client", _no_client)
     with pytest.raises(exc, match=f"db_module.*{module!r}"):
         cls(module)
 
 
 def test_bad_budget_and_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(db_pool, "_get_default_client", _no_client)
+    monkeypatch.setattr("mppool.client.default_client", _no_client)
     with pytest.raises(TypeError, match=r"budget.*object"):
         RawConnectionPool(DummyDBModule(), budget=object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"budget must be None.*TokenPool"):

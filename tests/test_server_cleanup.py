@@ -25,3 +25,23 @@ def test_serve_with_a_bad_pool_leaves_nothing_half_started(tmp_path):
     with pytest.raises(TypeError, match="max_size"):
         serve(addr, os.urandom(16), pools={"bad": {"fun": abs, "max_size": "many"}})
     assert not os.path.exists(addr) and not os.path.exists(addr + ".lease")
+
+
+def test_a_bad_key_leaves_no_directory():
+    import glob
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "mppool-*")))
+    for bad in (b"", "not hex", 42):
+        with pytest.raises((TypeError, ValueError), match="authkey"):
+            mppool.Server(authkey=bad)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "mppool-*"))) <= before
+
+
+def test_calls_on_a_shut_down_shared_pool_raise_pool_closed(server, client):
+    pool = client.pool("gone", lambda i: i, max_size=1)
+    pool.shutdown()
+    with pytest.raises(mppool.PoolClosed):
+        pool.stats()
+    with pytest.raises(mppool.PoolClosed):
+        pool.free()
