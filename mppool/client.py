@@ -233,13 +233,10 @@ class Client:
     """A connection to a supervisor. Use ``mppool.connect()`` to make one."""
 
     def __init__(self, address: Address, authkey: bytes, timeout: float) -> None:
-        from .server import Server
-
         self.address = address
         self.authkey = authkey
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._manager = Server.__new__(Server)
         self._manager_pid = 0
         self._control: Any = None
         self._chan: Channel | None = None
@@ -288,7 +285,6 @@ class Client:
                             raise ServerUnavailable(
                                 f"no supervisor at {display(self.address)}: {exc}") from None
                         time.sleep(0.05)
-                self._manager = manager
                 self._manager_pid = os.getpid()
             return self._control
 
@@ -354,13 +350,13 @@ class Client:
         from .validate import check_int
 
         check_int("max_size", max_size, minimum=1)
-        blob = dill.dumps({"fun": _TokenMaker(Token), "max_size": int(max_size), "min_size": 0})
         if max_size is _DEFAULT_TOKENS:
             try:
                 pid, _, _ = self._call("create", name, "token", "copy", None)
                 return self._remember(SharedPool(self, name, pid, "copy"))
             except ValueError:
                 pass  # no such pool yet: create it with the default size
+        blob = dill.dumps({"fun": _TokenMaker(Token), "max_size": int(max_size), "min_size": 0})
         pid, _, _ = self._call("create", name, "token", "copy", blob)
         return self._remember(SharedPool(self, name, pid, "copy"))
 

@@ -132,7 +132,6 @@ class Supervisor:
         self.hosted: dict[int, Any] = {}  # tpool.Proxy objects, by id
         self.metrics: Any = None  # metrics.Metrics when serving Prometheus metrics
         self.next_hosted = 1
-        self.nreclaim_events = 0
         self.stopped = threading.Event()
 
     def start(self) -> None:
@@ -162,26 +161,52 @@ class Supervisor:
         if transfer not in TRANSFERS:
             raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
         options: dict[str, Any] = dill.loads(blob) if blob else {}
+        fp = fingerprint(options) if options else None
         with self.lock:
-            rec = self.records.get(name)
-            if rec is not None:
-                if options and (rec.kind != kind or rec.transfer != transfer
-                                or rec.fingerprint != fingerprint(options)):
-                    raise ValueError(f"pool {name!r} exists with other options; attach with "
-                                     f"client.pool({name!r}) or use another name")
-                return rec.id, rec.transfer, False
-            if not options:
-                raise ValueError(f"no pool named {name!r}: give fun and options to create it")
-            pool = Pool(**options, scheduler=self.sched, clock=self.clock
-                        if self.clock is not REAL_CLOCK else None)
-            pool.on_kill_holder = self.terminate_holder
-            rec = Record(name, self.next_id, pool, transfer, kind, fingerprint(options), options)
-            self.next_id += 1
-            self.records[name] = rec
-            self.by_id[rec.id] = rec
+            found = self._existing(name, kind, transfer, fp)
+        if found is not None:
+            return found
+        if not options:
+            raise ValueError(f"no pool named {name!r}: give fun and options to create it")
+        # Built outside the supervisor's lock: filling min_size runs fun (a slow database
+        # would otherwise stall every other create, drop and host).
+        pool = Pool(**options, scheduler=self.sched, clock=self.clock
+                    if self.clock is not REAL_CLOCK else None)
+        pool.on_kill_holder = self.terminate_holder
+        with self.lock:
+            try:
+                found = self._existing(name, kind, transfer, fp)
+            except ValueError:
+                found = None
+                raced = True
+            else:
+                raced = found is not None
+            if not raced:
+                rec = Record(name, self.next_id, pool, transfer, kind, fp, options)
+                self.next_id += 1
+                self.records[name] = rec
+                self.by_id[rec.id] = rec
+        if raced:  # another caller created it meanwhile: theirs stands, ours goes
+            pool.shutdown()
+            return found if found is not None else self._raise_conflict(name)
         log.info("mppool: created %s pool %r (transfer=%s, max_size=%s)", kind, name, transfer,
                  options.get("max_size"))
         return rec.id, rec.transfer, True
+
+    def _existing(self, name: str, kind: str, transfer: str,
+                  fp: Any) -> tuple[int, str, bool] | None:
+        """Under the lock: attach to ``name`` if it exists (ValueError if options differ)."""
+        rec = self.records.get(name)
+        if rec is None:
+            return None
+        if fp is not None and (rec.kind != kind or rec.transfer != transfer or rec.fingerprint != fp):
+            self._raise_conflict(name)
+        return rec.id, rec.transfer, False
+
+    @staticmethod
+    def _raise_conflict(name: str) -> Any:
+        raise ValueError(f"pool {name!r} exists with other options; attach with "
+                         f"client.pool({name!r}) or use another name")
 
     def get_record(self, name: str) -> Record:
         rec = self.records.get(name)
@@ -212,7 +237,6 @@ class Supervisor:
         n = rec.pool.reclaim(lambda h: h.conn == cid, reset=rec.reset)
         if n:
             self.nreclaimed += n
-            self.nreclaim_events += 1
             log.warning("mppool: pool %r: reclaimed %d lease(s) of connection %d whose holder "
                         "went away", rec.name, n, cid)
 

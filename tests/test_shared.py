@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import stat
+import time
 
 import pytest
 from helpers import fork_ctx, wait_until
@@ -469,3 +470,46 @@ def test_same_name_with_another_fun_is_refused(client, server):
         assert same.get(timeout=1)[0] == "db-one"
     finally:
         other.close()
+
+
+def test_a_slow_pool_creation_does_not_stall_other_creations(client, server):
+    import threading as _threading
+
+    from workers import slow_make
+
+    done: list[str] = []
+    t = _threading.Thread(target=lambda: (client.pool("slow", slow_make, min_size=1, max_size=1),
+                                          done.append("slow")))
+    t.start()
+    other = mppool.connect(server.address, server.authkey)
+    try:
+        time.sleep(0.1)  # let the slow creation start its fun first (the point of the test)
+        t0 = time.monotonic()
+        other.pool("fast", lambda i: i, max_size=1)
+        assert time.monotonic() - t0 < 0.8  # not behind the 1 s fun of "slow"
+    finally:
+        t.join(10)
+        other.close()
+    assert done == ["slow"]
+
+
+def test_racing_creators_of_one_pool_share_it(client, server):
+    import threading as _threading
+
+    from workers import slow_make
+
+    others = [mppool.connect(server.address, server.authkey) for _ in range(3)]
+    pools: list[object] = []
+    threads = [_threading.Thread(target=lambda c=c: pools.append(
+        c.pool("race", slow_make, min_size=1, max_size=2))) for c in others]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(20)
+    try:
+        assert len(pools) == 3
+        s = client.stats()["race"]
+        assert s["nobjs"] == 1  # one pool stands; the losers' objects were closed
+    finally:
+        for c in others:
+            c.close()

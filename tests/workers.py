@@ -302,3 +302,9 @@ def unpicklable_on_second_get(obj: Any) -> None:
     obj.append(1)
     if len(obj) >= 2:
         obj.append(x for x in ())  # a generator: cannot be pickled
+
+
+def slow_make(i: int) -> int:
+    """A fun that takes its time, like a connect to a slow database."""
+    time.sleep(1.0)
+    return i
