@@ -1,4 +1,4 @@
-"""eventlet's ``db_pool`` on native threads (SPEC §3): pools of DB-API 2 connections.
+"""eventlet's ``db_pool`` on native threads pools of DB-API 2 connections.
 
 Two pools, one API (``get``/``put``/``item``/``clear``/``free``/``waiting``):
 
@@ -13,7 +13,7 @@ Two pools, one API (``get``/``put``/``item``/``clear``/``free``/``waiting``):
 - ``RawConnectionPool`` keeps connections in the calling process, in a core
   `mppool.Pool` (``max_idle`` → ``max_avail_delay``, ``max_age`` → ``max_lifetime``).
   With ``budget=<token pool>`` every connection holds a token, so the total across processes
-  is capped, and idle connections are given back when another process waits (SPEC §6).
+  is capped, and idle connections are given back when another process waits.
 - ``TpooledConnectionPool`` keeps connections in the supervisor, in a shared pool created
   with ``transfer="proxy"``; every process uses them through proxies (cursors too). Its name
   is derived from the module and the connection arguments, so every process passing the same
@@ -362,6 +362,10 @@ class BaseConnectionPool:
     caps the connections of every pool drawing on it (RawConnectionPool only).
     """
 
+    # The pool underneath, which every method below delegates to: a core mppool.Pool
+    # (RawConnectionPool) or a SharedPool (TpooledConnectionPool), which share one API.
+    _pool: Any
+
     def __init__(
         self,
         db_module: Any,
@@ -464,15 +468,17 @@ class BaseConnectionPool:
 
     def free(self) -> int:
         """How many ``get()`` calls would succeed right now without waiting."""
-        raise NotImplementedError
+        return self._pool.free()
 
     def waiting(self) -> int:
         """How many ``get()`` calls are blocked."""
-        raise NotImplementedError
+        return self._pool.waiting()
 
     def resize(self, new_size: int) -> None:
         """Change ``max_size``; idle connections above it are closed."""
-        raise NotImplementedError
+        new_size = check_int("new_size", new_size, minimum=1)
+        self._pool.resize(new_size)
+        self.max_size = new_size
 
     def create(self) -> Any:
         """Make a new connection; RawConnectionPool implements it (subclasses may override)."""
@@ -481,15 +487,23 @@ class BaseConnectionPool:
     @property
     def current_size(self) -> int:
         """Connections alive: idle plus lent out (eventlet's counter)."""
-        raise NotImplementedError
+        return len(self._pool)
 
     def stats(self) -> dict[str, Any]:
-        """The underlying pool's JSON-compatible stats (SPEC §2)."""
-        raise NotImplementedError
+        """The underlying pool's JSON-compatible stats (those of ``mppool.Pool``)."""
+        return self._pool.stats()
 
     def shutdown(self) -> None:
-        """Close every connection; later ``get()`` calls raise ``mppool.PoolClosed``."""
-        raise NotImplementedError
+        """Close every connection; later ``get()`` calls raise ``mppool.PoolClosed``.
+
+        For a TpooledConnectionPool this shuts the shared pool down for every process.
+        """
+        with self._lock:
+            leases = list(self._out.values())
+            self._out.clear()
+        for lease in leases:
+            lease.wrapper._destroy()
+        self._pool.shutdown()
 
     def __repr__(self) -> str:
         with self._lock:
@@ -610,32 +624,6 @@ class RawConnectionPool(BaseConnectionPool):
 
     def clear(self) -> None:
         self._pool.clear()
-
-    def free(self) -> int:
-        return self._pool.free()
-
-    def waiting(self) -> int:
-        return self._pool.waiting()
-
-    def resize(self, new_size: int) -> None:
-        new_size = check_int("new_size", new_size, minimum=1)
-        self._pool.resize(new_size)
-        self.max_size = new_size
-
-    @property
-    def current_size(self) -> int:
-        return len(self._pool)
-
-    def stats(self) -> dict[str, Any]:
-        return self._pool.stats()
-
-    def shutdown(self) -> None:
-        with self._lock:
-            leases = list(self._out.values())
-            self._out.clear()
-        for lease in leases:
-            lease.wrapper._destroy()
-        self._pool.shutdown()
 
     def __del__(self) -> None:
         # eventlet closes its connections when the pool goes away; so do we, budget tokens too.
@@ -808,7 +796,7 @@ class TpooledConnectionPool(BaseConnectionPool):
             "closer": _close_served,
             "stats": _served_stats,
         }
-        self._shared = self._attach(_Connector(target, args, dict(kwargs), connect_timeout),
+        self._pool = self._attach(_Connector(target, args, dict(kwargs), connect_timeout),
                                     options)
 
     def _attach(self, fun: _Connector, options: dict[str, Any]) -> SharedPool:
@@ -824,7 +812,7 @@ class TpooledConnectionPool(BaseConnectionPool):
             return client.pool(self.name)
 
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
-        proxy = self._shared.get(timeout)
+        proxy = self._pool.get(timeout)
         return proxy, proxy
 
     def _checkin(self, handle: Any, discard: bool) -> None:
@@ -834,12 +822,12 @@ class TpooledConnectionPool(BaseConnectionPool):
             except Exception:
                 log.warning("mppool: db_pool: could not close a discarded shared connection",
                             exc_info=True)
-        self._shared.ret(handle)
+        self._pool.ret(handle)
 
     def clear(self) -> None:
         # Idle slots are only reachable by borrowing them: take as many as are idle, close
         # their connections (each slot reconnects on its next use), give them back.
-        shared = self._shared
+        shared = self._pool
         borrowed = []
         try:
             for _ in range(int(shared.stats()["navail"])):
@@ -852,32 +840,6 @@ class TpooledConnectionPool(BaseConnectionPool):
             for proxy in borrowed:
                 shared.ret(proxy)
 
-    def free(self) -> int:
-        return self._shared.free()
-
-    def waiting(self) -> int:
-        return self._shared.waiting()
-
-    def resize(self, new_size: int) -> None:
-        new_size = check_int("new_size", new_size, minimum=1)
-        self._shared.resize(new_size)
-        self.max_size = new_size
-
-    @property
-    def current_size(self) -> int:
-        return len(self._shared)
-
-    def stats(self) -> dict[str, Any]:
-        return self._shared.stats()
-
-    def shutdown(self) -> None:
-        """Shut the shared pool down, for every process using it."""
-        with self._lock:
-            leases = list(self._out.values())
-            self._out.clear()
-        for lease in leases:
-            lease.wrapper._destroy()
-        self._shared.shutdown()
 
 
 # The default connection pool is the shared one, as eventlet's is the tpool one.
