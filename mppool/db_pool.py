@@ -59,7 +59,7 @@ from .errors import ConnectTimeout, PoolClosed, TimeOut
 from .holder import current_holder
 from .pool import Budget
 from .pool import Pool as _CorePool
-from .validate import check_callable, check_delay, check_int
+from .validate import check_budget, check_callable, check_delay, check_int
 
 if TYPE_CHECKING:
     from .client import Client, SharedPool
@@ -389,9 +389,7 @@ class BaseConnectionPool:
         max_age = check_delay("max_age", max_age)
         connect_timeout = _check_connect_timeout(connect_timeout)
         check_callable("cleanup", cleanup)
-        if budget is not None and not (callable(getattr(budget, "get", None))
-                                       and callable(getattr(budget, "put", None))):
-            raise TypeError(f"budget must be a token pool with get() and put(), got {budget!r}")
+        check_budget(budget)
         self._db_module = db_module
         self._args = args
         self._kwargs = kwargs

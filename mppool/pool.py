@@ -34,7 +34,7 @@ from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .lender import Lender
 from .sched import Scheduler, Task, default_scheduler
-from .validate import check_callable, check_delay, check_int, check_timeout
+from .validate import check_budget, check_callable, check_delay, check_int, check_timeout
 
 log = logging.getLogger("mppool")
 
@@ -199,9 +199,7 @@ class Pool(Lender):
                            ("closer", closer), ("health", health), ("stats", stats),
                            ("tracer", tracer)):
             check_callable(name, hook)
-        if budget is not None and not (callable(getattr(budget, "get", None))
-                                       and callable(getattr(budget, "put", None))):
-            raise TypeError(f"budget must be a token pool with get() and put(), got {budget!r}")
+        check_budget(budget)
         if not isinstance(kill_holder, bool):
             raise TypeError(f"kill_holder must be a bool, got {kill_holder!r}")
         if log_level is not None:

@@ -33,3 +33,10 @@ def check_callable(name: str, value: Any, required: bool = False) -> None:
         return
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {value!r}")
+
+
+def check_budget(budget: Any) -> None:
+    """A budget is a token pool: something with get() and put() (a shared token pool)."""
+    if budget is not None and not (callable(getattr(budget, "get", None))
+                                   and callable(getattr(budget, "put", None))):
+        raise TypeError(f"budget must be a token pool with get() and put(), got {budget!r}")
