@@ -16,19 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 from mppool import TimeOut
 from mppool.pools import Pool, Token, TokenPool
 
 DEADLINE = 10.0  # seconds; only reached when something is broken
-
-
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.001)
 
 
 class Worker:
@@ -94,7 +87,7 @@ def test_exhaustion(pool: IntPool) -> None:
     one, *_ = pool.get(), pool.get(), pool.get(), pool.get()
     assert pool.free() == 0
     consumer = Worker(pool.get)
-    wait_until(lambda: pool.waiting() == 1, "the consumer to block")
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the consumer to block")
     pool.put(one)  # wakes the consumer
     assert consumer.join() == one
     assert pool.waiting() == 0
@@ -113,7 +106,7 @@ def test_blocks_on_pool(pool: IntPool) -> None:
 
     assert pool.waiting() == 0
     worker = Worker(greedy)
-    wait_until(lambda: pool.waiting() == 1, "greedy to block on its fifth get")
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="greedy to block on its fifth get")
     assert reached.empty()
     # eventlet kills the green thread here; a native thread is released instead, and joined.
     pool.put(2)
@@ -180,7 +173,7 @@ def test_create_contention() -> None:
         p.put(x)
 
     workers = [Worker(do_get) for _ in range(100)]
-    wait_until(lambda: p.waiting() == 96, "96 threads to queue behind 4 creators")
+    wait_until(lambda: p.waiting() == 96, DEADLINE, what="96 threads to queue behind 4 creators")
     go.set()
     for w in workers:
         w.join()
@@ -374,7 +367,7 @@ def test_timeout_is_met_by_a_put_in_time() -> None:
     pool = IntPool(max_size=1)
     one = pool.get()
     waiter = Worker(lambda: pool.get(timeout=DEADLINE))
-    wait_until(lambda: pool.waiting() == 1, "the waiter to block")
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the waiter to block")
     pool.put(one)
     assert waiter.join() == one
 
@@ -399,7 +392,7 @@ def test_waiters_are_served_in_arrival_order() -> None:
     workers = []
     for n, name in enumerate("abc", start=1):
         workers.append(Worker(lambda name=name: waiter(name)))  # type: ignore[misc]
-        wait_until(lambda n=n: pool.waiting() == n, f"waiter {name} to queue")  # type: ignore[misc]
+        wait_until(lambda n=n: pool.waiting() == n, DEADLINE, what=f"waiter {name} to queue")  # type: ignore[misc]
     pool.put(one)
     for w in workers:
         w.join()
@@ -413,7 +406,7 @@ def test_resize_up_wakes_a_waiter_with_a_new_item() -> None:
     pool = IntPool(max_size=1)
     pool.get()
     waiter = Worker(lambda: pool.get(timeout=DEADLINE))
-    wait_until(lambda: pool.waiting() == 1, "the waiter to block")
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the waiter to block")
     pool.resize(2)
     assert pool.max_size == 2
     assert waiter.join() == 2
@@ -453,7 +446,7 @@ def test_resize_down_while_out_keeps_waiters_waiting() -> None:
     a, b = pool.get(), pool.get()
     pool.resize(1)
     waiter = Worker(lambda: pool.get(timeout=DEADLINE))
-    wait_until(lambda: pool.waiting() == 1, "the waiter to block")
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the waiter to block")
     try:
         pool.put(a)  # discarded, not handed over: the pool is now at its new size
         assert (pool.waiting(), pool.current_size) == (1, 1)
@@ -547,7 +540,7 @@ def test_token_pool_obj_and_waiting() -> None:
     with pool.obj() as t1, pool.item() as t2:
         assert t1 is not t2
         waiter = Worker(lambda: pool.get(timeout=DEADLINE))
-        wait_until(lambda: pool.waiting() == 1, "the waiter to block")
+        wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the waiter to block")
         assert pool.stats()["nwaiting"] == 1
     assert waiter.join() in (t1, t2)
     assert pool.waiting() == 0
