@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy
-from helpers import Runner, fork_ctx, wait_until
+from helpers import Runner, wait_until
 from sqlalchemy.pool import NullPool
-from test_db_postgres import admin, count_app, join_ok, sample_peak, unique
+from test_db_postgres import hammer_under_budget, unique
 
 from mppool.db_pool import RawConnectionPool
 
@@ -177,22 +177,9 @@ def sa_hammer(budget: Any, dsn: str, app: str, n: int, nthreads: int, errors: An
 @pytest.mark.slow
 def test_postgres_engines_in_many_processes_stay_under_the_budget(
         client: Any, procs: list[Any], postgres_dsn: str, record_property: Any) -> None:
-    app = unique("mppool_sa")
-    budget = client.token_pool(f"pg-{app}", CAP)
-    ctx = fork_ctx()
-    errors = ctx.Queue()
-    for _ in range(NPROCS):
-        p = ctx.Process(target=sa_hammer, args=(budget, postgres_dsn, app, 30, 2, errors))
-        procs.append(p)
-        p.start()
-    with admin(postgres_dsn) as adm:
-        peak = sample_peak(adm, app, procs, CAP)
-        join_ok(procs, errors)
-        wait_until(lambda: count_app(adm, app) == 0, timeout=10,
-                   what="every connection closed once the processes ended")
-    wait_until(lambda: budget.free() == CAP, what="every budget token back")
+    peak = hammer_under_budget(client, procs, postgres_dsn, sa_hammer, 30, "mppool_sa",
+                               "SQLAlchemy engines")
     record_property("pg_peak", peak)
-    print(f"SQLAlchemy engines on a budget of {CAP}: peak {peak} connections in pg_stat_activity")
     assert peak >= 1
 
 
