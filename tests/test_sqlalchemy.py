@@ -19,6 +19,7 @@ import sqlalchemy
 from helpers import Runner, wait_until
 from sqlalchemy.pool import NullPool
 from test_db_postgres import hammer_under_budget, unique
+from workers import hammer_threads
 
 from mppool.db_pool import RawConnectionPool
 
@@ -154,19 +155,11 @@ def sa_hammer(budget: Any, dsn: str, app: str, n: int, nthreads: int, errors: An
                                  application_name=app)
         engine = engine_on(pool, "postgresql+psycopg://")
 
-        def work() -> None:
-            try:
-                for _ in range(n):
-                    with engine.connect() as conn:
-                        conn.execute(sqlalchemy.text("select pg_sleep(0.005)"))
-            except BaseException as exc:  # reported to the parent, which fails the test
-                errors.put(f"{os.getpid()}: {exc!r}")
+        def step() -> None:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("select pg_sleep(0.005)"))
 
-        threads = [threading.Thread(target=work) for _ in range(nthreads)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        hammer_threads(step, n, nthreads, errors)
         engine.dispose()
         pool.shutdown()
     except BaseException as exc:

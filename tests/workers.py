@@ -188,9 +188,27 @@ class SlowDBModule:
 # ------------------------------------------------------------------ db_pool: PostgreSQL workers
 
 
+def hammer_threads(step: Any, n: int, nthreads: int, errors: Any) -> None:
+    """Run ``step()`` n times in each of nthreads threads; any error goes to the parent
+    through ``errors`` (which fails the test)."""
+    import threading
+
+    def work() -> None:
+        try:
+            for _ in range(n):
+                step()
+        except BaseException as exc:
+            errors.put(f"{os.getpid()}: {exc!r}")
+
+    threads = [threading.Thread(target=work) for _ in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def pg_raw_hammer(budget: Any, dsn: str, app: str, n: int, nthreads: int, errors: Any) -> None:
     """A process with its own RawConnectionPool on a shared budget, used by several threads."""
-    import threading
 
     import psycopg
 
@@ -199,29 +217,20 @@ def pg_raw_hammer(budget: Any, dsn: str, app: str, n: int, nthreads: int, errors
     pool = RawConnectionPool(psycopg, max_size=2, budget=budget, conninfo=dsn,
                              application_name=app)
 
-    def work() -> None:
+    def step() -> None:
+        conn = pool.get(timeout=60)
         try:
-            for _ in range(n):
-                conn = pool.get(timeout=60)
-                try:
-                    conn.execute("select pg_sleep(0.005)").fetchall()
-                finally:
-                    conn.close()
-        except BaseException as exc:  # reported to the parent, which fails the test
-            errors.put(f"{os.getpid()}: {exc!r}")
+            conn.execute("select pg_sleep(0.005)").fetchall()
+        finally:
+            conn.close()
 
-    threads = [threading.Thread(target=work) for _ in range(nthreads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    hammer_threads(step, n, nthreads, errors)
     pool.shutdown()
 
 
 def pg_tpooled_hammer(address: Any, authkey: bytes, dsn: str, app: str, n: int, nthreads: int,
                       errors: Any) -> None:
     """A process using the shared TpooledConnectionPool through proxies, from several threads."""
-    import threading
 
     import psycopg
 
@@ -232,19 +241,11 @@ def pg_tpooled_hammer(address: Any, authkey: bytes, dsn: str, app: str, n: int, 
     pool = TpooledConnectionPool(psycopg, max_size=2, client=client, conninfo=dsn,
                                  application_name=app)
 
-    def work() -> None:
-        try:
-            for _ in range(n):
-                with pool.item(timeout=60) as conn:
-                    conn.execute("select pg_sleep(0.005)").fetchall()
-        except BaseException as exc:  # reported to the parent, which fails the test
-            errors.put(f"{os.getpid()}: {exc!r}")
+    def step() -> None:
+        with pool.item(timeout=60) as conn:
+            conn.execute("select pg_sleep(0.005)").fetchall()
 
-    threads = [threading.Thread(target=work) for _ in range(nthreads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    hammer_threads(step, n, nthreads, errors)
     client.close()
 
 
