@@ -140,3 +140,15 @@ def fork_ctx() -> Any:
     import multiprocessing
 
     return multiprocessing.get_context("fork")
+
+
+def start_ready(procs: list[Any], target: Callable[..., Any], *args: Any,
+                timeout: float = 10.0) -> tuple[Any, Any]:
+    """Fork a process running ``target(*args, ready)``, track it in ``procs`` (killed at
+    teardown), and wait until it says it is ready: returns it and what it put on ``ready``."""
+    ctx = fork_ctx()
+    ready = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, ready))
+    procs.append(p)
+    p.start()
+    return p, ready.get(timeout=timeout)

@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from helpers import fork_ctx, wait_until
+from helpers import fork_ctx, start_ready, wait_until
 from workers import get_loop, hold_and_fork_keeper, hold_forever, wait_for_one
 
 import mppool
@@ -27,15 +27,10 @@ def accounted(pool, size):
 
 
 def test_sigkilled_holder_unit_comes_back_fast(client, procs):
-    ctx = fork_ctx()
     tokens = client.token_pool("t", 1)
     latencies = []
     for _ in range(8):
-        ready = ctx.Queue()
-        p = ctx.Process(target=hold_forever, args=(tokens, ready))
-        procs.append(p)
-        p.start()
-        ready.get(timeout=10)
+        p, _ = start_ready(procs, hold_forever, tokens)
         got: list[float] = []
 
         def wait_for_token(got: list[float] = got) -> None:
@@ -111,13 +106,8 @@ def test_kill_during_get_loses_nothing(client, procs):
 
 
 def test_holder_death_seen_by_psutil_when_socket_survives(client, procs):
-    ctx = fork_ctx()
     pool = client.pool("inh", lambda i: i, max_size=1)
-    ready = ctx.Queue()
-    p = ctx.Process(target=hold_and_fork_keeper, args=(pool, ready))
-    procs.append(p)
-    p.start()
-    holder_pid, keeper_pid = ready.get(timeout=10)
+    p, (holder_pid, keeper_pid) = start_ready(procs, hold_and_fork_keeper, pool)
     try:
         assert pool.stats()["nusing"] == 1
         os.kill(holder_pid, signal.SIGKILL)
@@ -135,14 +125,9 @@ def test_holder_death_seen_by_psutil_when_socket_survives(client, procs):
 
 
 def test_long_lease_killed_and_holder_terminated(client, procs):
-    ctx = fork_ctx()
     pool = client.pool("long", lambda i: i, max_size=1, max_using_delay_kill=0.3,
                        kill_holder=True)
-    ready = ctx.Queue()
-    p = ctx.Process(target=hold_forever, args=(pool, ready))
-    procs.append(p)
-    p.start()
-    ready.get(timeout=10)
+    p, _ = start_ready(procs, hold_forever, pool)
     p.join(10)
     assert p.exitcode == -signal.SIGTERM  # terminated by the supervisor
     s = pool.stats()
@@ -264,13 +249,9 @@ def _sqlite(i):
 def test_proxy_object_of_dead_holder_is_rolled_back(client, procs):
     from workers import insert_uncommitted_then_hang
 
-    ctx = fork_ctx()
     pool = client.pool("sqlite", _sqlite, transfer="proxy", max_size=1)
-    ready = ctx.Queue()
-    p = ctx.Process(target=insert_uncommitted_then_hang, args=(pool, ready))
-    procs.append(p)
-    p.start()
-    assert ready.get(timeout=10) == 1  # the child saw its own uncommitted row
+    p, said = start_ready(procs, insert_uncommitted_then_hang, pool)
+    assert said == 1  # the child saw its own uncommitted row
     os.kill(p.pid, signal.SIGKILL)
     p.join(5)
     conn = pool.get(timeout=5)
@@ -282,13 +263,8 @@ def test_proxy_object_of_dead_holder_is_rolled_back(client, procs):
 def test_proxy_object_whose_reset_fails_is_closed(client, procs):
     from workers import BadReset
 
-    ctx = fork_ctx()
     pool = client.pool("bad", BadReset, transfer="proxy", max_size=1)
-    ready = ctx.Queue()
-    p = ctx.Process(target=hold_forever, args=(pool, ready))
-    procs.append(p)
-    p.start()
-    ready.get(timeout=10)
+    p, _ = start_ready(procs, hold_forever, pool)
     os.kill(p.pid, signal.SIGKILL)
     p.join(5)
     obj = pool.get(timeout=5)
@@ -301,14 +277,9 @@ def test_proxy_object_whose_reset_fails_is_closed(client, procs):
 def test_holder_ignoring_sigterm_gets_sigkill(client, procs):
     from workers import hold_ignoring_sigterm
 
-    ctx = fork_ctx()
     pool = client.pool("stubborn", lambda i: i, max_size=1, max_using_delay_kill=0.2,
                        kill_holder=True)
-    ready = ctx.Queue()
-    p = ctx.Process(target=hold_ignoring_sigterm, args=(pool, ready))
-    procs.append(p)
-    p.start()
-    ready.get(timeout=10)
+    p, _ = start_ready(procs, hold_ignoring_sigterm, pool)
     p.join(10)  # SIGTERM is ignored; SIGKILL follows after the grace period (2 s)
     assert p.exitcode == -signal.SIGKILL
 
