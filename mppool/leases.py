@@ -394,7 +394,7 @@ class LeaseLoop:
         elif op == wire.DROPREF:
             conn.refs.pop(msg[2], None)
         elif op == wire.WAITING:
-            rec = self.sup.record(msg[2])
+            rec = self.records.get(msg[2])
             conn.send((rid, wire.OK, rec.pool.waiting() if rec is not None else 0))
         elif op == wire.PING:
             reply = (rid, wire.OK, os.getpid())
@@ -483,8 +483,9 @@ class LeaseLoop:
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
-        if getter and rec.getter is not None:
-            rec.pool._hook("getter", rec.getter, entry.obj)
+        hook = rec.pool._getter
+        if getter and hook is not None:
+            rec.pool._hook("getter", hook, entry.obj)
         try:
             blob = rec.blob(entry)
         except Exception as exc:
@@ -528,7 +529,7 @@ class LeaseLoop:
             elif pool_id == 0:  # a tpool.Proxy: hosted, shared by every process
                 owner, target = 0, self.sup.hosted[lease]
             else:
-                rec = self.sup.record(pool_id)
+                rec = self.records.get(pool_id)
                 entry = rec.pool._using.get(lease) if rec is not None else None
                 if entry is None or entry.holder is None or entry.holder.conn != conn.id:
                     raise PoolClosed(f"lease {lease} was killed, reclaimed or returned "

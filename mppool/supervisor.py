@@ -61,11 +61,10 @@ class Record:
         self.transfer = transfer
         self.kind = kind
         self.fingerprint = fingerprint
-        self.getter = options.get("getter")
         # Slow returns run on a worker thread, never on the lease loop.
         self.slow_ret = bool(options.get("retter") or options.get("closer") or options.get("max_use")
                              or options.get("max_lifetime"))
-        self.cache_blobs = self.getter is None and options.get("retter") is None
+        self.cache_blobs = options.get("getter") is None and options.get("retter") is None
         self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
 
     def blob(self, entry: Entry) -> bytes | None:
@@ -151,9 +150,6 @@ class Supervisor:
         self.sched.close()
 
     # ---------------------------------------------------------------------- registry
-
-    def record(self, pool_id: int) -> Record | None:
-        return self.by_id.get(pool_id)
 
     def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
         if not isinstance(name, str) or not name:
