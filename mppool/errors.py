@@ -7,7 +7,15 @@ takes the message as its only argument.
 
 from __future__ import annotations
 
-__all__ = ["ConnectTimeout", "PoolClosed", "PoolException", "ServerUnavailable", "TimeOut"]
+__all__ = [
+    "ConnectTimeout",
+    "PoolClosed",
+    "PoolException",
+    "RemoteError",
+    "ServerUnavailable",
+    "TimeOut",
+    "TooManyRequests",
+]
 
 
 class PoolException(Exception):
@@ -33,3 +41,12 @@ class ServerUnavailable(PoolException):
 
 class ConnectTimeout(PoolException):
     """db_pool: creating a connection took longer than ``connect_timeout``."""
+
+
+class TooManyRequests(PoolException):
+    """The pool's queue of waiters is full (``max_waiting``)."""
+
+
+class RemoteError(PoolException):
+    """User code raised in the supervisor an exception whose class this process cannot
+    import; the message names the original class, ``remote_traceback`` holds its traceback."""

@@ -1,5 +1,16 @@
-"""Who holds a lease: a process identified by pid *and* start time, so a reused pid is
-never mistaken for the holder."""
+"""Who holds a lease: a process identified by pid *and* start time, so that a reused pid is
+never mistaken for the holder.
+
+The start time is counted from boot (``/proc/PID/stat`` field 22, in clock ticks), not read
+from the wall clock: ``psutil.Process.create_time()`` adds the boot time that the kernel
+reports in whole seconds of wall-clock time (``btime``), so a clock step of a second or more
+would make every live holder look like a new process, hence dead, and the watchdog would hand
+its units to somebody else. Where ``/proc`` is missing (macOS) psutil's value is the fallback.
+
+On a unix socket the supervisor takes the peer's pid from the kernel (``SO_PEERCRED``) and
+reads its start time itself: such a holder is *verified*, and only verified holders are ever
+sent a signal (``kill_holder``). Over TCP the pid is what the client claims.
+"""
 
 from __future__ import annotations
 
@@ -11,53 +22,93 @@ from typing import Any
 
 import psutil
 
-
-@dataclass(frozen=True, slots=True)
-class Holder:
-    pid: int
-    start: float  # psutil create_time(), seconds since the epoch
-    host: str
-    conn: int = 0  # supervisor-side id of the client connection, 0 when in-process
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "start": self.start, "host": self.host, "conn": self.conn}
-
-    def alive(self) -> bool:
-        """True unless this exact process (pid + start time) is known to be gone."""
-        if self.host != HOSTNAME:
-            return True  # cannot see it from here: its connection tells us instead
-        try:
-            proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.start) > 0.01:
-                return False
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.Error:
-            return True
-
-
 HOSTNAME = socket.gethostname()
-_local: Holder | None = None
-_local_lock = threading.Lock()
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_start(pid: int) -> float | None:
+    """Seconds from boot to the start of ``pid``, from /proc; None where /proc is absent."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0.0 if os.path.isdir("/proc/self") else None
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19]) / _TICKS  # field 22 of the whole line
 
 
 def process_start(pid: int) -> float:
+    """``pid``'s start time (0.0 if there is no such process), immune to clock steps."""
+    start = _proc_start(pid)
+    if start is not None:
+        return start
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return 0.0
 
 
+def _same_start(a: float, b: float) -> bool:
+    return abs(a - b) <= 1.5 / _TICKS
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    pid: int
+    start: float  # process_start(pid)
+    host: str
+    conn: int = 0  # supervisor-side id of the client connection, 0 when in-process
+    verified: bool = False  # pid and start read by the supervisor itself, not claimed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start": self.start, "host": self.host, "conn": self.conn,
+                "verified": self.verified}
+
+    def alive(self) -> bool:
+        """True unless this exact process (pid + start time) is known to be gone."""
+        if self.host != HOSTNAME:
+            return True  # cannot see it from here: its connection tells us instead
+        start = process_start(self.pid)
+        if not start or not _same_start(start, self.start):
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:
+            return True
+
+    def is_process(self, proc: psutil.Process) -> bool:
+        """Whether ``proc`` is still this holder (not a new process with a reused pid)."""
+        return proc.pid == self.pid and _same_start(process_start(proc.pid), self.start)
+
+
+def peer_holder(sock: socket.socket, claimed_pid: int, claimed_start: float, claimed_host: str,
+                conn_id: int) -> Holder:
+    """The holder at the other end of ``sock``: the kernel's word on unix sockets."""
+    if sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(creds[:4], "little")
+        return Holder(pid, process_start(pid), HOSTNAME, conn_id, verified=True)
+    return Holder(claimed_pid, claimed_start, claimed_host, conn_id)
+
+
+_local: Holder | None = None
+_local_lock = threading.Lock()
+
+
 def current_holder() -> Holder:
-    """This process as a holder; psutil is asked once per process, not per lease."""
+    """This process as a holder; /proc is read once per process, not per lease."""
     global _local
     h = _local
     if h is not None:
         return h
     with _local_lock:
         pid = os.getpid()
-        _local = Holder(pid, process_start(pid), HOSTNAME)
+        _local = Holder(pid, process_start(pid), HOSTNAME, verified=True)
         return _local
 
 

@@ -1,49 +1,84 @@
 """The supervisor's lease loop: get and put for every client, on one thread.
 
-    client process                      supervisor
-    SharedPool.get() ── (rid, GET) ──▶  LeaseLoop (epoll, one thread)
-                                          ├ pool.acquire(holder, RemoteWaiter)
-                                          │   idle entry  → reply at once
-                                          │   CREATE      → fun() on a worker thread, then reply
-                                          │   none        → waiter queued in the Pool, deadline here
-                     ◀── (rid, OK, lease, blob)
-    SharedPool.ret() ── (0, PUT) ─────▶  pool.checkin(lease)  (no reply: order is kept per socket)
+    client process                        supervisor
+    SharedPool.get() ── Get(rid) ──────▶  LeaseLoop (epoll, one thread)
+                                            pool.acquire(holder, RemoteWaiter)
+                                              idle entry → reply at once
+                                              CREATE     → fun() on the pool's own threads, then reply
+                                              waiter     → queued in the Pool; a deadline here
+                     ◀── Granted(rid, lease, blob)
+    SharedPool.ret() ── Put(lease) ────▶  pool.checkin(lease, holder=this connection)
 
 No thread ever blocks on behalf of a client: a waiter is an entry in the pool's queue tied to
 its connection. When a connection closes (exit, crash, SIGKILL) the loop drops its waiters
-and gives back every lease it holds, at once (DESIGN.md, traps 1 and 6).
+and gives back every lease it holds, at once. User code (``fun``, hooks, proxied methods)
+never runs on this thread: it runs on the threads of the pool it belongs to.
+
+One client cannot hurt the others. Whatever a connection sends is decoded by
+`mppool.protocol`, which refuses any malformed field; frames are capped before their body is
+read (4 KiB before the key is proved, ``max_message`` after), the handshake has a deadline,
+a client that does not read its replies is cut off past ``max_unread`` bytes, and a lease is
+returned, or its proxied object called, only by the connection that holds it. On any breach
+the loop closes that one connection, which gives back what it held. Running out of file
+descriptors or threads refuses new work, logged at most once a second, and never stops the
+loop.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import hmac
 import itertools
 import logging
 import os
-import pickle
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import wire
-from .errors import PoolClosed, TimeOut
-from .holder import HOSTNAME, Holder
-from .pool import CREATE, Entry, _Create
-from .remote import is_plain
+from . import protocol as P
+from .errors import PoolClosed, ServerUnavailable, TimeOut
+from .holder import Holder, peer_holder
+from .pool import CREATE, Entry
+from .remote import PackedException, is_plain
 
 if TYPE_CHECKING:
     from .supervisor import Record, Supervisor
 
 log = logging.getLogger("mppool")
 
-
 # Hang-up and error count as readable: recv() then sees the EOF and closes the connection.
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _WRITE = select.POLLOUT
+MAX_POLL = 3600.0  # no OS wait is ever handed more than this (epoll overflows past ~24 days)
+HANDSHAKE_TIMEOUT = 5.0
+MAX_UNREAD = 16 << 20
+MAX_HANDSHAKING = 256  # connections that have not proved the key yet, at once
+ACCEPT_BACKOFF = 0.1
+
+
+class RateLimitedLog:
+    """Logs a message at most once per ``period`` seconds, counting what it held back."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.period:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg += f" ({held} more like it in the last {self.period:g} s)"
+        log.log(level, msg, *args, exc_info=exc_info)
 
 
 class _Poller:
@@ -70,7 +105,7 @@ class _Poller:
 class RemoteWaiter:
     """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
 
-    __slots__ = ("conn", "done", "holder", "rec", "rid", "since")
+    __slots__ = ("conn", "done", "holder", "rec", "result", "rid", "since")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
         self.conn = conn
@@ -78,12 +113,14 @@ class RemoteWaiter:
         self.rec = rec
         self.holder = conn.holder
         self.done = False
+        self.result: Any = None
         self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
 
     def set(self, result: Any) -> bool:
         if self.done or self.conn.closed:
             return False
         self.done = True
+        self.result = result
         # Under the pool lock: only record. The reply (hooks, pickling, and on failure a
         # checkin that takes that same lock) is made by the loop once the lock is released.
         self.conn.loop.call_soon(lambda: self.conn.loop.deliver(self, result))
@@ -95,30 +132,26 @@ class RemoteWaiter:
         self.done = True
         return True
 
-    def __lt__(self, other: RemoteWaiter) -> bool:
-        return self.rid < other.rid
-
 
 class Conn:
-    """One client process's channel. ``send`` may be called from any thread."""
+    """One client process's channel. ``send_raw`` may be called from any thread."""
 
     def __init__(self, loop: LeaseLoop, sock: socket.socket, cid: int) -> None:
         self.loop = loop
         self.sock = sock
+        self.fd = sock.fileno()
         self.id = cid
-        self.rbuf = bytearray()
+        self.reader = P.FrameReader(P.MAX_HANDSHAKE)
         self.wbuf = bytearray()
         self.wlock = threading.Lock()
         self.closed = False
-        self.nonce = wire.new_nonce()
+        self.nonce = P.new_nonce()
         self.holder: Holder | None = None
         self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
-        # Puts still running on a worker thread (hooks): a PING is answered after them, so
+        self.refused = 0  # puts and calls refused (somebody else's lease)
+        # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
         # a client's sync() means "every put I sent has taken effect".
         self.puts_running: set[Future[Any]] = set()
-
-    def send(self, msg: Any) -> None:
-        self.send_raw(wire.dumps(msg))
 
     def send_raw(self, data: bytes) -> None:
         with self.wlock:
@@ -126,6 +159,9 @@ class Conn:
                 return
             if self.wbuf:
                 self.wbuf += data
+                if len(self.wbuf) > self.loop.max_unread:
+                    self.loop.call_soon(lambda: self.loop.close(
+                        self, f"it left more than {self.loop.max_unread} bytes of replies unread"))
                 return
             try:
                 n = self.sock.send(data)
@@ -138,13 +174,20 @@ class Conn:
                 self.wbuf += data[n:]
                 self.loop.call_soon(lambda: self.loop.want_write(self))
 
+    def fail(self, rid: int, exc: BaseException) -> None:
+        self.send_raw(P.encode_reply(rid, P.ERR, PackedException(exc)))
+
 
 class LeaseLoop:
-    def __init__(self, sup: Supervisor, address: str | tuple[str, int], authkey: bytes,
-                 workers: int = 8) -> None:
+    def __init__(self, sup: Supervisor, address: str | tuple[str, int], authkey: bytes, *,
+                 max_message: int = P.DEFAULT_MAX_MESSAGE, max_unread: int = MAX_UNREAD,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.sup = sup
         self.records = sup.by_id  # pool id -> Record (the same dict, read on the hot path)
         self.authkey = authkey
+        self.max_message = max_message
+        self.max_unread = max_unread
+        self.handshake_timeout = handshake_timeout
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.lsock = socket.socket(family, socket.SOCK_STREAM)
         if isinstance(address, str):
@@ -168,17 +211,23 @@ class LeaseLoop:
         self.poller = _Poller()
         self.fds: dict[int, Conn] = {}
         self.poller.register(self.lsock.fileno(), _READ)
+        self.listening = True
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.poller.register(self.wake_r.fileno(), _READ)
         self.pending: list[Callable[[], None]] = []
         self.plock = threading.Lock()
-        self.timers: list[tuple[float, RemoteWaiter]] = []
+        # (when, seq, kind, obj): get deadlines (obj: RemoteWaiter), handshake deadlines (obj:
+        # Conn), and the listener's re-arming after running out of descriptors (obj: None).
+        self.timers: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
         self.conns: dict[int, Conn] = {}
+        self.handshaking = 0
         self.ids = itertools.count(1)
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="mppool-work")
+        self.refs = itertools.count(1)
         self.stopping = False
+        self.ratelog = RateLimitedLog()
         self.thread = threading.Thread(target=self.run, name="mppool-leases", daemon=True)
 
     # -------------------------------------------------------------- cross-thread entry points
@@ -188,7 +237,7 @@ class LeaseLoop:
         with self.plock:
             self.pending.append(fn)
         if threading.get_ident() == self.thread.ident:
-            return  # the loop runs pending callbacks before it waits again
+            return  # the loop runs every pending callback before it waits again
         try:
             self.wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -197,9 +246,9 @@ class LeaseLoop:
     def deliver(self, waiter: RemoteWaiter, result: Any) -> None:
         """A waiter was handed ``result`` under the pool lock: act on it, never blocking."""
         if result is CREATE:
-            self.executor.submit(self.create, waiter)
+            self.create(waiter)
         elif isinstance(result, BaseException):
-            waiter.conn.send((waiter.rid, wire.ERR, result))
+            waiter.conn.fail(waiter.rid, result)
         else:
             self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since)
 
@@ -207,44 +256,15 @@ class LeaseLoop:
         self.stopping = True
         self.call_soon(lambda: None)
         self.thread.join(5.0)
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --------------------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        clock = self.sup.clock
-        poll = self.poller.poll
-        fds = self.fds
-        lfd, wfd = self.lsock.fileno(), self.wake_r.fileno()
         while not self.stopping:
-            timeout = None
-            if self.timers:
-                timeout = max(0.0, self.timers[0][0] - clock.now())
-            for fd, mask in poll(timeout, len(fds) + 2):
-                conn = fds.get(fd)
-                if conn is not None:
-                    if mask & _READ:
-                        self.read(conn)
-                    if mask & _WRITE and not conn.closed:
-                        self.flush(conn)
-                elif fd == lfd:
-                    self.accept()
-                elif fd == wfd:
-                    try:
-                        while self.wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-            if self.pending:
-                with self.plock:
-                    todo, self.pending = self.pending, []
-                for fn in todo:
-                    try:
-                        fn()
-                    except Exception:
-                        log.exception("mppool: lease loop callback failed")
-            if self.timers:
-                self.expire(clock.now())
+            try:
+                self.turn()
+            except Exception:  # the loop serves everybody: it must survive anything
+                self.ratelog(logging.ERROR, "loop", "mppool: lease loop error", exc_info=True)
         for conn in list(self.conns.values()):
             self.close(conn)
         self.poller.close()
@@ -252,25 +272,84 @@ class LeaseLoop:
         self.wake_r.close()
         self.wake_w.close()
 
+    def turn(self) -> None:
+        clock = self.sup.clock
+        fds = self.fds
+        timeout: float | None = None
+        if self.pending:
+            timeout = 0.0  # callbacks queued by the loop itself: no sleeping on them
+        elif self.timers:
+            timeout = min(max(0.0, self.timers[0][0] - clock.now()), MAX_POLL)
+        for fd, mask in self.poller.poll(timeout, len(fds) + 2):
+            conn = fds.get(fd)
+            if conn is not None:
+                if mask & _READ:
+                    self.read(conn)
+                if mask & _WRITE and not conn.closed:
+                    self.flush(conn)
+            elif fd == self.lsock.fileno():
+                self.accept()
+            elif fd == self.wake_r.fileno():
+                try:
+                    while self.wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        while self.pending:
+            with self.plock:
+                todo, self.pending = self.pending, []
+            for fn in todo:
+                try:
+                    fn()
+                except Exception:
+                    self.ratelog(logging.ERROR, "callback", "mppool: lease loop callback failed",
+                                 exc_info=True)
+        if self.timers:
+            self.expire(clock.now())
+
     def accept(self) -> None:
         while True:
             try:
                 sock, _ = self.lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                log.warning("mppool: accept failed", exc_info=True)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The listener stays readable: stop watching it for a moment, or the loop
+                    # would spin. Connected clients are served meanwhile.
+                    self.ratelog(logging.WARNING, "accept", "mppool: cannot accept lease "
+                                 "connections (%s): refusing new ones for %.1f s", exc.strerror,
+                                 ACCEPT_BACKOFF)
+                    self.pause_listening()
+                else:
+                    self.ratelog(logging.WARNING, "accept", "mppool: accept failed: %s", exc)
                 return
+            if self.handshaking >= MAX_HANDSHAKING:
+                self.ratelog(logging.WARNING, "handshaking", "mppool: %d lease connections have "
+                             "not finished their handshake: refusing more", self.handshaking)
+                sock.close()
+                continue
             sock.setblocking(False)
             conn = Conn(self, sock, next(self.ids))
             self.conns[conn.id] = conn
-            self.fds[sock.fileno()] = conn
-            self.poller.register(sock.fileno(), _READ)
-            conn.send_raw(wire.dump_nonce(conn.nonce))
+            self.fds[conn.fd] = conn
+            self.handshaking += 1
+            self.poller.register(conn.fd, _READ)
+            self.at(self.sup.clock.now() + self.handshake_timeout, 1, conn)
+            conn.send_raw(P.encode_nonce(conn.nonce))
+
+    def pause_listening(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.poller.unregister(self.lsock.fileno())
+            self.at(self.sup.clock.now() + ACCEPT_BACKOFF, 2, None)
+
+    def at(self, when: float, kind: int, obj: Any) -> None:
+        heapq.heappush(self.timers, (when, next(self.seq), kind, obj))
 
     def read(self, conn: Conn) -> None:
         try:
-            data: bytes | bytearray = conn.sock.recv(wire.RECV_SIZE)
+            data = conn.sock.recv(P.RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -278,71 +357,47 @@ class LeaseLoop:
         if not data:
             self.close(conn)
             return
-        if conn.rbuf:
-            conn.rbuf += data
-            data, conn.rbuf = conn.rbuf, bytearray()
-        view = memoryview(data)
-        end = len(data)
-        pos = 0
-        size = wire.HEADER.size
-        unpack = wire.HEADER.unpack_from
-        authed = conn.holder is not None
-        while end - pos >= size:
-            (n,) = unpack(data, pos)
-            start = pos + size
-            if end - start < n:
-                break
-            pos = start + n
-            kind = data[start] if n else 0
-            try:
-                # The two messages of every lease cycle, decoded in place (no tuple, no copy).
-                if kind == wire.KIND_GET and authed:
-                    _, rid, pool_id, timeout = wire.GET_FRAME.unpack_from(data, start)
-                    self.get(conn, rid, pool_id, None if timeout < 0 else timeout)
-                elif kind == wire.KIND_PUT and authed:
-                    _, pool_id, lease = wire.PUT_FRAME.unpack_from(data, start)
-                    self.put(conn, pool_id, lease)
-                elif not authed:
-                    # Nothing is unpickled before the client proved it has the key.
-                    if not self.hello(conn, view[start:pos]):
-                        return
-                    authed = True
-                else:
-                    try:
-                        msg = wire.loads(view[start:pos])
-                    except Exception:
-                        log.warning("mppool: conn %d sent an unreadable frame, closing it", conn.id)
-                        self.close(conn)
-                        return
-                    if msg[1] == wire.PUT:  # a put with discard=True
-                        self.put(conn, msg[2], msg[3], len(msg) > 4 and msg[4])
-                    else:
-                        self.dispatch(conn, msg)
-            except Exception:
-                log.exception("mppool: conn %d: a request failed", conn.id)
-            if conn.closed:
-                return
-        if pos < end:
-            conn.rbuf = bytearray(view[pos:])  # a partial frame: wait for the rest
-
-    def hello(self, conn: Conn, frame: Any) -> bool:
         try:
-            answer, client_nonce, pid, start, host = wire.parse_hello(frame)
-            ok = hmac.compare_digest(answer, wire.digest(self.authkey, conn.nonce))
-        except Exception:
+            frames = conn.reader.feed(data)
+            for payload in frames:
+                if conn.holder is None:
+                    # Nothing is unpickled before the client proved it has the key.
+                    self.hello(conn, payload)
+                else:
+                    kind = payload[0] if len(payload) else 0
+                    try:
+                        # The two messages of every lease cycle, decoded in place.
+                        if kind == P.KIND_GET:
+                            self.get(conn, *P.parse_get(payload))
+                        elif kind == P.KIND_PUT or kind == P.KIND_DISCARD:
+                            self.put(conn, *P.parse_put(payload))
+                        else:
+                            self.dispatch(conn, P.decode_request(payload))
+                    except P.ProtocolError:
+                        raise
+                    except Exception:
+                        self.ratelog(logging.ERROR, "request", "mppool: conn %d: a request failed",
+                                     conn.id, exc_info=True)
+                if conn.closed:
+                    return
+        except P.ProtocolError as exc:
+            self.close(conn, f"it broke the protocol: {exc}")
+
+    def hello(self, conn: Conn, payload: Any) -> None:
+        try:
+            answer, client_nonce, pid, start, host = P.decode_hello(payload)
+            ok = hmac.compare_digest(answer, P.digest(self.authkey, conn.nonce))
+        except P.ProtocolError:
             ok = False
         if not ok:
-            log.warning("mppool: refused a lease connection with a wrong key or no handshake")
+            self.ratelog(logging.WARNING, "key", "mppool: refused a lease connection with a wrong "
+                         "key or no handshake")
             self.close(conn)
-            return False
-        if conn.sock.family == socket.AF_UNIX:
-            # The kernel's word beats the client's for who is on the other end.
-            creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            pid = int.from_bytes(creds[:4], "little")
-            host = HOSTNAME
-        conn.holder = Holder(pid, start, host, conn.id)
-        conn.send_raw(wire.dump_ack(wire.digest(self.authkey, client_nonce), conn.id))
-        return True
+            return
+        conn.holder = peer_holder(conn.sock, pid, start, host, conn.id)
+        conn.reader.limit = self.max_message
+        self.handshaking -= 1
+        conn.send_raw(P.encode_ack(P.digest(self.authkey, client_nonce), conn.id))
 
     def flush(self, conn: Conn) -> None:
         with conn.wlock:
@@ -355,25 +410,30 @@ class LeaseLoop:
             if n >= 0:
                 del conn.wbuf[:n]
                 if not conn.wbuf:
-                    self.poller.modify(conn.sock.fileno(), _READ)
+                    self.poller.modify(conn.fd, _READ)
                 return
         self.close(conn)
 
     def want_write(self, conn: Conn) -> None:
         if not conn.closed and conn.wbuf:
-            self.poller.modify(conn.sock.fileno(), _READ | _WRITE)
+            self.poller.modify(conn.fd, _READ | _WRITE)
 
-    def close(self, conn: Conn) -> None:
-        """The client is gone: forget its waiters and give back everything it held."""
+    def close(self, conn: Conn, why: str | None = None) -> None:
+        """The client is gone (or cut off): forget its waiters, give back what it held."""
         with conn.wlock:
             if conn.closed:
                 return
             conn.closed = True
+        if why:
+            pid = conn.holder.pid if conn.holder is not None else "?"
+            self.ratelog(logging.WARNING, "cut", "mppool: closing lease connection %d (pid %s): %s",
+                         conn.id, pid, why)
+        if conn.holder is None:
+            self.handshaking -= 1
         self.conns.pop(conn.id, None)
+        self.fds.pop(conn.fd, None)
         try:
-            fd = conn.sock.fileno()
-            self.fds.pop(fd, None)
-            self.poller.unregister(fd)
+            self.poller.unregister(conn.fd)
         except (KeyError, ValueError, OSError):
             pass
         conn.sock.close()
@@ -381,91 +441,93 @@ class LeaseLoop:
         if conn.holder is not None:
             self.sup.release_conn(conn)
 
+    def expire(self, now: float) -> None:
+        timers = self.timers
+        if len(timers) > 1024:  # satisfied waiters linger until their deadline: prune
+            self.timers = timers = [t for t in timers if not _spent(t)]
+            heapq.heapify(timers)
+        while timers and timers[0][0] <= now:
+            _, _, kind, obj = heapq.heappop(timers)
+            if kind == 0:
+                waiter: RemoteWaiter = obj
+                if not waiter.done and waiter.rec.pool.cancel(waiter):
+                    waiter.conn.fail(waiter.rid, TimeOut(
+                        f"pool {waiter.rec.name!r}: no object available in time"))
+            elif kind == 1:
+                if obj.holder is None and not obj.closed:
+                    self.close(obj, f"no handshake within {self.handshake_timeout:g} s")
+            elif not self.listening and not self.stopping:
+                self.listening = True
+                self.poller.register(self.lsock.fileno(), _READ)
+
     # ------------------------------------------------------------------------- requests
 
-    def dispatch(self, conn: Conn, msg: tuple[Any, ...]) -> None:
-        rid, op = msg[0], msg[1]
-        if op == wire.GET:
-            self.get(conn, rid, msg[2], msg[3])
-        elif op == wire.PUT:
-            self.put(conn, msg[2], msg[3])
-        elif op in (wire.CALL, wire.GETATTR):
-            self.executor.submit(self.call, conn, msg)
-        elif op == wire.DROPREF:
-            conn.refs.pop(msg[2], None)
-        elif op == wire.WAITING:
-            rec = self.records.get(msg[2])
-            conn.send((rid, wire.OK, rec.pool.waiting() if rec is not None else 0))
-        elif op == wire.PING:
-            reply = (rid, wire.OK, os.getpid())
-            running = list(conn.puts_running)
-            if not running:
-                conn.send(reply)
-            else:
-                left = [len(running)]
-                lock = threading.Lock()
+    def dispatch(self, conn: Conn, msg: P.Request) -> None:
+        if isinstance(msg, P.Call):
+            self.call(conn, msg)
+        elif isinstance(msg, P.DropRef):
+            conn.refs.pop(msg.ref, None)
+        elif isinstance(msg, P.Waiting):
+            rec = self.records.get(msg.pool_id)
+            conn.send_raw(P.encode_reply(msg.rid, P.OK, rec.pool.waiting() if rec else 0))
+        elif isinstance(msg, P.Ping):
+            self.ping(conn, msg.rid)
+        elif isinstance(msg, P.Get):
+            self.get(conn, msg.rid, msg.pool_id, msg.timeout)
+        elif isinstance(msg, P.Put):
+            self.put(conn, msg.pool_id, msg.lease, msg.discard)
 
-                def one_done(_: Future[Any]) -> None:
-                    with lock:
-                        left[0] -= 1
-                        last = left[0] == 0
-                    if last:
-                        conn.send(reply)
+    def ping(self, conn: Conn, rid: int) -> None:
+        reply = P.encode_reply(rid, P.OK, os.getpid())
+        running = list(conn.puts_running)
+        if not running:
+            conn.send_raw(reply)
+            return
+        left = [len(running)]
+        lock = threading.Lock()
 
-                for fut in running:
-                    fut.add_done_callback(one_done)
-        else:
-            conn.send((rid, wire.ERR, ValueError(f"unknown op {op!r}")))
+        def one_done(_: Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                conn.send_raw(reply)
+
+        for fut in running:
+            fut.add_done_callback(one_done)
 
     def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
         rec = self.records.get(pool_id)
         if rec is None:
-            conn.send((rid, wire.ERR, PoolClosed(f"pool {pool_id} is shutting down or unknown")))
+            conn.fail(rid, PoolClosed(f"pool #{pool_id} is shutting down or unknown"))
             return
         pool = rec.pool
         if timeout is None:
-            timeout = pool._timeout
-        waiter = None
+            timeout = pool.timeout
         try:
-            with pool._lock:
-                got = pool.acquire(conn.holder, None)  # type: ignore[arg-type]
-                if got is None and timeout != 0:  # nothing now: queue a waiter (rare path)
-                    waiter = RemoteWaiter(conn, rid, rec)
-                    got = pool.acquire(conn.holder, waiter)  # type: ignore[arg-type]
+            got = pool.acquire(conn.holder,  # type: ignore[arg-type]
+                               None if timeout == 0 else lambda h: RemoteWaiter(conn, rid, rec))
         except PoolClosed as exc:
-            conn.send((rid, wire.ERR, exc))
+            conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
+            del exc
             return
-        if pool._todel:
-            self.executor.submit(pool._flush)
         if got is None:
-            if waiter is None:
-                conn.send((rid, wire.ERR, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)")))
-            elif timeout is not None:
-                heapq.heappush(self.timers, (self.sup.clock.now() + timeout, waiter))
-            return
-        if isinstance(got, _Create):
-            if waiter is None:
-                waiter = RemoteWaiter(conn, rid, rec)
-            waiter.done = True
-            self.executor.submit(self.create, waiter)
-        else:
+            conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
+        elif type(got) is Entry:
             self.reply_entry(conn, rid, rec, got)
-
-    def expire(self, now: float) -> None:
-        if len(self.timers) > 1024:  # satisfied waiters linger until their deadline: prune
-            self.timers = [t for t in self.timers if not t[1].done]
-            heapq.heapify(self.timers)
-        while self.timers and self.timers[0][0] <= now:
-            _, waiter = heapq.heappop(self.timers)
-            if waiter.done:
-                continue
-            rec = waiter.rec
-            if rec.pool.drop_waiters(lambda w, waiter=waiter: w is waiter):  # type: ignore[misc]
-                waiter.conn.send((waiter.rid, wire.ERR,
-                                  TimeOut(f"pool {rec.name!r}: no object available in time")))
+        elif got is CREATE:
+            waiter = RemoteWaiter(conn, rid, rec)
+            waiter.done = True
+            self.create(waiter)
+        elif timeout is not None:  # queued: its deadline is ours to keep
+            self.at(self.sup.clock.now() + timeout, 0, got)
 
     def create(self, waiter: RemoteWaiter) -> None:
-        """On a worker thread: run fun for a waiter that was granted a slot."""
+        """Run fun for a waiter that was granted a slot, on the pool's own threads."""
+        if self.submit(waiter.rec, waiter.conn, waiter.rid, self._create, waiter) is None:
+            waiter.rec.pool.release_slot()
+
+    def _create(self, waiter: RemoteWaiter) -> None:
         rec, conn = waiter.rec, waiter.conn
         if conn.closed:
             rec.pool.release_slot()
@@ -473,29 +535,42 @@ class LeaseLoop:
         try:
             entry = rec.pool.create_for(conn.holder)  # type: ignore[arg-type]
         except BaseException as exc:
-            conn.send((waiter.rid, wire.ERR, _portable(exc)))
+            conn.fail(waiter.rid, exc)
             return
-        # create_for() already ran the getter hook.
-        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since, getter=False)
+        # create_for() already handed it out (getter hook).
+        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since, handed=True)
+
+    def submit(self, rec: Record, conn: Conn, rid: int, fn: Callable[..., Any],
+               *args: Any) -> Future[Any] | None:
+        """Run user code for ``rec`` on its own threads; None (and an error to the client)
+        when no thread could be had."""
+        fut = rec.submit(fn, *args)
+        if fut is None and rid:
+            conn.fail(rid, ServerUnavailable("the supervisor is out of threads; try again"))
+        return fut
 
     def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
-                    since: float = 0.0, getter: bool = True) -> None:
+                    since: float = 0.0, handed: bool = False) -> None:
+        if not handed and rec.has_getter and threading.get_ident() == self.thread.ident:
+            # The getter hook is user code: on the pool's threads, never on the loop.
+            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since) is None:
+                rec.pool.checkin(entry.lease)
+            return
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
-        hook = rec.pool._getter
-        if getter and hook is not None:
-            rec.pool._hook("getter", hook, entry.obj)
+        if not handed:
+            rec.pool.hand_out(entry)
         try:
             blob = rec.blob(entry)
         except Exception as exc:
             rec.pool.checkin(entry.lease)
-            conn.send((rid, wire.ERR, _portable(exc)))
+            conn.fail(rid, exc)
             return
         if blob is None:
-            conn.send((rid, wire.OK, entry.lease, None))
+            conn.send_raw(P.encode_granted_proxy(rid, entry.lease))
         else:
-            conn.send_raw(wire.dump_ok(rid, entry.lease, blob))
+            conn.send_raw(P.encode_granted(rid, entry.lease, blob))
         if conn.closed:
             # The connection went away while we were leasing: it never got the object.
             rec.pool.reclaim(lambda h: h.conn == conn.id)
@@ -504,61 +579,80 @@ class LeaseLoop:
         rec = self.records.get(pool_id)
         if rec is None:
             return
+        pool = rec.pool
         if conn.refs:
-            # list(): worker threads add refs (call()) while the loop drops them here.
+            # list(): pool threads add refs (call()) while the loop drops them here.
             for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
                 del conn.refs[ref]
         metrics = self.sup.metrics
         if metrics is not None:
-            entry = rec.pool._using.get(lease)
+            entry = pool.lent(lease, conn.holder)
             if entry is not None:
                 metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
-        if rec.slow_ret or discard:  # a discard runs the closer: off the loop
-            fut = self.executor.submit(rec.pool.checkin, lease, discard)
-            conn.puts_running.add(fut)
-            fut.add_done_callback(conn.puts_running.discard)
+        if rec.slow_ret or discard:  # hooks run: on the pool's threads, off the loop
+            fut = self.submit(rec, conn, 0, self._checkin, conn, rec, lease, discard)
+            if fut is not None:
+                conn.puts_running.add(fut)
+                fut.add_done_callback(conn.puts_running.discard)
         else:
-            rec.pool.checkin(lease)
+            self._checkin(conn, rec, lease, discard)
 
-    def call(self, conn: Conn, msg: tuple[Any, ...]) -> None:
-        """On a worker thread: a method call or attribute read on a proxied object."""
-        rid, op, pool_id, lease, ref, name = msg[:6]
+    def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
+        if not rec.pool.checkin(lease, discard, holder=conn.holder):
+            conn.refused += 1
+            self.ratelog(logging.WARNING, "refused", "mppool: pool %r: refused a return of lease "
+                         "%d by pid %s: not its lease (returned twice, killed, or another's)",
+                         rec.name, lease, conn.holder.pid if conn.holder else "?")
+
+    def call(self, conn: Conn, msg: P.Call) -> None:
+        if msg.pool_id == 0:
+            fut = self.sup.submit_hosted(self._call, conn, msg)
+            if fut is None:
+                conn.fail(msg.rid, ServerUnavailable("the supervisor is out of threads"))
+            return
+        rec = self.records.get(msg.pool_id)
+        if rec is None:
+            conn.fail(msg.rid, PoolClosed(f"pool #{msg.pool_id} is shutting down or unknown"))
+            return
+        self.submit(rec, conn, msg.rid, self._call, conn, msg, rec)
+
+    def _call(self, conn: Conn, msg: P.Call, rec: Record | None = None) -> None:
+        """On a pool's thread: a method call or attribute read on a proxied object."""
         try:
-            if ref:
-                owner, target = conn.refs[ref]
-            elif pool_id == 0:  # a tpool.Proxy: hosted, shared by every process
-                owner, target = 0, self.sup.hosted[lease]
+            if msg.ref:
+                owner, target = conn.refs[msg.ref]
+            elif rec is None:  # an object hosted with client.host(), shared by every process
+                owner, target = 0, self.sup.hosted[msg.lease]
             else:
-                rec = self.records.get(pool_id)
-                entry = rec.pool._using.get(lease) if rec is not None else None
-                if entry is None or entry.holder is None or entry.holder.conn != conn.id:
-                    raise PoolClosed(f"lease {lease} was killed, reclaimed or returned "
-                                     "(pool shutting down or object no longer yours)")
-                owner, target = lease, entry.obj
-            if op == wire.GETATTR:
-                value = getattr(target, name)
+                entry = rec.pool.lent(msg.lease, conn.holder)
+                if entry is None:
+                    raise PoolClosed(f"pool {rec.name!r}: lease {msg.lease} was killed, reclaimed "
+                                     "or returned (pool shutting down or object no longer yours)")
+                owner, target = msg.lease, entry.obj
+            if msg.args is None:
+                value = getattr(target, msg.name)
             else:
-                args, kwargs = msg[6], msg[7]
-                value = getattr(target, name)(*args, **kwargs)
+                value = getattr(target, msg.name)(*msg.args, **msg.kwargs)
         except BaseException as exc:
-            conn.send((rid, wire.ERR, _portable(exc)))
+            conn.fail(msg.rid, exc)
             return
         try:
             if is_plain(value):
-                conn.send((rid, wire.OK, value))
+                conn.send_raw(P.encode_reply(msg.rid, P.OK, value))
             else:
-                newref = next(self.ids)
+                newref = next(self.refs)
                 conn.refs[newref] = (owner, value)
                 kind = type(value)
-                conn.send((rid, wire.REF, newref, f"{kind.__module__}.{kind.__qualname__}"))
+                conn.send_raw(P.encode_reply(msg.rid, P.REF,
+                                             (newref, f"{kind.__module__}.{kind.__qualname__}")))
         except Exception as exc:  # a result that does not pickle: the caller must not hang
-            conn.send((rid, wire.ERR, _portable(exc)))
+            conn.fail(msg.rid, exc)
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """An exception that will unpickle in the client: the original when possible."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+def _spent(timer: tuple[float, int, int, Any]) -> bool:
+    kind, obj = timer[2], timer[3]
+    if kind == 0:
+        return bool(obj.done)
+    if kind == 1:
+        return obj.holder is not None or obj.closed
+    return False

@@ -127,7 +127,10 @@ class Waiter:
 
 
 _ids = itertools.count(1)
-_leases = itertools.count(1)
+# Lease ids are random 63-bit numbers, not a counter: a client cannot guess another's lease
+# (and a lease is honoured only for the connection that holds it anyway).
+_lease_rng = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _lease_rng.seed(os.urandom(16)))
 _pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # every pool, for the fork hook
 
 
@@ -297,9 +300,7 @@ class Pool(Lender):
                     self._remember(entry)
                     got = entry
         if got is not None:
-            if self._getter is not None:
-                self._hook("getter", self._getter, got.obj)
-            return got.obj
+            return self.hand_out(got).obj
         entry = self.checkout(holder, timeout)
         with self._lock:
             self._remember(entry)
@@ -480,62 +481,108 @@ class Pool(Lender):
 
     # --------------------------------------------- lease API (also used by the supervisor)
 
+    @property
+    def timeout(self) -> float | None:
+        """The pool's default ``get()`` timeout (None: wait forever)."""
+        return self._timeout
+
     def checkout(self, holder: Holder, timeout: float | None = None) -> Entry:
-        """Lease an entry to ``holder``, creating or waiting as needed."""
+        """Lease an entry to ``holder``, creating or waiting as needed (the blocking get)."""
         timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if timeout is None else self._clock.now() + timeout
-        waiter = Waiter(holder)
-        with self._lock:
-            got = self.acquire(holder, waiter if timeout != 0 else None)
+        got = self.acquire(holder, None if timeout == 0 else Waiter)
         if got is None:
-            if timeout == 0:
-                self._flush()
-                raise TimeOut(f"pool {self._id}: no object available (timeout=0)")
-            waiter.wait(timeout)
-            with self._lock:
-                if waiter.cancel():
-                    self._waiters.remove(waiter)
-                    raise TimeOut(f"pool {self._id}: no object available within {timeout} s")
-            got = waiter.result
-            if isinstance(got, BaseException):
-                raise got
-        self._flush()
-        if isinstance(got, _Create):
+            raise TimeOut(f"pool {self._id}: no object available (timeout=0)")
+        if isinstance(got, Waiter):
+            got = self._wait(got, timeout)
+        if got is CREATE:
             # What is left of the caller's timeout bounds the wait for a budget token too.
             left = None if deadline is None else max(0.0, deadline - self._clock.now())
             return self.create_for(holder, left)
-        self._hook("getter", self._getter, got.obj)
+        return self.hand_out(got)  # type: ignore[arg-type]
+
+    def _wait(self, waiter: Waiter, timeout: float | None) -> Entry | _Create:
+        """Block until ``waiter`` is served; give up (and give back) on timeout or any error."""
+        try:
+            waiter.wait(timeout)
+        except BaseException:
+            self.abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
+            raise
+        if self.cancel(waiter):
+            raise TimeOut(f"pool {self._id}: no object available within {timeout} s")
+        got = waiter.result
+        if isinstance(got, BaseException):
+            raise got
         return got
 
-    def acquire(self, holder: Holder, waiter: Any | None) -> Entry | _Create | None:
-        """Under the lock: an idle entry now leased, CREATE (slot reserved), or None.
+    def acquire(self, holder: Holder, waiter: Callable[[Holder], Any] | None = None,
+                ) -> Entry | _Create | Any | None:
+        """The one decision of every get, for in-process and remote callers alike.
 
-        None means ``waiter`` was queued (or, without a waiter, nothing is available).
+        Returns an idle entry now leased to ``holder`` (run `hand_out` on it), ``CREATE`` (a
+        slot is reserved: call `create_for`, or `release_slot` if it will not be used), or
+        the waiter made by ``waiter(holder)`` and queued (its ``set()`` is called later under
+        the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
+        available and no waiter was asked for. Newcomers never barge past queued waiters.
         """
-        if self._shutdown:
-            raise PoolClosed(f"pool {self._id} is shutting down")
-        # Newcomers never barge past queued waiters.
-        if not self._waiters or not any(not w.done for w in self._waiters):
-            now = self._clock.now()
-            while self._avail:
-                entry = self._avail.popleft() if self._fifo else self._avail.pop()
-                if entry.expires and now >= entry.expires:
-                    self._counts["nexpired"] += 1
-                    self._todel.append(entry)
-                    continue
-                self._lease(entry, holder, now)
-                return entry
-            if self._room():
-                self._ncreating += 1
-                return CREATE
-        if waiter is not None:
-            self._waiters.append(waiter)
-        return None
+        with self._lock:
+            if self._shutdown:
+                raise PoolClosed(f"pool {self._id} is shutting down")
+            got: Any = None
+            if not self._waiters or not any(not w.done for w in self._waiters):
+                now = self._clock.now()
+                while self._avail:
+                    entry = self._avail.popleft() if self._fifo else self._avail.pop()
+                    if entry.expires and now >= entry.expires:
+                        self._counts["nexpired"] += 1
+                        self._todel.append(entry)
+                        continue
+                    self._lease(entry, holder, now)
+                    got = entry
+                    break
+                else:
+                    if self._room():
+                        self._ncreating += 1
+                        got = CREATE
+            if got is None and waiter is not None:
+                got = waiter(holder)
+                self._waiters.append(got)
+            closing = bool(self._todel)
+        if closing:
+            self._flush()
+        return got
+
+    def cancel(self, waiter: Any) -> bool:
+        """Withdraw a queued waiter that gave up (timed out); False if it was served first."""
+        with self._lock:
+            if not waiter.cancel():
+                return False
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+            return True
+
+    def abandon(self, waiter: Any) -> None:
+        """A waiter's caller is gone (interrupted, cancelled): withdraw it, or give back what
+        it was handed meanwhile, so that nothing is stranded."""
+        if self.cancel(waiter):
+            return
+        got = waiter.result
+        if got is CREATE:
+            self.release_slot()
+        elif isinstance(got, Entry):
+            self.checkin(got.lease)
+
+    def hand_out(self, entry: Entry) -> Entry:
+        """Run the getter hook on an entry about to reach its holder (its one call site)."""
+        if self._getter is not None:
+            self._hook("getter", self._getter, entry.obj)
+        return entry
 
     def create_for(self, holder: Holder, timeout: float | None = None) -> Entry:
-        """Create an object in a reserved slot and lease it; errors free the slot.
-
-        ``timeout`` bounds the wait for a budget token (None: the pool's timeout).
+        """Create an object in a reserved slot and hand it out to ``holder``; an error frees
+        the slot. ``timeout`` bounds the wait for a budget token (None: the pool's timeout).
         """
         entry = self._create(timeout=self._timeout if timeout is None else timeout)
         with self._lock:
@@ -549,8 +596,7 @@ class Pool(Lender):
         if closed:
             self._flush()
             raise PoolClosed(f"pool {self._id} is shutting down")
-        self._hook("getter", self._getter, entry.obj)
-        return entry
+        return self.hand_out(entry)
 
     def release_slot(self) -> None:
         """Give back a slot reserved by acquire() that will not be used."""
@@ -559,20 +605,35 @@ class Pool(Lender):
             self._grant_slots()
         self._flush()
 
-    def checkin(self, lease: int, discard: bool = False) -> bool:
-        """Return a leased entry; False (and a warning) if the lease is unknown or killed."""
+    def lent(self, lease: int, holder: Holder | None = None) -> Entry | None:
+        """The entry of ``lease`` if it is lent (to ``holder``, when given), else None."""
         with self._lock:
+            entry = self._using.get(lease)
+            if entry is None or (holder is not None and entry.holder != holder):
+                return None
+            return entry
+
+    def checkin(self, lease: int, discard: bool = False, holder: Holder | None = None) -> bool:
+        """Return a leased entry; False (and a warning) if the lease is unknown, killed, or
+        (``holder`` given) lent to somebody else: a lease is returned only by its holder."""
+        with self._lock:
+            entry = self._using.get(lease)
+            if entry is not None and holder is not None and entry.holder is not holder \
+                    and entry.holder != holder:
+                return False  # somebody else's lease: the remote caller logs the refusal
             if not discard and self._fast_return(lease):
                 return True
-            entry = self._using.get(lease)
         if entry is None:
+            if holder is not None:
+                return False  # the remote caller logs it, rate-limited per connection
             log.warning("mppool: pool %d: lease %d returned twice, unknown or already killed",
                         self._id, lease)
             return False
         self._hook("retter", self._retter, entry.obj)
         with self._lock:
-            if self._using.pop(lease, None) is None:
+            if self._using.get(lease) is not entry:
                 return False  # killed or reclaimed while the retter ran
+            del self._using[lease]
             self._counts["nreturns"] += 1
             entry.holder = None
             entry.last_ret = now = self._clock.now()
@@ -675,7 +736,10 @@ class Pool(Lender):
         return not self._max_size or self._total() < self._max_size
 
     def _lease(self, entry: Entry, holder: Holder, now: float) -> None:
-        entry.lease = lease = next(_leases)
+        lease = _lease_rng.getrandbits(63) or 1
+        while lease in self._using:
+            lease = _lease_rng.getrandbits(63) or 1
+        entry.lease = lease
         entry.holder = holder
         entry.last_get = now
         entry.uses += 1

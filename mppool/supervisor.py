@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dill
@@ -32,15 +33,17 @@ from multiprocess import process as mp_process
 from .address import Address, display, lease_address, parse_address, write_key
 from .clock import REAL_CLOCK, Clock
 from .errors import PoolClosed
-from .holder import HOSTNAME, Holder
+from .holder import Holder
 from .leases import Conn, LeaseLoop
 from .pool import Entry, Pool
+from .remote import pack_errors
 from .sched import Scheduler
 
 log = logging.getLogger("mppool")
 
 TRANSFERS = ("copy", "proxy")
 KILL_GRACE = 2.0
+POOL_THREADS = 4  # threads one pool's user code (fun, hooks, proxied calls) may occupy
 
 
 def _reset_default(obj: Any) -> None:
@@ -65,7 +68,28 @@ class Record:
         self.slow_ret = bool(options.get("retter") or options.get("closer") or options.get("max_use")
                              or options.get("max_lifetime"))
         self.cache_blobs = options.get("getter") is None and options.get("retter") is None
+        self.has_getter = options.get("getter") is not None
         self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
+        self._executor: ThreadPoolExecutor | None = None
+        self._exlock = threading.Lock()
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any] | None:
+        """Run user code of this pool on its own threads (a hung hook stalls only this pool);
+        None, logged, when no thread can be started."""
+        if self._executor is None:
+            with self._exlock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(POOL_THREADS,
+                                                        thread_name_prefix=f"mppool-{self.name}")
+        try:
+            return self._executor.submit(fn, *args)
+        except RuntimeError:
+            log.warning("mppool: pool %r: cannot start a thread", self.name, exc_info=True)
+            return None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def blob(self, entry: Entry) -> bytes | None:
         """The bytes a client unpickles into its copy (None: the object stays here)."""
@@ -128,7 +152,8 @@ class Supervisor:
         self.scan_interval = scan_interval
         self.nreclaimed = 0
         self.suspects: set[int] = set()
-        self.hosted: dict[int, Any] = {}  # tpool.Proxy objects, by id
+        self.hosted: dict[int, Any] = {}  # objects of client.host(), by id
+        self.hosted_executor = ThreadPoolExecutor(8, thread_name_prefix="mppool-hosted")
         self.metrics: Any = None  # metrics.Metrics when serving Prometheus metrics
         self.next_hosted = 1
         self.stopped = threading.Event()
@@ -147,7 +172,16 @@ class Supervisor:
                 rec.pool.shutdown()
             except Exception:
                 log.warning("mppool: shutting down pool %r failed", rec.name, exc_info=True)
+            rec.close()
+        self.hosted_executor.shutdown(wait=False, cancel_futures=True)
         self.sched.close()
+
+    def submit_hosted(self, fn: Any, *args: Any) -> Future[Any] | None:
+        try:
+            return self.hosted_executor.submit(fn, *args)
+        except RuntimeError:
+            log.warning("mppool: cannot start a thread for a hosted call", exc_info=True)
+            return None
 
     # ---------------------------------------------------------------------- registry
 
@@ -217,6 +251,7 @@ class Supervisor:
                 self.by_id.pop(rec.id, None)
         if rec is not None:
             rec.pool.shutdown(delay)
+            rec.close()
 
     # ---------------------------------------------------------------------- watchdog
 
@@ -224,9 +259,7 @@ class Supervisor:
         """A client connection closed: drop its waiters, reclaim its leases."""
         for rec in list(self.records.values()):
             rec.pool.drop_waiters(lambda w: getattr(w, "conn", None) is conn)
-            if rec.reset is not None:
-                self.loop.executor.submit(self._reclaim, rec, conn.id)
-            else:
+            if rec.reset is None or rec.submit(self._reclaim, rec, conn.id) is None:
                 self._reclaim(rec, conn.id)
 
     def _reclaim(self, rec: Record, cid: int) -> None:
@@ -259,12 +292,18 @@ class Supervisor:
                 self.sched.enter(self.scan_interval, self.scan)
 
     def terminate_holder(self, holder: Holder, age: float) -> None:
-        """kill_holder=True: SIGTERM the holder of a killed lease, SIGKILL after a grace."""
-        if holder.host != HOSTNAME or holder.pid == os.getpid():
+        """kill_holder=True: SIGTERM the holder of a killed lease, SIGKILL after a grace.
+
+        Only a holder whose pid the kernel vouched for (a unix-socket peer) is ever signalled:
+        a TCP client's pid is only its claim, and could name any process.
+        """
+        if not holder.verified or holder.pid == os.getpid():
+            log.warning("mppool: not terminating pid %s (held a lease for %.1f s): its pid is "
+                        "only claimed by a TCP client", holder.pid, age)
             return
         try:
             proc = psutil.Process(holder.pid)
-            if abs(proc.create_time() - holder.start) > 0.01:
+            if not holder.is_process(proc):
                 return  # the pid was reused: not our holder
             log.warning("mppool: terminating pid %d, which held a lease for %.1f s", holder.pid, age)
             proc.terminate()
@@ -273,7 +312,7 @@ class Supervisor:
 
         def finish() -> None:
             try:
-                if proc.is_running() and abs(proc.create_time() - holder.start) <= 0.01:
+                if proc.is_running() and holder.is_process(proc):
                     log.warning("mppool: pid %d ignored SIGTERM for %.1f s: SIGKILL", holder.pid,
                                 KILL_GRACE)
                     proc.kill()
@@ -286,7 +325,7 @@ class Supervisor:
     def execute(self, blob: bytes) -> Any:
         """Run a dill-shipped call on the worker threads; its exception propagates."""
         fn, args, kwargs = dill.loads(blob)
-        return self.loop.executor.submit(fn, *args, **kwargs).result()
+        return self.hosted_executor.submit(fn, *args, **kwargs).result()
 
     def host(self, blob: bytes) -> int:
         obj = dill.loads(blob)
@@ -303,7 +342,7 @@ class Supervisor:
     def set_num_threads(self, n: int) -> None:
         # ThreadPoolExecutor grows up to _max_workers on demand; idle extra threads stay
         # parked if it shrinks, which is harmless.
-        self.loop.executor._max_workers = n
+        self.hosted_executor._max_workers = n
 
     def killall(self) -> None:
         with self.lock:
@@ -331,12 +370,18 @@ class Control:
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
 
+    @pack_errors
     def info(self) -> dict[str, Any]:
         return self._sup.info()
 
-    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
-        return self._sup.create(name, kind, transfer, blob)
+    @pack_errors
+    def create(self, name: str, kind: str, transfer: str,
+               blob: bytes | None) -> tuple[int, str, float | None]:
+        """(pool id, transfer, the pool's default timeout) of a pool created or attached."""
+        pool_id, transfer, _ = self._sup.create(name, kind, transfer, blob)
+        return pool_id, transfer, self._sup.by_id[pool_id].pool.timeout
 
+    @pack_errors
     def stats(self, name: str | None = None) -> dict[str, Any]:
         if name is None:
             return self._sup.stats()
@@ -345,6 +390,7 @@ class Control:
         s.update(name=name, kind=rec.kind, transfer=rec.transfer)
         return s
 
+    @pack_errors
     def pool_call(self, name: str, method: str, *args: Any) -> Any:
         if method not in ("free", "waiting", "resize", "shutdown", "clear", "__len__", "__repr__"):
             raise ValueError(f"method must be a pool method, got {method!r}")
@@ -353,22 +399,28 @@ class Control:
             return None
         return getattr(self._sup.get_record(name).pool, method)(*args)
 
+    @pack_errors
     def names(self) -> list[str]:
         return list(self._sup.records)
 
+    @pack_errors
     def execute(self, blob: bytes) -> Any:
         return self._sup.execute(blob)
 
+    @pack_errors
     def host(self, blob: bytes) -> int:
         return self._sup.host(blob)
 
+    @pack_errors
     def unhost(self, hid: int) -> None:
         self._sup.unhost(hid)
 
+    @pack_errors
     def set_num_threads(self, n: int) -> None:
         from .validate import check_int
         self._sup.set_num_threads(check_int("n", n, minimum=1))
 
+    @pack_errors
     def killall(self) -> None:
         self._sup.killall()
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import dill
 
-from .client import Client, ObjectProxy, default_client
+from .channel import Channel
+from .client import Client, default_client
+from .proxy import ObjectProxy
 from .validate import check_callable, check_int
 
 __all__ = ["Proxy", "execute", "killall", "set_num_threads", "use"]
@@ -35,16 +37,17 @@ def _get_client() -> Client:
 def execute(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` in the supervisor's worker threads; exceptions propagate."""
     check_callable("fn", fn, required=True)
-    return _get_client()._call("execute", dill.dumps((fn, args, kwargs), recurse=True))
+    return _get_client().execute(fn, *args, **kwargs)
 
 
 class _Host:
     """What an ObjectProxy needs of a pool, for hosted objects (pool id 0)."""
 
-    _id = 0
-
     def __init__(self, client: Client) -> None:
         self._client = client
+
+    def _mp_route(self) -> tuple[Channel, int]:
+        return self._client.channel(), 0
 
 
 class Proxy(ObjectProxy):
@@ -60,7 +63,7 @@ class Proxy(ObjectProxy):
                  *, _hid: int = 0, _client: Client | None = None) -> None:
         client = _client or _get_client()
         hid = _hid or client._call("host", dill.dumps(obj, recurse=True))
-        super().__init__(_Host(client), hid, 0, f"hosted {hid}")  # type: ignore[arg-type]
+        super().__init__(_Host(client), hid, 0, f"hosted {hid}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         from .address import display

@@ -375,7 +375,8 @@ class _Evil:
 def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
     import socket as _socket
 
-    from mppool import wire
+    from mppool import protocol as P
+    from mppool.channel import _recv_frame
 
     marker = tmp_path / "pwned"
     addr = str(tmp_path / "s.sock") if address == "unix" else "127.0.0.1:0"
@@ -387,15 +388,15 @@ def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
         with _socket.socket(family, _socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(lease_addr if isinstance(lease_addr, str) else tuple(lease_addr))
-            wire.recv_raw(s)  # the greeting
-            s.sendall(wire.dumps(_Evil(str(marker))))  # instead of a hello
+            _recv_frame(s)  # the greeting
+            s.sendall(P.frame(pickle.dumps(_Evil(str(marker)))))  # instead of a hello
             assert s.recv(100) == b""  # closed on us
         # and a hello with a wrong key is refused too
         with _socket.socket(family, _socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(lease_addr if isinstance(lease_addr, str) else tuple(lease_addr))
-            nonce = wire.recv_raw(s)[1:]
-            s.sendall(wire.dump_hello(wire.digest(b"wrong", nonce), wire.new_nonce(), 1, 0.0, "h"))
+            nonce = P.decode_nonce(_recv_frame(s))
+            s.sendall(P.encode_hello(P.digest(b"wrong", nonce), P.new_nonce(), 1, 0.0, "h"))
             assert s.recv(100) == b""
         assert mppool.connect(srv.address, srv.authkey).info()["pid"] == srv.pid  # still serving
     assert not marker.exists()

@@ -1,0 +1,240 @@
+"""The blocking client end of the lease channel: many threads, one socket.
+
+Replies are matched to requests by id. Whoever finds the reader lock free reads frames for
+everybody until its own reply arrives, then wakes one still-waiting thread to take over
+(leader/follower), so the common request costs one send and one recv.
+
+Every wait has a deadline, so a frozen supervisor (SIGSTOP, a stuck host) cannot hang a
+caller past its own timeout:
+
+- the socket's ``SO_RCVTIMEO`` is a short slice, so a reading thread looks at the clock
+  regularly without paying a system call per request for it;
+- ``SO_SNDTIMEO`` is the client's timeout: a supervisor that stops reading breaks the
+  channel instead of blocking ``put()`` for ever;
+- a request whose deadline passes is *abandoned*: its caller gets `TimeOut`, and a reply that
+  arrives later is handed to the request's ``on_late`` callback, which for a get gives the
+  lease back at once. Nothing granted to a caller that gave up stays stranded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as P
+from .address import Address, display
+from .errors import ServerUnavailable, TimeOut
+from .holder import current_holder
+
+READ_SLICE = 0.1  # how often a reader blocked in recv() checks the deadlines
+MAX_REPLY = 1 << 31
+
+
+def set_socket_timeouts(sock: socket.socket, recv: float | None, send: float | None) -> None:
+    """Kernel-level deadlines on a blocking socket (a recv/send past them raises EAGAIN)."""
+    for opt, seconds in ((socket.SO_RCVTIMEO, recv), (socket.SO_SNDTIMEO, send)):
+        s = 0.0 if seconds is None else max(seconds, 0.001)
+        sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(s), int((s % 1) * 1e6)))
+
+
+class _Slot:
+    """A request's reply box. Its Event is made only if its thread has to wait for another
+    reader: most requests read their own reply and never need one."""
+
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event: threading.Event | None = None
+        self.reply: Any = None
+
+
+class Channel:
+    def __init__(self, address: Address, authkey: bytes, timeout: float) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address if isinstance(address, str) else tuple(address))
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nonce = P.decode_nonce(_recv_frame(sock))
+            mine = P.new_nonce()
+            h = current_holder()
+            sock.sendall(P.encode_hello(P.digest(authkey, nonce), mine, h.pid, h.start, h.host))
+            answer, conn_id = P.decode_ack(_recv_frame(sock))
+            if not hmac.compare_digest(answer, P.digest(authkey, mine)):
+                raise P.ProtocolError("the supervisor does not know the key")
+        except (OSError, EOFError, P.ProtocolError) as exc:
+            sock.close()
+            raise ServerUnavailable(f"cannot open the lease channel at {display(address)}: "
+                                    f"{exc or 'refused (wrong key?)'}") from None
+        sock.settimeout(None)
+        set_socket_timeouts(sock, READ_SLICE, timeout)
+        self.conn_id = conn_id
+        self.timeout = timeout
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._pending: dict[int, _Slot] = {}
+        self._late: dict[int, Callable[[Any], None]] = {}
+        self._reader = P.FrameReader(MAX_REPLY)
+        self._frames: list[Any] = []
+        self._rids = itertools.count(1)
+        self._broken: str | None = None
+        self.unsynced = False  # puts sent whose effect this process has not yet observed
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    def next_rid(self) -> int:
+        return next(self._rids) & P.MAX_RID or 1  # 32 bits on the wire, never 0
+
+    def request(self, rid: int, frame: bytes, deadline: float | None = None,
+                on_late: Callable[[Any], None] | None = None) -> Any:
+        """Send ``frame`` (request ``rid``) and return its reply (`protocol.Granted` or
+        `protocol.Reply`). Past ``deadline`` (monotonic) raise `TimeOut`; a reply arriving
+        after that goes to ``on_late``."""
+        if self._broken:
+            raise ServerUnavailable(self._broken)
+        slot = _Slot()
+        pending = self._pending
+        pending[rid] = slot
+        try:
+            with self._send_lock:
+                self._sock.sendall(frame)
+        except OSError as exc:
+            self._fail(f"supervisor unreachable: {exc}")
+        while slot.reply is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                if self._abandon(rid, on_late):
+                    raise TimeOut(f"the supervisor did not answer in time (request {rid})")
+                continue  # the reply is being delivered to us right now
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    self._read_until(slot, deadline)
+                finally:
+                    self._read_lock.release()
+                    for waiting in pending.values():  # hand the reading over to one waiter
+                        if waiting.event is not None:
+                            waiting.event.set()
+                        break
+            else:
+                if slot.event is None:
+                    slot.event = threading.Event()
+                    continue  # the reader may have left before seeing our event: try again
+                # The bound only recovers a hand-over that raced with making our Event.
+                slot.event.wait(0.05)
+                slot.event.clear()
+        if isinstance(slot.reply, str):
+            raise ServerUnavailable(slot.reply)
+        return slot.reply
+
+    def _abandon(self, rid: int, on_late: Callable[[Any], None] | None) -> bool:
+        """Give up on ``rid``; False if its reply is already on its way to the caller."""
+        self._late[rid] = on_late or _ignore  # before the pop: a reader checks late second
+        if self._pending.pop(rid, None) is None:
+            self._late.pop(rid, None)
+            return False
+        return True
+
+    def _read_until(self, slot: _Slot, deadline: float | None) -> None:
+        pending, late = self._pending, self._late
+        try:
+            while slot.reply is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                if not self._frames:
+                    try:
+                        data = self._sock.recv(P.RECV_SIZE)
+                    except BlockingIOError:
+                        continue  # a READ_SLICE passed: look at the deadline again
+                    if not data:
+                        raise EOFError("connection closed")
+                    self._frames = self._reader.feed(data)
+                    continue
+                # A frame is a view of immutable bytes: it stays valid after the next feed.
+                reply = P.decode_reply(self._frames.pop(0))
+                other = pending.pop(reply.rid, None)
+                if other is not None:
+                    other.reply = reply
+                    if other.event is not None:
+                        other.event.set()
+                else:
+                    handler = late.pop(reply.rid, None)
+                    if handler is not None:
+                        handler(reply)
+        except (OSError, EOFError) as exc:
+            self._fail(f"supervisor connection lost: {exc or 'closed'}")
+        except Exception as exc:
+            # A reply that cannot be read may be another thread's: fail them all rather than
+            # leave one waiting for ever.
+            self._fail(f"unreadable reply from the supervisor: {exc!r}")
+
+    def post(self, frame: bytes) -> None:
+        """Send without waiting for a reply (put): order on the socket is kept."""
+        if self._broken:
+            raise ServerUnavailable(self._broken)
+        try:
+            with self._send_lock:
+                self._sock.sendall(frame)
+            self.unsynced = True
+        except OSError as exc:
+            self._fail(f"supervisor unreachable: {exc}")
+            raise ServerUnavailable(self._broken or str(exc)) from None
+
+    def sync(self, deadline: float | None = None) -> None:
+        """Wait until the supervisor has handled every put sent so far (it keeps order)."""
+        if self.unsynced:
+            self.unsynced = False
+            rid = self.next_rid()
+            self.request(rid, P.encode_ping(rid), deadline)
+
+    def _fail(self, why: str) -> None:
+        self._broken = why
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._late.clear()
+        for rid in list(self._pending):
+            slot = self._pending.pop(rid, None)
+            if slot is not None:
+                slot.reply = why
+                if slot.event is not None:
+                    slot.event.set()
+
+    def close(self) -> None:
+        self._broken = self._broken or "client closed"
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+def _ignore(reply: Any) -> None:
+    pass
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    """One handshake frame (nothing is unpickled here)."""
+    (n,) = P.HEADER.unpack(_recv_exact(sock, P.HEADER.size))
+    if n > P.MAX_HANDSHAKE:
+        raise P.ProtocolError(f"handshake frame of {n} bytes refused")
+    return _recv_exact(sock, n)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed")
+        buf += chunk
+    return bytes(buf)
