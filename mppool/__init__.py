@@ -4,7 +4,15 @@ The public names live in private modules and are re-exported here.
 """
 
 from .client import Client, SharedPool, connect
-from .errors import ConnectTimeout, PoolClosed, PoolException, ServerUnavailable, TimeOut
+from .errors import (
+    ConnectTimeout,
+    PoolClosed,
+    PoolException,
+    RemoteError,
+    ServerUnavailable,
+    TimeOut,
+    TooManyRequests,
+)
 from .pool import Pool
 from .server import Server
 
@@ -14,10 +22,12 @@ __all__ = [
            "Pool",
            "PoolClosed",
            "PoolException",
+           "RemoteError",
            "Server",
            "ServerUnavailable",
            "SharedPool",
            "TimeOut",
+           "TooManyRequests",
            "connect",
 ]
 __version__ = "0.1.0"

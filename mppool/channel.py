@@ -83,6 +83,8 @@ class Channel:
         self._read_lock = threading.Lock()
         self._pending: dict[int, _Slot] = {}
         self._late: dict[int, Callable[[Any], None]] = {}
+        self._drain_lock = threading.Lock()
+        self._draining = False
         self._reader = P.FrameReader(MAX_REPLY)
         self._frames: list[Any] = []
         self._rids = itertools.count(1)
@@ -118,13 +120,9 @@ class Channel:
                 continue  # the reply is being delivered to us right now
             if self._read_lock.acquire(blocking=False):
                 try:
-                    self._read_until(slot, deadline)
+                    self._read_until(lambda: slot.reply is not None, deadline)
                 finally:
-                    self._read_lock.release()
-                    for waiting in pending.values():  # hand the reading over to one waiter
-                        if waiting.event is not None:
-                            waiting.event.set()
-                        break
+                    self._release_reader()
             else:
                 if slot.event is None:
                     slot.event = threading.Event()
@@ -136,18 +134,53 @@ class Channel:
             raise ServerUnavailable(slot.reply)
         return slot.reply
 
+    def _release_reader(self) -> None:
+        self._read_lock.release()
+        for waiting in self._pending.values():  # hand the reading over to one waiter
+            if waiting.event is not None:
+                waiting.event.set()
+            break
+
     def _abandon(self, rid: int, on_late: Callable[[Any], None] | None) -> bool:
-        """Give up on ``rid``; False if its reply is already on its way to the caller."""
+        """Give up on ``rid``; False if its reply is already on its way to the caller.
+
+        Its reply still comes (the supervisor answers every request), and must be read even
+        if this process sends nothing more: a drainer thread reads until no abandoned
+        request is left, so a late grant goes back at once, not at the next request.
+        """
         self._late[rid] = on_late or _ignore  # before the pop: a reader checks late second
         if self._pending.pop(rid, None) is None:
             self._late.pop(rid, None)
             return False
+        self._start_drainer()
         return True
 
-    def _read_until(self, slot: _Slot, deadline: float | None) -> None:
+    def _start_drainer(self) -> None:
+        with self._drain_lock:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            threading.Thread(target=self._drain, name="mppool-drain", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the next request reads the late replies
+            self._draining = False
+
+    def _drain(self) -> None:
+        while self._late and not self._broken:
+            if self._read_lock.acquire(timeout=READ_SLICE):
+                try:
+                    self._read_until(lambda: not self._late, time.monotonic() + READ_SLICE)
+                finally:
+                    self._release_reader()
+        with self._drain_lock:
+            self._draining = False
+        if self._late and not self._broken:  # abandoned while we were leaving
+            self._start_drainer()
+
+    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
         pending, late = self._pending, self._late
         try:
-            while slot.reply is None:
+            while not done():
                 if deadline is not None and time.monotonic() >= deadline:
                     return
                 if not self._frames:

@@ -20,6 +20,7 @@ After a bare ``os.fork()`` (gunicorn) the child must not touch the parent's sock
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -288,18 +289,25 @@ class SharedPool(Lender):
         """Get an object (a copy, or a proxy for ``transfer="proxy"``); ``timeout=None``
         uses the pool's, 0 means do not wait, ``math.inf`` waits forever."""
         t = check_timeout_arg(timeout)
-        chan, pool_id = self._mp_route()
-        rid = chan.next_rid()
         wait = t if timeout is not None else self._timeout
         deadline = None if wait is None else time.monotonic() + wait + GRACE
-        try:
-            # None: the pool's own timeout (-1 on the wire); inf: for ever (the longest wait).
-            reply = chan.request(rid, P.encode_get(rid, pool_id, None if timeout is None else
-                                                   P.MAX_TIMEOUT if t is None else t),
-                                 deadline, lambda late: _give_back(chan, pool_id, late))
-        except TimeOut:
-            raise TimeOut(f"pool {self.name!r}: the supervisor did not answer within "
-                          f"{(wait or 0.0) + GRACE:g} s (frozen?)") from None
+        # None: the pool's own timeout (-1 on the wire); inf: for ever (the longest wait).
+        wire_timeout = None if timeout is None else P.MAX_TIMEOUT if t is None else t
+        for attempt in (1, 2):
+            chan, pool_id = self._mp_route()
+            rid = chan.next_rid()
+            try:
+                reply = chan.request(rid, P.encode_get(rid, pool_id, wire_timeout), deadline,
+                                     functools.partial(_give_back, chan, pool_id))
+                break
+            except TimeOut:
+                raise TimeOut(f"pool {self.name!r}: the supervisor did not answer within "
+                              f"{(wait or 0.0) + GRACE:g} s (frozen?)") from None
+            except ServerUnavailable:
+                # A channel found dead only now (the supervisor died since we last talked):
+                # whatever it granted is void, and a restarted one may be there. Once more.
+                if attempt == 2:
+                    raise
         if isinstance(reply, P.Reply):
             if reply.status == P.ERR:
                 raise reply.value.unpack()

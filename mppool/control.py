@@ -50,18 +50,24 @@ class ControlConnection:
     def call(self, method: str, *args: Any, timeout: float | None = -1.0) -> Any:
         """``Control.<method>(*args)``; ``timeout=None`` waits as long as the call runs."""
         limit = self.timeout if timeout == -1.0 else timeout
-        conn = self._connection()
-        try:
-            _set_timeouts(conn, limit, self.timeout)
-            conn.send((self._ident, method, args, {}))
-            kind, result = conn.recv()
-        except (OSError, EOFError) as exc:
-            self._drop(conn)
-            if isinstance(exc, BlockingIOError):
-                raise ServerUnavailable(f"supervisor at {display(self.address)} did not answer "
-                                        f"{method}() within {limit} s (frozen?)") from None
-            raise ServerUnavailable(f"supervisor at {display(self.address)} is gone: "
-                                    f"{exc or 'connection closed'}") from None
+        for attempt in (1, 2):
+            cached = getattr(self._local, "conn", None) is not None and self._pid == os.getpid()
+            conn = self._connection()
+            try:
+                _set_timeouts(conn, limit, self.timeout)
+                conn.send((self._ident, method, args, {}))
+                kind, result = conn.recv()
+                break
+            except (OSError, EOFError) as exc:
+                self._drop(conn)
+                if isinstance(exc, BlockingIOError):
+                    raise ServerUnavailable(f"supervisor at {display(self.address)} did not "
+                                            f"answer {method}() within {limit} s (frozen?)") from None
+                self._ident = None  # a new supervisor there has a new Control object
+                if cached and attempt == 1:
+                    continue  # a connection to a supervisor that is gone: dial once more
+                raise ServerUnavailable(f"supervisor at {display(self.address)} is gone: "
+                                        f"{exc or 'connection closed'}") from None
         if kind == "#RETURN":
             return result
         if kind == "#ERROR" and isinstance(result, RemoteFailure):

@@ -152,3 +152,70 @@ def start_ready(procs: list[Any], target: Callable[..., Any], *args: Any,
     procs.append(p)
     p.start()
     return p, ready.get(timeout=timeout)
+
+
+class RawLease:
+    """A raw lease-channel connection that does the real handshake, then sends whatever a
+    test wants: the hostile client of the reliability tests."""
+
+    def __init__(self, client: Any, pid: int | None = None, start: float = 0.0,
+                 host: str = "test-host", handshake: bool = True) -> None:
+        import os
+        import socket
+
+        from mppool import protocol as P
+        from mppool.channel import _recv_frame
+
+        address = client.info()["lease_address"]
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(address if isinstance(address, str) else tuple(address))
+        self.P = P
+        self.rids = itertools.count(1)
+        if handshake:
+            nonce = P.decode_nonce(_recv_frame(self.sock))
+            self.sock.sendall(P.encode_hello(P.digest(client.authkey, nonce), P.new_nonce(),
+                                             os.getpid() if pid is None else pid, start, host))
+            _, self.conn_id = P.decode_ack(_recv_frame(self.sock))
+        self.reader = P.FrameReader(1 << 30)
+        self.frames: list[Any] = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self, timeout: float = 5.0) -> Any:
+        """The next reply, decoded."""
+        self.sock.settimeout(timeout)
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("closed by the supervisor")
+            self.frames = self.reader.feed(data)
+        return self.P.decode_reply(self.frames.pop(0))
+
+    def get(self, pool_id: int, timeout: float | None = 1.0) -> Any:
+        rid = next(self.rids)
+        self.send(self.P.encode_get(rid, pool_id, timeout))
+        return self.reply()
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True once the supervisor has closed this connection (reading what it sent);
+        the socket is closed here either way."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    if not self.sock.recv(65536):
+                        return True
+                except TimeoutError:
+                    return False
+                except OSError:
+                    return True
+            return False
+        finally:
+            self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
