@@ -201,12 +201,10 @@ class Client:
         its result; its exception propagates, as its own class when importable here."""
         return self._call("execute", dill.dumps((fn, args, kwargs), recurse=True), timeout=None)
 
-    def host(self, obj: Any) -> ObjectProxy:
+    def host(self, obj: Any) -> HostedProxy:
         """Keep ``obj`` (shipped with dill) in the supervisor and return a proxy to it that
         every process may call; it pickles, and reconnects wherever it is unpickled."""
-        from .tpool import Proxy
-
-        return Proxy(obj, _client=self)
+        return HostedProxy(obj, self)
 
     def close(self) -> None:
         """Close this client; leases it still holds go back to their pools."""
@@ -404,6 +402,37 @@ def _give_back(chan: Channel, pool_id: int, reply: Any) -> None:
             chan.post(P.encode_put(pool_id, reply.lease))
         except ServerUnavailable:
             pass  # the connection is gone, and the lease with it
+
+
+class _Hosted:
+    """What an ObjectProxy needs to reach an object of client.host() (pool id 0)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _mp_route(self) -> tuple[Channel, int]:
+        return self._client.channel(), 0
+
+
+class HostedProxy(ObjectProxy):
+    """A proxy to an object kept in the supervisor by ``client.host(obj)``."""
+
+    __slots__ = ()
+
+    def __init__(self, obj: Any, client: Client, hid: int = 0) -> None:
+        hid = hid or client._call("host", dill.dumps(obj, recurse=True))
+        super().__init__(_Hosted(client), hid, 0, f"hosted {hid}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        client = self._mp_pool._client
+        return (_rebuild_hosted, (type(self), display(client.address), client.authkey.hex(),
+                                  self._mp_lease))
+
+
+def _rebuild_hosted(cls: type[HostedProxy], address: str, authkey: str, hid: int) -> HostedProxy:
+    proxy = cls.__new__(cls)
+    HostedProxy.__init__(proxy, None, _attach_client(address, authkey), hid)
+    return proxy
 
 
 _attached: dict[tuple[int, str, str], Client] = {}

@@ -11,7 +11,9 @@ State lives in a few containers guarded by one lock:
 Every method decides under the lock and does the slow work (``fun``, hooks, ``closer``)
 outside it. A waiter is any object with ``set(result) -> bool``; the supervisor queues
 waiters tied to a client connection here, so a client that dies while waiting is dropped
-from the queue instead of blocking a server thread (DESIGN.md, trap 1).
+from the queue instead of blocking a server thread (a stock manager semaphore loses a unit
+for ever when a client dies blocked in acquire(): its server thread takes the unit later and
+fails to send it).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ HealthHook = Callable[[Any], bool]
 
 LIFETIME_JITTER = 0.05
 # How often a pool with a shared budget asks whether another process waits for it; idle
-# objects are then given back within this period (SPEC §6 says 100 ms at the latest).
+# objects are then given back within this period (the budget promise: 100 ms at the latest).
 RECALL_PERIOD = 0.05
 
 

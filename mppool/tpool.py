@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import dill
-
-from .channel import Channel
-from .client import Client, default_client
-from .proxy import ObjectProxy
+from .client import Client, HostedProxy, default_client
 from .validate import check_callable, check_int
 
 __all__ = ["Proxy", "execute", "killall", "set_num_threads", "use"]
@@ -40,17 +36,7 @@ def execute(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return _get_client().execute(fn, *args, **kwargs)
 
 
-class _Host:
-    """What an ObjectProxy needs of a pool, for hosted objects (pool id 0)."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def _mp_route(self) -> tuple[Channel, int]:
-        return self._client.channel(), 0
-
-
-class Proxy(ObjectProxy):
+class Proxy(HostedProxy):
     """``obj`` hosted in the supervisor; calls run there, results come back by value.
 
     ``autowrap`` and ``autowrap_names`` are accepted for eventlet compatibility: objects
@@ -61,19 +47,7 @@ class Proxy(ObjectProxy):
 
     def __init__(self, obj: Any, autowrap: tuple[type, ...] = (), autowrap_names: tuple[str, ...] = (),
                  *, _hid: int = 0, _client: Client | None = None) -> None:
-        client = _client or _get_client()
-        hid = _hid or client._call("host", dill.dumps(obj, recurse=True))
-        super().__init__(_Host(client), hid, 0, f"hosted {hid}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        from .address import display
-        client = self._mp_pool._client
-        return (_rebuild, (display(client.address), client.authkey.hex(), self._mp_lease))
-
-
-def _rebuild(address: str, authkey: str, hid: int) -> Proxy:
-    from .client import _attach_client
-    return Proxy(None, _hid=hid, _client=_attach_client(address, authkey))
+        super().__init__(obj, _client or _get_client(), _hid)
 
 
 def set_num_threads(n: int) -> None:

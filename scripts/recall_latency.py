@@ -5,7 +5,7 @@
 A child process keeps a local mppool.Pool whose objects hold the whole budget (2 tokens)
 and sit idle. The parent's own pool then needs a token: the time from its get() to the
 object is the recall latency (the child's pool notices the waiter and closes an idle
-object, giving its token back). SPEC §6: within 100 ms.
+object, giving its token back). The promise: within 100 ms.
 
 The idle pool polls ``budget.waiting()`` every 50 ms (``mppool.pool.RECALL_PERIOD``), so the
 latency is the time to its next poll. Each round starts at a random moment (0-60 ms after the

@@ -1,4 +1,4 @@
-"""connect(autostart=True): one supervisor per address, whoever races (SPEC §4)."""
+"""connect(autostart=True): one supervisor per address, whoever races."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budgets: process-local objects under a cross-process cap (SPEC §6)."""
+"""Budgets: process-local objects under a cross-process cap."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §1: the exception hierarchy, and every exception pickles to the same class and message."""
+"""The exception hierarchy, and every exception pickles to the same class and message."""
 
 from __future__ import annotations
 

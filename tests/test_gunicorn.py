@@ -1,4 +1,4 @@
-"""gunicorn end to end: 4 workers, a budget of 2 PostgreSQL connections (SPEC §7, issue 5)."""
+"""gunicorn end to end: 4 workers, a budget of 2 PostgreSQL connections."""
 
 from __future__ import annotations
 

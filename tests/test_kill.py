@@ -1,4 +1,5 @@
-"""Processes killed on purpose: nothing is ever lost (SPEC §4 watchdog, DESIGN.md trap 1)."""
+"""Processes killed on purpose: nothing is ever lost (the watchdog reclaims every lease of a
+process that died, and a process that dies while waiting costs nothing)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a supervisor (SPEC §7, issue 5)."""
+"""Prometheus metrics of a supervisor."""
 
 from __future__ import annotations
 

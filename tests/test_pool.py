@@ -1,4 +1,4 @@
-"""SPEC §2: the in-process pool, ``mppool.Pool``.
+"""The in-process pool, ``mppool.Pool``.
 
 Time-based rules run on a ``FakeClock``: most tests pass a ``ManualScheduler`` (no threads) and
 call ``pool.housekeep()`` after ``clock.advance()``; a few check the real scheduler thread on

@@ -1,4 +1,4 @@
-"""Pools shared across real processes through a supervisor (SPEC §4, §5)."""
+"""Pools shared across real processes through a supervisor."""
 
 from __future__ import annotations
 

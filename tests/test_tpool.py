@@ -1,4 +1,4 @@
-"""mppool.tpool: calls run in the supervisor (SPEC §3)."""
+"""mppool.tpool: calls run in the supervisor."""
 
 from __future__ import annotations
 
