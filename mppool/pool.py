@@ -29,12 +29,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .clock import REAL_CLOCK, Clock
+from .clock import REAL_CLOCK, Clock, clamp_wait
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .lender import Lender
 from .sched import Scheduler, Task, default_scheduler
-from .validate import check_budget, check_callable, check_delay, check_int, check_timeout
+from .validate import (
+    check_budget,
+    check_callable,
+    check_duration,
+    check_int,
+    check_period,
+    check_timeout,
+)
 
 log = logging.getLogger("mppool")
 
@@ -161,11 +168,11 @@ class Pool(Lender):
         min_size: int = 1,
         timeout: float | None = None,
         max_use: int = 0,
-        max_avail_delay: float = 0.0,
-        max_using_delay: float = 0.0,
-        max_using_delay_kill: float = 0.0,
+        max_avail_delay: float | None = 0.0,
+        max_using_delay: float | None = 0.0,
+        max_using_delay_kill: float | None = 0.0,
         health_freq: int = 1,
-        delay: float = 0.0,
+        delay: float | None = 0.0,
         opener: PoolHook | None = None,
         getter: PoolHook | None = None,
         retter: PoolHook | None = None,
@@ -175,7 +182,7 @@ class Pool(Lender):
         tracer: Callable[[Any], Any] | None = None,
         log_level: int | None = None,
         *,
-        max_lifetime: float = 0.0,
+        max_lifetime: float | None = 0.0,
         budget: Budget | None = None,
         kill_holder: bool = False,
         clock: Clock | None = None,
@@ -189,12 +196,14 @@ class Pool(Lender):
             raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
         self._timeout = check_timeout("timeout", timeout)
         self._max_use = check_int("max_use", max_use)
-        self._max_avail_delay = check_delay("max_avail_delay", max_avail_delay)
-        max_using_delay = check_delay("max_using_delay", max_using_delay)
-        self._max_using_delay_kill = check_delay("max_using_delay_kill", max_using_delay_kill)
+        # Options where 0 means off store "never" (None, inf) as 0: no arithmetic and no
+        # OS wait ever sees inf. Huge finite values are kept: waits are clamped where made.
+        self._max_avail_delay = check_period("max_avail_delay", max_avail_delay)
+        max_using_delay = check_period("max_using_delay", max_using_delay)
+        self._max_using_delay_kill = check_period("max_using_delay_kill", max_using_delay_kill)
         self._health_freq = check_int("health_freq", health_freq, minimum=1)
-        delay = check_delay("delay", delay)
-        self._max_lifetime = check_delay("max_lifetime", max_lifetime)
+        hk_delay = check_duration("delay", delay)  # None: housekeeping never runs
+        self._max_lifetime = check_period("max_lifetime", max_lifetime)
         for name, hook in (("opener", opener), ("getter", getter), ("retter", retter),
                            ("closer", closer), ("health", health), ("stats", stats),
                            ("tracer", tracer)):
@@ -249,7 +258,10 @@ class Pool(Lender):
 
         smallest = min((d for d in (self._max_avail_delay, self._max_using_delay_warn,
                                     self._max_lifetime) if d), default=0.0)
-        self._delay = delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
+        if hk_delay is None:
+            self._delay = 0.0
+        else:
+            self._delay = hk_delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
         self._sched: Scheduler | None = None
         self._own_sched = False
         # Tasks hold the pool weakly: a pool dropped without shutdown() is still finalized
@@ -396,9 +408,13 @@ class Pool(Lender):
             self._grant_slots()
         self._flush()
 
-    def shutdown(self, delay: float = 0.0) -> None:
-        """Close every object, wake every waiter with PoolClosed; later gets raise it."""
-        delay = check_delay("delay", delay)
+    def shutdown(self, delay: float | None = 0.0) -> None:
+        """Close every object, wake every waiter with PoolClosed; later gets raise it.
+
+        ``delay``: how long to wait for objects in use to come back before closing them
+        anyway (None or ``inf``: as long as it takes).
+        """
+        wait_for = check_duration("delay", delay)
         with self._lock:
             if self._shutdown:
                 return
@@ -408,10 +424,13 @@ class Pool(Lender):
                 w.set(PoolClosed(f"pool {self._id} is shutting down"))
             self._todel.extend(self._avail)
             self._avail.clear()
-            deadline = self._clock.now() + delay
+            deadline = None if wait_for is None else self._clock.now() + wait_for
             self._draining = True
-            while self._using and delay and self._clock.now() < deadline:
-                self._drained.wait(max(0.0, deadline - self._clock.now()))
+            while self._using and (deadline is None
+                                   or (wait_for and self._clock.now() < deadline)):
+                # Clamped (1e300 s is a legal delay) and re-checked by this loop.
+                self._drained.wait(clamp_wait(None if deadline is None
+                                              else deadline - self._clock.now()))
             self._draining = False
             if self._using:
                 log.warning("mppool: pool %d shutting down with %d objects in use: closing them",
