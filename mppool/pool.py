@@ -33,7 +33,7 @@ from .clock import REAL_CLOCK, Clock, clamp_wait
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .lender import Lender
-from .sched import Scheduler, Task, default_scheduler
+from .sched import LogLimiter, Scheduler, Task, default_scheduler
 from .validate import (
     check_budget,
     check_callable,
@@ -48,6 +48,7 @@ log = logging.getLogger("mppool")
 FunHook = Callable[[int], Any]
 PoolHook = Callable[[Any], Any]
 HealthHook = Callable[[Any], bool]
+Runner = Callable[[Callable[[], None]], None]
 
 LIFETIME_JITTER = 0.05
 # How often a pool with a shared budget asks whether another process waits for it; idle
@@ -187,7 +188,20 @@ class Pool(Lender):
         kill_holder: bool = False,
         clock: Clock | None = None,
         scheduler: Scheduler | None = None,
+        runner: Runner | None = None,
     ) -> None:
+        """Durations: None or ``math.inf`` mean forever (``timeout``, ``shutdown(delay)``)
+        or never (``max_avail_delay``, ``max_using_delay``, ``max_using_delay_kill``,
+        ``max_lifetime``, where 0 also means never; ``delay=None``/``inf``: no housekeeping
+        at all); any finite number >= 0 is seconds; anything else raises ValueError/TypeError.
+
+        ``runner``: how housekeeping runs the user's code (``fun`` to refill ``min_size``,
+        ``closer``, ``health``, ``tracer``). ``runner(job)`` must arrange for ``job()`` to be
+        called soon on a thread of its own, or raise if it cannot (the work is then retried
+        at the next round). With None (the default), housekeeping runs them itself, in the
+        scheduler's thread. With a runner, a housekeeping round only decides, under the
+        lock, and never blocks on a hook: a hook that hangs delays only this pool's runner.
+        """
         # Validate everything before touching any state: nothing is half-created on error.
         check_callable("fun", fun, required=True)
         max_size = check_int("max_size", 0 if max_size is None else max_size)
@@ -209,6 +223,7 @@ class Pool(Lender):
                            ("tracer", tracer)):
             check_callable(name, hook)
         check_budget(budget)
+        check_callable("runner", runner)
         if not isinstance(kill_holder, bool):
             raise TypeError(f"kill_holder must be a bool, got {kill_holder!r}")
         if log_level is not None:
@@ -255,6 +270,13 @@ class Pool(Lender):
         # Called with the holder of a killed lease when kill_holder=True (the supervisor
         # terminates the process; in-process there is nobody else to kill).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
+
+        self._runner = runner
+        # Kinds of slow work ("flush", "health", "fill", ...) handed to the runner and not
+        # finished: at most one of each kind at a time, so a hook that hangs cannot make
+        # rounds pile up jobs behind it (the next job picks up whatever is left to do).
+        self._inflight: set[str] = set()
+        self._runner_errors = LogLimiter()
 
         smallest = min((d for d in (self._max_avail_delay, self._max_using_delay_warn,
                                     self._max_lifetime) if d), default=0.0)
@@ -660,7 +682,15 @@ class Pool(Lender):
         return len(dropped)
 
     def housekeep(self) -> None:
-        """One housekeeping round: long use, idle and lifetime recycling, health, refill."""
+        """One housekeeping round: long use, idle and lifetime recycling, health, refill.
+
+        Everything is decided at once, under the lock: which leases to kill (they leave the
+        pool's books now, and their holders are terminated now), which objects to recycle,
+        which to health-check, whether to refill ``min_size``. The user's code that follows
+        (closers, health checks, ``fun``, the tracer) runs in this thread without a runner,
+        or as jobs on the runner with one: then a round never waits on a hook, so a hook
+        that hangs cannot hold the scheduler's threads, which other pools share.
+        """
         start = self._clock.now()
         try:
             with self._lock:
@@ -668,15 +698,32 @@ class Pool(Lender):
                     return
                 self._counts["hk_rounds"] += 1
                 self._hk_last = start
-                kills = self._check_long_use(start)
+                kills, long_uses = self._check_long_use(start)
                 self._recycle_idle(start)
+                health = (self._health is not None
+                          and self._counts["hk_rounds"] % self._health_freq == 0)
+                to_check = list(self._avail) if health else []
+                flush = bool(self._todel)  # the health job closes what it finds bad itself
+                fill = self._fill_wanted()
+            # From the decision, not after the closer: a closer that hangs must not spare
+            # a holder that overstayed.
             if self._kill_holder:
                 for holder, age in kills:
-                    self._terminate(holder, age)
-            if self._health and self._counts["hk_rounds"] % self._health_freq == 0:
-                self._health_round()
-            self._flush()
-            self._fill()
+                    try:
+                        self._terminate(holder, age)
+                    except Exception:
+                        log.exception("mppool: pool %d: could not terminate pid %s", self._id,
+                                      holder.pid)
+            if long_uses and not self._offload("trace", lambda: self._warn_long_use(long_uses)):
+                self._warn_long_use(long_uses, trace=False)  # the tracer hangs: say it without
+            if health:
+                self._offload("health", lambda: self._health_round(to_check))
+            if flush:
+                self._offload("flush", self._flush)
+            # Inline, the health check above may just have closed objects: _fill() finds
+            # out itself. With a runner, the next round sees what that job closed.
+            if fill or self._runner is None:
+                self._offload("fill", self._fill)
         except Exception:
             with self._lock:
                 self._counts["hk_errors"] += 1
@@ -684,6 +731,44 @@ class Pool(Lender):
         finally:
             with self._lock:
                 self._hk_time += self._clock.now() - start
+
+    def _offload(self, kind: str, job: Callable[[], None]) -> bool:
+        """Run ``job`` (which runs user code): inline without a runner, else on the runner,
+        at most one job of each ``kind`` at a time.
+
+        False if it was not started (one of its kind has not finished, or the runner could
+        not take it); what it would have done is still to do, and the next round tries again.
+        """
+        if self._runner is None:
+            job()
+            return True
+        with self._lock:
+            if kind in self._inflight:
+                return False
+            self._inflight.add(kind)
+
+        def run() -> None:
+            try:
+                job()
+            except Exception:
+                with self._lock:
+                    self._counts["hk_errors"] += 1
+                log.exception("mppool: pool %d: housekeeping job %r failed", self._id, kind)
+            finally:
+                with self._lock:
+                    self._inflight.discard(kind)
+
+        try:
+            self._runner(run)
+        except Exception as exc:  # e.g. RuntimeError: can't start new thread
+            with self._lock:
+                self._inflight.discard(kind)
+            muted = self._runner_errors.allow()
+            if muted is not None:
+                log.error("mppool: pool %d: could not start housekeeping job %r, will retry: %s "
+                          "(%d similar errors not logged)", self._id, kind, exc, muted)
+            return False
+        return True
 
     # ------------------------------------------------------------------ internals
 
@@ -755,12 +840,15 @@ class Pool(Lender):
             self._counts["ncreated"] += 1
             return Entry(obj, num, self._clock.now(), self._max_lifetime, token)
 
+    def _fill_wanted(self) -> bool:
+        """Under the lock: is there an object to create to reach min_size?"""
+        return not self._shutdown and self._total() < self._min_size and self._room()
+
     def _fill(self) -> None:
         """Create objects up to min_size; errors are logged, not raised."""
         while True:
             with self._lock:
-                if self._shutdown or self._total() >= self._min_size \
-                        or not self._room():
+                if not self._fill_wanted():
                     return
                 self._ncreating += 1
             try:
@@ -802,18 +890,25 @@ class Pool(Lender):
                 self._counts["ndestroys"] += 1
                 self._grant_slots()
 
-    def _check_long_use(self, now: float) -> list[tuple[Holder, float]]:
-        """Under the lock: warn about and kill long leases."""
+    def _check_long_use(self, now: float) -> tuple[list[tuple[Holder, float]],
+                                                   list[tuple[float, Holder | None, Any]]]:
+        """Under the lock: find long leases to warn about, and kill those held too long.
+
+        A killed lease leaves the pool's books at once (its late return is ignored); its
+        object is closed by the next flush. Returns the holders to terminate and the
+        warnings to log: logging one runs the tracer, user code that has no place under
+        the lock nor on the scheduler's threads.
+        """
         kills: list[tuple[Holder, float]] = []
+        long_uses: list[tuple[float, Holder | None, Any]] = []
         if not self._max_using_delay_warn:
-            return kills
+            return kills, long_uses
         for lease, entry in list(self._using.items()):
             age = now - entry.last_get
             holder = entry.holder
             if age >= self._max_using_delay_warn and not entry.warned:
                 entry.warned = True
-                log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
-                            age, holder.pid if holder else "?", self._trace(entry.obj))
+                long_uses.append((age, holder, entry.obj))
             if self._max_using_delay_kill and age >= self._max_using_delay_kill:
                 del self._using[lease]
                 self._counts["nkilled"] += 1
@@ -824,7 +919,14 @@ class Pool(Lender):
                     kills.append((holder, age))
         if not self._using:
             self._drained.notify_all()
-        return kills
+        return kills, long_uses
+
+    def _warn_long_use(self, long_uses: list[tuple[float, Holder | None, Any]],
+                       trace: bool = True) -> None:
+        for age, holder, obj in long_uses:
+            log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
+                        age, holder.pid if holder else "?",
+                        self._trace(obj) if trace else f"<{type(obj).__name__}>")
 
     def _recycle_idle(self, now: float) -> None:
         """Under the lock: close idle objects past max_avail_delay or max_lifetime."""
@@ -845,10 +947,13 @@ class Pool(Lender):
                 keep.append(entry)
         self._avail = keep
 
-    def _health_round(self) -> None:
+    def _health_round(self, entries: list[Entry] | None = None) -> None:
+        """Check ``entries`` (default: every idle one), one at a time: each is out of the
+        pool only while it is checked. Unhealthy ones are closed."""
         with self._lock:
             self._counts["hc_rounds"] += 1
-            entries = list(self._avail)
+            if entries is None:
+                entries = list(self._avail)
         for entry in entries:
             with self._lock:
                 try:
@@ -875,15 +980,22 @@ class Pool(Lender):
                         log.warning("mppool: pool %d: unhealthy object closed: %.80s",
                                     self._id, self._trace(entry.obj))
                     self._todel.append(entry)
+        self._flush()
 
     def _terminate(self, holder: Holder, age: float) -> None:
         if self.on_kill_holder is not None:
             self.on_kill_holder(holder, age)
 
     def _recall_tick(self) -> None:
+        def job() -> None:
+            try:
+                self.recall()  # asks the budget (a round trip), then runs closers
+            except Exception:
+                log.exception("mppool: pool %d: budget recall failed", self._id)
+
         try:
-            self.recall()
-        except Exception:
+            self._offload("recall", job)
+        except Exception:  # only a broken runner gets here: keep ticking
             log.exception("mppool: pool %d: budget recall failed", self._id)
         with self._lock:
             if self._shutdown or self._sched is None:
@@ -934,6 +1046,7 @@ class Pool(Lender):
         for container in (self._avail, self._using, self._by_obj, self._waiters, self._todel):
             container.clear()
         self._ncreating = self._nchecking = self._recall_n = 0
+        self._inflight.clear()  # jobs running in the parent are no concern of the child's
         if self._sched is None or self._shutdown:
             return
         self._sched = Scheduler(self._clock, workers=1) if self._own_sched else default_scheduler()

@@ -1,9 +1,13 @@
-"""Where mppool's own threads run things: the heap scheduler.
+"""Where mppool's own threads run things: the heap scheduler and the hook executors.
 
 ``Scheduler``: a small heap scheduler run by worker threads (maintenance tasks, as psycopg_pool
 does). Housekeeping of every pool is a task here. Its threads are shared by many pools, so
 they must never die and never block: a round only *decides* (under the pool lock) and hands
 the user's code (``fun``, closers, health checks, resets) to the pool's runner.
+
+``HookExecutor``: a few daemon threads that run one pool's user code. In the supervisor each
+pool has its own, so a hook that hangs forever holds threads of its own pool only, and at most
+``max_workers`` of them; the watchdog, lease kills and other pools keep running.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
-from .clock import REAL_CLOCK, Clock
+from .clock import REAL_CLOCK, Clock, clamp_wait
 
 log = logging.getLogger("mppool")
 
@@ -157,6 +163,104 @@ class Scheduler:
                                   task.fn, muted)
             finally:
                 del task  # do not keep the last task (and the pool it holds) alive while idle
+
+
+class HookExecutor:
+    """Up to ``max_workers`` daemon threads running one pool's user code, started on demand.
+
+    Unlike ``concurrent.futures.ThreadPoolExecutor``: its threads are daemons, so a hook that
+    never returns does not keep the process from exiting; a thread that cannot be started
+    (``RuntimeError: can't start new thread``) makes ``submit`` raise with the call *not*
+    queued, so the caller knows for sure it will never run; idle threads exit after
+    ``idle_timeout`` seconds, so a quiet pool holds no threads.
+    """
+
+    def __init__(self, max_workers: int = 4, name: str = "mppool-run",
+                 idle_timeout: float = 30.0) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
+        self.max_workers = max_workers
+        self.name = name
+        self.idle_timeout = idle_timeout
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._nthreads = 0
+        self._idle = 0
+        self._busy = 0
+        self._closed = False
+        self._names = itertools.count()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on one of the threads; RuntimeError if that cannot happen (closed,
+        or no thread could be started), in which case ``fn`` will never run."""
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: executor is closed")
+            self._queue.append((fut, fn, args))
+            if len(self._queue) <= self._idle:
+                self._cond.notify()
+            elif self._nthreads < self.max_workers:
+                t = threading.Thread(target=self._work, name=f"{self.name}-{next(self._names)}",
+                                     daemon=True)
+                try:
+                    t.start()
+                except BaseException:
+                    # Still under the lock: no worker can have taken it, so it is certain
+                    # that it will never run.
+                    self._queue.pop()
+                    raise
+                self._nthreads += 1
+            # else: every thread is busy; it runs when one frees up (user code that hangs
+            # keeps it queued, which delays this pool only).
+        return fut
+
+    def run(self, fn: Callable[[], None]) -> None:
+        """The ``runner`` of a ``Pool``: ``fn()`` soon, on one of these threads."""
+        self.submit(fn)
+
+    def close(self) -> None:
+        """Cancel what is queued and let idle threads exit; running calls are not waited for
+        (they may hang forever: their threads are daemons)."""
+        with self._cond:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+            self._cond.notify_all()
+        for fut, _, _ in queued:
+            fut.cancel()
+
+    def counts(self) -> dict[str, int]:
+        with self._cond:
+            return {"threads": self._nthreads, "busy": self._busy, "queued": len(self._queue)}
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.idle_timeout
+                while not self._queue:
+                    left = deadline - time.monotonic()
+                    if self._closed or left <= 0:
+                        self._nthreads -= 1  # decided under the lock: submit() sees it at once
+                        return
+                    self._idle += 1
+                    try:
+                        self._cond.wait(clamp_wait(left))
+                    finally:
+                        self._idle -= 1
+                fut, fn, args = self._queue.popleft()
+                self._busy += 1
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        result = fn(*args)
+                    except BaseException as exc:  # reported to whoever holds the future
+                        fut.set_exception(exc)
+                    else:
+                        fut.set_result(result)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                del fut, fn, args
 
 
 _default: tuple[int, Scheduler] | None = None
