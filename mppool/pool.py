@@ -31,18 +31,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .clock import REAL_CLOCK, Clock
+from .clock import REAL_CLOCK, Clock, clamp_wait
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .lender import Lender
-from .sched import Scheduler, Task, default_scheduler
-from .validate import check_budget, check_callable, check_delay, check_int, check_timeout
+from .sched import LogLimiter, Scheduler, Task, default_scheduler
+from .validate import (
+    check_budget,
+    check_callable,
+    check_duration,
+    check_int,
+    check_period,
+    check_timeout,
+)
 
 log = logging.getLogger("mppool")
 
 FunHook = Callable[[int], Any]
 PoolHook = Callable[[Any], Any]
 HealthHook = Callable[[Any], bool]
+Runner = Callable[[Callable[[], None]], None]
 
 LIFETIME_JITTER = 0.05
 # How often a pool with a shared budget asks whether another process waits for it; idle
@@ -166,11 +174,11 @@ class Pool(Lender):
         min_size: int = 1,
         timeout: float | None = None,
         max_use: int = 0,
-        max_avail_delay: float = 0.0,
-        max_using_delay: float = 0.0,
-        max_using_delay_kill: float = 0.0,
+        max_avail_delay: float | None = 0.0,
+        max_using_delay: float | None = 0.0,
+        max_using_delay_kill: float | None = 0.0,
         health_freq: int = 1,
-        delay: float = 0.0,
+        delay: float | None = 0.0,
         opener: PoolHook | None = None,
         getter: PoolHook | None = None,
         retter: PoolHook | None = None,
@@ -180,12 +188,25 @@ class Pool(Lender):
         tracer: Callable[[Any], Any] | None = None,
         log_level: int | None = None,
         *,
-        max_lifetime: float = 0.0,
+        max_lifetime: float | None = 0.0,
         budget: Budget | None = None,
         kill_holder: bool = False,
         clock: Clock | None = None,
         scheduler: Scheduler | None = None,
+        runner: Runner | None = None,
     ) -> None:
+        """Durations: None or ``math.inf`` mean forever (``timeout``, ``shutdown(delay)``)
+        or never (``max_avail_delay``, ``max_using_delay``, ``max_using_delay_kill``,
+        ``max_lifetime``, where 0 also means never; ``delay=None``/``inf``: no housekeeping
+        at all); any finite number >= 0 is seconds; anything else raises ValueError/TypeError.
+
+        ``runner``: how housekeeping runs the user's code (``fun`` to refill ``min_size``,
+        ``closer``, ``health``, ``tracer``). ``runner(job)`` must arrange for ``job()`` to be
+        called soon on a thread of its own, or raise if it cannot (the work is then retried
+        at the next round). With None (the default), housekeeping runs them itself, in the
+        scheduler's thread. With a runner, a housekeeping round only decides, under the
+        lock, and never blocks on a hook: a hook that hangs delays only this pool's runner.
+        """
         # Validate everything before touching any state: nothing is half-created on error.
         check_callable("fun", fun, required=True)
         max_size = check_int("max_size", 0 if max_size is None else max_size)
@@ -194,17 +215,20 @@ class Pool(Lender):
             raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
         self._timeout = check_timeout("timeout", timeout)
         self._max_use = check_int("max_use", max_use)
-        self._max_avail_delay = check_delay("max_avail_delay", max_avail_delay)
-        max_using_delay = check_delay("max_using_delay", max_using_delay)
-        self._max_using_delay_kill = check_delay("max_using_delay_kill", max_using_delay_kill)
+        # Options where 0 means off store "never" (None, inf) as 0: no arithmetic and no
+        # OS wait ever sees inf. Huge finite values are kept: waits are clamped where made.
+        self._max_avail_delay = check_period("max_avail_delay", max_avail_delay)
+        max_using_delay = check_period("max_using_delay", max_using_delay)
+        self._max_using_delay_kill = check_period("max_using_delay_kill", max_using_delay_kill)
         self._health_freq = check_int("health_freq", health_freq, minimum=1)
-        delay = check_delay("delay", delay)
-        self._max_lifetime = check_delay("max_lifetime", max_lifetime)
+        hk_delay = check_duration("delay", delay)  # None: housekeeping never runs
+        self._max_lifetime = check_period("max_lifetime", max_lifetime)
         for name, hook in (("opener", opener), ("getter", getter), ("retter", retter),
                            ("closer", closer), ("health", health), ("stats", stats),
                            ("tracer", tracer)):
             check_callable(name, hook)
         check_budget(budget)
+        check_callable("runner", runner)
         if not isinstance(kill_holder, bool):
             raise TypeError(f"kill_holder must be a bool, got {kill_holder!r}")
         if log_level is not None:
@@ -252,9 +276,19 @@ class Pool(Lender):
         # terminates the process; in-process there is nobody else to kill).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
 
+        self._runner = runner
+        # Kinds of slow work ("flush", "health", "fill", ...) handed to the runner and not
+        # finished: at most one of each kind at a time, so a hook that hangs cannot make
+        # rounds pile up jobs behind it (the next job picks up whatever is left to do).
+        self._inflight: set[str] = set()
+        self._runner_errors = LogLimiter()
+
         smallest = min((d for d in (self._max_avail_delay, self._max_using_delay_warn,
                                     self._max_lifetime) if d), default=0.0)
-        self._delay = delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
+        if hk_delay is None:
+            self._delay = 0.0
+        else:
+            self._delay = hk_delay or (smallest / 2 if smallest else (60.0 if health else 0.0))
         self._sched: Scheduler | None = None
         self._own_sched = False
         # Tasks hold the pool weakly: a pool dropped without shutdown() is still finalized
@@ -399,9 +433,13 @@ class Pool(Lender):
             self._grant_slots()
         self._flush()
 
-    def shutdown(self, delay: float = 0.0) -> None:
-        """Close every object, wake every waiter with PoolClosed; later gets raise it."""
-        delay = check_delay("delay", delay)
+    def shutdown(self, delay: float | None = 0.0) -> None:
+        """Close every object, wake every waiter with PoolClosed; later gets raise it.
+
+        ``delay``: how long to wait for objects in use to come back before closing them
+        anyway (None or ``inf``: as long as it takes).
+        """
+        wait_for = check_duration("delay", delay)
         with self._lock:
             if self._shutdown:
                 return
@@ -411,10 +449,13 @@ class Pool(Lender):
                 w.set(PoolClosed(f"pool {self._id} is shutting down"))
             self._todel.extend(self._avail)
             self._avail.clear()
-            deadline = self._clock.now() + delay
+            deadline = None if wait_for is None else self._clock.now() + wait_for
             self._draining = True
-            while self._using and delay and self._clock.now() < deadline:
-                self._drained.wait(max(0.0, deadline - self._clock.now()))
+            while self._using and (deadline is None
+                                   or (wait_for and self._clock.now() < deadline)):
+                # Clamped (1e300 s is a legal delay) and re-checked by this loop.
+                self._drained.wait(clamp_wait(None if deadline is None
+                                              else deadline - self._clock.now()))
             self._draining = False
             if self._using:
                 log.warning("mppool: pool %d shutting down with %d objects in use: closing them",
@@ -550,8 +591,8 @@ class Pool(Lender):
                 got = waiter(holder)
                 self._waiters.append(got)
             closing = bool(self._todel)
-        if closing:
-            self._flush()
+        if closing:  # expired entries met on the way: closed on the runner, if there is one
+            self._offload("flush", self._flush)
         return got
 
     def cancel(self, waiter: Any) -> bool:
@@ -605,7 +646,7 @@ class Pool(Lender):
         with self._lock:
             self._ncreating -= 1
             self._grant_slots()
-        self._flush()
+        self._offload("flush", self._flush)
 
     def lent(self, lease: int, holder: Holder | None = None) -> Entry | None:
         """The entry of ``lease`` if it is lent (to ``holder``, when given), else None."""
@@ -690,7 +731,7 @@ class Pool(Lender):
                 if not self._using:
                     self._drained.notify_all()
         if entries:
-            self._flush()
+            self._offload("flush", self._flush)
         return len(entries)
 
     def drop_waiters(self, pred: Callable[[Any], bool]) -> int:
@@ -704,7 +745,15 @@ class Pool(Lender):
         return len(dropped)
 
     def housekeep(self) -> None:
-        """One housekeeping round: long use, idle and lifetime recycling, health, refill."""
+        """One housekeeping round: long use, idle and lifetime recycling, health, refill.
+
+        Everything is decided at once, under the lock: which leases to kill (they leave the
+        pool's books now, and their holders are terminated now), which objects to recycle,
+        which to health-check, whether to refill ``min_size``. The user's code that follows
+        (closers, health checks, ``fun``, the tracer) runs in this thread without a runner,
+        or as jobs on the runner with one: then a round never waits on a hook, so a hook
+        that hangs cannot hold the scheduler's threads, which other pools share.
+        """
         start = self._clock.now()
         try:
             with self._lock:
@@ -712,15 +761,32 @@ class Pool(Lender):
                     return
                 self._counts["hk_rounds"] += 1
                 self._hk_last = start
-                kills = self._check_long_use(start)
+                kills, long_uses = self._check_long_use(start)
                 self._recycle_idle(start)
+                health = (self._health is not None
+                          and self._counts["hk_rounds"] % self._health_freq == 0)
+                to_check = list(self._avail) if health else []
+                flush = bool(self._todel)  # the health job closes what it finds bad itself
+                fill = self._fill_wanted()
+            # From the decision, not after the closer: a closer that hangs must not spare
+            # a holder that overstayed.
             if self._kill_holder:
                 for holder, age in kills:
-                    self._terminate(holder, age)
-            if self._health and self._counts["hk_rounds"] % self._health_freq == 0:
-                self._health_round()
-            self._flush()
-            self._fill()
+                    try:
+                        self._terminate(holder, age)
+                    except Exception:
+                        log.exception("mppool: pool %d: could not terminate pid %s", self._id,
+                                      holder.pid)
+            if long_uses and not self._offload("trace", lambda: self._warn_long_use(long_uses)):
+                self._warn_long_use(long_uses, trace=False)  # the tracer hangs: say it without
+            if health:
+                self._offload("health", lambda: self._health_round(to_check))
+            if flush:
+                self._offload("flush", self._flush)
+            # Inline, the health check above may just have closed objects: _fill() finds
+            # out itself. With a runner, the next round sees what that job closed.
+            if fill or self._runner is None:
+                self._offload("fill", self._fill)
         except Exception:
             with self._lock:
                 self._counts["hk_errors"] += 1
@@ -728,6 +794,44 @@ class Pool(Lender):
         finally:
             with self._lock:
                 self._hk_time += self._clock.now() - start
+
+    def _offload(self, kind: str, job: Callable[[], None]) -> bool:
+        """Run ``job`` (which runs user code): inline without a runner, else on the runner,
+        at most one job of each ``kind`` at a time.
+
+        False if it was not started (one of its kind has not finished, or the runner could
+        not take it); what it would have done is still to do, and the next round tries again.
+        """
+        if self._runner is None:
+            job()
+            return True
+        with self._lock:
+            if kind in self._inflight:
+                return False
+            self._inflight.add(kind)
+
+        def run() -> None:
+            try:
+                job()
+            except Exception:
+                with self._lock:
+                    self._counts["hk_errors"] += 1
+                log.exception("mppool: pool %d: housekeeping job %r failed", self._id, kind)
+            finally:
+                with self._lock:
+                    self._inflight.discard(kind)
+
+        try:
+            self._runner(run)
+        except Exception as exc:  # e.g. RuntimeError: can't start new thread
+            with self._lock:
+                self._inflight.discard(kind)
+            muted = self._runner_errors.allow()
+            if muted is not None:
+                log.error("mppool: pool %d: could not start housekeeping job %r, will retry: %s "
+                          "(%d similar errors not logged)", self._id, kind, exc, muted)
+            return False
+        return True
 
     # ------------------------------------------------------------------ internals
 
@@ -802,12 +906,15 @@ class Pool(Lender):
             self._counts["ncreated"] += 1
             return Entry(obj, num, self._clock.now(), self._max_lifetime, token)
 
+    def _fill_wanted(self) -> bool:
+        """Under the lock: is there an object to create to reach min_size?"""
+        return not self._shutdown and self._total() < self._min_size and self._room()
+
     def _fill(self) -> None:
         """Create objects up to min_size; errors are logged, not raised."""
         while True:
             with self._lock:
-                if self._shutdown or self._total() >= self._min_size \
-                        or not self._room():
+                if not self._fill_wanted():
                     return
                 self._ncreating += 1
             try:
@@ -849,18 +956,25 @@ class Pool(Lender):
                 self._counts["ndestroys"] += 1
                 self._grant_slots()
 
-    def _check_long_use(self, now: float) -> list[tuple[Holder, float]]:
-        """Under the lock: warn about and kill long leases."""
+    def _check_long_use(self, now: float) -> tuple[list[tuple[Holder, float]],
+                                                   list[tuple[float, Holder | None, Any]]]:
+        """Under the lock: find long leases to warn about, and kill those held too long.
+
+        A killed lease leaves the pool's books at once (its late return is ignored); its
+        object is closed by the next flush. Returns the holders to terminate and the
+        warnings to log: logging one runs the tracer, user code that has no place under
+        the lock nor on the scheduler's threads.
+        """
         kills: list[tuple[Holder, float]] = []
+        long_uses: list[tuple[float, Holder | None, Any]] = []
         if not self._max_using_delay_warn:
-            return kills
+            return kills, long_uses
         for lease, entry in list(self._using.items()):
             age = now - entry.last_get
             holder = entry.holder
             if age >= self._max_using_delay_warn and not entry.warned:
                 entry.warned = True
-                log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
-                            age, holder.pid if holder else "?", self._trace(entry.obj))
+                long_uses.append((age, holder, entry.obj))
             if self._max_using_delay_kill and age >= self._max_using_delay_kill:
                 del self._using[lease]
                 self._counts["nkilled"] += 1
@@ -871,7 +985,14 @@ class Pool(Lender):
                     kills.append((holder, age))
         if not self._using:
             self._drained.notify_all()
-        return kills
+        return kills, long_uses
+
+    def _warn_long_use(self, long_uses: list[tuple[float, Holder | None, Any]],
+                       trace: bool = True) -> None:
+        for age, holder, obj in long_uses:
+            log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
+                        age, holder.pid if holder else "?",
+                        self._trace(obj) if trace else f"<{type(obj).__name__}>")
 
     def _recycle_idle(self, now: float) -> None:
         """Under the lock: close idle objects past max_avail_delay or max_lifetime."""
@@ -892,10 +1013,13 @@ class Pool(Lender):
                 keep.append(entry)
         self._avail = keep
 
-    def _health_round(self) -> None:
+    def _health_round(self, entries: list[Entry] | None = None) -> None:
+        """Check ``entries`` (default: every idle one), one at a time: each is out of the
+        pool only while it is checked. Unhealthy ones are closed."""
         with self._lock:
             self._counts["hc_rounds"] += 1
-            entries = list(self._avail)
+            if entries is None:
+                entries = list(self._avail)
         for entry in entries:
             with self._lock:
                 try:
@@ -922,15 +1046,22 @@ class Pool(Lender):
                         log.warning("mppool: pool %d: unhealthy object closed: %.80s",
                                     self._id, self._trace(entry.obj))
                     self._todel.append(entry)
+        self._flush()
 
     def _terminate(self, holder: Holder, age: float) -> None:
         if self.on_kill_holder is not None:
             self.on_kill_holder(holder, age)
 
     def _recall_tick(self) -> None:
+        def job() -> None:
+            try:
+                self.recall()  # asks the budget (a round trip), then runs closers
+            except Exception:
+                log.exception("mppool: pool %d: budget recall failed", self._id)
+
         try:
-            self.recall()
-        except Exception:
+            self._offload("recall", job)
+        except Exception:  # only a broken runner gets here: keep ticking
             log.exception("mppool: pool %d: budget recall failed", self._id)
         with self._lock:
             if self._shutdown or self._sched is None:
@@ -981,6 +1112,7 @@ class Pool(Lender):
         for container in (self._avail, self._using, self._by_obj, self._waiters, self._todel):
             container.clear()
         self._ncreating = self._nchecking = self._recall_n = 0
+        self._inflight.clear()  # jobs running in the parent are no concern of the child's
         if self._sched is None or self._shutdown:
             return
         self._sched = Scheduler(self._clock, workers=1) if self._own_sched else default_scheduler()

@@ -10,6 +10,13 @@ True)`` or ``mppool serve``). Two sockets:
 The watchdog has two eyes: a lease connection closing (instant, free) and a periodic psutil
 scan of connected holders (pid + start time) for a holder whose socket outlives it, e.g. an
 fd inherited by a child process.
+
+Threads, and whose code they run. User code (``fun``, hooks, proxied calls) may hang forever,
+so it runs only on its own pool's ``HookExecutor`` (``Record.submit``, and the pool's runner
+for housekeeping): at most a few threads per pool, and a pool whose hooks hang holds only
+those. The threads that must always run never run user code: the lease loop, the housekeeping
+scheduler (rounds only decide: lease kills, what to close, check or create), the watchdog
+scan (a thread of its own) and the kill-holder timers (a scheduler of their own).
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import types
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import dill
@@ -31,19 +41,20 @@ import psutil
 from multiprocess import process as mp_process
 
 from .address import Address, display, lease_address, parse_address, write_key
-from .clock import REAL_CLOCK, Clock
+from .clock import REAL_CLOCK, Clock, clamp_wait
 from .errors import PoolClosed
 from .holder import Holder
 from .leases import Conn, LeaseLoop
 from .pool import Entry, Pool
 from .remote import pack_errors
-from .sched import Scheduler
+from .sched import HookExecutor, LogLimiter, Scheduler
 
 log = logging.getLogger("mppool")
 
 TRANSFERS = ("copy", "proxy")
 KILL_GRACE = 2.0
-POOL_THREADS = 4  # threads one pool's user code (fun, hooks, proxied calls) may occupy
+POOL_THREADS = 4  # threads one pool's user code may occupy at most
+STOP_GRACE = 5.0  # how long stop() waits for the pools' closers before leaving them behind
 
 
 def _reset_default(obj: Any) -> None:
@@ -53,11 +64,23 @@ def _reset_default(obj: Any) -> None:
         rollback()
 
 
+def pool_executor(name: str) -> HookExecutor:
+    """The threads that run one pool's user code (started on demand, daemons)."""
+    return HookExecutor(POOL_THREADS, f"mppool-{name[:40]}")
+
+
 class Record:
-    """A named pool served by the supervisor."""
+    """A named pool served by the supervisor.
+
+    Its user code runs on its own ``HookExecutor``: through ``submit()`` for the lease loop
+    (creating objects, proxied calls, returns that run hooks) and as the pool's ``runner``
+    for housekeeping (closers, health checks, refills). ``Supervisor.create`` makes the
+    executor first, since the pool needs it as its runner.
+    """
 
     def __init__(self, name: str, pid: int, pool: Pool, transfer: str, kind: str,
-                 fingerprint: Any, options: dict[str, Any]) -> None:
+                 fingerprint: Any, options: dict[str, Any],
+                 executor: HookExecutor | None = None) -> None:
         self.name = name
         self.id = pid
         self.pool = pool
@@ -70,26 +93,30 @@ class Record:
         self.cache_blobs = options.get("getter") is None and options.get("retter") is None
         self.has_getter = options.get("getter") is not None
         self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
-        self._executor: ThreadPoolExecutor | None = None
-        self._exlock = threading.Lock()
+        self.executor = executor if executor is not None else pool_executor(name)
+        self._submit_errors = LogLimiter()
 
-    def submit(self, fn: Any, *args: Any) -> Future[Any] | None:
-        """Run user code of this pool on its own threads (a hung hook stalls only this pool);
-        None, logged, when no thread can be started."""
-        if self._executor is None:
-            with self._exlock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(POOL_THREADS,
-                                                        thread_name_prefix=f"mppool-{self.name}")
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        """Run ``fn(*args)`` (user code of this pool) on the pool's own threads.
+
+        Returns a ``concurrent.futures.Future`` (fn's result or exception), or None when it
+        could not be queued: no thread could be started, or the pool was dropped. None means
+        for certain that ``fn`` will never run (logged here, at most every 10 s). Never
+        raises, never blocks: with every thread of this pool busy (say, in a ``fun`` that
+        hangs), ``fn`` waits in this pool's queue, and other pools are not affected.
+        """
         try:
-            return self._executor.submit(fn, *args)
-        except RuntimeError:
-            log.warning("mppool: pool %r: cannot start a thread", self.name, exc_info=True)
+            return self.executor.submit(fn, *args)
+        except RuntimeError as exc:
+            muted = self._submit_errors.allow()
+            if muted is not None:
+                log.error("mppool: pool %r: cannot run %s: %s (%d similar errors not logged)",
+                          self.name, getattr(fn, "__qualname__", fn), exc, muted)
             return None
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """The pool is gone: cancel its queued calls (running ones are left to finish)."""
+        self.executor.close()
 
     def blob(self, entry: Entry) -> bytes | None:
         """The bytes a client unpickles into its copy (None: the object stays here)."""
@@ -143,7 +170,10 @@ class Supervisor:
                  scan_interval: float = 0.2) -> None:
         self.address = address
         self.clock = clock
-        self.sched = Scheduler(clock, workers=4, name="mppool-hk")
+        # Housekeeping rounds of every pool: they only decide, user code goes to the pools'
+        # executors. SIGKILL timers of kill_holder get a scheduler of their own all the same.
+        self.sched = Scheduler(clock, workers=2, name="mppool-hk")
+        self.kill_timers = Scheduler(clock, workers=1, name="mppool-kill")
         self.lock = threading.Lock()
         self.records: dict[str, Record] = {}
         self.by_id: dict[int, Record] = {}
@@ -157,24 +187,70 @@ class Supervisor:
         self.metrics: Any = None  # metrics.Metrics when serving Prometheus metrics
         self.next_hosted = 1
         self.stopped = threading.Event()
+        self.nscans = 0
+        self.watchdog = threading.Thread(target=self._watch, name="mppool-watchdog", daemon=True)
+        self._scan_errors = LogLimiter()
 
     def start(self) -> None:
         self.loop.thread.start()
-        self.sched.enter(self.scan_interval, self.scan)
+        self.watchdog.start()
+
+    def _watch(self) -> None:
+        """The watchdog's own thread: scan() every scan_interval until stopped.
+
+        Not a task on the housekeeping scheduler: nothing a pool does can delay it.
+        Deadline-based, so a slow scan does not shift the ones after it.
+        """
+        interval = self.scan_interval
+        due = time.monotonic() + interval
+        while not self.stopped.wait(clamp_wait(due - time.monotonic())):
+            now = time.monotonic()
+            if now < due:
+                continue  # a clamped wait ended early
+            try:
+                self.scan()
+            except Exception:
+                muted = self._scan_errors.allow()
+                if muted is not None:
+                    log.exception("mppool: watchdog scan failed (%d similar errors not logged)",
+                                  muted)
+            due += interval
+            if due <= time.monotonic():  # fell behind (a long scan, a frozen process)
+                due = time.monotonic() + interval
 
     def stop(self) -> None:
         self.stopped.set()
         self.loop.stop()
         with self.lock:
             records = list(self.records.values())
+        # Each pool is shut down (its closers run) on its own threads, all at once, for at
+        # most STOP_GRACE seconds: a closer that hangs must not keep this process alive.
+        futures = []
         for rec in records:
-            try:
-                rec.pool.shutdown()
-            except Exception:
-                log.warning("mppool: shutting down pool %r failed", rec.name, exc_info=True)
+            fut = rec.submit(self._shutdown_pool, rec)
+            if fut is None:
+                self._shutdown_pool(rec)
+            else:
+                futures.append(fut)
+        if futures:
+            _, hung = wait_futures(futures, timeout=STOP_GRACE)
+            if hung:
+                log.warning("mppool: %d pool(s) still closing objects after %.0f s: leaving them",
+                            len(hung), STOP_GRACE)
+        for rec in records:
             rec.close()
         self.hosted_executor.shutdown(wait=False, cancel_futures=True)
         self.sched.close()
+        self.kill_timers.close()
+        if self.watchdog.is_alive() and self.watchdog is not threading.current_thread():
+            self.watchdog.join(clamp_wait(max(1.0, 2 * self.scan_interval)))
+
+    @staticmethod
+    def _shutdown_pool(rec: Record) -> None:
+        try:
+            rec.pool.shutdown()
+        except Exception:
+            log.warning("mppool: shutting down pool %r failed", rec.name, exc_info=True)
 
     def submit_hosted(self, fn: Any, *args: Any) -> Future[Any] | None:
         try:
@@ -200,8 +276,9 @@ class Supervisor:
             raise ValueError(f"no pool named {name!r}: give fun and options to create it")
         # Built outside the supervisor's lock: filling min_size runs fun (a slow database
         # would otherwise stall every other create, drop and host).
+        executor = pool_executor(name)
         pool = Pool(**options, scheduler=self.sched, clock=self.clock
-                    if self.clock is not REAL_CLOCK else None)
+                    if self.clock is not REAL_CLOCK else None, runner=executor.run)
         pool.on_kill_holder = self.terminate_holder
         with self.lock:
             try:
@@ -212,12 +289,13 @@ class Supervisor:
             else:
                 raced = found is not None
             if not raced:
-                rec = Record(name, self.next_id, pool, transfer, kind, fp, options)
+                rec = Record(name, self.next_id, pool, transfer, kind, fp, options, executor)
                 self.next_id += 1
                 self.records[name] = rec
                 self.by_id[rec.id] = rec
         if raced:  # another caller created it meanwhile: theirs stands, ours goes
             pool.shutdown()
+            executor.close()
             return found if found is not None else self._raise_conflict(name)
         log.info("mppool: created %s pool %r (transfer=%s, max_size=%s)", kind, name, transfer,
                  options.get("max_size"))
@@ -250,8 +328,10 @@ class Supervisor:
             if rec is not None:
                 self.by_id.pop(rec.id, None)
         if rec is not None:
-            rec.pool.shutdown(delay)
-            rec.close()
+            try:
+                rec.pool.shutdown(delay)
+            finally:
+                rec.close()
 
     # ---------------------------------------------------------------------- watchdog
 
@@ -288,8 +368,7 @@ class Supervisor:
                             "(socket inherited by another process?): closing it", holder.pid)
                 self.loop.call_soon(lambda conn=conn: self.loop.close(conn))  # type: ignore[misc]
         finally:
-            if not self.stopped.is_set():
-                self.sched.enter(self.scan_interval, self.scan)
+            self.nscans += 1  # driven by _watch(), on the watchdog's own thread
 
     def terminate_holder(self, holder: Holder, age: float) -> None:
         """kill_holder=True: SIGTERM the holder of a killed lease, SIGKILL after a grace.
@@ -318,7 +397,7 @@ class Supervisor:
                     proc.kill()
             except psutil.Error:
                 pass
-        self.sched.enter(KILL_GRACE, finish)
+        self.kill_timers.enter(KILL_GRACE, finish)
 
     # ---------------------------------------------------------------------- tpool
 
@@ -361,7 +440,7 @@ class Supervisor:
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "lease_address": self.loop.address,
                 "address": display(self.address), "connections": len(self.loop.conns),
-                "nreclaimed": self.nreclaimed}
+                "nreclaimed": self.nreclaimed, "nscans": self.nscans}
 
 
 class Control:

@@ -1,4 +1,18 @@
-"""Argument checks whose messages name the parameter and the bad value."""
+"""Argument checks whose messages name the parameter and the bad value.
+
+Durations follow one rule, applied here at the edge so that nothing further in sees an odd
+number: ``None`` or ``math.inf`` mean "forever" (or "never"); any finite number >= 0 is a
+number of seconds, however large; NaN, negatives, bools and non-numbers raise ``ValueError`` or
+``TypeError`` naming the parameter. NaN must never get in: it compares false with everything,
+so a NaN deadline would never expire. Which function to use depends on what "forever" means
+for the option:
+
+- ``check_duration`` / ``check_timeout``: a wait; forever is returned as ``None``.
+- ``check_period``: an option where 0 means "off" (``max_avail_delay=0``: never recycle);
+  "never" is returned as ``0.0``, so no arithmetic or OS call ever sees ``inf``.
+- ``check_delay``: the number, validated (``inf`` passes through); for callers that do
+  their own mapping.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +29,35 @@ def check_int(name: str, value: Any, minimum: int = 0) -> int:
 
 
 def check_delay(name: str, value: Any) -> float:
+    """A number of seconds >= 0 (``inf`` included): TypeError/ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if value < 0 or math.isnan(value):
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
+        raise TypeError(f"{name} must be a number of seconds (or None), got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float: longer than anything, i.e. forever
+        return math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 (or None), got {value!r}")
+    return seconds
+
+
+def check_duration(name: str, value: Any) -> float | None:
+    """A wait: None or ``inf`` -> None (forever), else finite seconds >= 0."""
+    if value is None:
+        return None
+    seconds = check_delay(name, value)
+    return None if math.isinf(seconds) else seconds
 
 
 def check_timeout(name: str, value: Any) -> float | None:
-    return None if value is None else check_delay(name, value)
+    """A timeout: None or ``inf`` -> None (wait forever), else finite seconds >= 0."""
+    return check_duration(name, value)
+
+
+def check_period(name: str, value: Any) -> float:
+    """An option where 0 means off: None or ``inf`` (never) -> 0.0, else finite seconds."""
+    seconds = check_duration(name, value)
+    return 0.0 if seconds is None else seconds
 
 
 def check_callable(name: str, value: Any, required: bool = False) -> None:
