@@ -448,12 +448,13 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     signal.signal(signal.SIGINT, on_signal)
     if parent:
         def watch_parent() -> None:
-            # Survives any exception (psutil can fail under fd exhaustion): a dead watcher
-            # would leave an orphan supervisor running forever.
+            # getppid() needs no descriptor (psutil would open /proc files, which fails when
+            # descriptors run out); and the loop survives any exception anyway: a dead
+            # watcher would leave an orphan supervisor running forever.
             logs = RateLimitedLog()
             while not stop.wait(0.2):
                 try:
-                    if not psutil.pid_exists(parent) or os.getppid() != parent:
+                    if os.getppid() != parent:
                         log.warning("mppool: parent %d is gone: stopping", parent)
                         stop.set()
                 except Exception as exc:
