@@ -1,20 +1,21 @@
 """``connect(autostart=True)``: exactly one supervisor per address, however many racers.
 
 Under a ``filelock`` beside the socket, a caller either finds a live supervisor (a control
-connection succeeds) or removes what a crashed one left and starts a detached one.
+connection succeeds) or removes what a crashed one left and starts a detached one. The
+socket's directory is created private (0700) if missing, and checked private in any case.
+The detached supervisor keeps none of the caller's descriptors and logs to ``<socket>.log``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from filelock import FileLock
 from multiprocess.connection import Client as MPClient
 from multiprocess.context import AuthenticationError
 
-from .address import Address, client_authkey, display, key_path, parse_authkey, runtime_dir
+from .address import Address, check_address_dir, client_authkey, display, parse_authkey, runtime_dir
 from .errors import ServerUnavailable
 
 log = logging.getLogger("mppool")
@@ -40,22 +41,21 @@ def _alive(address: Address, key: bytes | None) -> bool:
 
 def ensure_supervisor(address: Address, authkey: object, timeout: float) -> bytes:
     """Return the key of the supervisor serving ``address``, starting one if none is."""
-    from .server import Server
+    from .server import Server, take_over
 
     given = parse_authkey(authkey)
     if isinstance(address, str):
         Path(address).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_address_dir(address)  # before the lock file is created in it
     with FileLock(str(lock_path(address)), timeout=max(timeout, 30.0)):
         key = client_authkey(given, address)
         if _alive(address, key):
             return key  # type: ignore[return-value]
-        if isinstance(address, str) and os.path.exists(address):
-            log.warning("mppool: removing the stale socket %s of a supervisor that died", address)
-            for path in (address, address + ".lease", str(key_path(address))):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        server = Server(address, given).start(detach=True)
+        # Under the lock, so that no other autostart removes what this one starts. A live
+        # supervisor whose key we do not have is not removed: take_over() refuses.
+        take_over(address)
+        server = Server(address, given)
+        server._takeover_done = True
+        server.start(detach=True)
         log.info("mppool: started supervisor pid %s at %s", server.pid, display(server.address))
         return server.authkey

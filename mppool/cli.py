@@ -69,14 +69,33 @@ def _address_arg(value: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _authkey_arg(value: str) -> bytes:
+def _authkey_file_arg(value: str) -> bytes:
+    """The key, read from a file (hex). Never from the command line: every local user can
+    read any process's arguments (ps, /proc/PID/cmdline). Errors never show the key."""
     try:
-        key = parse_authkey(value)
+        with open(value) as f:
+            text = f.read(1 << 16).strip()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value!r}: {exc.strerror or exc}") from None
+    try:
+        key = parse_authkey(text, f"the key in {value!r}")
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if not key:
-        raise argparse.ArgumentTypeError("authkey must be a non-empty hex string")
+        raise argparse.ArgumentTypeError(f"{value!r} holds no key (expected the key in hex)")
     return key
+
+
+class _NoAuthkeyOnCommandLine(argparse.Action):
+    """``--authkey KEY`` is gone: say what to use instead, in one line, and exit 2. The key
+    itself is not repeated (and is already visible to other users while we run)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        sys.stderr.write(f"{parser.prog}: error: --authkey is not accepted: a key on the command "
+                         "line is visible to every local user; use --authkey-file FILE (the key in "
+                         "hex, mode 0600) or MPPOOL_AUTHKEY\n")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _positive_float(value: str) -> float:
@@ -106,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--address", type=_address_arg, default=None,
                         help="unix socket path or host:port (default: $MPPOOL_ADDRESS, else the "
                              "per-user default socket)")
-    common.add_argument("--authkey", type=_authkey_arg, default=None,
-                        help="the key, in hex (default: $MPPOOL_AUTHKEY, else the key file "
-                             "beside the socket)")
+    common.add_argument("--authkey-file", dest="authkey", type=_authkey_file_arg, default=None,
+                        metavar="FILE",
+                        help="file holding the key, in hex (default: $MPPOOL_AUTHKEY, else the "
+                             "key file beside the socket)")
+    # Declared so that it is refused with a hint, not taken as an abbreviation of
+    # --authkey-file (argparse accepts unambiguous prefixes).
+    common.add_argument("--authkey", nargs="?", action=_NoAuthkeyOnCommandLine, help=argparse.SUPPRESS)
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--timeout", type=_positive_float, default=2.0,
                         help="seconds to keep trying to reach the supervisor (default: 2)")
@@ -139,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start a private supervisor and N worker processes sharing a "
                                    "token budget of C; SIGKILL one while it holds a token; check "
                                    "that at most C tokens were ever out and that none was lost. "
-                                   "--address/--authkey default to a fresh private socket here.")
+                                   "--address/--authkey-file default to a fresh private socket here.")
     p.add_argument("--workers", type=_int_at_least(2), default=6, metavar="N",
                    help="worker processes (default: 6; one of them gets killed)")
     p.add_argument("--budget", type=_int_at_least(1), default=2, metavar="C",
@@ -174,8 +197,8 @@ def _connect(ns: argparse.Namespace) -> Client:
             and not key_path(address).exists()):
         # The library's wording ("pass authkey=") is for programmers; say it in CLI terms.
         raise CliError(f"no supervisor reachable at {display(address)}: no key file "
-                       f"{key_path(address)} (is `mppool serve` running there?) and no --authkey "
-                       "or MPPOOL_AUTHKEY")
+                       f"{key_path(address)} (is `mppool serve` running there?) and no "
+                       "--authkey-file or MPPOOL_AUTHKEY")
     try:
         return connect(address, ns.authkey, timeout=ns.timeout)
     except ServerUnavailable as exc:

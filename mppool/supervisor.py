@@ -520,18 +520,24 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
           metrics_port: int | None = None) -> None:
     """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies."""
     global _control
+    from .acceptor import ControlAcceptor, RateLimitedLog, serve_authenticated
+    from .address import check_address_dir
     from .server import Server
 
     logging.basicConfig(level=os.environ.get("MPPOOL_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s mppool[%(process)d] %(levelname)s %(message)s")
+    raise_nofile_limit()
+    try:
+        check_address_dir(address)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(exc.errno, f"cannot serve on {display(address)}: directory "
+                                f"{exc.filename!r} does not exist", exc.filename) from None
     old = os.umask(0o177)  # sockets are created 0777 & ~umask: 0600
     try:
         manager = Server(address, authkey)
         server = manager.get_server()
     finally:
         os.umask(old)
-    if isinstance(address, str):
-        os.chmod(address, 0o600)
     if isinstance(address, tuple):
         address = tuple(server.address)
     sup = Supervisor(address, authkey)
@@ -573,24 +579,25 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     signal.signal(signal.SIGINT, on_signal)
     if parent:
         def watch_parent() -> None:
+            # getppid() needs no descriptor (psutil would open /proc files, which fails when
+            # descriptors run out); and the loop survives any exception anyway: a dead
+            # watcher would leave an orphan supervisor running forever.
+            logs = RateLimitedLog()
             while not stop.wait(0.2):
-                if not psutil.pid_exists(parent) or os.getppid() != parent:
-                    log.warning("mppool: parent %d is gone: stopping", parent)
-                    stop.set()
+                try:
+                    if os.getppid() != parent:
+                        log.warning("mppool: parent %d is gone: stopping", parent)
+                        stop.set()
+                except Exception as exc:
+                    logs.warning("parent", "mppool: watching parent %d: %s: %s", parent,
+                                 type(exc).__name__, exc)
         threading.Thread(target=watch_parent, name="mppool-parent", daemon=True).start()
 
-    def accept_loop() -> None:
-        # Not Server.accepter: it only survives OSError, so one client with a wrong key
-        # (AuthenticationError) would stop the control plane for everyone.
-        while not stop.is_set():
-            try:
-                c = server.listener.accept()
-            except Exception as exc:
-                log.warning("mppool: refused a control connection: %s", exc)
-                continue
-            threading.Thread(target=server.handle_request, args=(c,), daemon=True).start()
-
-    threading.Thread(target=accept_loop, name="mppool-control", daemon=True).start()
+    # Not Server.accepter nor Listener.accept(): those authenticate on the accepting thread
+    # without a deadline, so one silent peer would stop the control plane for everyone.
+    acceptor = ControlAcceptor(server.listener, authkey,
+                               lambda conn: serve_authenticated(server, conn), stop)
+    acceptor.start()
     if ready is not None:
         ready(display(address), sup.loop.address)
     log.info("mppool: supervisor %d serving on %s", os.getpid(), display(address))
@@ -609,7 +616,38 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
         log.info("mppool: supervisor %d stopped", os.getpid())
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a supervisor holds two sockets per
+    client; the usual soft default of 1024 is far too low); returns the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        try:  # Linux refuses more than fs.nr_open
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("mppool: cannot raise the file descriptor limit from %d to %d: %s",
+                        soft, target, exc)
+    log.info("mppool: file descriptor limit %d (hard %d)", soft, hard)
+    return soft
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of the supervisor process (``Server.start()``).
+
+    Protocol with the starter, on stdout: one line, ``READY <address> <pid>`` once serving,
+    or ``ERROR <why>`` if it cannot start. Then stdout is pointed at /dev/null: the starter
+    may be long gone, and its pipe must close when it exits (a detached supervisor keeps
+    none of the caller's descriptors; its stderr is its log file).
+    """
     ap = argparse.ArgumentParser(prog="python -m mppool.supervisor")
     ap.add_argument("--address", required=True)
     ap.add_argument("--parent", type=int, default=0)
@@ -617,13 +655,34 @@ def main(argv: list[str] | None = None) -> None:
     key = os.environ.pop("MPPOOL_AUTHKEY", "")
     extra = json.loads(os.environ.pop("MPPOOL_SYS_PATH", "[]"))
     sys.path[:0] = [p for p in extra if p not in sys.path]
-    address = parse_address(ns.address)
+    said = False
+
+    def say(line: str) -> None:
+        nonlocal said
+        if said:
+            return
+        said = True
+        try:
+            sys.stdout.write(line.replace("\n", " ") + "\n")
+            sys.stdout.flush()
+        except OSError:
+            pass  # the starter gave up waiting: nobody to tell
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # closes the pipe: the starter sees EOF
+        os.close(devnull)
 
     def ready(addr: str, lease: Any) -> None:
-        sys.stdout.write(f"READY {addr} {os.getpid()}\n")
-        sys.stdout.flush()
+        say(f"READY {addr} {os.getpid()}")
 
-    serve(address, bytes.fromhex(key), parent=ns.parent or None, ready=ready)
+    try:
+        address = parse_address(ns.address)
+        serve(address, bytes.fromhex(key), parent=ns.parent or None, ready=ready)
+    except BaseException as exc:
+        if not said:
+            log.error("mppool: supervisor for %s could not start", ns.address, exc_info=True)
+            say(f"ERROR {type(exc).__name__}: {exc}")
+            raise SystemExit(1) from None
+        raise
 
 
 if __name__ == "__main__":

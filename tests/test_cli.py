@@ -183,7 +183,10 @@ def test_stats_without_supervisor_exits_1(sockdir: Path) -> None:
     assert r.returncode == 1
     assert "no supervisor reachable" in r.stderr and address in r.stderr
     # With a key but nothing listening: same answer once the connect timeout runs out.
-    r = run_cli("stats", "--json", "--address", address, "--authkey", "00" * 16, "--timeout", "0.2")
+    keyfile = sockdir / "key"
+    keyfile.write_text("00" * 16)
+    r = run_cli("stats", "--json", "--address", address, "--authkey-file", str(keyfile),
+                "--timeout", "0.2")
     assert r.returncode == 1
     assert "no supervisor reachable" in r.stderr and r.stdout == ""
     r = run_cli("top", "--once", "--address", address)
@@ -225,3 +228,51 @@ def test_serve_replaces_a_stale_socket_and_stops_on_ctrl_c(sockdir: Path, tmp_pa
             if p.poll() is None:
                 p.kill()  # only the pids we started
                 p.wait(10)
+
+
+def test_authkey_on_the_command_line_is_refused_with_a_hint(sockdir: Path) -> None:
+    """A key in argv is readable by every local user (/proc/PID/cmdline): --authkey is gone,
+    in every spelling, with a one-line pointer to --authkey-file, and the key is not echoed."""
+    key = "c0ffee" * 6
+    for args in (["--authkey", key], [f"--authkey={key}"], ["--authk", key]):
+        r = run_cli("stats", "--address", str(sockdir / "s.sock"), *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "--authkey-file" in r.stderr and key not in r.stderr, r.stderr
+    r = run_cli("stats", "--authkey", key)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_authkey_file_reaches_the_supervisor_and_bad_keys_are_not_echoed(sockdir: Path,
+                                                                         tmp_path: Path) -> None:
+    address = str(sockdir / "mppool.sock")
+    key = os.urandom(16).hex()
+    keyfile = tmp_path / "key"
+    keyfile.write_text(key + "\n")
+    keyfile.chmod(0o600)
+    env_key = dict(_env(), MPPOOL_AUTHKEY=key)
+    out = tmp_path / "serve.log"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "mppool", "serve", "--address", address],
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env_key)
+    try:
+        wait_until(lambda: "serving on" in out.read_text() or proc.poll() is not None,
+                   timeout=START_TIMEOUT, interval=0.02, what="mppool serve to be ready")
+        assert proc.poll() is None, out.read_text()
+        assert key not in " ".join(psutil.Process(proc.pid).cmdline())
+        os.unlink(address + ".key")  # so that only --authkey-file can provide the key
+        r = run_cli("stats", "--json", "--address", address, "--authkey-file", str(keyfile))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {}
+        typo = key[:-1] + "g"
+        keyfile.write_text(typo)
+        r = run_cli("stats", "--address", address, "--authkey-file", str(keyfile))
+        assert r.returncode == 2 and "not hex" in r.stderr, r.stderr
+        assert typo not in r.stderr and key[:-1] not in r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the pid we started
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

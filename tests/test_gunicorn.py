@@ -142,3 +142,54 @@ def _request_ok(port: int) -> bool:
     except OSError:
         time.sleep(0.05)  # gunicorn still binding its port
         return False
+
+
+def _get(port: int) -> tuple[int, str] | None:
+    try:
+        return _request(port)
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(60)
+def test_gunicorn_restarts_a_supervisor_that_died(tmp_path):
+    """SIGKILL the supervisor the arbiter started: a new one comes up at the same address
+    with the same key, and workers reach it again, without a redeploy."""
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    assert gunicorn, "gunicorn is a test dependency"
+    port = _free_port()
+    address = os.path.join(tempfile.mkdtemp(prefix="mpg"), "s.sock")
+    env = dict(os.environ, MPPOOL_ADDRESS=address,
+               PYTHONPATH=os.pathsep.join([str(APP_DIR), *sys.path]))
+    env.pop("MPPOOL_AUTHKEY", None)
+    logfile = tmp_path / "gunicorn.log"
+    with open(logfile, "w") as log:
+        proc = subprocess.Popen([gunicorn, "-c", str(APP_DIR / "gunicorn.conf.py"), "-w", "2",
+                                 "-b", f"127.0.0.1:{port}", "restart_app:app"],
+                                cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    arbiter = psutil.Process(proc.pid)
+    try:
+        first = wait_until(lambda: (r := _get(port)) and r[0] == 200 and r[1], timeout=20,
+                           interval=0.05, what="gunicorn serving")
+        first_pid = int(first)
+        key = Path(address + ".key").read_text()
+        assert first_pid in {p.pid for p in arbiter.children()}
+        os.kill(first_pid, signal.SIGKILL)  # the supervisor gunicorn started for this test
+        second = wait_until(lambda: (r := _get(port)) and r[0] == 200 and r[1] != first and r[1],
+                            timeout=15, interval=0.05, what="a worker to reach a new supervisor")
+        assert int(second) in {p.pid for p in arbiter.children()}  # the arbiter's child again
+        assert Path(address + ".key").read_text() == key  # same key: the workers' env still holds
+        assert "restarted it as pid " + second in logfile.read_text()
+    finally:
+        children = arbiter.children(recursive=True) if arbiter.is_running() else []
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for p in alive:  # processes this test started, by pid
+            p.kill()
+        assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
+    assert not os.path.exists(address)
