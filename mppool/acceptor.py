@@ -41,6 +41,8 @@ from typing import Any
 
 from multiprocess.connection import answer_challenge, deliver_challenge
 
+from .ratelog import RateLimitedLog
+
 log = logging.getLogger("mppool")
 
 AUTH_DEADLINE = 5.0
@@ -48,31 +50,39 @@ MAX_PENDING = 64
 EMFILE_BACKOFF = 0.05
 
 
-class RateLimitedLog:
-    """At most one log line per ``interval`` s for each key; counts the ones it swallowed."""
+class FdReserve:
+    """One descriptor kept in reserve, so that a listener out of descriptors can still take
+    the connection that waits and close it: its client fails at once instead of hanging in
+    the backlog until its timeout, and the listener stops being readable."""
 
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._dropped: collections.Counter[str] = collections.Counter()
+    def __init__(self) -> None:
+        self._fd: int | None = self._open()
 
-    def warning(self, key: str, msg: str, *args: Any) -> bool:
-        now = self.clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval:
-                self._dropped[key] += 1
-                return False
-            self._last[key] = now
-            dropped = self._dropped.pop(key, 0)
-        if dropped:
-            log.warning(msg + " (and %d more like it in the last %.0f s)", *args, dropped,
-                        self.interval)
-        else:
-            log.warning(msg, *args)
-        return True
+    @staticmethod
+    def _open() -> int | None:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def refuse_one(self, accept: Callable[[], Any]) -> None:
+        """Close the reserve, accept one connection and close it, take the reserve back."""
+        if self._fd is None:
+            self._fd = self._open()
+            return
+        os.close(self._fd)
+        self._fd = None
+        try:
+            conn = accept()
+            (conn[0] if isinstance(conn, tuple) else conn).close()
+        except OSError:
+            pass
+        self._fd = self._open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _shutdown_fd(fd: int) -> None:
@@ -142,7 +152,7 @@ class ControlAcceptor:
         # Connections still authenticating, oldest first: id -> (deadline, fd).
         self._pending: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
         self._next_id = 0
-        self._reserve: int | None = self._open_reserve()
+        self.reserve = FdReserve()
         self.naccepted = 0
         self.nrefused = 0
         self.ntimedout = 0
@@ -169,7 +179,7 @@ class ControlAcceptor:
                 self.stop.wait(EMFILE_BACKOFF)
         with self._lock:
             self._lock.notify_all()
-        self._close_reserve()
+        self.reserve.close()
 
     def _accept_one(self) -> None:
         raw = self.listener._listener
@@ -218,27 +228,8 @@ class ControlAcceptor:
         self.nrefused += 1
         self.logs.warning("emfile", "mppool: out of file descriptors (%s): refusing new control "
                                     "connections until some close", exc.strerror or exc)
-        if self._reserve is not None:
-            os.close(self._reserve)
-            self._reserve = None
-            try:
-                raw.accept().close()
-            except OSError:
-                pass
-            self._reserve = self._open_reserve()
+        self.reserve.refuse_one(raw.accept)
         self.stop.wait(EMFILE_BACKOFF)
-
-    @staticmethod
-    def _open_reserve() -> int | None:
-        try:
-            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-
-    def _close_reserve(self) -> None:
-        if self._reserve is not None:
-            os.close(self._reserve)
-            self._reserve = None
 
     # --------------------------------------------------------------------------- per connection
 

@@ -27,14 +27,14 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _proc_start(pid: int) -> float | None:
-    """Seconds from boot to the start of ``pid``, from /proc; None where /proc is absent."""
+    """Seconds from boot to the start of ``pid``, from /proc (0.0: no such process); None
+    where there is no /proc. Any other OSError (out of descriptors) propagates: unknown is
+    not dead."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return 0.0 if os.path.isdir("/proc/self") else None
-    except OSError:
-        return None
     # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
     fields = data[data.rindex(b")") + 2:].split()
     return int(fields[19]) / _TICKS  # field 22 of the whole line
@@ -47,7 +47,7 @@ def process_start(pid: int) -> float:
         return start
     try:
         return psutil.Process(pid).create_time()
-    except psutil.Error:
+    except psutil.NoSuchProcess:
         return 0.0
 
 
@@ -71,9 +71,12 @@ class Holder:
         """True unless this exact process (pid + start time) is known to be gone."""
         if self.host != HOSTNAME:
             return True  # cannot see it from here: its connection tells us instead
-        start = process_start(self.pid)
-        if not start or not _same_start(start, self.start):
-            return False
+        try:
+            start = process_start(self.pid)
+        except (OSError, psutil.Error):
+            return True  # cannot tell (out of descriptors, say): never declare it dead
+        if not start or (self.start and not _same_start(start, self.start)):
+            return False  # gone, or a new process under a reused pid (start 0.0: unknown)
         try:
             return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
@@ -83,7 +86,10 @@ class Holder:
 
     def is_process(self, proc: psutil.Process) -> bool:
         """Whether ``proc`` is still this holder (not a new process with a reused pid)."""
-        return proc.pid == self.pid and _same_start(process_start(proc.pid), self.start)
+        try:
+            return proc.pid == self.pid and _same_start(process_start(proc.pid), self.start)
+        except (OSError, psutil.Error):
+            return False  # cannot tell: never signal a process we are not sure of
 
 
 def peer_holder(sock: socket.socket, claimed_pid: int, claimed_start: float, claimed_host: str,
@@ -92,7 +98,11 @@ def peer_holder(sock: socket.socket, claimed_pid: int, claimed_start: float, cla
     if sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         pid = int.from_bytes(creds[:4], "little")
-        return Holder(pid, process_start(pid), HOSTNAME, conn_id, verified=True)
+        try:
+            start = process_start(pid)
+        except (OSError, psutil.Error):
+            start = claimed_start if claimed_pid == pid else 0.0
+        return Holder(pid, start, HOSTNAME, conn_id, verified=True)
     return Holder(claimed_pid, claimed_start, claimed_host, conn_id)
 
 

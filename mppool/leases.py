@@ -35,15 +35,16 @@ import os
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
+from .acceptor import FdReserve
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, peer_holder
 from .pool import CREATE, Entry
+from .ratelog import RateLimitedLog
 from .remote import PackedException, is_plain
 
 if TYPE_CHECKING:
@@ -59,26 +60,6 @@ HANDSHAKE_TIMEOUT = 5.0
 MAX_UNREAD = 16 << 20
 MAX_HANDSHAKING = 256  # connections that have not proved the key yet, at once
 ACCEPT_BACKOFF = 0.1
-
-
-class RateLimitedLog:
-    """Logs a message at most once per ``period`` seconds, counting what it held back."""
-
-    def __init__(self, period: float = 1.0) -> None:
-        self.period = period
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def __call__(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.period:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        if held:
-            msg += f" ({held} more like it in the last {self.period:g} s)"
-        log.log(level, msg, *args, exc_info=exc_info)
 
 
 class _Poller:
@@ -228,6 +209,7 @@ class LeaseLoop:
         self.refs = itertools.count(1)
         self.stopping = False
         self.ratelog = RateLimitedLog()
+        self.reserve = FdReserve()
         self.thread = threading.Thread(target=self.run, name="mppool-leases", daemon=True)
 
     # -------------------------------------------------------------- cross-thread entry points
@@ -268,6 +250,7 @@ class LeaseLoop:
         for conn in list(self.conns.values()):
             self.close(conn)
         self.poller.close()
+        self.reserve.close()
         self.lsock.close()
         self.wake_r.close()
         self.wake_w.close()
@@ -315,11 +298,13 @@ class LeaseLoop:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The listener stays readable: stop watching it for a moment, or the loop
-                    # would spin. Connected clients are served meanwhile.
+                    # Refuse the one that waits (it fails at once rather than at its timeout),
+                    # and stop watching the listener for a moment, or the loop would spin.
+                    # Connected clients are served meanwhile.
                     self.ratelog(logging.WARNING, "accept", "mppool: cannot accept lease "
                                  "connections (%s): refusing new ones for %.1f s", exc.strerror,
                                  ACCEPT_BACKOFF)
+                    self.reserve.refuse_one(self.lsock.accept)
                     self.pause_listening()
                 else:
                     self.ratelog(logging.WARNING, "accept", "mppool: accept failed: %s", exc)

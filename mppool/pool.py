@@ -35,7 +35,8 @@ from .clock import REAL_CLOCK, Clock, clamp_wait
 from .errors import PoolClosed, ServerUnavailable, TimeOut
 from .holder import Holder, current_holder
 from .lender import Lender
-from .sched import LogLimiter, Scheduler, Task, default_scheduler
+from .ratelog import RateLimitedLog
+from .sched import Scheduler, Task, default_scheduler
 from .validate import (
     check_budget,
     check_callable,
@@ -281,7 +282,7 @@ class Pool(Lender):
         # finished: at most one of each kind at a time, so a hook that hangs cannot make
         # rounds pile up jobs behind it (the next job picks up whatever is left to do).
         self._inflight: set[str] = set()
-        self._runner_errors = LogLimiter()
+        self._runner_errors = RateLimitedLog(10.0)
 
         smallest = min((d for d in (self._max_avail_delay, self._max_using_delay_warn,
                                     self._max_lifetime) if d), default=0.0)
@@ -826,10 +827,8 @@ class Pool(Lender):
         except Exception as exc:  # e.g. RuntimeError: can't start new thread
             with self._lock:
                 self._inflight.discard(kind)
-            muted = self._runner_errors.allow()
-            if muted is not None:
-                log.error("mppool: pool %d: could not start housekeeping job %r, will retry: %s "
-                          "(%d similar errors not logged)", self._id, kind, exc, muted)
+            self._runner_errors.error("runner", "mppool: pool %d: could not start housekeeping "
+                                      "job %r, will retry: %s", self._id, kind, exc)
             return False
         return True
 

@@ -24,33 +24,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from .clock import REAL_CLOCK, Clock, clamp_wait
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("mppool")
-
-
-class LogLimiter:
-    """Let a repeating message through at most once per ``interval`` seconds.
-
-    ``allow()`` returns None while the message is muted, else how many were muted since the
-    last one let through (to be mentioned in it), so a failure that repeats in a loop cannot
-    flood the log.
-    """
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._last = -math.inf
-        self._muted = 0
-
-    def allow(self) -> int | None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.interval:
-                self._muted += 1
-                return None
-            self._last = now
-            muted, self._muted = self._muted, 0
-            return muted
 
 
 def check_task_delay(delay: Any) -> float:
@@ -94,8 +70,7 @@ class Scheduler:
         self._heap: list[Task] = []
         self._seq = itertools.count()
         self._closed = False
-        self._task_errors = LogLimiter()
-        self._loop_errors = LogLimiter()
+        self._errors = RateLimitedLog(10.0)
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
@@ -144,10 +119,8 @@ class Scheduler:
             try:
                 task = self._next()
             except Exception:
-                muted = self._loop_errors.allow()
-                if muted is not None:
-                    log.exception("mppool: scheduler failed while waiting for a task (%d similar "
-                                  "errors not logged)", muted)
+                self._errors.error("loop", "mppool: scheduler failed while waiting for a task",
+                                   exc_info=True)
                 time.sleep(self.ERROR_BACKOFF)
                 continue
             if task is None:
@@ -157,10 +130,8 @@ class Scheduler:
             try:
                 task.fn()
             except Exception:  # a task must never kill its worker
-                muted = self._task_errors.allow()
-                if muted is not None:
-                    log.exception("mppool: scheduled task %r failed (%d similar errors not logged)",
-                                  task.fn, muted)
+                self._errors.error("task", "mppool: scheduled task %r failed", task.fn,
+                                   exc_info=True)
             finally:
                 del task  # do not keep the last task (and the pool it holds) alive while idle
 

@@ -46,8 +46,9 @@ from .errors import PoolClosed
 from .holder import Holder
 from .leases import Conn, LeaseLoop
 from .pool import Entry, Pool
+from .ratelog import RateLimitedLog
 from .remote import pack_errors
-from .sched import HookExecutor, LogLimiter, Scheduler
+from .sched import HookExecutor, Scheduler
 
 log = logging.getLogger("mppool")
 
@@ -94,7 +95,7 @@ class Record:
         self.has_getter = options.get("getter") is not None
         self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
         self.executor = executor if executor is not None else pool_executor(name)
-        self._submit_errors = LogLimiter()
+        self._submit_errors = RateLimitedLog(10.0)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
         """Run ``fn(*args)`` (user code of this pool) on the pool's own threads.
@@ -108,10 +109,8 @@ class Record:
         try:
             return self.executor.submit(fn, *args)
         except RuntimeError as exc:
-            muted = self._submit_errors.allow()
-            if muted is not None:
-                log.error("mppool: pool %r: cannot run %s: %s (%d similar errors not logged)",
-                          self.name, getattr(fn, "__qualname__", fn), exc, muted)
+            self._submit_errors.error("submit", "mppool: pool %r: cannot run %s: %s", self.name,
+                                      getattr(fn, "__qualname__", fn), exc)
             return None
 
     def close(self) -> None:
@@ -189,7 +188,7 @@ class Supervisor:
         self.stopped = threading.Event()
         self.nscans = 0
         self.watchdog = threading.Thread(target=self._watch, name="mppool-watchdog", daemon=True)
-        self._scan_errors = LogLimiter()
+        self._scan_errors = RateLimitedLog(10.0)
 
     def start(self) -> None:
         self.loop.thread.start()
@@ -210,10 +209,7 @@ class Supervisor:
             try:
                 self.scan()
             except Exception:
-                muted = self._scan_errors.allow()
-                if muted is not None:
-                    log.exception("mppool: watchdog scan failed (%d similar errors not logged)",
-                                  muted)
+                self._scan_errors.error("scan", "mppool: watchdog scan failed", exc_info=True)
             due += interval
             if due <= time.monotonic():  # fell behind (a long scan, a frozen process)
                 due = time.monotonic() + interval
@@ -520,7 +516,7 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
           metrics_port: int | None = None) -> None:
     """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies."""
     global _control
-    from .acceptor import ControlAcceptor, RateLimitedLog, serve_authenticated
+    from .acceptor import ControlAcceptor, serve_authenticated
     from .address import check_address_dir
     from .server import Server
 
