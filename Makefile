@@ -3,7 +3,7 @@
 #
 #   make demo    supervisor + workers sharing a budget, with a final check that the bound held
 #   make test    the whole test suite, in parallel (pytest-xdist)
-#   make lint    ruff + mypy
+#   make lint    ruff + mypy + no import circle (scripts/check_imports.py)
 #   make bench   benchmarks (scripts/bench.py), ratios against peers measured in the same run
 #   make docs    build the documentation site (mkdocs --strict) into site/
 #   make clean   remove caches and build output (make distclean also removes .venv)
@@ -49,6 +49,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check mppool tests scripts || status=1; \
 	echo "$(BIN)/mypy"; \
 	$(BIN)/mypy || status=1; \
+	echo "$(BIN)/python scripts/check_imports.py"; \
+	$(BIN)/python scripts/check_imports.py || status=1; \
 	exit $$status
 
 bench: $(BENCH_STAMP)

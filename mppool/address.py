@@ -122,11 +122,26 @@ def fresh_address() -> str:
     return str(Path(tempfile.mkdtemp(prefix="mppool-")) / "mppool.sock")
 
 
-def key_path(address: Address) -> Path:
+def beside(address: Address, suffix: str) -> Path:
+    """A file that belongs to the supervisor of ``address``: beside its socket, or for a TCP
+    address in the runtime directory. The suffixes in use: ``.key`` (the key), ``.lease``
+    (the lease socket), ``.lock`` (autostart's lock), ``.log`` (a detached one's log)."""
     if isinstance(address, str):
-        return Path(address + ".key")
+        return Path(address + suffix)
     host, port = address
-    return runtime_dir() / f"tcp-{host.replace(':', '_')}-{port}.key"
+    return runtime_dir() / f"tcp-{host.replace(':', '_')}-{port}{suffix}"
+
+
+def key_path(address: Address) -> Path:
+    return beside(address, ".key")
+
+
+def socket_leftovers(address: Address) -> list[str]:
+    """What a supervisor leaves behind if it dies without cleaning up (SIGKILL): its
+    sockets and key file, removed at a clean stop and when a new one takes the address."""
+    if isinstance(address, str):
+        return [address, address + ".lease", str(key_path(address))]
+    return [str(key_path(address))]
 
 
 def lease_address(address: Address) -> Address:

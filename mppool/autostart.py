@@ -15,16 +15,23 @@ from filelock import FileLock
 from multiprocess.connection import Client as MPClient
 from multiprocess.context import AuthenticationError
 
-from .address import Address, check_address_dir, client_authkey, display, parse_authkey, runtime_dir
+from .address import (
+    Address,
+    beside,
+    check_address_dir,
+    client_authkey,
+    display,
+    parse_authkey,
+    server_authkey,
+)
 from .errors import ServerUnavailable
+from .launch import launch, take_over
 
 log = logging.getLogger("mppool")
 
 
 def lock_path(address: Address) -> Path:
-    if isinstance(address, str):
-        return Path(address + ".lock")
-    return runtime_dir() / f"tcp-{address[0].replace(':', '_')}-{address[1]}.lock"
+    return beside(address, ".lock")
 
 
 def _alive(address: Address, key: bytes | None) -> bool:
@@ -41,7 +48,6 @@ def _alive(address: Address, key: bytes | None) -> bool:
 
 def ensure_supervisor(address: Address, authkey: object, timeout: float) -> bytes:
     """Return the key of the supervisor serving ``address``, starting one if none is."""
-    from .server import Server, take_over
 
     given = parse_authkey(authkey)
     if isinstance(address, str):
@@ -54,8 +60,7 @@ def ensure_supervisor(address: Address, authkey: object, timeout: float) -> byte
         # Under the lock, so that no other autostart removes what this one starts. A live
         # supervisor whose key we do not have is not removed: take_over() refuses.
         take_over(address)
-        server = Server(address, given)
-        server._takeover_done = True
-        server.start(detach=True)
-        log.info("mppool: started supervisor pid %s at %s", server.pid, display(server.address))
-        return server.authkey
+        key = server_authkey(given)
+        started = launch(address, key, detach=True)
+        log.info("mppool: started supervisor pid %s at %s", started.pid, display(started.address))
+        return key

@@ -43,7 +43,6 @@ class ControlConnection:
         self.timeout = timeout
         self._local = threading.local()
         self._pid = os.getpid()
-        self._ident: str | None = None  # the Control object's id in the manager
         self._all: list[Connection] = []
         self._lock = threading.Lock()
 
@@ -55,7 +54,7 @@ class ControlConnection:
             conn = self._connection()
             try:
                 _set_timeouts(conn, limit, self.timeout)
-                conn.send((self._ident, method, args, {}))
+                conn.send((self._local.ident, method, args, {}))
                 kind, result = conn.recv()
                 break
             except (OSError, EOFError) as exc:
@@ -63,7 +62,6 @@ class ControlConnection:
                 if isinstance(exc, BlockingIOError):
                     raise ServerUnavailable(f"supervisor at {display(self.address)} did not "
                                             f"answer {method}() within {limit} s (frozen?)") from None
-                self._ident = None  # a new supervisor there has a new Control object
                 if cached and attempt == 1:
                     continue  # a connection to a supervisor that is gone: dial once more
                 raise ServerUnavailable(f"supervisor at {display(self.address)} is gone: "
@@ -82,12 +80,13 @@ class ControlConnection:
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        if self._ident is None:
-            first = self._dial()
-            try:
-                self._ident = self._dispatch(first, "create", ("Control",))[0]
-            finally:
-                first.close()
+        # The Control object's id in this supervisor's manager: asked with each new
+        # connection, since a supervisor restarted at the address has a new one.
+        first = self._dial()
+        try:
+            ident = self._dispatch(first, "create", ("Control",))[0]
+        finally:
+            first.close()
         conn = self._dial()
         try:
             self._dispatch(conn, "accept_connection", ("mppool",))
@@ -95,6 +94,7 @@ class ControlConnection:
             conn.close()
             raise
         self._local.conn = conn
+        self._local.ident = ident
         with self._lock:
             self._all.append(conn)
         return conn

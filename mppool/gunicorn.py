@@ -30,7 +30,8 @@ from typing import Any
 
 from .address import display
 from .errors import ServerUnavailable
-from .server import Server, probe
+from .launch import probe
+from .server import Server
 
 log = logging.getLogger("mppool")
 

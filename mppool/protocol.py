@@ -39,7 +39,11 @@ HEADER = struct.Struct("!I")
 # mmap and munmap its buffer: recv(262144) measured 15 us against 1.9 us for 64 KiB.
 RECV_SIZE = 65536
 MAX_HANDSHAKE = 4096  # a frame before the key is proved: a hello is ~110 bytes
+# The supervisor's limits on a connection (each a Server option): the largest message, the
+# unread replies past which a client is cut off, the time to prove the key.
 DEFAULT_MAX_MESSAGE = 64 << 20
+DEFAULT_MAX_UNREAD = 16 << 20
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 # The longest wait a request may ask for, in seconds (~31 years). Anything longer is
 # "forever" to the client, which sends the pool's own timeout (-1.0) or None instead.
 MAX_TIMEOUT = 1e9

@@ -19,7 +19,7 @@ from multiprocess.connection import Client as MPClient
 from multiprocess.connection import Listener
 
 import mppool
-from mppool.acceptor import ControlAcceptor, serve_authenticated
+from mppool.supervisor.acceptor import ControlAcceptor, serve_authenticated
 from mppool.supervisor import raise_nofile_limit
 
 pytestmark = pytest.mark.slow

@@ -39,16 +39,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import protocol as P
+from .. import protocol as P
+from ..errors import PoolClosed, ServerUnavailable, TimeOut
+from ..holder import Holder, peer_holder
+from ..pool import CREATE, Entry
+from ..ratelog import RateLimitedLog
+from ..remote import PackedException, is_plain
 from .acceptor import FdReserve
-from .errors import PoolClosed, ServerUnavailable, TimeOut
-from .holder import Holder, peer_holder
-from .pool import CREATE, Entry
-from .ratelog import RateLimitedLog
-from .remote import PackedException, is_plain
 
 if TYPE_CHECKING:
-    from .supervisor import Record, Supervisor
+    from .core import Supervisor
+    from .registry import Record
 
 log = logging.getLogger("mppool")
 
@@ -56,8 +57,6 @@ log = logging.getLogger("mppool")
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
 _WRITE = select.POLLOUT
 MAX_POLL = 3600.0  # no OS wait is ever handed more than this (epoll overflows past ~24 days)
-HANDSHAKE_TIMEOUT = 5.0
-MAX_UNREAD = 16 << 20
 MAX_HANDSHAKING = 256  # connections that have not proved the key yet, at once
 ACCEPT_BACKOFF = 0.1
 
@@ -161,8 +160,8 @@ class Conn:
 
 class LeaseLoop:
     def __init__(self, sup: Supervisor, address: str | tuple[str, int], authkey: bytes, *,
-                 max_message: int = P.DEFAULT_MAX_MESSAGE, max_unread: int = MAX_UNREAD,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 max_message: int = P.DEFAULT_MAX_MESSAGE, max_unread: int = P.DEFAULT_MAX_UNREAD,
+                 handshake_timeout: float = P.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         self.sup = sup
         self.records = sup.by_id  # pool id -> Record (the same dict, read on the hot path)
         self.authkey = authkey

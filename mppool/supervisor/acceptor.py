@@ -41,7 +41,7 @@ from typing import Any
 
 from multiprocess.connection import answer_challenge, deliver_challenge
 
-from .ratelog import RateLimitedLog
+from ..ratelog import RateLimitedLog
 
 log = logging.getLogger("mppool")
 

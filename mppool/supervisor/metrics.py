@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .core import Supervisor
 
 BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -68,5 +68,5 @@ class _StatsCollector:
                 c.add_metric([pool], float(s[key]))
             yield c
         r = CounterMetricFamily("mppool_reclaimed", "Leases reclaimed from processes that died")
-        r.add_metric([], float(self.sup.nreclaimed))
+        r.add_metric([], float(self.sup.watchdog.nreclaimed))
         yield r

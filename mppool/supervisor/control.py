@@ -1,0 +1,99 @@
+"""What clients call through the control plane: the ``Control`` object, and the
+multiprocess manager that serves it.
+
+Every method packs whatever it raises (`mppool.remote.pack_errors`), so that an exception
+from user code reaches the caller as its own class, with this process's traceback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from multiprocess.managers import BaseManager
+
+from ..errors import PoolClosed
+from ..remote import pack_errors
+from ..validate import check_int
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+
+EXPOSED = ("info", "create", "stats", "pool_call", "execute", "host", "unhost",
+           "set_num_threads", "killall")
+
+
+class Control:
+    """What clients call through the SyncManager (one instance, shared by all proxies)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+
+    @pack_errors
+    def info(self) -> dict[str, Any]:
+        return self._sup.info()
+
+    @pack_errors
+    def create(self, name: str, kind: str, transfer: str,
+               blob: bytes | None) -> tuple[int, str, float | None]:
+        """(pool id, transfer, the pool's default timeout) of a pool created or attached."""
+        pool_id, transfer, _ = self._sup.create(name, kind, transfer, blob)
+        return pool_id, transfer, self._sup.by_id[pool_id].pool.timeout
+
+    @pack_errors
+    def stats(self, name: str | None = None) -> dict[str, Any]:
+        if name is None:
+            return self._sup.stats()
+        rec = self._sup.get_record(name)
+        s = rec.pool.stats()
+        s.update(name=name, kind=rec.kind, transfer=rec.transfer)
+        return s
+
+    @pack_errors
+    def pool_call(self, name: str, method: str, *args: Any) -> Any:
+        if method not in ("free", "waiting", "resize", "shutdown", "clear", "__len__", "__repr__"):
+            raise ValueError(f"method must be a pool method, got {method!r}")
+        if method == "shutdown":
+            self._sup.drop(name, *args)
+            return None
+        return getattr(self._sup.get_record(name).pool, method)(*args)
+
+    @pack_errors
+    def execute(self, blob: bytes) -> Any:
+        return self._sup.hosted_objects.execute(blob)
+
+    @pack_errors
+    def host(self, blob: bytes) -> int:
+        return self._sup.hosted_objects.host(blob)
+
+    @pack_errors
+    def unhost(self, hid: int) -> None:
+        self._sup.hosted_objects.unhost(hid)
+
+    @pack_errors
+    def set_num_threads(self, n: int) -> None:
+        self._sup.hosted_objects.set_num_threads(check_int("n", n, minimum=1))
+
+    @pack_errors
+    def killall(self) -> None:
+        self._sup.hosted_objects.killall()
+
+
+_control: Control | None = None
+
+
+def set_control(control: Control | None) -> None:
+    global _control
+    _control = control
+
+
+def get_control() -> Control:
+    if _control is None:
+        raise PoolClosed("supervisor is shutting down")
+    return _control
+
+
+class ControlManager(BaseManager):
+    """The manager whose server the supervisor runs: it serves one shared ``Control``."""
+
+
+ControlManager.register("Control", callable=get_control, exposed=EXPOSED)

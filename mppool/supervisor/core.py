@@ -1,0 +1,84 @@
+"""``Supervisor``: the parts of the supervisor process, wired together.
+
+    Supervisor
+    ├ registry   named pools (registry.py), each with its own threads for user code
+    ├ loop       the lease loop: get/put for every client on one thread (leases.py)
+    ├ watchdog   reclaims what dead processes held; lease-kill signals (watchdog.py)
+    ├ hosted     client.execute() / client.host() (hosted.py)
+    └ sched      housekeeping rounds of every pool (they only decide; user code runs on the
+                 pools' own threads)
+
+The threads that must always run (lease loop, scheduler, watchdog, kill timers) never run
+user code, which may hang for ever.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from typing import Any
+
+from ..address import Address, display, lease_address
+from ..clock import REAL_CLOCK, Clock
+from ..protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
+from ..sched import Scheduler
+from .hosted import Hosted
+from .leases import Conn, LeaseLoop
+from .registry import Record, Registry
+from .watchdog import Watchdog
+
+
+class Supervisor:
+    def __init__(self, address: Address, authkey: bytes, clock: Clock = REAL_CLOCK,
+                 scan_interval: float = 0.2, *, max_message: int = DEFAULT_MAX_MESSAGE,
+                 max_unread: int = DEFAULT_MAX_UNREAD,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        self.address = address
+        self.clock = clock
+        self.sched = Scheduler(clock, workers=2, name="mppool-hk")
+        self.registry = Registry(clock, self.sched)
+        self.by_id = self.registry.by_id  # read by the lease loop on the hot path
+        self.hosted_objects = Hosted()
+        self.hosted = self.hosted_objects.objects
+        self.metrics: Any = None  # metrics.Metrics when serving Prometheus metrics
+        self.loop = LeaseLoop(self, lease_address(address), authkey, max_message=max_message,
+                              max_unread=max_unread, handshake_timeout=handshake_timeout)
+        self.watchdog = Watchdog(self.registry, self.loop, clock, scan_interval)
+        self.registry.on_kill_holder = self.watchdog.terminate_holder
+
+    def start(self) -> None:
+        self.loop.thread.start()
+        self.watchdog.start()
+
+    def stop(self) -> None:
+        self.watchdog.stopped.set()
+        self.loop.stop()
+        self.registry.close_all()
+        self.hosted_objects.close()
+        self.sched.close()
+        self.watchdog.stop()
+
+    # what the lease loop needs
+    def release_conn(self, conn: Conn) -> None:
+        self.watchdog.release_conn(conn)
+
+    def submit_hosted(self, fn: Any, *args: Any) -> Future[Any] | None:
+        return self.hosted_objects.submit(fn, *args)
+
+    # what the control plane needs
+    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
+        return self.registry.create(name, kind, transfer, blob)
+
+    def get_record(self, name: str) -> Record:
+        return self.registry.get_record(name)
+
+    def drop(self, name: str, delay: float = 0.0) -> None:
+        self.registry.drop(name, delay)
+
+    def stats(self) -> dict[str, Any]:
+        return self.registry.stats()
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "lease_address": self.loop.address,
+                "address": display(self.address), "connections": len(self.loop.conns),
+                "nreclaimed": self.watchdog.nreclaimed, "nscans": self.watchdog.nscans}
