@@ -19,8 +19,8 @@ from multiprocess.connection import Client as MPClient
 from multiprocess.connection import Listener
 
 import mppool
-from mppool.supervisor.acceptor import ControlAcceptor, serve_authenticated
 from mppool.supervisor import raise_nofile_limit
+from mppool.supervisor.acceptor import ControlAcceptor, serve_authenticated
 
 pytestmark = pytest.mark.slow
 
