@@ -309,3 +309,84 @@ def slow_make(i: int) -> int:
     """A fun that takes its time, like a connect to a slow database."""
     time.sleep(1.0)
     return i
+
+
+# ------------------------------------------------------------- chaos with supervisor restarts
+
+CHAOS_TOKENS, CHAOS_OBJS = 3, 2
+
+
+def chaos_obj(i: int) -> dict[str, int]:
+    """``fun`` of the chaos object pool: distinct objects, told apart in stats by their repr."""
+    return {"obj": i}
+
+
+def chaos_pools(client: Any) -> list[Any]:
+    """The chaos run's two pools, created with the same options by every process."""
+    return [client.token_pool("chaos-t", CHAOS_TOKENS),
+            client.pool("chaos-o", chaos_obj, max_size=CHAOS_OBJS, min_size=0)]
+
+
+def chaos_restart_worker(address: str, authkey: bytes, slot: int, cycles: Any, manual: Any,
+                         odd: Any, errfile: str, seed: int) -> None:
+    """Loop get / hold a little / ret over the chaos pools, through supervisor restarts.
+
+    Counts in shared arrays, at ``slot``: completed cycles; ``manual``: times this process had
+    to make a new client by hand because the one it had did not reconnect to a supervisor
+    that a fresh connection could reach; ``odd``: errors other than TimeOut and
+    ServerUnavailable (the last one is written to ``errfile``).
+    """
+    import random
+
+    import mppool
+
+    rnd = random.Random(seed)
+    client: Any = None
+    pools: list[Any] = []
+    failing_since: float | None = None
+    while True:
+        try:
+            if client is None:
+                client = mppool.connect(address, authkey, timeout=2)
+                pools = chaos_pools(client)
+            pool = rnd.choice(pools)
+            obj = pool.get(timeout=rnd.choice([0.05, 0.3, 1.0]))
+            if rnd.random() < 0.7:
+                time.sleep(rnd.random() * 0.02)  # hold it a little
+            pool.ret(obj)
+            cycles[slot] += 1
+            failing_since = None
+        except mppool.TimeOut:
+            failing_since = None
+        except mppool.ServerUnavailable:
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+            elif client is not None and now - failing_since > 1.0:
+                # Down for a second: is it the supervisor, or our client that did not reconnect?
+                try:
+                    fresh = mppool.connect(address, authkey, timeout=1)
+                except mppool.ServerUnavailable:
+                    pass  # still down: keep trying with the client we have
+                else:
+                    try:  # a supervisor is up: our own client must work again now
+                        client.info()
+                        pools[0].waiting()
+                    except mppool.ServerUnavailable as again:
+                        manual[slot] += 1
+                        with open(errfile, "w") as f:
+                            f.write(f"client did not reconnect: {again}"[:2000])
+                        try:
+                            client.close()
+                        except Exception:
+                            pass
+                        client, pools = fresh, chaos_pools(fresh)
+                    else:
+                        fresh.close()
+                    failing_since = None
+            time.sleep(0.02)  # the supervisor is down: do not spin
+        except Exception as exc:  # reported to the parent through odd and errfile
+            odd[slot] += 1
+            with open(errfile, "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}"[:2000])
+            time.sleep(0.02)
