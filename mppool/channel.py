@@ -67,7 +67,7 @@ class Channel:
             mine = P.new_nonce()
             h = current_holder()
             sock.sendall(P.encode_hello(P.digest(authkey, nonce), mine, h.pid, h.start, h.host))
-            answer, conn_id = P.decode_ack(_recv_frame(sock))
+            answer, conn_id, instance = P.decode_ack(_recv_frame(sock))
             if not hmac.compare_digest(answer, P.digest(authkey, mine)):
                 raise P.ProtocolError("the supervisor does not know the key")
         except (OSError, EOFError, P.ProtocolError) as exc:
@@ -77,6 +77,7 @@ class Channel:
         sock.settimeout(None)
         set_socket_timeouts(sock, READ_SLICE, timeout)
         self.conn_id = conn_id
+        self.instance = instance  # which run of the supervisor this channel reaches
         self.timeout = timeout
         self._sock = sock
         self._send_lock = threading.Lock()

@@ -178,13 +178,13 @@ class Client:
         return self._attach(name, "token", "copy", blob)
 
     def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None) -> SharedPool:
-        pool_id, transfer, timeout = self._call("create", name, kind, transfer, blob)
+        pool_id, transfer, timeout, instance = self._call("create", name, kind, transfer, blob)
         with self._lock:
             known = self._pools.get(name)
             if known is not None and known.transfer == transfer:
-                known._learn(self._chan, pool_id, timeout, kind, blob)
+                known._learn(instance, pool_id, timeout, kind, blob)
                 return known
-            pool = SharedPool(self, name, pool_id, transfer, timeout, kind, blob)
+            pool = SharedPool(self, name, (instance, pool_id), transfer, timeout, kind, blob)
             self._pools[name] = pool
             return pool
 
@@ -249,35 +249,41 @@ class SharedPool(Lender):
     It pickles as (address, key, name) and reconnects wherever it is unpickled.
     """
 
-    def __init__(self, client: Client, name: str, pool_id: int, transfer: str,
+    def __init__(self, client: Client, name: str, where: tuple[int, int], transfer: str,
                  timeout: float | None, kind: str, blob: bytes | None) -> None:
         self._client = client
         self.name = name
         self.transfer = transfer
         self._lock = threading.Lock()
-        self._learn(client._chan, pool_id, timeout, kind, blob)
+        self._learn(*where, timeout, kind, blob)
 
-    def _learn(self, chan: Channel | None, pool_id: int, timeout: float | None, kind: str,
+    def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
                blob: bytes | None) -> None:
-        """Where this pool is now, and how to create it again after a restart."""
+        """Where this pool is now (its id on that run of the supervisor), and how to create
+        it again after a restart."""
+        self._instance = instance
         self._id = pool_id
-        self._chan = chan  # the channel pool_id is valid on (None: any, not yet opened)
         self._timeout = timeout
         self._kind = kind
         if blob is not None or not hasattr(self, "_blob"):
             self._blob = blob
 
     def _mp_route(self) -> tuple[Channel, int]:
-        """The channel to use and this pool's id there, re-creating the pool after a restart."""
-        chan = self._client.channel()
-        if self._chan is not chan:
-            if self._chan is None:
-                self._chan = chan
-            else:
-                pool_id, _, timeout = self._client._call("create", self.name, self._kind,
-                                                         self.transfer, self._blob)
-                self._learn(chan, pool_id, timeout, self._kind, None)
-        return chan, self._id
+        """The channel to use and this pool's id on the supervisor it reaches: after a
+        restart, the pool is created again there from the options it was created with."""
+        for _ in range(3):
+            chan = self._client.channel()
+            if chan.instance == self._instance:
+                return chan, self._id
+            pool_id, _, timeout, instance = self._client._call(
+                "create", self.name, self._kind, self.transfer, self._blob)
+            self._learn(instance, pool_id, timeout, self._kind, None)
+            if instance != chan.instance:
+                # The control plane reached a newer run than our channel: that channel's
+                # supervisor is gone. Open a new one and look again.
+                chan.close()
+        raise ServerUnavailable(f"pool {self.name!r}: the supervisor at "
+                                f"{display(self._client.address)} keeps restarting")
 
     @property
     def _held(self) -> dict[int, tuple[Any, int, Channel, int]]:

@@ -314,11 +314,15 @@ def encode_granted_proxy(rid: int, lease: int) -> bytes:
 # key (a pickle can run code). Mutual: each side answers the other's nonce.
 #   supervisor -> client  b"N" nonce(32)
 #   client -> supervisor  b"H" hmac(key, nonce)(32) client_nonce(32) pid start_time host
-#   supervisor -> client  b"A" hmac(key, client_nonce)(32) conn_id
+#   supervisor -> client  b"A" hmac(key, client_nonce)(32) conn_id instance
+#
+# ``instance`` names this run of the supervisor (random at start): pool ids are valid only on
+# the instance that issued them, and a client that reconnects to a restarted supervisor at
+# the same address learns so from it.
 
 NONCE_SIZE = 32
 _HELLO = struct.Struct("!c32s32sId")
-_ACK = struct.Struct("!c32sQ")
+_ACK = struct.Struct("!c32sQQ")
 
 
 def new_nonce() -> bytes:
@@ -352,12 +356,12 @@ def decode_hello(payload: Any) -> tuple[bytes, bytes, int, float, str]:
     return answer, client_nonce, pid, start, bytes(payload[_HELLO.size:]).decode(errors="replace")
 
 
-def encode_ack(answer: bytes, conn_id: int) -> bytes:
-    return frame(_ACK.pack(b"A", answer, conn_id))
+def encode_ack(answer: bytes, conn_id: int, instance: int) -> bytes:
+    return frame(_ACK.pack(b"A", answer, conn_id, instance))
 
 
-def decode_ack(payload: bytes) -> tuple[bytes, int]:
+def decode_ack(payload: bytes) -> tuple[bytes, int, int]:
     if len(payload) != _ACK.size or payload[:1] != b"A":
         raise ProtocolError("not a handshake acknowledgement")
-    _, answer, conn_id = _ACK.unpack(payload)
-    return answer, conn_id
+    _, answer, conn_id, instance = _ACK.unpack(payload)
+    return answer, conn_id, instance

@@ -177,7 +177,7 @@ class RawLease:
             nonce = P.decode_nonce(_recv_frame(self.sock))
             self.sock.sendall(P.encode_hello(P.digest(client.authkey, nonce), P.new_nonce(),
                                              os.getpid() if pid is None else pid, start, host))
-            _, self.conn_id = P.decode_ack(_recv_frame(self.sock))
+            _, self.conn_id, _ = P.decode_ack(_recv_frame(self.sock))
         self.reader = P.FrameReader(1 << 30)
         self.frames: list[Any] = []
 

@@ -147,7 +147,7 @@ class Hostile:
             mine = P.new_nonce()
             self.sock.sendall(P.encode_hello(P.digest(w.authkey, nonce), mine, os.getpid(),
                                              0.0, "fuzz"))
-            answer, self.conn_id = P.decode_ack(self._read_frame(P.MAX_HANDSHAKE))
+            answer, self.conn_id, _ = P.decode_ack(self._read_frame(P.MAX_HANDSHAKE))
             assert answer == P.digest(w.authkey, mine)
 
     @property

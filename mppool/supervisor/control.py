@@ -34,10 +34,11 @@ class Control:
 
     @pack_errors
     def create(self, name: str, kind: str, transfer: str,
-               blob: bytes | None) -> tuple[int, str, float | None]:
-        """(pool id, transfer, the pool's default timeout) of a pool created or attached."""
+               blob: bytes | None) -> tuple[int, str, float | None, int]:
+        """(pool id, transfer, the pool's default timeout, this supervisor's instance) of a
+        pool created or attached."""
         pool_id, transfer, _ = self._sup.create(name, kind, transfer, blob)
-        return pool_id, transfer, self._sup.by_id[pool_id].pool.timeout
+        return pool_id, transfer, self._sup.by_id[pool_id].pool.timeout, self._sup.instance
 
     @pack_errors
     def stats(self, name: str | None = None) -> dict[str, Any]:

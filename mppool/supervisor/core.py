@@ -15,6 +15,7 @@ user code, which may hang for ever.
 from __future__ import annotations
 
 import os
+import secrets
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,6 +36,9 @@ class Supervisor:
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         self.address = address
         self.clock = clock
+        # This run of the supervisor: pool ids mean something only on the run that issued
+        # them, and a client reconnecting to a restart at the same address must know.
+        self.instance = secrets.randbits(63) or 1
         self.sched = Scheduler(clock, workers=2, name="mppool-hk")
         self.registry = Registry(clock, self.sched)
         self.by_id = self.registry.by_id  # read by the lease loop on the hot path

@@ -381,7 +381,8 @@ class LeaseLoop:
         conn.holder = peer_holder(conn.sock, pid, start, host, conn.id)
         conn.reader.limit = self.max_message
         self.handshaking -= 1
-        conn.send_raw(P.encode_ack(P.digest(self.authkey, client_nonce), conn.id))
+        conn.send_raw(P.encode_ack(P.digest(self.authkey, client_nonce), conn.id,
+                                   self.sup.instance))
 
     def flush(self, conn: Conn) -> None:
         with conn.wlock:
