@@ -9,14 +9,12 @@ configuration error.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
 import socket
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,18 +29,13 @@ from rich.text import Text
 
 from .address import Address, default_address, display, key_path, parse_address, parse_authkey, server_authkey
 from .autostart import lock_path
-from .client import _POOL_OPTIONS, Client, _TokenMaker, connect
+from .client import Client, connect
+from .config import ConfigError, load_config
 from .demo import POOL_NAME, Demo, DemoResult, KillReport
 from .errors import PoolException, ServerUnavailable
-from .pool import Pool
-from .pools import Token
-from .supervisor import TRANSFERS, serve
-from .validate import check_int
+from .supervisor import serve
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-HOOKS = ("opener", "getter", "retter", "closer", "health", "stats", "tracer")
-KINDS = ("pool", "token")
-TOKEN_KEYS = frozenset(("kind", "max_size"))
 MAX_HOLDER_ROWS = 40
 
 
@@ -54,9 +47,6 @@ class CliError(Exception):
         self.status = status
 
 
-class ConfigError(CliError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_USAGE)
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -311,93 +301,6 @@ def cmd_top(ns: argparse.Namespace, out: Console, err: Console) -> int:
 # ------------------------------------------------------------------------------ serve
 
 
-def _import_path(where: str, key: str, value: Any) -> Callable[..., Any]:
-    if not isinstance(value, str) or value.count(":") != 1:
-        raise ConfigError(f"{where}: {key} must be an import path \"module:attribute\", got {value!r}")
-    modname, _, attr = value.partition(":")
-    if not modname or not attr:
-        raise ConfigError(f"{where}: {key} must be an import path \"module:attribute\", got {value!r}")
-    try:
-        obj: Any = importlib.import_module(modname)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: {key} = {value!r}: cannot import module {modname!r}: {exc}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{where}: {key} = {value!r}: {modname!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise ConfigError(f"{where}: {key} = {value!r} is not callable")
-    return obj
-
-
-def _check_keys(where: str, spec: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        keys = ", ".join(repr(k) for k in unknown)
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {keys} for {what} "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-
-
-def _pool_options(where: str, spec: Any) -> dict[str, Any]:
-    """One ``[pools.NAME]`` table as ``supervisor.serve`` takes it, fully validated."""
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: must be a table, got {spec!r}")
-    kind = spec.get("kind", "pool")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    if kind == "token":
-        _check_keys(where, spec, TOKEN_KEYS, "a token pool")
-        try:
-            max_size = check_int("max_size", spec.get("max_size", 4), minimum=1)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        # Exactly what client.token_pool() sends, so that clients can attach to it by name.
-        return {"kind": "token", "fun": _TokenMaker(Token), "max_size": max_size, "min_size": 0}
-    _check_keys(where, spec, _POOL_OPTIONS | {"kind", "transfer", "fun"}, "a pool")
-    transfer = spec.get("transfer", "copy")
-    if transfer not in TRANSFERS:
-        raise ConfigError(f"{where}: transfer must be one of {', '.join(map(repr, TRANSFERS))}, "
-                          f"got {transfer!r}")
-    if "fun" not in spec:
-        raise ConfigError(f"{where}: missing key 'fun' (an import path \"module:function\" that "
-                          "creates an object)")
-    opts = {k: v for k, v in spec.items() if k not in ("kind", "transfer")}
-    for key in ("fun", *HOOKS):
-        if key in opts:
-            opts[key] = _import_path(where, key, opts[key])
-    try:
-        min_size = check_int("min_size", opts.get("min_size", 1))
-        max_size = opts.get("max_size", 0)
-        if isinstance(max_size, int) and max_size and min_size > max_size:
-            raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
-        # A trial pool checks every option exactly as the supervisor will; min_size=0 so that
-        # fun is not called here.
-        Pool(**dict(opts, min_size=0)).shutdown()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return {"kind": "pool", "transfer": transfer, **opts}
-
-
-def load_config(path: Path) -> dict[str, dict[str, Any]]:
-    """Pools declared in a TOML file: ``[pools.NAME]`` tables; ConfigError names what is wrong."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"pools"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))} "
-                          "(expected only [pools.NAME] tables)")
-    pools = data.get("pools", {})
-    if not isinstance(pools, dict):
-        raise ConfigError(f"{path}: 'pools' must be a table of [pools.NAME] tables")
-    return {name: _pool_options(f"{path}: pool {name!r}", spec) for name, spec in pools.items()}
-
-
 def _listening(address: Address) -> bool:
     """Something accepts connections at this unix socket (whatever its key)."""
     if not isinstance(address, str) or not os.path.exists(address):
@@ -416,7 +319,10 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     # add it, so that fun = "mymodule:make" in the config finds mymodule, as gunicorn does.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    pools = load_config(ns.config) if ns.config is not None else {}
+    try:
+        pools = load_config(ns.config) if ns.config is not None else {}
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     address: Address = ns.address if ns.address is not None else default_address()
     if isinstance(address, str) and not Path(address).parent.is_dir():
         raise CliError(f"cannot serve on {address}: directory {str(Path(address).parent)!r} does not exist")

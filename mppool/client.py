@@ -39,17 +39,12 @@ from .channel import Channel
 from .control import ControlConnection
 from .errors import ServerUnavailable, TimeOut
 from .lender import Lender
+from .options import POOL_OPTIONS, token_pool_options
 from .proxy import ObjectProxy
 from .validate import check_delay, check_int
 
 log = logging.getLogger("mppool")
 
-POOL_OPTIONS = frozenset([
-    "max_size", "min_size", "timeout", "max_use", "max_avail_delay", "max_using_delay",
-    "max_using_delay_kill", "health_freq", "delay", "opener", "getter", "retter", "closer",
-    "health", "stats", "tracer", "log_level", "max_lifetime", "kill_holder",
-])
-_POOL_OPTIONS = POOL_OPTIONS  # the command line's name for it
 # A get(timeout=t) waits for the supervisor's answer up to t plus this: past it, the
 # supervisor is taken to be frozen and the get raises TimeOut.
 GRACE = 1.0
@@ -166,15 +161,13 @@ class Client:
         Without ``max_size`` an existing token pool is attached whatever its size (a new one
         gets 4); with it, an existing pool of another size raises ValueError.
         """
-        from .pools import Token
-
         check_int("max_size", max_size, minimum=1)
         if max_size is _DEFAULT_TOKENS:
             try:
                 return self._attach(name, "token", "copy", None)
             except ValueError:
                 pass  # no such pool yet: create it with the default size
-        blob = dill.dumps({"fun": _TokenMaker(Token), "max_size": int(max_size), "min_size": 0})
+        blob = dill.dumps(token_pool_options(max_size))
         return self._attach(name, "token", "copy", blob)
 
     def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None) -> SharedPool:
@@ -231,16 +224,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<mppool.Client {display(self.address)}>"
-
-
-class _TokenMaker:
-    """Picklable ``fun`` for token pools."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    def __call__(self, i: int) -> Any:
-        return self.cls()
 
 
 class SharedPool(Lender):

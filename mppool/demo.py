@@ -220,7 +220,6 @@ class Demo:
         self._errors: list[str] = []
         self._kill: KillReport | None = None
         self._fates: dict[int, str] = {}
-        self._private_dir: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,8 +237,6 @@ class Demo:
     def start(self) -> None:
         """Start the supervisor and the workers; return once every worker is connected."""
         self.server = Server(self._address, self._authkey).start()
-        if self._address is None and isinstance(self.server.address, str):
-            self._private_dir = os.path.dirname(self.server.address)
         self._client = self.server.client()
         self._pool = self._client.token_pool(POOL_NAME, self.budget)
         # spawn: fresh interpreters inherit none of this process's threads, locks or sockets,
@@ -368,7 +365,3 @@ class Demo:
             self._client = None
         if self.server is not None:
             self.server.shutdown()
-        if self._private_dir is not None:
-            # Server() made this directory for its socket, and shutdown() leaves it behind.
-            with contextlib.suppress(OSError):
-                os.rmdir(self._private_dir)  # only if empty: never anyone else's files

@@ -37,8 +37,8 @@ class Control:
                blob: bytes | None) -> tuple[int, str, float | None, int]:
         """(pool id, transfer, the pool's default timeout, this supervisor's instance) of a
         pool created or attached."""
-        pool_id, transfer, _ = self._sup.create(name, kind, transfer, blob)
-        return pool_id, transfer, self._sup.by_id[pool_id].pool.timeout, self._sup.instance
+        rec = self._sup.create(name, kind, transfer, blob)
+        return rec.id, rec.transfer, rec.pool.timeout, self._sup.instance
 
     @pack_errors
     def stats(self, name: str | None = None) -> dict[str, Any]:

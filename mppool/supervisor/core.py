@@ -70,7 +70,7 @@ class Supervisor:
         return self.hosted_objects.submit(fn, *args)
 
     # what the control plane needs
-    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
+    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> Record:
         return self.registry.create(name, kind, transfer, blob)
 
     def get_record(self, name: str) -> Record:

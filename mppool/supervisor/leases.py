@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
 from ..errors import PoolClosed, ServerUnavailable, TimeOut
-from ..holder import Holder, peer_holder
+from ..holder import peer_holder
 from ..pool import CREATE, Entry
 from ..ratelog import RateLimitedLog
-from ..remote import PackedException, is_plain
+from ..remote import is_plain
 from .acceptor import FdReserve
+from .conn import Conn, RemoteWaiter
 
 if TYPE_CHECKING:
     from .core import Supervisor
@@ -80,82 +81,6 @@ class _Poller:
     def close(self) -> None:
         if self._epoll:
             self._p.close()
-
-
-class RemoteWaiter:
-    """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
-
-    __slots__ = ("conn", "done", "holder", "rec", "result", "rid", "since")
-
-    def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
-        self.conn = conn
-        self.rid = rid
-        self.rec = rec
-        self.holder = conn.holder
-        self.done = False
-        self.result: Any = None
-        self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
-
-    def set(self, result: Any) -> bool:
-        if self.done or self.conn.closed:
-            return False
-        self.done = True
-        self.result = result
-        # Under the pool lock: only record. The reply (hooks, pickling, and on failure a
-        # checkin that takes that same lock) is made by the loop once the lock is released.
-        self.conn.loop.call_soon(lambda: self.conn.loop.deliver(self, result))
-        return True
-
-    def cancel(self) -> bool:
-        if self.done:
-            return False
-        self.done = True
-        return True
-
-
-class Conn:
-    """One client process's channel. ``send_raw`` may be called from any thread."""
-
-    def __init__(self, loop: LeaseLoop, sock: socket.socket, cid: int) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.id = cid
-        self.reader = P.FrameReader(P.MAX_HANDSHAKE)
-        self.wbuf = bytearray()
-        self.wlock = threading.Lock()
-        self.closed = False
-        self.nonce = P.new_nonce()
-        self.holder: Holder | None = None
-        self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
-        self.refused = 0  # puts and calls refused (somebody else's lease)
-        # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
-        # a client's sync() means "every put I sent has taken effect".
-        self.puts_running: set[Future[Any]] = set()
-
-    def send_raw(self, data: bytes) -> None:
-        with self.wlock:
-            if self.closed:
-                return
-            if self.wbuf:
-                self.wbuf += data
-                if len(self.wbuf) > self.loop.max_unread:
-                    self.loop.call_soon(lambda: self.loop.close(
-                        self, f"it left more than {self.loop.max_unread} bytes of replies unread"))
-                return
-            try:
-                n = self.sock.send(data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self.loop.call_soon(lambda: self.loop.close(self))
-                return
-            if n < len(data):
-                self.wbuf += data[n:]
-                self.loop.call_soon(lambda: self.loop.want_write(self))
-
-    def fail(self, rid: int, exc: BaseException) -> None:
-        self.send_raw(P.encode_reply(rid, P.ERR, PackedException(exc)))
 
 
 class LeaseLoop:
@@ -457,10 +382,7 @@ class LeaseLoop:
             conn.send_raw(P.encode_reply(msg.rid, P.OK, rec.pool.waiting() if rec else 0))
         elif isinstance(msg, P.Ping):
             self.ping(conn, msg.rid)
-        elif isinstance(msg, P.Get):
-            self.get(conn, msg.rid, msg.pool_id, msg.timeout)
-        elif isinstance(msg, P.Put):
-            self.put(conn, msg.pool_id, msg.lease, msg.discard)
+        # Get and Put never get here: read() decodes them in place, before anything else.
 
     def ping(self, conn: Conn, rid: int) -> None:
         reply = P.encode_reply(rid, P.OK, os.getpid())

@@ -26,13 +26,13 @@ import dill
 from ..clock import REAL_CLOCK, Clock
 from ..errors import PoolClosed
 from ..holder import Holder
+from ..options import TRANSFERS
 from ..pool import Entry, Pool
 from ..ratelog import RateLimitedLog
 from ..sched import HookExecutor, Scheduler
 
 log = logging.getLogger("mppool")
 
-TRANSFERS = ("copy", "proxy")
 POOL_THREADS = 4  # threads one pool's user code may occupy at most
 STOP_GRACE = 5.0  # how long stop() waits for the pools' closers before leaving them behind
 
@@ -156,7 +156,9 @@ class Registry:
         # Called with the holder of a lease killed with kill_holder=True (the watchdog's).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
 
-    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> tuple[int, str, bool]:
+    def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> Record:
+        """The pool ``name``, created from the dill-shipped options in ``blob`` unless it
+        exists (then ``blob``, if given, must describe it: ValueError otherwise)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if transfer not in TRANSFERS:
@@ -194,17 +196,17 @@ class Registry:
             return found if found is not None else self._raise_conflict(name)
         log.info("mppool: created %s pool %r (transfer=%s, max_size=%s)", kind, name, transfer,
                  options.get("max_size"))
-        return rec.id, rec.transfer, True
+        return rec
 
     def _existing(self, name: str, kind: str, transfer: str,
-                  fp: Any) -> tuple[int, str, bool] | None:
+                  fp: Any) -> Record | None:
         """Under the lock: attach to ``name`` if it exists (ValueError if options differ)."""
         rec = self.records.get(name)
         if rec is None:
             return None
         if fp is not None and (rec.kind != kind or rec.transfer != transfer or rec.fingerprint != fp):
             self._raise_conflict(name)
-        return rec.id, rec.transfer, False
+        return rec
 
     @staticmethod
     def _raise_conflict(name: str) -> Any:

@@ -1,0 +1,105 @@
+"""One client connection as the lease loop sees it, and a get it has queued in a pool.
+
+A ``Conn`` is a client process: its socket, its read buffer (a `protocol.FrameReader` capped
+at 4 KiB until the key is proved, ``max_message`` after), its unread replies (capped at
+``max_unread``: past that the client is cut off), its holder (pid and start time, from the
+kernel on unix sockets) and the proxied sub-objects (cursors) it holds. ``send_raw`` may be
+called from any thread; everything else runs on the loop's thread.
+
+A ``RemoteWaiter`` is a get that found nothing: an entry in the pool's FIFO queue, tied to its
+connection, whose ``set()`` (under the pool lock) only records the result and asks the loop to
+deliver it, and returns False once the connection is gone, so a unit is never handed to a
+client that left.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol as P
+from ..holder import Holder
+from ..remote import PackedException
+
+if TYPE_CHECKING:
+    import socket
+
+    from .leases import LeaseLoop
+    from .registry import Record
+
+
+class RemoteWaiter:
+    """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
+
+    __slots__ = ("conn", "done", "holder", "rec", "result", "rid", "since")
+
+    def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.rec = rec
+        self.holder = conn.holder
+        self.done = False
+        self.result: Any = None
+        self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
+
+    def set(self, result: Any) -> bool:
+        if self.done or self.conn.closed:
+            return False
+        self.done = True
+        self.result = result
+        # Under the pool lock: only record. The reply (hooks, pickling, and on failure a
+        # checkin that takes that same lock) is made by the loop once the lock is released.
+        self.conn.loop.call_soon(lambda: self.conn.loop.deliver(self, result))
+        return True
+
+    def cancel(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        return True
+
+
+class Conn:
+    """One client process's channel. ``send_raw`` may be called from any thread."""
+
+    def __init__(self, loop: LeaseLoop, sock: socket.socket, cid: int) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.id = cid
+        self.reader = P.FrameReader(P.MAX_HANDSHAKE)
+        self.wbuf = bytearray()
+        self.wlock = threading.Lock()
+        self.closed = False
+        self.nonce = P.new_nonce()
+        self.holder: Holder | None = None
+        self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
+        self.refused = 0  # puts and calls refused (somebody else's lease)
+        # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
+        # a client's sync() means "every put I sent has taken effect".
+        self.puts_running: set[Future[Any]] = set()
+
+    def send_raw(self, data: bytes) -> None:
+        with self.wlock:
+            if self.closed:
+                return
+            if self.wbuf:
+                self.wbuf += data
+                if len(self.wbuf) > self.loop.max_unread:
+                    self.loop.call_soon(lambda: self.loop.close(
+                        self, f"it left more than {self.loop.max_unread} bytes of replies unread"))
+                return
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.loop.call_soon(lambda: self.loop.close(self))
+                return
+            if n < len(data):
+                self.wbuf += data[n:]
+                self.loop.call_soon(lambda: self.loop.want_write(self))
+
+    def fail(self, rid: int, exc: BaseException) -> None:
+        self.send_raw(P.encode_reply(rid, P.ERR, PackedException(exc)))
