@@ -58,11 +58,11 @@ class Record:
     executor first, since the pool needs it as its runner.
     """
 
-    def __init__(self, name: str, pid: int, pool: Pool, transfer: str, kind: str,
+    def __init__(self, name: str, pool_id: int, pool: Pool, transfer: str, kind: str,
                  fingerprint: Any, options: dict[str, Any],
                  executor: HookExecutor | None = None) -> None:
         self.name = name
-        self.id = pid
+        self.id = pool_id  # what the lease channel names the pool by
         self.pool = pool
         self.transfer = transfer
         self.kind = kind
