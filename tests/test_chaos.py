@@ -95,6 +95,15 @@ class Chaos:
         self.server = srv
         self.counts["restarts"] += 1
 
+    def settle(self) -> None:
+        """Two lease-loop round trips: everything any client sent before is handled."""
+        try:
+            tokens = self.client.token_pool("chaos-t")
+            tokens.waiting()
+            tokens.waiting()
+        except mppool.PoolException:
+            pass  # the supervisor is down: the sample says so
+
     def stats(self) -> dict[str, Any] | None:
         """All pools' stats from the parent's client; None while the supervisor is down.
 
@@ -163,6 +172,10 @@ class Chaos:
         # What it held at the last sample may have been returned since; what it holds once
         # stopped (sampled now) it must keep until continued.
         wait_until(lambda: _stopped(pid), timeout=5, what=f"worker {pid} to stop")
+        # A put the worker sent just before it stopped may still be in the supervisor's
+        # socket buffer. Two round trips through the lease loop settle it: the second one is
+        # read in a later epoll round than the worker's bytes, which were already there.
+        self.settle()
         sample = self.stats()
         leases = self.holders(sample).get(pid, set()) if sample else set()
         self.stopped[pid] = (self.generation, leases)

@@ -347,8 +347,13 @@ def chaos_restart_worker(address: str, authkey: bytes, slot: int, cycles: Any, m
     while True:
         try:
             if client is None:
-                client = mppool.connect(address, authkey, timeout=2)
-                pools = chaos_pools(client)
+                fresh_client = mppool.connect(address, authkey, timeout=2)
+                try:
+                    pools = chaos_pools(fresh_client)  # may fail: the supervisor just died
+                except BaseException:
+                    fresh_client.close()
+                    raise
+                client = fresh_client
             pool = rnd.choice(pools)
             obj = pool.get(timeout=rnd.choice([0.05, 0.3, 1.0]))
             if rnd.random() < 0.7:
