@@ -219,3 +219,22 @@ class RawLease:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def stop_pid(pid: int) -> None:
+    """Stop a supervisor this test started (detached, so not our child), by its pid:
+    SIGTERM, then SIGKILL."""
+    import signal
+
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    except psutil.NoSuchProcess:
+        pass

@@ -335,6 +335,18 @@ def call_threads() -> Iterator[list[threading.Thread]]:
     assert not any(t.is_alive() for t in threads)
 
 
+def _assert_other_pool_kills(client: Any, call_threads: list[threading.Thread]) -> Any:
+    """A healthy pool next to stuck ones: its lease is killed within its delay (0.3 s) plus
+    one housekeeping period. Returns that pool."""
+    other = client.pool("other", lambda i: i, max_size=1, max_using_delay_kill=0.3)
+    other.get(timeout=5)
+    t0 = time.monotonic()
+    wait_until(lambda: _call_within(lambda: other.stats()["nkilled"], 5, call_threads) == 1,
+               timeout=5, what="the lease kill of the other pool")
+    assert time.monotonic() - t0 < 0.3 + 1.0
+    return other
+
+
 def _stuck_pools(client: Any, n: int, release: str, hook: str, **opts: Any) -> list[Any]:
     """n pools whose ``hook`` hangs until the test creates ``release`` (at most 60 s)."""
     from hang import wait_for_file
@@ -363,12 +375,7 @@ def test_hung_closers_do_not_stop_kills_or_the_watchdog(client: Any, procs: list
         # Four or more closers hanging held every thread of the old shared scheduler.
         wait_until(lambda: sum(p.stats()["nrecycled"] >= 1 for p in stuck) >= 4, timeout=5,
                    what="closers of the stuck pools to start")
-        other = client.pool("other", lambda i: i, max_size=1, max_using_delay_kill=0.3)
-        other.get(timeout=5)
-        t0 = time.monotonic()
-        wait_until(lambda: _call_within(lambda: other.stats()["nkilled"], 5, call_threads) == 1,
-                   timeout=5, what="the lease kill of the other pool")
-        assert time.monotonic() - t0 < 0.3 + 1.0
+        other = _assert_other_pool_kills(client, call_threads)
         assert _call_within(lambda: other.get(timeout=2), 5, call_threads) == 1
         other.ret(1)
         # The watchdog scan (its own thread) still sees a holder die whose socket lives on.
@@ -400,12 +407,7 @@ def test_hung_health_checks_do_not_delay_other_kills(client: Any, tmp_path: Any,
             p.ret(p.get(timeout=5))
         wait_until(lambda: sum(p.stats()["nhealth"] >= 1 for p in stuck) >= 4, timeout=5,
                    what="health checks of the stuck pools to start")
-        other = client.pool("other", lambda i: i, max_size=1, max_using_delay_kill=0.3)
-        other.get(timeout=5)
-        t0 = time.monotonic()
-        wait_until(lambda: _call_within(lambda: other.stats()["nkilled"], 5, call_threads) == 1,
-                   timeout=5, what="the lease kill of the other pool")
-        assert time.monotonic() - t0 < 0.3 + 1.0
+        _assert_other_pool_kills(client, call_threads)
     finally:
         open(release, "w").close()
 

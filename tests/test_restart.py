@@ -11,9 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import wait_until
+from helpers import stop_pid, wait_until
 
 import mppool
 
@@ -25,20 +24,6 @@ def sockdir(tmp_path: Path) -> Path:
     d = tmp_path / "s"  # unix socket paths must stay short; tmp_path is private (0700)
     d.mkdir(mode=0o700)
     return d
-
-
-def stop_pid(pid: int) -> None:
-    """Stop a supervisor this test started, by its pid: SIGTERM, then SIGKILL."""
-    try:
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    except psutil.NoSuchProcess:
-        pass
 
 
 def test_start_takes_over_the_leftovers_of_a_killed_supervisor(sockdir: Path) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import stop_pid
 
 import mppool
 from mppool.address import UnsafeDirectory, parse_authkey, runtime_dir, write_key
@@ -137,17 +137,3 @@ def test_the_key_is_not_on_the_supervisors_command_line(private: Path) -> None:
         assert key.hex() not in cmdline
     finally:
         stop_pid(srv.pid)
-
-
-def stop_pid(pid: int) -> None:
-    """Stop a detached supervisor this test started, by its pid: SIGTERM, then SIGKILL."""
-    try:
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    except psutil.NoSuchProcess:
-        pass
