@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -121,18 +122,8 @@ def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
         assert budget.stats()["nusing"] + budget.free() == 2
         client.close()
     finally:
-        children = arbiter.children(recursive=True) if arbiter.is_running() else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _stop_gunicorn(proc, arbiter, wait=30)
         proc.stderr.close()
-        _, alive = psutil.wait_procs(children, timeout=15)
-        for p in alive:  # processes this test started, by pid
-            p.kill()
-        assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
     assert not os.path.exists(address)
 
 
@@ -181,15 +172,20 @@ def test_gunicorn_restarts_a_supervisor_that_died(tmp_path):
         assert Path(address + ".key").read_text() == key  # same key: the workers' env still holds
         assert "restarted it as pid " + second in logfile.read_text()
     finally:
-        children = arbiter.children(recursive=True) if arbiter.is_running() else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        _, alive = psutil.wait_procs(children, timeout=10)
-        for p in alive:  # processes this test started, by pid
-            p.kill()
-        assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
+        _stop_gunicorn(proc, arbiter, wait=20)
     assert not os.path.exists(address)
+
+
+def _stop_gunicorn(proc: Any, arbiter: psutil.Process, wait: float) -> None:
+    """SIGTERM the gunicorn this test started and check nothing it started is left."""
+    children = arbiter.children(recursive=True) if arbiter.is_running() else []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    _, alive = psutil.wait_procs(children, timeout=wait / 2)
+    for p in alive:  # processes this test started, by pid
+        p.kill()
+    assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
