@@ -263,10 +263,10 @@ def test_a_reader_hands_over_while_others_keep_waiting(fakes: Callable[..., Fake
     and one of those still waiting must take the reading over, or nobody reads again."""
     fake = fakes()
     chan = channels(fake)
-    boxes = [runner.start(lambda: ping(chan, time.monotonic() + 10)) for _ in range(4)]
-    rids = [fake.next_request().rid for _ in range(4)]  # type: ignore[union-attr]
+    boxes = [runner.start(lambda: ping(chan, time.monotonic() + 10)) for _ in range(3)]
+    rids = [fake.next_request().rid for _ in range(3)]  # type: ignore[union-attr]
     for rid in rids:
-        time.sleep(READ_SLICE * 1.5)  # let the leader leave and the next one take over
+        time.sleep(READ_SLICE * 1.2)  # let the leader leave and the next one take over
         fake.send(P.encode_reply(rid, P.OK, rid))
         wait_until(lambda r=rid: any(b.get("result", (0,))[0] == r for b in boxes),
                    what=f"reply {rid} delivered")
@@ -283,9 +283,9 @@ def test_no_answer_by_the_deadline_raises_timeout(fakes: Callable[..., FakeSuper
     chan = channels(fake)
     t0 = time.monotonic()
     with pytest.raises(TimeOut):
-        ping(chan, t0 + 0.3)
+        ping(chan, t0 + 0.2)
     elapsed = time.monotonic() - t0
-    assert 0.3 <= elapsed < 0.3 + READ_SLICE + 1.0, elapsed
+    assert 0.2 <= elapsed < 0.2 + READ_SLICE + 1.0, elapsed
     assert isinstance(fake.next_request(), P.Ping)  # it was sent, just never answered
     assert chan.broken is None  # a timeout does not break the channel
 
@@ -408,12 +408,14 @@ def test_post_to_a_supervisor_that_stopped_reading_fails_within_the_timeout(
     """SO_SNDTIMEO is the client's timeout: a supervisor that never reads fills the socket's
     buffers, and post() then fails with ServerUnavailable instead of blocking for ever."""
     fake = fakes(read=False)
-    chan = channels(fake, timeout=0.5)
+    chan = channels(fake, timeout=0.3)
     big = P.frame(bytes(8 << 20))  # far more than the socket buffers of both ends hold
     t0 = time.monotonic()
     box = runner.start(lambda: chan.post(big))
     runner.join_all(10)
     elapsed = time.monotonic() - t0
     assert isinstance(box.get("error"), ServerUnavailable), box
-    assert 0.5 <= elapsed < 3.0, elapsed
+    # Up to twice the timeout: the send that fills the buffers waits once, returns what it
+    # wrote, and the next one waits again before failing.
+    assert 0.3 <= elapsed < 2.5, elapsed
     assert chan.broken

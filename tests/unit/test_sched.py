@@ -61,7 +61,7 @@ class Log:
 
 def settle() -> None:
     """Real time for a worker to run something it should not: a negative check."""
-    time.sleep(0.1)
+    time.sleep(0.05)
 
 
 def test_a_task_runs_once_it_is_due_on_the_fake_clock(clock: FakeClock,
