@@ -67,7 +67,7 @@ class AsyncClient:
         self._autostart = autostart
         self._control = AsyncControl(address, authkey, timeout)
         self._chan: AsyncChannel | None = None
-        self._chan_lock: asyncio.Lock | None = None
+        self._opening: asyncio.Task[AsyncChannel] | None = None
         self._pools: weakref.WeakValueDictionary[str, AsyncSharedPool] = \
             weakref.WeakValueDictionary()
         # pool name -> id(obj) -> (obj, lease, channel, pool id): what this process holds.
@@ -95,30 +95,42 @@ class AsyncClient:
         return await self._control.call(method, *args)
 
     async def channel(self) -> AsyncChannel:
-        """This process's lease channel; a new one once the old one broke (a restart)."""
+        """This process's lease channel; a new one once the old one broke (a restart).
+
+        The opening runs in a task of its own, shielded: a get cancelled while the channel
+        is being opened does not abort the opening that every other task waits for.
+        """
         chan = self._chan
         if chan is not None and not chan.broken:
             return chan
-        if self._chan_lock is None:
-            self._chan_lock = asyncio.Lock()
-        async with self._chan_lock:
-            if self._closed:
-                raise ServerUnavailable("client is closed")
-            if self._chan is None or self._chan.broken:
-                old, self._chan = self._chan, None
-                if old is not None:
-                    await old.close()
-                info = await self._call("info")
-                self._chan = await AsyncChannel.open(info["lease_address"], self.authkey,
-                                                     self._timeout)
-            return self._chan
+        if self._closed:
+            raise ServerUnavailable("client is closed")
+        opening = self._opening
+        if opening is None or opening.done():
+            opening = self._opening = asyncio.get_running_loop().create_task(self._open())
+            # Its failure is told to whoever awaits it; if every one of them was cancelled,
+            # nobody is left to, and that is no error.
+            opening.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(opening)
+
+    async def _open(self) -> AsyncChannel:
+        old, self._chan = self._chan, None
+        if old is not None:
+            await old.close()
+        info = await self._call("info")
+        chan = await AsyncChannel.open(info["lease_address"], self.authkey, self._timeout)
+        if self._closed:
+            await chan.close()
+            raise ServerUnavailable("client is closed")
+        self._chan = chan
+        return chan
 
     def _forked(self) -> None:
         """In a child of a bare fork: forget the parent's connections, never close them."""
         if self._chan is not None:
             _forked_away.extend(self._chan.forget())
         self._chan = None
-        self._chan_lock = None
+        self._opening = None
         _forked_away.extend(self._control.forget())
         self._held = {}
         self._pid = os.getpid()
@@ -183,6 +195,11 @@ class AsyncClient:
     async def close(self) -> None:
         """Close this client; leases it still holds go back to their pools."""
         self._closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
         chan, self._chan = self._chan, None
         if chan is not None:
             await chan.close()
