@@ -432,7 +432,7 @@ class LeaseLoop:
             waiter.done = True
             self.create(waiter)
         else:  # queued: the client may withdraw it, and its deadline is ours to keep
-            conn.waiters[rid] = got
+            conn.waiters[rid] = got  # type: ignore[assignment]  # the waiter made above
             if timeout is not None:
                 self.at(self.sup.clock.now() + timeout, 0, got)
 
