@@ -430,3 +430,35 @@ def test_sync_and_async_clients_and_a_bare_fork(server):
         run(main())
     finally:
         sync_client.close()
+
+
+# ------------------------------------------------------------------------ the Cancel message
+
+
+def test_cancel_message_is_validated():
+    from mppool import protocol as P
+
+    payload = P.encode_cancel(5)[P.HEADER.size:]
+    assert P.decode_request(payload) == P.Cancel(5)
+    import pickle
+
+    for bad in ((P.CANCEL, 0), (P.CANCEL, -1), (P.CANCEL, "x"), (P.CANCEL, 1, 2)):
+        with pytest.raises(P.ProtocolError):
+            P.decode_request(pickle.dumps(bad, protocol=5))
+
+
+def test_cancel_of_an_unknown_or_served_get_changes_nothing(server):
+    from mppool import protocol as P
+
+    async def main() -> None:
+        async with await mppool.aio.connect(server.address, server.authkey) as client:
+            pool = await client.pool("unk", make, max_size=1)
+            chan = await client.channel()
+            held = await pool.get()
+            chan.post(P.encode_cancel(987654))  # nobody's get
+            chan.post(P.encode_cancel(chan.next_rid() - 1))  # a get already served
+            await check_balance(pool, [held], 1)
+            await pool.ret(held)
+            await check_balance(pool, [], 1)
+
+    run(main())
