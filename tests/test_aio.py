@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -263,15 +264,20 @@ def test_cancellation_chaos(server):
 
 
 def test_nothing_blocks_the_event_loop(server, caplog):
-    """8 tasks hammer a pool; asyncio's debug mode logs any callback over 20 ms, and a
-    heartbeat task measures how late the loop runs it."""
+    """8 tasks hammer a pool; asyncio's debug mode logs every callback over 5 ms, and none
+    may take 20 ms. A heartbeat task measures how late the loop runs it.
+
+    Durations are wall time, so a process preempted by a busy machine (the suite runs in
+    parallel on few cores) looks stalled too: a run with a slow callback is measured again,
+    up to three times. A call that blocks the loop is slow every time; preemption is not.
+    """
 
     async def main() -> tuple[float, int]:
         loop = asyncio.get_running_loop()
-        loop.slow_callback_duration = 0.02
+        loop.slow_callback_duration = 0.005
         async with await mppool.aio.connect(server.address, server.authkey) as client:
             pool = await client.pool("hammer", make, max_size=3)
-            stop = time.monotonic() + 2.0
+            stop = time.monotonic() + 1.5
             cycles = 0
             worst = 0.0
 
@@ -291,12 +297,24 @@ def test_nothing_blocks_the_event_loop(server, caplog):
             await asyncio.gather(heartbeat(), *(hammer() for _ in range(8)))
             return worst, cycles
 
-    with caplog.at_level(logging.WARNING, logger="asyncio"):
-        worst, cycles = run(main(), debug=True)
-    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
-    print(f"\nlargest loop stall (heartbeat): {worst * 1000:.1f} ms over {cycles} lease cycles")
+    took = re.compile(r" took (\d+\.\d+) seconds")
+    runs = []
+    for _ in range(3):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            worst, cycles = run(main(), debug=True)
+        durations = [float(m.group(1)) for r in caplog.records
+                     if (m := took.search(r.getMessage()))]
+        longest = max(durations, default=0.0)
+        runs.append((longest, worst, cycles))
+        if longest < 0.02:
+            break
+    longest, worst, cycles = runs[-1]
+    print(f"\nloop stalls: longest callback {longest * 1000:.1f} ms (0.0: none over 5 ms), "
+          f"heartbeat late by at most {worst * 1000:.1f} ms, over {cycles} lease cycles; "
+          f"runs: {runs}")
     assert cycles > 100
-    assert not slow, slow
+    assert longest < 0.02, f"a callback blocked the event loop in every run: {runs}"
 
 
 # ------------------------------------------------------------------------ processes
@@ -462,3 +480,22 @@ def test_cancel_of_an_unknown_or_served_get_changes_nothing(server):
             await check_balance(pool, [], 1)
 
     run(main())
+
+
+def test_a_client_belongs_to_its_event_loop(server):
+    async def first() -> tuple[mppool.aio.AsyncClient, AsyncSharedPool]:
+        client = await mppool.aio.connect(server.address, server.authkey)
+        return client, await client.pool("loop", make, max_size=1)
+
+    loop = asyncio.new_event_loop()
+    try:
+        client, pool = loop.run_until_complete(first())
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="another event loop"):
+                await pool.get()
+
+        asyncio.run(elsewhere())
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()

@@ -50,8 +50,8 @@ class AsyncChannel:
         self._broken: str | None = None
         self.unsynced = False  # puts sent whose effect this process has not yet observed
         self.late_returned = 0  # grants that arrived for a get nobody waited for any more
-        self._task = asyncio.get_running_loop().create_task(self._read_loop(),
-                                                            name="mppool-aio-reader")
+        self.loop = asyncio.get_running_loop()
+        self._task = self.loop.create_task(self._read_loop(), name="mppool-aio-reader")
 
     @classmethod
     async def open(cls, address: Address, authkey: bytes, timeout: float) -> AsyncChannel:

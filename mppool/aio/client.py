@@ -74,14 +74,25 @@ class AsyncClient:
         self._held: dict[str, dict[int, tuple[Any, int, AsyncChannel, int]]] = {}
         self._closed = False
         self._pid = os.getpid()
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound at first use
         _clients.add(self)
 
     # --------------------------------------------------------------- connections
+
+    def _check_loop(self) -> None:
+        """A client's streams belong to the event loop that made them."""
+        running = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = running
+        elif self._loop is not running:
+            raise RuntimeError(f"{self!r} belongs to another event loop: connect once per "
+                               "event loop")
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A control-plane call, after every put this process sent has taken effect."""
         if self._closed:
             raise ServerUnavailable("client is closed")
+        self._check_loop()
         chan = self._chan
         if chan is not None and chan.unsynced and not chan.broken:
             with contextlib.suppress(ServerUnavailable, TimeoutError):
@@ -102,7 +113,10 @@ class AsyncClient:
         """
         chan = self._chan
         if chan is not None and not chan.broken:
+            if chan.loop is not asyncio.get_running_loop():
+                self._check_loop()
             return chan
+        self._check_loop()
         if self._closed:
             raise ServerUnavailable("client is closed")
         opening = self._opening
@@ -134,6 +148,7 @@ class AsyncClient:
         _forked_away.extend(self._control.forget())
         self._held = {}
         self._pid = os.getpid()
+        self._loop = None  # the child runs an event loop of its own
 
     # --------------------------------------------------------------- public API
 
