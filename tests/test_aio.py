@@ -22,6 +22,7 @@ import pytest
 
 import mppool
 import mppool.aio
+import mppool.client
 from mppool.aio import AsyncSharedPool
 
 pytestmark = pytest.mark.slow
@@ -531,3 +532,87 @@ def test_a_client_belongs_to_its_event_loop(server):
         loop.run_until_complete(client.close())
     finally:
         loop.close()
+
+
+# ------------------------------------------------------------------------ starting, freezing
+
+
+def test_autostart_starts_one_supervisor(tmp_path):
+    import psutil
+
+    addr = str(tmp_path / "auto" / "s.sock")
+
+    async def main() -> int:
+        client = await mppool.aio.connect(addr, autostart=True)
+        async with client, await mppool.aio.connect(addr, autostart=True) as again:
+            pid = (await client.info())["pid"]
+            assert (await again.info())["pid"] == pid
+            pool = await client.pool("auto", make, max_size=1)
+            async with pool.obj(timeout=5) as o:
+                assert o == {"i": 0}
+            return pid
+
+    pid = run(main())
+    try:
+        assert pid != os.getpid()
+    finally:  # stop the detached supervisor this test started, by its pid
+        os.kill(pid, signal.SIGTERM)
+        if psutil.pid_exists(pid):
+            psutil.Process(pid).wait(10)
+
+
+def _async(pred: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return pred()
+
+    return check
+
+
+def test_a_frozen_supervisor_cannot_hang_a_task(tmp_path):
+    import psutil
+
+    srv = mppool.Server(str(tmp_path / "f.sock")).start()
+    try:
+        async def main() -> None:
+            async with await mppool.aio.connect(srv.address, srv.authkey,
+                                                timeout=0.5) as client:
+                pool = await client.pool("frozen", make, max_size=1)
+                held = await pool.get()
+                os.kill(srv.pid, signal.SIGSTOP)  # the supervisor this test started
+                try:
+                    proc = psutil.Process(srv.pid)
+                    await until(_async(lambda: proc.status() == psutil.STATUS_STOPPED),
+                                "the supervisor to stop")
+                    t0 = time.monotonic()
+                    with pytest.raises(mppool.ServerUnavailable, match="frozen"):
+                        await client.stats()
+                    assert time.monotonic() - t0 < 0.5 + 0.5
+                    t0 = time.monotonic()
+                    with pytest.raises(mppool.TimeOut, match="frozen"):
+                        await pool.get(timeout=0.1)
+                    assert time.monotonic() - t0 < 0.1 + mppool.client.GRACE + 0.5
+                finally:
+                    os.kill(srv.pid, signal.SIGCONT)
+                await pool.ret(held)
+                await until(lambda: _eq(pool.waiting(), 0), "the late get answered")
+                await check_balance(pool, [], 1)
+
+        run(main())
+    finally:
+        srv.shutdown()
+
+
+def test_an_error_of_fun_arrives_as_its_own_class(server):
+    def fun(i: int) -> Any:
+        raise KeyError(f"no unit {i}")
+
+    async def main() -> None:
+        async with await mppool.aio.connect(server.address, server.authkey) as client:
+            pool = await client.pool("err", fun, max_size=1)
+            with pytest.raises(KeyError, match="no unit"):
+                await pool.get(timeout=1)
+            assert await pool.free() == 1  # the failed creation cost no slot
+            with pytest.raises(ValueError):
+                await client.pool("err", make, max_size=2)  # other options
+
+    run(main())
