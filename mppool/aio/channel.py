@@ -122,7 +122,7 @@ class AsyncChannel:
         if pool_id and rid in self._pending and not self._broken:
             # Still queued, or its grant is on the wire: withdraw it; the reader task
             # returns a grant that crossed the withdrawal.
-            self._writer.write(P.encode_cancel(rid))
+            self.post(P.encode_cancel(rid))
 
     def give_back(self, pool_id: int, reply: Any) -> None:
         if pool_id and isinstance(reply, P.Granted) and not self._broken:
