@@ -57,7 +57,7 @@ GET_SIZE, PUT_SIZE = _GET.size, _PUT.size
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
-CALL, GETATTR, DROPREF, PING, WAITING = range(2, 7)
+CALL, GETATTR, DROPREF, PING, WAITING, CANCEL = range(2, 8)
 OK, ERR, REF = range(3)
 
 
@@ -114,6 +114,18 @@ class Waiting:
 
 
 @dataclass(slots=True)
+class Cancel:
+    """Withdraw this connection's get ``rid`` if it is still queued (no reply of its own).
+
+    A get still queued is answered with an error, which the client ignores; a get already
+    served has its grant on the wire, and the client gives that lease back. Either way the
+    pool keeps no waiter for a caller that left (an asyncio task cancelled while waiting).
+    """
+
+    rid: int
+
+
+@dataclass(slots=True)
 class Granted:
     rid: int
     lease: int
@@ -127,7 +139,7 @@ class Reply:
     value: Any
 
 
-Request = Get | Put | Call | DropRef | Ping | Waiting
+Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel
 
 
 # --------------------------------------------------------------------------- framing
@@ -213,6 +225,10 @@ def encode_waiting(rid: int, pool_id: int) -> bytes:
     return frame(pickle.dumps((WAITING, rid, pool_id), protocol=5))
 
 
+def encode_cancel(rid: int) -> bytes:
+    return frame(pickle.dumps((CANCEL, rid), protocol=5))
+
+
 def _u32(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_RID
 
@@ -252,6 +268,8 @@ def decode_request(payload: Any) -> Request:
         return Ping(args[0])
     elif op == WAITING and len(args) == 2 and _u32(args[0]) and args[0] and _u32(args[1]):
         return Waiting(args[0], args[1])
+    elif op == CANCEL and len(args) == 1 and _u32(args[0]) and args[0]:
+        return Cancel(args[0])
     raise ProtocolError(f"a malformed request: op {op!r} with {len(args)} fields")
 
 

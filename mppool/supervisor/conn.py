@@ -75,6 +75,8 @@ class Conn:
         self.nonce = P.new_nonce()
         self.holder: Holder | None = None
         self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
+        # Gets queued in a pool, by request id, so that the client may withdraw one (Cancel).
+        self.waiters: dict[int, RemoteWaiter] = {}
         self.refused = 0  # puts and calls refused (somebody else's lease)
         # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
         # a client's sync() means "every put I sent has taken effect".

@@ -151,6 +151,7 @@ class LeaseLoop:
 
     def deliver(self, waiter: RemoteWaiter, result: Any) -> None:
         """A waiter was handed ``result`` under the pool lock: act on it, never blocking."""
+        waiter.conn.waiters.pop(waiter.rid, None)
         if result is CREATE:
             self.create(waiter)
         elif isinstance(result, BaseException):
@@ -348,6 +349,7 @@ class LeaseLoop:
             pass
         conn.sock.close()
         conn.refs.clear()
+        conn.waiters.clear()
         if conn.holder is not None:
             self.sup.release_conn(conn)
 
@@ -361,6 +363,7 @@ class LeaseLoop:
             if kind == 0:
                 waiter: RemoteWaiter = obj
                 if not waiter.done and waiter.rec.pool.cancel(waiter):
+                    waiter.conn.waiters.pop(waiter.rid, None)
                     waiter.conn.fail(waiter.rid, TimeOut(
                         f"pool {waiter.rec.name!r}: no object available in time"))
             elif kind == 1:
@@ -382,6 +385,8 @@ class LeaseLoop:
             conn.send_raw(P.encode_reply(msg.rid, P.OK, rec.pool.waiting() if rec else 0))
         elif isinstance(msg, P.Ping):
             self.ping(conn, msg.rid)
+        elif isinstance(msg, P.Cancel):
+            self.cancel_get(conn, msg.rid)
         # Get and Put never get here: read() decodes them in place, before anything else.
 
     def ping(self, conn: Conn, rid: int) -> None:
@@ -426,8 +431,18 @@ class LeaseLoop:
             waiter = RemoteWaiter(conn, rid, rec)
             waiter.done = True
             self.create(waiter)
-        elif timeout is not None:  # queued: its deadline is ours to keep
-            self.at(self.sup.clock.now() + timeout, 0, got)
+        else:  # queued: the client may withdraw it, and its deadline is ours to keep
+            conn.waiters[rid] = got  # type: ignore[assignment]  # the waiter made above
+            if timeout is not None:
+                self.at(self.sup.clock.now() + timeout, 0, got)
+
+    def cancel_get(self, conn: Conn, rid: int) -> None:
+        """The client gave up on its get ``rid`` (an asyncio task cancelled): withdraw it if
+        it is still queued. If it was served meanwhile, the grant is already on its way and
+        the client gives it back."""
+        waiter = conn.waiters.pop(rid, None)
+        if waiter is not None and waiter.rec.pool.cancel(waiter):
+            conn.fail(rid, TimeOut(f"pool {waiter.rec.name!r}: the get was withdrawn"))
 
     def create(self, waiter: RemoteWaiter) -> None:
         """Run fun for a waiter that was granted a slot, on the pool's own threads."""
