@@ -652,3 +652,18 @@ def test_close_wakes_waiters_and_gives_every_token_back() -> None:
                 pass
 
     run(main())
+
+
+def test_recall_task_ends_when_the_pool_holds_nothing_and_restarts() -> None:
+    async def main() -> None:
+        budget = LocalBudget(1)
+        pool = ConnectionPool(strategy=Strategy(), max_size=0, burst_limit=1, budget=budget)
+        for _ in range(2):
+            async with pool.get_connection():
+                task = pool._recall_task
+                assert task is not None and not task.done()
+            assert pool._total == 0 and budget.out == 0, "max_size=0: closed at its return"
+            await until(task.done, "the recall task ended")
+        await pool.close()
+
+    run(main())

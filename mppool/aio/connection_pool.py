@@ -382,8 +382,12 @@ class ConnectionPool(Generic[Conn]):
                                              name="mppool.aio.ConnectionPool recall")
 
     async def _recall_loop(self) -> None:
+        """Runs while the pool holds connections; the next get_connection() restarts it."""
         while not self._closed:
             await asyncio.sleep(RECALL_PERIOD)
+            if not self._total:
+                self._recall_n = 0
+                return
             try:
                 await self.recall()
             except Exception:
