@@ -1,10 +1,15 @@
-"""mppool from asyncio code: ``client = await mppool.aio.connect()``.
+"""mppool from asyncio code.
 
-The same shared pools, supervisor, lease channel and watchdog as `mppool.connect`, with
-coroutines that never block the event loop (`mppool.aio.client`), over an asyncio end of the
-lease channel (`mppool.aio.channel`) and of the control plane (`mppool.aio.control`).
+- ``client = await mppool.aio.connect()``: the same shared pools, supervisor, lease channel
+  and watchdog as `mppool.connect`, with coroutines that never block the event loop
+  (`mppool.aio.client`), over an asyncio end of the lease channel (`mppool.aio.channel`) and
+  of the control plane (`mppool.aio.control`).
+- ``mppool.aio.ConnectionPool``: asyncio-connection-pool's pool, drop-in, with an optional
+  cross-process ``budget=`` (an async token pool) (`mppool.aio.connection_pool`); ready
+  strategies in `mppool.aio.strategies`.
 """
 
 from .client import AsyncClient, AsyncSharedPool, connect
+from .connection_pool import ConnectionPool, ConnectionStrategy
 
-__all__ = ["AsyncClient", "AsyncSharedPool", "connect"]
+__all__ = ["AsyncClient", "AsyncSharedPool", "ConnectionPool", "ConnectionStrategy", "connect"]

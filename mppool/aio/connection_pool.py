@@ -1,0 +1,443 @@
+"""asyncio-connection-pool's ``ConnectionPool`` and ``ConnectionStrategy``, drop-in, with an
+optional cross-process ``budget``.
+
+The pool is single-threaded asyncio code with no lock: every decision (take an idle
+connection, reserve a slot, hand a returned connection to a waiter) is made between two
+awaits, so it is atomic for the event loop. An idle connection is handed out without any
+await that suspends: the caller does not yield to the event loop.
+
+Nothing here binds an event loop when the pool is built: waiters' futures and the budget's
+recall task are created in the running loop when they are needed, so a pool built at import
+time works in whichever loop uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, Generic, Protocol, TypeVar
+
+from ..errors import PoolClosed
+
+__all__ = ["AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
+
+log = logging.getLogger("mppool")
+
+Conn = TypeVar("Conn")
+
+# How often a pool with a budget asks whether another process waits for it (at most).
+RECALL_PERIOD = 0.05
+
+
+class AsyncBudget(Protocol):
+    """An async token pool capping live connections across processes (``await
+    client.token_pool(...)`` of an ``mppool.aio`` client). ``waiting()`` is optional: without
+    it, idle connections are never given back early."""
+
+    async def get(self, timeout: float | None = None) -> Any: ...
+    async def put(self, token: Any) -> None: ...
+
+
+class ConnectionStrategy(ABC, Generic[Conn]):
+    """How to make, check and close one kind of connection.
+
+    ``close_connection`` may be a plain or an ``async`` method; the pool awaits its result
+    when it is awaitable. It is also called on connections found stale, so it must accept a
+    connection that is already closed or broken.
+    """
+
+    @abstractmethod
+    async def make_connection(self) -> Conn:
+        """Open a new connection."""
+
+    @abstractmethod
+    def connection_is_closed(self, conn: Conn) -> bool:
+        """True if ``conn`` can no longer be used; checked (without awaiting) before every
+        hand-out."""
+
+    @abstractmethod
+    def close_connection(self, conn: Conn) -> Awaitable[None] | None:
+        """Close ``conn``."""
+
+
+class _Slot(Generic[Conn]):
+    """A live connection and the budget token it holds (None without a budget)."""
+
+    __slots__ = ("conn", "token")
+
+    def __init__(self, conn: Conn, token: Any) -> None:
+        self.conn = conn
+        self.token = token
+
+
+class _Create:
+    """Given to a waiter instead of a connection: a slot is reserved for it, make one."""
+
+    def __repr__(self) -> str:
+        return "CREATE"
+
+
+_CREATE = _Create()
+
+
+class _Available:
+    """asyncio-connection-pool's ``pool.available`` as far as it is read: a size."""
+
+    __slots__ = ("_idle",)
+
+    def __init__(self, idle: deque[Any]) -> None:
+        self._idle = idle
+
+    def qsize(self) -> int:
+        return len(self._idle)
+
+    def empty(self) -> bool:
+        return not self._idle
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class ConnectionPool(Generic[Conn]):
+    """A pool of connections for one event loop at a time, optionally burstable, optionally
+    under a budget shared by many processes.
+
+    ``max_size`` connections are kept; with ``burst_limit``, up to ``burst_limit`` exist
+    when demand needs them, and those above ``max_size`` are closed when returned while
+    nobody waits. With ``budget=`` (an async token pool), every live connection, burst ones
+    included, holds one token: taken before ``make_connection`` runs, given back once the
+    connection is closed. When another process waits for the budget, idle connections are
+    closed to give their tokens back (checked every 50 ms while this pool holds any).
+
+    Not thread-safe: use a pool from one thread (and one event loop at a time).
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: ConnectionStrategy[Conn],
+        max_size: int,
+        burst_limit: int | None = None,
+        budget: AsyncBudget | None = None,
+    ) -> None:
+        _check_size("max_size", max_size)
+        if burst_limit is not None:
+            _check_size("burst_limit", burst_limit)
+            if burst_limit < max_size:
+                raise ValueError(
+                    "burst_limit must be greater than or equal to max_size "
+                    f"(burst_limit={burst_limit}, max_size={max_size})")
+        if (max_size if burst_limit is None else burst_limit) < 1:
+            raise ValueError(f"no connection could ever be made with max_size={max_size} "
+                             f"and burst_limit={burst_limit}")
+        if budget is not None and not (callable(getattr(budget, "get", None))
+                                       and callable(getattr(budget, "put", None))):
+            raise TypeError(f"budget must be an async token pool (get/put), got {budget!r}")
+        self.strategy = strategy
+        self.max_size = max_size
+        self.burst_limit = burst_limit
+        self.budget = budget
+        self.in_use = 0  # handed out to callers
+        self.currently_allocating = 0  # slots reserved: waiting for a token or make_connection
+        self.currently_deallocating = 0  # being closed (their token not given back yet)
+        self._idle: deque[_Slot[Conn]] = deque()
+        self._waitq: deque[asyncio.Future[Any]] = deque()
+        self._recall_n = 0  # connections to close at their return: other processes wait
+        self._recall_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._counts = dict.fromkeys(
+            ("made", "make_errors", "closed", "close_errors", "stale", "burst_closed",
+             "recalled"), 0)
+
+    # ---------------------------------------------------------------- counters
+
+    @property
+    def _total(self) -> int:
+        """Connections that exist or are being made or closed: never above the limit."""
+        return (self.in_use + self.currently_allocating + len(self._idle)
+                + self.currently_deallocating)
+
+    @property
+    def _waiters(self) -> int:
+        return sum(not fut.done() for fut in self._waitq)
+
+    @property
+    def available(self) -> _Available:
+        """The idle connections (``qsize()``, ``empty()``), as asyncio-connection-pool's."""
+        return _Available(self._idle)
+
+    def _limit(self) -> int:
+        return self.max_size if self.burst_limit is None else max(self.burst_limit, self.max_size)
+
+    def stats(self) -> dict[str, int]:
+        """Current counts and totals since the pool was built."""
+        return {"in_use": self.in_use, "idle": len(self._idle),
+                "allocating": self.currently_allocating,
+                "deallocating": self.currently_deallocating, "waiting": self._waiters,
+                **self._counts}
+
+    # ---------------------------------------------------------------- getting
+
+    @asynccontextmanager
+    async def get_connection(self) -> AsyncIterator[Conn]:
+        """``async with pool.get_connection() as conn:`` a live connection for the block.
+
+        An idle connection is handed out without yielding to the event loop; otherwise a new
+        one is made (up to ``burst_limit``), or the caller waits for one to be returned.
+        Wrap it in ``asyncio.timeout()`` to bound the wait.
+        """
+        slot = await self._acquire()
+        try:
+            yield slot.conn
+        finally:
+            await self._release(slot)
+
+    async def _acquire(self) -> _Slot[Conn]:
+        if self.budget is not None:
+            self._ensure_recall()
+        while True:
+            if self._closed:
+                raise PoolClosed("mppool.aio.ConnectionPool is shutting down")
+            slot: _Slot[Conn]
+            if self._idle:
+                slot = self._idle.popleft()  # no await on this path
+                self.in_use += 1
+            elif self._total < self._limit():
+                self.currently_allocating += 1
+                slot = await self._make()
+            else:
+                got = await self._wait()
+                slot = await self._make() if got is _CREATE else got
+            try:
+                closed = self.strategy.connection_is_closed(slot.conn)
+            except BaseException:
+                self.in_use -= 1
+                self.currently_deallocating += 1
+                await self._close(slot, quiet=True)
+                raise
+            if not closed:
+                return slot
+            self._counts["stale"] += 1
+            self.in_use -= 1
+            self.currently_deallocating += 1
+            await self._close(slot, quiet=True)
+
+    async def _wait(self) -> Any:
+        """Queue until a connection is handed over or a slot is reserved for us."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waitq.append(fut)
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Granted just as we were cancelled: pass it on, nothing is lost.
+                got = fut.result()
+                if got is _CREATE:
+                    self.currently_allocating -= 1
+                    self._wake()
+                else:
+                    await self._release(got)
+            else:
+                try:
+                    self._waitq.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    async def _make(self) -> _Slot[Conn]:
+        """Make a connection in a slot counted in ``currently_allocating``."""
+        token = None
+        try:
+            if self.budget is not None:
+                token = await self.budget.get()  # before make_connection: the cap holds
+            conn = await self.strategy.make_connection()
+        except BaseException:
+            self._counts["make_errors"] += 1
+            try:
+                if token is not None:
+                    await self._give_token(token)
+            finally:
+                self.currently_allocating -= 1
+                self._wake()
+            raise
+        self.currently_allocating -= 1
+        self.in_use += 1
+        self._counts["made"] += 1
+        return _Slot(conn, token)
+
+    def _wake(self) -> None:
+        """Reserve slots for waiters while the pool is below its limit."""
+        while self._waitq and self._total < self._limit():
+            fut = self._waitq.popleft()
+            if fut.done():
+                continue
+            self.currently_allocating += 1
+            fut.set_result(_CREATE)
+
+    # ---------------------------------------------------------------- returning
+
+    def _put_back(self, slot: _Slot[Conn]) -> bool:
+        """Give a returned connection to a waiter or keep it idle; False: close it instead."""
+        self.in_use -= 1
+        if self._closed:
+            return False
+        if self._recall_n > 0:
+            self._recall_n -= 1  # another process waits for the budget: give it back
+            self._counts["recalled"] += 1
+            return False
+        while self._waitq:
+            fut = self._waitq.popleft()
+            if not fut.done():
+                self.in_use += 1
+                fut.set_result(slot)
+                return True
+        if self.in_use + self.currently_allocating + len(self._idle) >= self.max_size:
+            self._counts["burst_closed"] += 1  # above max_size and nobody waits
+            return False
+        self._idle.append(slot)
+        return True
+
+    async def _release(self, slot: _Slot[Conn]) -> None:
+        if self._put_back(slot):
+            return
+        self.currently_deallocating += 1
+        await self._close(slot)
+
+    async def _close(self, slot: _Slot[Conn], quiet: bool = False) -> None:
+        """Close a connection counted in ``currently_deallocating``; give its token back.
+
+        Shielded: a caller cancelled meanwhile does not leave a half-closed connection
+        uncounted (or its token given back while the server still sees it)."""
+        await self._shielded(self._close_now(slot, quiet))
+
+    async def _close_now(self, slot: _Slot[Conn], quiet: bool) -> None:
+        try:
+            result = self.strategy.close_connection(slot.conn)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._counts["close_errors"] += 1
+            if not quiet:
+                raise
+            log.warning("mppool.aio: closing a connection failed", exc_info=True)
+        finally:
+            try:
+                if slot.token is not None:
+                    await self._give_token(slot.token)
+            finally:
+                self.currently_deallocating -= 1
+                self._counts["closed"] += 1
+                self._wake()
+
+    async def _give_token(self, token: Any) -> None:
+        """Give a budget token back, even if the caller is cancelled meanwhile."""
+        budget = self.budget
+        assert budget is not None
+
+        async def put() -> None:
+            try:
+                await budget.put(token)
+            except Exception:
+                log.warning("mppool.aio: could not give a budget token back", exc_info=True)
+
+        await self._shielded(put())
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` to its end even if the caller is cancelled meanwhile."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+        await asyncio.shield(task)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen by the caller, or by nobody if it was cancelled
+
+    # ---------------------------------------------------------------- budget recall
+
+    def _ensure_recall(self) -> None:
+        """Start the recall task in the running loop (at most one per pool)."""
+        if not callable(getattr(self.budget, "waiting", None)) or self._closed:
+            return
+        task = self._recall_task
+        loop = asyncio.get_running_loop()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._recall_task = loop.create_task(self._recall_loop(),
+                                             name="mppool.aio.ConnectionPool recall")
+
+    async def _recall_loop(self) -> None:
+        """Runs while the pool holds connections; the next get_connection() restarts it."""
+        while not self._closed:
+            await asyncio.sleep(RECALL_PERIOD)
+            if not self._total:
+                self._recall_n = 0
+                return
+            try:
+                await self.recall()
+            except Exception:
+                log.exception("mppool.aio: budget recall failed")
+
+    async def recall(self) -> int:
+        """Close idle connections that other processes wait for; the budget's ``waiting()``
+        says how many. Only asks it when this pool holds connections; those in use are
+        given back at their return instead. Returns how many were closed now."""
+        waiting = getattr(self.budget, "waiting", None)
+        if waiting is None or not (self._idle or self.in_use):
+            self._recall_n = 0
+            return 0
+        try:
+            wanted = int(await waiting())
+        except Exception:
+            log.debug("mppool.aio: budget.waiting() failed", exc_info=True)
+            return 0
+        n = max(0, min(wanted, len(self._idle)))
+        slots = [self._idle.popleft() for _ in range(n)]  # the longest idle first
+        self.currently_deallocating += n
+        self._counts["recalled"] += n
+        self._recall_n = max(0, min(wanted - n, self.in_use))
+        for slot in slots:
+            await self._close(slot, quiet=True)
+        if n:
+            log.info("mppool.aio: gave %d idle connection(s) back to the budget", n)
+        return n
+
+    # ---------------------------------------------------------------- closing
+
+    async def close(self) -> None:
+        """Close idle connections now and the others when they are returned; waiters and
+        later ``get_connection()`` calls raise ``PoolClosed``."""
+        self._closed = True
+        while self._waitq:
+            fut = self._waitq.popleft()
+            if not fut.done():
+                fut.set_exception(PoolClosed("mppool.aio.ConnectionPool is shutting down"))
+        task, self._recall_task = self._recall_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise
+        slots = list(self._idle)
+        self._idle.clear()
+        self.currently_deallocating += len(slots)
+        for slot in slots:
+            await self._close(slot, quiet=True)
