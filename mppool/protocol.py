@@ -58,7 +58,7 @@ MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
 CALL, GETATTR, DROPREF, PING, WAITING, CANCEL = range(2, 8)
-OK, ERR, REF = range(3)
+OK, ERR, REF, GRANTED = range(4)  # GRANTED: a lease on an object that stays there (a proxy)
 
 
 class ProtocolError(Exception):
@@ -317,13 +317,13 @@ def decode_reply(payload: Any) -> Granted | Reply:
         rid, lease = _OK_BODY.unpack_from(payload, 1)
         return Granted(rid, lease, payload[1 + _OK_BODY.size:])
     rid, status, value = pickle.loads(payload)
-    if status == OK and type(value) is tuple and len(value) == 2 and value[0] == "granted":
-        return Granted(rid, value[1], None)  # a proxy: the object stays in the supervisor
+    if status == GRANTED:
+        return Granted(rid, value, None)  # a proxy: the object stays in the supervisor
     return Reply(rid, status, value)
 
 
 def encode_granted_proxy(rid: int, lease: int) -> bytes:
-    return encode_reply(rid, OK, ("granted", lease))
+    return encode_reply(rid, GRANTED, lease)
 
 
 # --------------------------------------------------------------------------- handshake

@@ -39,6 +39,8 @@ class RateLimitedLog:
             self._last[key] = now
             held = self._held.pop(key, 0)
         if held:
+            if not args:
+                msg = msg.replace("%", "%%")  # it is formatted now, with the count
             msg += " (and %d more like it in the last %g s)"
             args = (*args, held, self.interval)
         log.log(level, msg, *args, exc_info=exc_info)

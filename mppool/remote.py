@@ -41,7 +41,7 @@ def is_plain(value: Any, depth: int = 0) -> bool:
 class PackedException:
     """The portable form of an exception; ``unpack()`` rebuilds it in the caller."""
 
-    __slots__ = ("args", "message", "module", "qualname", "state", "traceback")
+    __slots__ = ("args", "message", "module", "qualname", "state", "traceback", "whole")
 
     def __init__(self, exc: BaseException) -> None:
         import pickle
@@ -54,6 +54,12 @@ class PackedException:
         self.traceback = getattr(exc, "remote_traceback", None) or "".join(
             tb_mod.format_exception(exc))
         try:
+            # The exception itself when it pickles: some keep fields outside args and
+            # __dict__ (OSError's filename, ImportError's name) that only its reduce knows.
+            self.whole: bytes | None = pickle.dumps(exc, protocol=5)
+        except Exception:
+            self.whole = None
+        try:
             self.args = pickle.dumps(exc.args, protocol=5)
         except Exception:
             self.args = pickle.dumps((self.message,), protocol=5)
@@ -64,17 +70,28 @@ class PackedException:
             self.state = None
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.module, self.qualname, self.message, self.traceback, self.args, self.state)
+        return (self.module, self.qualname, self.message, self.traceback, self.args, self.state,
+                self.whole)
 
     def __setstate__(self, st: tuple[Any, ...]) -> None:
-        self.module, self.qualname, self.message, self.traceback, self.args, self.state = st
+        (self.module, self.qualname, self.message, self.traceback, self.args, self.state,
+         self.whole) = st
 
     def unpack(self) -> BaseException:
         from .errors import RemoteError
 
         exc: BaseException | None = None
         cls = _find_class(self.module, self.qualname)
-        if cls is not None:
+        if cls is not None and self.whole is not None:
+            import pickle
+
+            try:
+                whole = pickle.loads(self.whole)
+                if type(whole) is cls:
+                    exc = whole
+            except Exception:
+                exc = None
+        if cls is not None and exc is None:
             import pickle
 
             try:

@@ -71,7 +71,7 @@ class FakeSupervisor:
             self.hello = P.decode_hello(frames[0])
             answer, client_nonce = self.hello[0], self.hello[1]
             assert hmac.compare_digest(answer, P.digest(KEY, nonce)), "wrong answer"
-            conn.sendall(P.encode_ack(P.digest(self.key, client_nonce), self.conn_id))
+            conn.sendall(P.encode_ack(P.digest(self.key, client_nonce), self.conn_id, 7))
             if not self.read:
                 return
             conn.settimeout(None)

@@ -303,9 +303,9 @@ def test_a_bad_hello_is_refused() -> None:
 
 def test_ack_round_trip() -> None:
     answer = P.digest(b"key", b"nonce")
-    frame = P.encode_ack(answer, (1 << 64) - 1)
-    assert P.decode_ack(frame[4:]) == (answer, (1 << 64) - 1)
-    assert P.decode_ack(bytes(payload(frame))) == (answer, (1 << 64) - 1)
+    frame = P.encode_ack(answer, (1 << 64) - 1, 12345)
+    assert P.decode_ack(frame[4:]) == (answer, (1 << 64) - 1, 12345)
+    assert P.decode_ack(bytes(payload(frame))) == (answer, (1 << 64) - 1, 12345)
     for body in (frame[4:-1], frame[4:] + b"\0", b"N" + frame[5:], b""):
         with pytest.raises(P.ProtocolError):
             P.decode_ack(body)
@@ -322,7 +322,7 @@ def test_digest_is_hmac_sha256_of_the_nonce() -> None:
 
 def test_handshake_frames_fit_the_handshake_limit() -> None:
     hello = P.encode_hello(bytes(32), bytes(32), 1, 0.0, "h" * 1000)
-    for frame in (P.encode_nonce(bytes(32)), hello, P.encode_ack(bytes(32), 1)):
+    for frame in (P.encode_nonce(bytes(32)), hello, P.encode_ack(bytes(32), 1, 2)):
         (n,) = P.HEADER.unpack_from(frame)
         assert n == len(frame) - 4 <= P.MAX_HANDSHAKE
 
