@@ -55,11 +55,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .budget import check_budget
 from .errors import ConnectTimeout, PoolClosed, TimeOut
 from .holder import current_holder
 from .pool import Budget
 from .pool import Pool as _CorePool
-from .validate import check_budget, check_callable, check_delay, check_int
+from .validate import check_callable, check_delay, check_int
 
 if TYPE_CHECKING:
     from .client import Client, SharedPool
