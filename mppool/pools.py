@@ -2,7 +2,15 @@
 
 These classes are a thin layer over the core `mppool.pool.Pool`, which does all of the
 counting, creating and waiting (first come, first served, a timed-out waiter never swallows
-an item). The layer adds what eventlet users expect on top of it:
+an item):
+
+    get() ── core.checkout() ──▶ an entry; its lease noted by item (LeaseMap)
+    put(item) ── LeaseMap.take(item) ──▶ core.checkin(lease)
+              └ no lease: an item the pool holds is ignored, any other is adopted
+    core pool ── fun = _make(): an adopted item if one waits, else create()
+              └ closer = _forget(): the item left the pool for good
+
+The layer adds what eventlet users expect on top of the core pool:
 
 - items come from a nullary `Pool.create` (eventlet's name) instead of ``fun(i)``;
 - ``order_as_stack`` picks which idle item comes out next: the core pool hands out the oldest
@@ -25,9 +33,10 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from .holder import current_holder
+from .leasemap import LeaseMap
 from .lender import Lender
 from .pool import Pool as _CorePool
-from .validate import check_callable, check_int
+from .validate import check_callable, check_size, check_sizes
 
 __all__ = ["Pool", "Token", "TokenPool"]
 
@@ -56,9 +65,7 @@ class Pool(Lender, Generic[T]):
         """``order_as_stack=False`` (the default) hands out the item idle the longest, so
         items are used in turn; ``True`` hands out the one returned last, so a few hot items
         are reused and the rest stay idle."""
-        # The core pool checks min_size against max_size; we only add what it reads differently.
-        max_size = check_int("max_size", max_size, minimum=1)
-        check_int("min_size", min_size)
+        min_size, max_size = check_sizes(min_size, max_size, bounded=True)
         if not isinstance(order_as_stack, bool):
             raise TypeError(f"order_as_stack must be a bool, got {order_as_stack!r}")
         check_callable("create", create)
@@ -70,7 +77,7 @@ class Pool(Lender, Generic[T]):
         self._lock = threading.Lock()
         # Keeps _max_size in step with the core pool's bound when resize() calls race.
         self._resize_lock = threading.Lock()
-        self._leases: dict[int, list[int]] = {}  # id(item) -> leases lent out, for put(item)
+        self._leases = LeaseMap()  # item -> leases lent out, for put(item)
         self._members: Counter[int] = Counter()  # id(item) -> copies alive in the core pool
         self._adopted: deque[T] = deque()  # foreign items waiting to replace a create()
         # The core pool calls _make(), hence create(), for min_size right here: a subclass's
@@ -89,7 +96,7 @@ class Pool(Lender, Generic[T]):
         """
         entry = self._pool.checkout(current_holder(), timeout)
         with self._lock:
-            self._leases.setdefault(id(entry.obj), []).append(entry.lease)
+            self._leases.add(entry.obj, entry.lease)
         return entry.obj
 
     def put(self, item: T) -> None:
@@ -107,10 +114,7 @@ class Pool(Lender, Generic[T]):
           ``max_size`` items wait for adoption; more are dropped with a warning.
         """
         with self._lock:
-            leases = self._leases.get(id(item))
-            lease = leases.pop() if leases else 0
-            if leases == []:
-                del self._leases[id(item)]
+            lease = self._leases.take(item)
             if not lease:
                 if self._members[id(item)] or any(a is item for a in self._adopted):
                     outcome = "already in the pool, ignored"
@@ -131,7 +135,7 @@ class Pool(Lender, Generic[T]):
         Growing lets blocked ``get()`` calls create items at once. Shrinking closes idle items
         above the new size at once and discards items put back while the pool is too big.
         """
-        new_size = check_int("new_size", new_size, minimum=1)
+        new_size = check_size("new_size", new_size, bounded=True)
         with self._resize_lock:
             self._pool.resize(new_size)
             self._max_size = new_size

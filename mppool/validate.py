@@ -12,6 +12,11 @@ for the option:
   "never" is returned as ``0.0``, so no arithmetic or OS call ever sees ``inf``.
 - ``check_delay``: the number, validated (``inf`` passes through); for callers that do
   their own mapping.
+
+Pool sizes have one rule too, for the core pool and eventlet's pools alike (``check_size``,
+``check_sizes``, ``check_resize``): ints, ``min_size`` never above a bounded ``max_size``.
+The core pool reads ``max_size=0`` as "unbounded"; eventlet would read it as "nothing ever
+available", so its pools pass ``bounded=True`` and require at least 1.
 """
 
 from __future__ import annotations
@@ -69,8 +74,22 @@ def check_callable(name: str, value: Any, required: bool = False) -> None:
         raise TypeError(f"{name} must be callable, got {value!r}")
 
 
-def check_budget(budget: Any) -> None:
-    """A budget is a token pool: something with get() and put() (a shared token pool)."""
-    if budget is not None and not (callable(getattr(budget, "get", None))
-                                   and callable(getattr(budget, "put", None))):
-        raise TypeError(f"budget must be a token pool with get() and put(), got {budget!r}")
+def check_size(name: str, value: Any, bounded: bool = False) -> int:
+    """A pool bound: an int >= 0, 0 meaning unbounded, or >= 1 with ``bounded=True``."""
+    return check_int(name, value, minimum=1 if bounded else 0)
+
+
+def check_sizes(min_size: Any, max_size: Any, bounded: bool = False) -> tuple[int, int]:
+    """A pool's ``(min_size, max_size)`` at construction, checked in that order of names:
+    ``max_size`` first (see `check_size`), then ``min_size`` (an int >= 0), then the pair."""
+    max_size = check_size("max_size", max_size, bounded)
+    min_size = check_int("min_size", min_size)
+    if max_size and min_size > max_size:
+        raise ValueError(f"min_size={min_size!r} must not exceed max_size={max_size!r}")
+    return min_size, max_size
+
+
+def check_resize(max_size: int, min_size: int) -> None:
+    """A new bound for a pool whose ``min_size`` is fixed (``max_size`` already checked)."""
+    if max_size and min_size > max_size:
+        raise ValueError(f"max_size={max_size!r} is below min_size={min_size!r}")

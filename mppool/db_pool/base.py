@@ -1,0 +1,274 @@
+"""What both connection pools share: eventlet's API, its constructor, and put()'s rules.
+
+    get() ── _checkout(timeout) ──▶ (conn, handle) ── wrapped ──▶ PooledConnectionWrapper
+             (the subclass's pool)    noted in _out (by key) and _by_conn (by connection)
+    put(wrapper | conn | None) ── _take(): which lease, by wrapper key, by connection
+             (LeaseMap), or the calling thread's most recent ──▶ the wrapper is disabled
+        └─ cleanup(conn) (rollback) ── ok ──▶ _checkin(handle, discard=False)
+                                    └ raised, put(None), max_idle/max_age 0
+                                             ──▶ _checkin(handle, discard=True): closed
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ..budget import Budget, check_budget
+from ..leasemap import LeaseMap
+from ..validate import check_callable, check_delay, check_size, check_sizes
+from .connecting import check_connect_timeout, check_db_module, module_name
+from .wrappers import PooledConnectionWrapper
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+log = logging.getLogger("mppool")
+
+Cleanup = Callable[[Any], Any]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<default cleanup>"
+
+
+_MISSING: Any = _Missing()
+
+
+def cleanup_rollback(conn: Any) -> None:
+    """The default cleanup: end whatever transaction the last user left open."""
+    conn.rollback()
+
+
+class _Lease:
+    __slots__ = ("conn", "handle", "thread", "wrapper")
+
+    def __init__(self, conn: Any, handle: Any, wrapper: PooledConnectionWrapper) -> None:
+        self.conn = conn
+        self.handle = handle
+        self.wrapper = wrapper
+        self.thread = threading.get_ident()
+
+
+class BaseConnectionPool:
+    """A bounded pool of DB-API connections (eventlet's ``db_pool.BaseConnectionPool``).
+
+    ``min_size`` connections are opened at construction, at most ``max_size`` exist at once.
+    A connection idle for more than ``max_idle`` seconds, or older than ``max_age`` seconds, is
+    closed; with ``max_idle=0`` or ``max_age=0`` every connection is closed when it is put
+    back, which leaves the pool a concurrency limiter. A ``db_module.connect()`` slower than
+    ``connect_timeout`` seconds raises `ConnectTimeout` from ``get()`` and costs no slot.
+    ``cleanup(conn)`` runs at every ``put()`` (rollback by default); if it raises, the
+    connection is closed instead of kept. ``*args``/``**kwargs`` go to ``db_module.connect``.
+
+    Two keywords depend on where the connections live. ``budget=`` (RawConnectionPool: in
+    this process) is a token pool shared by processes (``client.token_pool(name, n)``) that
+    caps the connections of every pool drawing on it. ``client=`` (TpooledConnectionPool: in
+    the supervisor) is the supervisor to use (``mppool.connect(...)``; None means
+    ``mppool.connect(autostart=True)``). Each pool refuses the other's keyword, but for
+    ``client``, which a RawConnectionPool passes on to ``connect`` like any other.
+    """
+
+    # The pool underneath, which every method below delegates to: a core mppool.Pool
+    # (RawConnectionPool) or a SharedPool (TpooledConnectionPool), which share one API.
+    _pool: Any
+
+    def __init__(
+        self,
+        db_module: Any,
+        min_size: int = 0,
+        max_size: int = 4,
+        max_idle: float = 10,
+        max_age: float = 30,
+        connect_timeout: float | None = 5,
+        cleanup: Cleanup | None = cleanup_rollback,
+        *args: Any,
+        budget: Budget | None = None,
+        client: Client | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # eventlet's signature, written once for every pool here: a subclass adapts to where
+        # its connections live with _check_home() and _open(), not with an __init__ of its own.
+        # Everything is checked before any state exists: nothing is half-created on error.
+        self._check_home(budget, client)
+        check_db_module(db_module)
+        min_size, max_size = check_sizes(min_size, max_size, bounded=True)
+        max_idle = check_delay("max_idle", max_idle)
+        max_age = check_delay("max_age", max_age)
+        connect_timeout = check_connect_timeout(connect_timeout)
+        check_callable("cleanup", cleanup)
+        check_budget(budget)
+        self._db_module = db_module
+        self._args = args
+        self._kwargs = kwargs
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_idle = max_idle
+        self.max_age = max_age
+        self.connect_timeout = connect_timeout
+        self.cleanup = cleanup
+        self._budget = budget
+        # eventlet: with either limit at 0, every connection is closed when it comes back.
+        self._close_on_put = max_idle == 0 or max_age == 0
+        self._lock = threading.Lock()
+        self._out: dict[int, _Lease] = {}  # key -> lent connection, oldest first
+        self._by_conn = LeaseMap()  # connection -> its key, for put() of a bare connection
+        self._keys = itertools.count(1)
+        self._open(budget, client)
+
+    # ------------------------------------------------------------------ eventlet's API
+
+    def get(self, timeout: float | None = None) -> PooledConnectionWrapper:
+        """A connection, wrapped so that ``close()`` returns it; waits while all are in use.
+
+        ``timeout=None`` waits forever, ``0`` does not wait (``mppool.TimeOut``). An error
+        from ``connect`` (including `ConnectTimeout`) propagates and costs no slot.
+        """
+        conn, handle = self._checkout(timeout)
+        key = next(self._keys)
+        wrapper = PooledConnectionWrapper(conn, self, key)
+        with self._lock:
+            self._out[key] = _Lease(conn, handle, wrapper)
+            self._by_conn.add(conn, key)
+        return wrapper
+
+    def put(self, conn: Any, cleanup: Cleanup | None = _MISSING) -> None:
+        """Give a connection back: ``cleanup`` runs first (the pool's by default, None for
+        none); a cleanup that fails closes the connection instead of keeping it.
+
+        ``conn`` is what ``get()`` returned (or its underlying connection). ``None`` gives up
+        the slot of the calling thread's most recent connection, which is closed.
+        """
+        if cleanup is not _MISSING:
+            check_callable("cleanup", cleanup)
+        lease = self._take(conn)
+        if lease is None:
+            return
+        if conn is None or self._close_on_put:
+            self._checkin(lease.handle, discard=True)
+            return
+        fn = self.cleanup if cleanup is _MISSING else cleanup
+        discard = False
+        if fn is not None:
+            try:
+                fn(lease.conn)
+            except Exception as exc:
+                # Whatever went wrong, the connection's state is unknown: never lend it again.
+                log.warning("mppool: db_pool: cleanup %r raised %r: closing the connection", fn, exc)
+                discard = True
+            except BaseException:
+                self._checkin(lease.handle, discard=True)
+                raise
+        self._checkin(lease.handle, discard)
+
+    @contextmanager
+    def item(self, cleanup: Cleanup | None = _MISSING, *,
+             timeout: float | None = None) -> Iterator[PooledConnectionWrapper]:
+        """``with pool.item() as conn:`` gets a connection and always puts it back."""
+        conn = self.get(timeout)
+        try:
+            yield conn
+        finally:
+            self.put(conn, cleanup=cleanup)
+
+    def clear(self) -> None:
+        """Close the idle connections (those in use are not touched)."""
+        raise NotImplementedError
+
+    def free(self) -> int:
+        """How many ``get()`` calls would succeed right now without waiting."""
+        return self._pool.free()
+
+    def waiting(self) -> int:
+        """How many ``get()`` calls are blocked."""
+        return self._pool.waiting()
+
+    def resize(self, new_size: int) -> None:
+        """Change ``max_size``; idle connections above it are closed."""
+        new_size = check_size("new_size", new_size, bounded=True)
+        self._pool.resize(new_size)
+        self.max_size = new_size
+
+    def create(self) -> Any:
+        """Make a new connection; RawConnectionPool implements it (subclasses may override)."""
+        raise NotImplementedError("Implement in subclass")
+
+    @property
+    def current_size(self) -> int:
+        """Connections alive: idle plus lent out (eventlet's counter)."""
+        return len(self._pool)
+
+    def stats(self) -> dict[str, Any]:
+        """The underlying pool's JSON-compatible stats (those of ``mppool.Pool``)."""
+        return self._pool.stats()
+
+    def shutdown(self) -> None:
+        """Close every connection; later ``get()`` calls raise ``mppool.PoolClosed``.
+
+        For a TpooledConnectionPool this shuts the shared pool down for every process.
+        """
+        with self._lock:
+            leases = list(self._out.values())
+            self._out.clear()
+            self._by_conn.clear()
+        for lease in leases:
+            lease.wrapper._destroy()
+        self._pool.shutdown()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            out = len(self._out)
+        return (f"<{type(self).__name__} {module_name(self._db_module)} [connections: {out} lent "
+                f"by this process | max_size: {self.max_size}]>")
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def _check_home(self, budget: Budget | None, client: Client | None) -> None:
+        """Refuse, before anything else is checked, what makes no sense where this pool
+        keeps its connections. Here: nothing (``budget`` is checked with the rest)."""
+
+    def _open(self, budget: Budget | None, client: Client | None) -> None:
+        """Set up ``_pool`` once the arguments are checked and stored. Here: no supervisor,
+        so a ``client`` keyword is one more argument for ``connect``, as in eventlet."""
+        if client is not None:
+            self._kwargs["client"] = client
+
+    def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
+        """Lease a connection: (the connection, a handle for _checkin)."""
+        raise NotImplementedError
+
+    def _checkin(self, handle: Any, discard: bool) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ internals
+
+    def _take(self, conn: Any) -> _Lease | None:
+        """Find and forget the lease that ``conn`` returns; its wrapper becomes unusable."""
+        with self._lock:
+            key = 0
+            if conn is None:
+                me = threading.get_ident()
+                key = next((k for k, ls in reversed(self._out.items()) if ls.thread == me), 0)
+            elif isinstance(conn, PooledConnectionWrapper):
+                if conn.__dict__.get("_pool") is self:
+                    key = conn._db_pool_key
+            else:
+                key = self._by_conn.take(conn)
+            lease = self._out.pop(key, None)
+            if lease is not None:
+                self._by_conn.discard(lease.conn, key)  # if found by thread or wrapper
+        if lease is None:
+            if conn is None:
+                log.warning("mppool: db_pool: put(None) but this thread holds no connection of "
+                            "this pool: ignored")
+            else:
+                log.warning("mppool: db_pool: put() of a connection this pool did not lend or "
+                            "already got back: ignored: %.80r", conn)
+            return None
+        lease.wrapper._destroy()
+        return lease

@@ -1,0 +1,106 @@
+"""The supervisor's side of a TpooledConnectionPool: the slots its shared pool lends.
+
+    client process                            supervisor
+    TpooledConnectionPool ── _Connector ────▶ the shared pool's fun (pickled once, at creation)
+      get() ◀── ObjectProxy ────────────────  a _ServedConnection slot, lent by the pool:
+      conn.cursor(), conn.commit(), ... ────▶   every attribute forwarded to its connection,
+                                                (re)connected on first use; discard or
+                                                close() closes the connection, never the slot
+
+Everything here runs in the supervisor: the DB module is imported there, by name. These
+names travel by pickle (the pool's fun, closer and stats hooks), so they keep their names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Any
+
+from .connecting import module_name, safe_close, timed_connect
+
+
+class _Connector:
+    """The shared pool's ``fun``: runs in the supervisor, where it imports the DB module."""
+
+    def __init__(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 connect_timeout: float | None) -> None:
+        self.target = target  # an import name, or a module-like object shipped as is
+        self.args = args
+        self.kwargs = kwargs
+        self.connect_timeout = connect_timeout
+
+    def module(self) -> Any:
+        return importlib.import_module(self.target) if isinstance(self.target, str) else self.target
+
+    def connect(self) -> Any:
+        module = self.module()
+        return timed_connect(lambda: module.connect(*self.args, **self.kwargs),
+                             self.connect_timeout, module_name(self.target))
+
+    def __call__(self, num: int) -> _ServedConnection:
+        return _ServedConnection(self)
+
+
+class _ServedConnection:
+    """One slot of a shared pool, in the supervisor: holds at most one real connection.
+
+    Clients reach it through an ObjectProxy, and it forwards everything to the connection.
+    A client cannot make the supervisor drop a pooled object, so "discard" closes the
+    connection inside the slot instead, and the slot reconnects on its next use: the number
+    of connections never exceeds the number of slots, hence ``max_size``.
+    """
+
+    def __init__(self, connector: _Connector) -> None:
+        self._mppool_connector = connector
+        self._mppool_lock = threading.Lock()
+        self._mppool_conn: Any = None
+        self._mppool_conn = connector.connect()  # errors propagate to get(): no slot taken
+
+    def _mppool_ensure(self) -> Any:
+        with self._mppool_lock:
+            if self._mppool_conn is None:
+                self._mppool_conn = self._mppool_connector.connect()
+            return self._mppool_conn
+
+    def _mppool_discard(self) -> None:
+        with self._mppool_lock:
+            conn, self._mppool_conn = self._mppool_conn, None
+        if conn is not None:
+            safe_close(conn, quiet=True)
+
+    def _mppool_connected(self) -> bool:
+        return self._mppool_conn is not None
+
+    def rollback(self) -> None:
+        # Also the supervisor's reset when a holder dies: no connection, nothing to undo.
+        conn = self._mppool_conn
+        if conn is not None:
+            conn.rollback()
+
+    def close(self) -> None:
+        """A client closing the raw proxy closes the connection; the slot reconnects later."""
+        self._mppool_discard()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_mppool"):
+            raise AttributeError(name)  # not yet set in __init__: never forward those
+        return getattr(self._mppool_ensure(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_mppool"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._mppool_ensure(), name, value)
+
+    def __repr__(self) -> str:
+        state = "open" if self._mppool_conn is not None else "not connected"
+        return f"<{module_name(self._mppool_connector.target)} connection, {state}>"
+
+
+def _close_served(slot: _ServedConnection) -> None:
+    slot._mppool_discard()
+
+
+def _served_stats(slot: _ServedConnection) -> dict[str, Any]:
+    return {"connected": slot._mppool_connected()}

@@ -1,0 +1,458 @@
+"""The core pool's state: what its one lock guards, and the one place where the work decided
+under that lock is done.
+
+`mppool.Pool` is this state plus the decisions made on it: the lease API (pool.py), the
+housekeeping rounds (housekeeping.py) and budget recall (budget.py). Each decision has the
+same two steps, so that no user code ever runs under the lock and the lock is held briefly:
+
+    1. decide, under _lock                      2. the work that follows, outside it
+       ─────────────────────                       ─────────────────────────────────
+       idle entry ──lease──▶ _using                the getter hook (Pool.hand_out)
+       returned entry ──▶ a waiter, or _avail      (the retter hook ran before: Pool.checkin)
+       free room ──▶ a creation right: CREATE      fun + opener, by whoever got the right
+                     to a waiter, or a fill        (Pool.create_for, Housekeeping._fill)
+       any entry ──▶ _to_close                     _settle(): closer, budget token back,
+                                                   the freed room to the next waiter
+
+_settle() is the one place where closes happen. It runs in the caller's thread, or with
+``offload=True`` as a job on the pool's runner when the caller must not run user code (a
+housekeeping round, the supervisor's lease loop). _to_close is the pool's backlog, not one
+decision's list: a settle closes whatever it finds there, so work that a busy runner refused
+(at most one job of a kind runs at a time) is done by the next settle, wherever it runs.
+
+What _lock guards:
+
+    _avail      deque of idle entries (taken from the right, so the left end idles longest)
+    _using      lease id -> entry lent out
+    _waiters    deque of waiters, oldest first (see `Waiter` for what a waiter must do)
+    _to_close   entries taken out of the pool, to be closed outside the lock (stats: ntodel)
+    _ncreating  slots reserved for objects being created
+    _nchecking  entries out of both _avail and _using for a moment (a health check, the reset
+                of a reclaimed object): they still hold their slot, or the bound could be
+                exceeded
+    _counts     the counters that stats() reports
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .budget import Budget, draw_token, give_back, undo_draw
+from .clock import Clock
+from .holder import Holder
+from .leasemap import LeaseMap
+from .ratelog import RateLimitedLog
+from .sched import Scheduler, Task
+
+log = logging.getLogger("mppool")
+
+FunHook = Callable[[int], Any]
+PoolHook = Callable[[Any], Any]
+HealthHook = Callable[[Any], bool]
+Runner = Callable[[Callable[[], None]], None]
+
+LIFETIME_JITTER = 0.05
+
+COUNTERS = (
+    "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows", "nreturns",
+    "ndestroys", "nhealth", "bad_health", "hk_rounds", "hk_errors", "hc_rounds", "hc_errors",
+    "nexpired", "nrecalled",
+)
+
+
+class _Create:
+    """Handed to a waiter instead of an object: a slot is reserved, create one."""
+
+    def __repr__(self) -> str:
+        return "CREATE"
+
+
+CREATE = _Create()
+
+
+class Entry:
+    """One pooled object and what the pool knows about it."""
+
+    __slots__ = (
+        "blob",
+        "created",
+        "expires",
+        "holder",
+        "last_get",
+        "last_ret",
+        "lease",
+        "num",
+        "obj",
+        "token",
+        "uses",
+        "warned",
+    )
+
+    def __init__(self, obj: Any, num: int, now: float, lifetime: float, token: Any) -> None:
+        self.obj = obj
+        self.num = num
+        self.created = now
+        # Jitter so that objects created together do not all expire together.
+        self.expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else 0.0
+        self.uses = 0
+        self.last_get = now
+        self.last_ret = now
+        self.lease = 0
+        self.holder: Holder | None = None
+        self.warned = False
+        self.token = token  # its budget token, given back when it is closed
+        self.blob: bytes | None = None  # the supervisor's cached pickle of obj
+
+
+class Waiter:
+    """A getter blocked in this process.
+
+    The waiter protocol, which the supervisor's waiters (one per client get) follow too:
+    ``holder``; ``set(result)`` and ``cancel()``, called under the pool lock, so they must
+    not block; ``set`` returns False once the waiter gave up (``done``), so that an object is
+    never handed to a waiter that timed out or whose process died; ``result`` is what it was
+    handed: an entry, ``CREATE``, or an exception to raise.
+    """
+
+    __slots__ = ("_event", "done", "holder", "result")
+
+    def __init__(self, holder: Holder) -> None:
+        self.holder = holder
+        self.result: Any = None
+        self.done = False
+        self._event = threading.Event()
+
+    def set(self, result: Any) -> bool:
+        if self.done:
+            return False
+        self.result = result
+        self.done = True
+        self._event.set()
+        return True
+
+    def cancel(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+
+# Lease ids are random 63-bit numbers, not a counter: a client cannot guess another's lease
+# (and a lease is honoured only for the connection that holds it anyway).
+_lease_rng = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _lease_rng.seed(os.urandom(16)))
+
+
+class PoolState:
+    """The state of a core pool and the moves between its containers (see the module)."""
+
+    # Settings, fixed at construction (but _max_size, which resize() changes under the lock).
+    _id: int
+    _started: datetime.datetime
+    _started_mono: float
+    _fun: FunHook
+    _min_size: int
+    _max_size: int
+    _timeout: float | None
+    _max_use: int
+    _max_avail_delay: float
+    _max_using_delay_warn: float
+    _max_using_delay_kill: float
+    _max_lifetime: float
+    _health_freq: int
+    _opener: PoolHook | None
+    _getter: PoolHook | None
+    _retter: PoolHook | None
+    _closer: PoolHook | None
+    _health: HealthHook | None
+    _stats_hook: Callable[[Any], Any] | None
+    _tracer: Callable[[Any], Any]
+    _budget: Budget | None
+    _kill_holder: bool
+    _clock: Clock
+    _now: Callable[[], float]
+    _runner: Runner | None
+    on_kill_holder: Callable[[Holder, float], None] | None
+
+    # Under _lock (see the module docstring).
+    _lock: threading.Lock
+    _drained: threading.Condition  # shutdown(delay) waits on it for leases to come back
+    _avail: deque[Entry]
+    _using: dict[int, Entry]
+    _by_obj: LeaseMap  # obj -> its leases, for ret(obj)
+    _waiters: deque[Any]
+    _to_close: deque[Entry]
+    _shutdown: bool
+    _draining: bool
+    _fifo: bool  # eventlet's pools.Pool hands out the oldest idle item first
+    _nextnum: int
+    _ncreating: int
+    _nchecking: int
+    _counts: dict[str, int]
+    _inflight: set[str]  # kinds of runner jobs started and not finished (see _offload)
+    _runner_errors: RateLimitedLog
+
+    # Housekeeping (housekeeping.py) and recall (budget.py).
+    _delay: float
+    _sched: Scheduler | None
+    _own_sched: bool
+    _hk_task: Task | None
+    _hk_time: float
+    _hk_last: float
+    _weak_hk: Callable[[], None]
+    _recall_n: int
+    _recall_task: Task | None
+    _weak_recall: Callable[[], None]
+
+    def _init_state(self) -> None:
+        """The empty containers and counters; the lock that guards them."""
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._avail = deque()
+        self._using = {}
+        self._by_obj = LeaseMap()
+        self._waiters = deque()
+        self._to_close = deque()
+        self._shutdown = False
+        self._draining = False
+        self._fifo = False
+        self._nextnum = 0
+        self._ncreating = 0
+        self._nchecking = 0
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        # At most one runner job of each kind at a time, so that a hook that hangs cannot
+        # make rounds pile up jobs behind it (the next job picks up whatever is left to do).
+        self._inflight = set()
+        self._runner_errors = RateLimitedLog(10.0)
+
+    # ------------------------------------------------------------- moves, under the lock
+
+    def _total(self) -> int:
+        return len(self._avail) + len(self._using) + self._ncreating + self._nchecking
+
+    def _room(self) -> bool:
+        return not self._max_size or self._total() < self._max_size
+
+    def _lease(self, entry: Entry, holder: Holder, now: float) -> None:
+        lease = _lease_rng.getrandbits(63) or 1
+        while lease in self._using:
+            lease = _lease_rng.getrandbits(63) or 1
+        entry.lease = lease
+        entry.holder = holder
+        entry.last_get = now
+        entry.uses += 1
+        entry.warned = False
+        self._using[lease] = entry
+        self._counts["nuses"] += 1
+        self._counts["nborrows"] += 1
+
+    def _put_back(self, entry: Entry) -> None:
+        """Hand an idle entry to the oldest live waiter, or keep it."""
+        now = self._clock.now()
+        while self._waiters:
+            w = self._waiters.popleft()
+            if w.done:
+                continue
+            self._lease(entry, w.holder, now)
+            if w.set(entry):
+                return
+            del self._using[entry.lease]
+            entry.holder = None
+        self._avail.append(entry)
+
+    def _grant_slots(self) -> None:
+        """Turn free room into creation rights for the oldest waiters."""
+        while self._waiters and self._room() and not self._shutdown:
+            w = self._waiters.popleft()
+            if w.done:
+                continue
+            self._ncreating += 1
+            if not w.set(CREATE):
+                self._ncreating -= 1
+
+    # ------------------------------------------------- the work after a decision, outside
+
+    def _settle(self, offload: bool = False) -> None:
+        """Do the closes decided under the lock (see the module docstring): here, or with
+        ``offload`` on the runner if the pool has one."""
+        if offload:
+            self._offload("flush", self._close_backlog)
+        else:
+            self._close_backlog()
+
+    def _close_backlog(self) -> None:
+        """Close the entries in _to_close one by one; each frees its token, then its slot."""
+        while True:
+            with self._lock:
+                if not self._to_close:
+                    return
+                entry = self._to_close.popleft()
+            self._hook("closer", self._closer, entry.obj)
+            give_back(self._budget, entry.token, self._id)
+            with self._lock:
+                self._counts["ndestroys"] += 1
+                self._grant_slots()
+
+    def _create(self, fill: bool = False, timeout: float | None = None) -> Entry:
+        """Make an object in a slot already counted in ``_ncreating`` (a creation right).
+
+        ``fill``: for min_size, never wait for a budget token (a constructor or a
+        housekeeping round must not block on other processes); try again later.
+        """
+        token = None
+        try:
+            # Drawn before fun runs, so the cross-process total never exceeds the budget.
+            token = draw_token(self._budget, fill, timeout)
+            with self._lock:
+                num = self._nextnum
+                self._nextnum += 1
+            obj = self._fun(num)
+        except BaseException:
+            undo_draw(self._budget, token)
+            with self._lock:
+                self._ncreating -= 1
+                self._grant_slots()
+            self._settle()
+            raise
+        self._hook("opener", self._opener, obj)
+        with self._lock:
+            self._counts["ncreated"] += 1
+            return Entry(obj, num, self._clock.now(), self._max_lifetime, token)
+
+    def _offload(self, kind: str, job: Callable[[], None]) -> bool:
+        """Run ``job`` (which runs user code): inline without a runner, else on the runner,
+        at most one job of each ``kind`` at a time.
+
+        False if it was not started (one of its kind has not finished, or the runner could
+        not take it); what it would have done is still to do, and the next round tries again.
+        """
+        if self._runner is None:
+            job()
+            return True
+        with self._lock:
+            if kind in self._inflight:
+                return False
+            self._inflight.add(kind)
+
+        def run() -> None:
+            try:
+                job()
+            except Exception:
+                with self._lock:
+                    self._counts["hk_errors"] += 1
+                log.exception("mppool: pool %d: housekeeping job %r failed", self._id, kind)
+            finally:
+                with self._lock:
+                    self._inflight.discard(kind)
+
+        try:
+            self._runner(run)
+        except Exception as exc:  # e.g. RuntimeError: can't start new thread
+            with self._lock:
+                self._inflight.discard(kind)
+            self._runner_errors.error("runner", "mppool: pool %d: could not start housekeeping "
+                                      "job %r, will retry: %s", self._id, kind, exc)
+            return False
+        return True
+
+    def _weak_task(self, method: str) -> Callable[[], None]:
+        """A scheduler task calling ``self.<method>()`` that does not keep the pool alive: a
+        pool dropped without shutdown() is still finalized (objects closed, tokens back)."""
+        ref = weakref.ref(self)
+
+        def tick() -> None:
+            target = ref()
+            if target is not None:
+                getattr(target, method)()
+
+        return tick
+
+    # ------------------------------------------------------------------ views
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-compatible description, with ProxyPatternPool's keys plus ``nwaiting``."""
+        with self._lock:
+            now = self._clock.now()
+            c = self._counts
+            return {
+                "id": self._id,
+                "started": self._started.isoformat(),
+                "now": time.time(),
+                "running": now - self._started_mono,
+                "rel_hk_last": self._hk_last - now,
+                "time_per_hk": self._hk_time / max(c["hk_rounds"], 1),
+                "min_size": self._min_size,
+                "max_size": self._max_size,
+                "max_use": self._max_use,
+                "timeout": self._timeout,
+                "delay": self._delay,
+                "max_avail_delay": self._max_avail_delay,
+                "max_lifetime": self._max_lifetime,
+                "max_using_delay_kill": self._max_using_delay_kill,
+                "max_using_delay_warn": self._max_using_delay_warn,
+                "health_freq": self._health_freq,
+                "sem": ({"value": len(self._avail) + max(0, self._max_size - self._total()),
+                         "init": self._max_size} if self._max_size else None),
+                "navail": len(self._avail),
+                "nusing": len(self._using),
+                "ntodel": len(self._to_close),
+                "nwaiting": sum(1 for w in self._waiters if not w.done),
+                "shutdown": self._shutdown,
+                "avail": [self._describe(e, now) for e in self._avail],
+                "using": [self._describe(e, now) for e in self._using.values()],
+                "nobjs": len(self._avail) + len(self._using),
+                "ncreating": self._ncreating,
+                **c,
+            }
+
+    def __str__(self) -> str:
+        return json.dumps(self.stats())
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return (f"<mppool.Pool {self._id} [objects: {len(self._using)} in use, "
+                    f"{len(self._avail)} idle, {self._ncreating} creating | "
+                    f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}]>")
+
+    # ------------------------------------------------------------------ user code
+
+    def _hook(self, name: str, hook: PoolHook | None, obj: Any) -> None:
+        if hook is None:
+            return
+        try:
+            hook(obj)
+        except Exception:
+            log.warning("mppool: pool %d: %s hook raised, ignored", self._id, name, exc_info=True)
+
+    def _trace(self, obj: Any) -> str:
+        try:
+            return str(self._tracer(obj))
+        except Exception:
+            return f"<{type(obj).__name__}>"
+
+    def _describe(self, entry: Entry, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        try:
+            if self._stats_hook is not None:
+                data["stats"] = self._stats_hook(entry.obj)
+            else:
+                data["trace"] = str(self._tracer(entry.obj))
+        except Exception:
+            data["trace"] = f"<{type(entry.obj).__name__}>"
+        data.update(uses=entry.uses, last_get=entry.last_get - now, last_ret=entry.last_ret - now)
+        if entry.holder is not None:
+            data.update(lease=entry.lease, pid=entry.holder.pid, holder=entry.holder.as_dict())
+        return data
