@@ -56,14 +56,9 @@ def draw_token(budget: Budget | None, fill: bool, timeout: float | None) -> Any:
     return budget.get(0 if fill else timeout)
 
 
-def undo_draw(budget: Budget | None, token: Any) -> None:
-    """``fun`` failed: the token drawn for it goes straight back."""
-    if token is not None:
-        budget.put(token)  # type: ignore[union-attr]
-
-
 def give_back(budget: Budget | None, token: Any, pool_id: int) -> None:
-    """Return the token of a closed object; never raises (the object is gone either way)."""
+    """Return the token of a closed object, or of one ``fun`` failed to make; never raises
+    (the object is gone either way, and fun's own error must be the one the caller sees)."""
     if token is None:
         return
     try:

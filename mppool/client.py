@@ -38,6 +38,7 @@ from .address import Address, client_authkey, default_address, display, parse_ad
 from .channel import Channel
 from .control import ControlConnection
 from .errors import ServerUnavailable, TimeOut
+from .leasemap import LeaseMap
 from .lender import Lender
 from .options import POOL_OPTIONS, token_pool_options
 from .proxy import ObjectProxy
@@ -90,8 +91,8 @@ class Client:
         # Weak: pools point to their client, and a cycle would leave a dropped client to
         # the cyclic GC, which may finalize its socket before Client.__del__ closes it.
         self._pools: weakref.WeakValueDictionary[str, SharedPool] = weakref.WeakValueDictionary()
-        # pool name -> id(obj) -> (obj, lease, channel, pool id): what this process holds.
-        self._held: dict[str, dict[int, tuple[Any, int, Channel, int]]] = {}
+        # pool name -> obj -> (lease, channel, pool id): what this process holds.
+        self._held: dict[str, LeaseMap] = {}
         self._closed = False
         self._pid = os.getpid()
         self._info: dict[str, Any] = self._control.call("info")  # fail now, not at first use
@@ -269,8 +270,8 @@ class SharedPool(Lender):
                                 f"{display(self._client.address)} keeps restarting")
 
     @property
-    def _held(self) -> dict[int, tuple[Any, int, Channel, int]]:
-        return self._client._held.setdefault(self.name, {})
+    def _held(self) -> LeaseMap:
+        return self._client._held.setdefault(self.name, LeaseMap())
 
     def get(self, timeout: float | None = None) -> Any:
         """Get an object (a copy, or a proxy for ``transfer="proxy"``); ``timeout=None``
@@ -312,21 +313,18 @@ class SharedPool(Lender):
                     from exc
             raise
         with self._client._lock:
-            self._held[id(obj)] = (obj, lease, chan, pool_id)
+            self._held.add(obj, (lease, chan, pool_id))
         return obj
 
     def ret(self, obj: Any, discard: bool = False) -> None:
         """Return an object; with ``discard=True`` the supervisor closes it instead."""
         with self._client._lock:
-            held = self._held.pop(id(obj), None)
-            if held is not None and held[0] is not obj:
-                self._held[id(held[0])] = held
-                held = None
-        if held is None:
+            held = self._held.take(obj)
+        if not held:
             log.warning("mppool: pool %r: ret() of an object this process does not hold "
                         "(returned twice?): ignored", self.name)
             return
-        _, lease, chan, pool_id = held
+        lease, chan, pool_id = held
         if isinstance(obj, ObjectProxy):
             object.__setattr__(obj, "_mp_lease", 0)  # further calls fail clearly
         if chan.broken:

@@ -4,23 +4,25 @@ the lease, so every pool that lends objects by value keeps this map from object 
     get():  entry leased ──▶ LeaseMap.add(entry.obj, entry.lease)
     ret(obj): LeaseMap.take(obj) ──▶ lease ──▶ the pool's checkin(lease)
 
-Used by the core `mppool.Pool` (``ret``), eventlet's `mppool.pools.Pool` (``put``) and
-`mppool.db_pool` (``put`` of a bare connection).
+Used by the core `mppool.Pool` (``ret``), eventlet's `mppool.pools.Pool` (``put``),
+`mppool.db_pool` (``put`` of a bare connection) and the clients' shared pools, whose "lease"
+is what a put needs: (lease id, channel, pool id).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_Pair = tuple[Any, int]
+_Pair = tuple[Any, Any]
 
 
 class LeaseMap:
-    """A multimap ``id(obj)`` -> leases of ``obj`` out now, most recent last (a lease is a
-    non-zero int).
+    """A multimap ``id(obj)`` -> leases of ``obj`` out now, most recent last (a lease is any
+    true value: a non-zero int in a pool, a tuple in a client).
 
     Keyed by ``id()`` because pooled objects need not be hashable, and one object may be out
-    under several leases at once (a ``fun`` that returns the same object twice, say ``0``). Each
+    under several leases at once (a ``fun`` that returns the same object twice, say ``0``; two
+    copies of ``0`` unpickled in a client are one object too). Each
     lease is stored with its object, and a lookup compares identity: holding the object keeps
     its ``id()`` from being reused meanwhile, so a stranger that happens to get the same id
     later can never return somebody's lease. Not thread-safe: callers hold their own lock.
@@ -35,7 +37,7 @@ class LeaseMap:
     def __init__(self) -> None:
         self._held: dict[int, _Pair | list[_Pair]] = {}
 
-    def add(self, obj: Any, lease: int) -> None:
+    def add(self, obj: Any, lease: Any) -> None:
         key = id(obj)
         held = self._held.get(key)
         if held is None:
@@ -45,7 +47,7 @@ class LeaseMap:
         else:
             held.append((obj, lease))  # type: ignore[union-attr]
 
-    def take(self, obj: Any) -> int:
+    def take(self, obj: Any) -> Any:
         """Forget and return the most recent lease of ``obj``; 0 if it has none."""
         key = id(obj)
         held = self._held.pop(key, None)
@@ -58,7 +60,7 @@ class LeaseMap:
             return 0
         return self._remove(key, held, obj, None)  # type: ignore[arg-type]
 
-    def discard(self, obj: Any, lease: int) -> None:
+    def discard(self, obj: Any, lease: Any) -> None:
         """Forget one lease of ``obj`` that was given back another way."""
         key = id(obj)
         held = self._held.pop(key, None)
@@ -70,7 +72,7 @@ class LeaseMap:
             return
         self._remove(key, held, obj, lease)  # type: ignore[arg-type]
 
-    def _remove(self, key: int, held: list[_Pair], obj: Any, lease: int | None) -> int:
+    def _remove(self, key: int, held: list[_Pair], obj: Any, lease: Any) -> Any:
         """Out of the several leases under ``key`` (already popped from the map), remove the
         most recent one of ``obj`` (``lease``, if given), put the rest back, return it."""
         found = 0
@@ -81,6 +83,11 @@ class LeaseMap:
         if held:
             self._held[key] = held[0] if len(held) == 1 else held
         return found
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """Every (object, lease) out now."""
+        return [pair for held in self._held.values()
+                for pair in ([held] if type(held) is tuple else held)]
 
     def clear(self) -> None:
         self._held.clear()

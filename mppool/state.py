@@ -47,8 +47,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .budget import Budget, draw_token, give_back, undo_draw
-from .clock import Clock
+from .budget import Budget, draw_token, give_back
+from .clock import Clock, wait_event
 from .holder import Holder
 from .leasemap import LeaseMap
 from .ratelog import RateLimitedLog
@@ -114,30 +114,30 @@ class Entry:
         self.blob: bytes | None = None  # the supervisor's cached pickle of obj
 
 
-class Waiter:
-    """A getter blocked in this process.
+class WaiterBase:
+    """The waiter protocol, one for every queued get: a thread blocked here (`Waiter`) or a
+    client's get queued in the supervisor (``supervisor.conn.RemoteWaiter``).
 
-    The waiter protocol, which the supervisor's waiters (one per client get) follow too:
     ``holder``; ``set(result)`` and ``cancel()``, called under the pool lock, so they must
-    not block; ``set`` returns False once the waiter gave up (``done``), so that an object is
-    never handed to a waiter that timed out or whose process died; ``result`` is what it was
-    handed: an entry, ``CREATE``, or an exception to raise.
+    not block; ``set`` returns False once the waiter gave up (``done``) or can no longer take
+    anything (``_can_take``: its client went away), so that an object is never handed to a
+    waiter that timed out or whose process died; ``result`` is what it was handed: an entry,
+    ``CREATE``, or an exception to raise. ``_wake`` tells the waiter, without blocking.
     """
 
-    __slots__ = ("_event", "done", "holder", "result")
+    __slots__ = ("done", "holder", "result")
 
     def __init__(self, holder: Holder) -> None:
         self.holder = holder
         self.result: Any = None
         self.done = False
-        self._event = threading.Event()
 
     def set(self, result: Any) -> bool:
-        if self.done:
+        if self.done or not self._can_take():
             return False
         self.result = result
         self.done = True
-        self._event.set()
+        self._wake(result)
         return True
 
     def cancel(self) -> bool:
@@ -146,8 +146,27 @@ class Waiter:
         self.done = True
         return True
 
+    def _can_take(self) -> bool:
+        return True
+
+    def _wake(self, result: Any) -> None:
+        raise NotImplementedError
+
+
+class Waiter(WaiterBase):
+    """A getter blocked in this process."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, holder: Holder) -> None:
+        super().__init__(holder)
+        self._event = threading.Event()
+
+    def _wake(self, result: Any) -> None:
+        self._event.set()
+
     def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
+        return wait_event(self._event, timeout)  # any timeout, however large
 
 
 # Lease ids are random 63-bit numbers, not a counter: a client cannot guess another's lease
@@ -321,7 +340,7 @@ class PoolState:
                 self._nextnum += 1
             obj = self._fun(num)
         except BaseException:
-            undo_draw(self._budget, token)
+            give_back(self._budget, token, self._id)
             with self._lock:
                 self._ncreating -= 1
                 self._grant_slots()

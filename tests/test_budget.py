@@ -46,7 +46,7 @@ def test_idle_pool_gives_its_tokens_back_to_a_waiting_process(server, client, pr
     got = busy.get(timeout=5)  # blocks on the budget until the idle pool gives one back
     latency = time.monotonic() - t0
     assert got == "other0"
-    assert latency < 0.5, latency  # SPEC: within 100 ms; slack for a loaded CI machine
+    assert latency < 0.5, latency  # the promise is 100 ms; slack for a loaded CI machine
     assert idle.stats()["nrecalled"] >= 1 and len(idle) <= 1
     busy.ret(got)
     idle.shutdown()

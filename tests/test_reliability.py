@@ -45,7 +45,7 @@ def _canary_ms(pool: Any, n: int = 20) -> float:
 
 
 def _lease_of(client: Any, name: str, obj: Any) -> int:
-    return client._held[name][id(obj)][1]
+    return next(held[0] for o, held in client._held[name].items() if o is obj)
 
 
 def _supervisor_cpu(pid: int) -> float:
@@ -418,3 +418,14 @@ def test_interrupted_waiter_gives_back_what_it_was_handed(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pool.get()
     assert pool.stats()["nusing"] == 0 and pool.free() == 1
+
+
+def test_two_grants_that_unpickle_to_one_object_are_two_leases(client):
+    """Copies of 0 (or None, or an interned string) are one object here: the client kept one
+    lease per object and lost the other."""
+    pool = client.pool("zeros", lambda i: 0, max_size=2, min_size=0)
+    a, b = pool.get(timeout=1), pool.get(timeout=1)
+    assert a is b
+    pool.ret(a)
+    pool.ret(b)
+    assert pool.stats()["nusing"] == 0

@@ -35,6 +35,7 @@ from .. import protocol as P
 from ..address import Address, client_authkey, default_address, display, parse_address
 from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg
 from ..errors import ServerUnavailable, TimeOut
+from ..leasemap import LeaseMap
 from ..options import POOL_OPTIONS, token_pool_options
 from ..validate import check_delay, check_int
 from .channel import AsyncChannel
@@ -71,7 +72,7 @@ class AsyncClient:
         self._pools: weakref.WeakValueDictionary[str, AsyncSharedPool] = \
             weakref.WeakValueDictionary()
         # pool name -> id(obj) -> (obj, lease, channel, pool id): what this process holds.
-        self._held: dict[str, dict[int, tuple[Any, int, AsyncChannel, int]]] = {}
+        self._held: dict[str, LeaseMap] = {}  # pool name -> obj -> (lease, channel, pool id)
         self._closed = False
         self._pid = os.getpid()
         self._loop: asyncio.AbstractEventLoop | None = None  # bound at first use
@@ -272,8 +273,8 @@ class AsyncSharedPool:
                                 f"{display(client.address)} keeps restarting")
 
     @property
-    def _held(self) -> dict[int, tuple[Any, int, AsyncChannel, int]]:
-        return self._client._held.setdefault(self.name, {})
+    def _held(self) -> LeaseMap:
+        return self._client._held.setdefault(self.name, LeaseMap())
 
     async def get(self, timeout: float | None = None) -> Any:
         """Get a copy of an object; ``timeout=None`` uses the pool's, 0 means do not wait,
@@ -309,21 +310,18 @@ class AsyncSharedPool:
             chan.post(P.encode_put(pool_id, reply.lease, discard=True))  # not usable: discard
             raise TypeError(f"pool {self.name!r}: the object cannot be rebuilt here "
                             f"({exc!r})") from exc
-        self._held[id(obj)] = (obj, reply.lease, chan, pool_id)
+        self._held.add(obj, (reply.lease, chan, pool_id))
         return obj
 
     async def ret(self, obj: Any, discard: bool = False) -> None:
         """Return an object; with ``discard=True`` the supervisor closes it instead. It never
         waits (no cancellation can interrupt it)."""
-        held = self._held.pop(id(obj), None)
-        if held is not None and held[0] is not obj:
-            self._held[id(held[0])] = held
-            held = None
-        if held is None:
+        held = self._held.take(obj)
+        if not held:
             log.warning("mppool: pool %r: ret() of an object this process does not hold "
                         "(returned twice?): ignored", self.name)
             return
-        _, lease, chan, pool_id = held
+        lease, chan, pool_id = held
         if chan.broken:
             log.info("mppool: pool %r: ret() of a lease from a supervisor connection that is "
                      "gone (%s): nothing to give back", self.name, chan.broken)

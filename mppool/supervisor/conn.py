@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as P
 from ..holder import Holder
 from ..remote import PackedException
+from ..state import WaiterBase
 
 if TYPE_CHECKING:
     import socket
@@ -29,35 +30,25 @@ if TYPE_CHECKING:
     from .registry import Record
 
 
-class RemoteWaiter:
-    """A get() from a client, queued in a Pool. ``set``/``cancel`` run under the pool lock."""
+class RemoteWaiter(WaiterBase):
+    """A get() from a client, queued in a Pool (the waiter protocol of `mppool.state`)."""
 
-    __slots__ = ("conn", "done", "holder", "rec", "result", "rid", "since")
+    __slots__ = ("conn", "rec", "rid", "since")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
+        super().__init__(conn.holder)  # type: ignore[arg-type]
         self.conn = conn
         self.rid = rid
         self.rec = rec
-        self.holder = conn.holder
-        self.done = False
-        self.result: Any = None
         self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
 
-    def set(self, result: Any) -> bool:
-        if self.done or self.conn.closed:
-            return False
-        self.done = True
-        self.result = result
+    def _can_take(self) -> bool:
+        return not self.conn.closed
+
+    def _wake(self, result: Any) -> None:
         # Under the pool lock: only record. The reply (hooks, pickling, and on failure a
         # checkin that takes that same lock) is made by the loop once the lock is released.
         self.conn.loop.call_soon(lambda: self.conn.loop.deliver(self, result))
-        return True
-
-    def cancel(self) -> bool:
-        if self.done:
-            return False
-        self.done = True
-        return True
 
 
 class Conn:

@@ -29,7 +29,7 @@ try:
 except ImportError:  # tests/ became a package
     from tests.helpers import ManualScheduler, Recorder, Runner, wait_until
 
-SPEC_STATS_KEYS = [
+PPP_STATS_KEYS = [
     "id", "started", "now", "running", "rel_hk_last", "time_per_hk", "min_size", "max_size",
     "max_use", "timeout", "delay", "max_avail_delay", "max_using_delay_kill",
     "max_using_delay_warn", "health_freq", "sem", "navail", "nusing", "ntodel", "shutdown", "avail",
@@ -893,7 +893,7 @@ def test_stats_has_every_spec_key(make_pool: Callable[..., Pool]) -> None:
                      max_using_delay=6.0, max_using_delay_kill=12.0, health_freq=2)
     held = pool.get()
     s = pool.stats()
-    missing = [k for k in SPEC_STATS_KEYS if k not in s]
+    missing = [k for k in PPP_STATS_KEYS if k not in s]
     assert not missing
     assert json.loads(json.dumps(s)) == s  # JSON-compatible (no tuples, no objects)
     assert (s["min_size"], s["max_size"], s["max_use"], s["timeout"]) == (2, 3, 4, 2.5)
@@ -1323,3 +1323,24 @@ def test_an_object_under_reset_after_reclaim_still_holds_its_slot():
         release.set()
         t.join(5)
     assert pool.get(timeout=0) == 0  # the reset object, reused
+
+
+def test_fun_error_survives_a_budget_that_cannot_take_its_token_back():
+    """fun fails and giving its token back fails too: fun's error is the one raised, and the
+    reserved slot is free again."""
+
+    class Budget:
+        def get(self, timeout=None):
+            return object()
+
+        def put(self, token):
+            raise OSError("budget unreachable")
+
+    def fun(i):
+        raise ValueError("database down")
+
+    pool = Pool(fun, max_size=1, min_size=0, budget=Budget())
+    with pytest.raises(ValueError, match="database down"):
+        pool.get(timeout=0)
+    assert pool.free() == 1 and pool.stats()["ncreating"] == 0
+    pool.shutdown()
