@@ -305,3 +305,18 @@ def test_get_and_ret_below_max_size_stay_on_the_fast_path(
     for _ in range(3):
         pool.ret(pool.get())
     assert pool.stats()["nreturns"] == 4
+
+
+# ------------------------------------------------------------------------------ config file
+
+
+def test_config_file_takes_burst_limit_and_checks_it(tmp_path: Any) -> None:
+    from mppool.config import ConfigError, load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('[pools.db]\nfun = "builtins:int"\nmax_size = 2\nburst_limit = 4\n')
+    assert load_config(good)["db"]["burst_limit"] == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pools.db]\nfun = "builtins:int"\nmax_size = 2\nburst_limit = 1\n')
+    with pytest.raises(ConfigError, match="burst_limit=1 must be >= max_size=2"):
+        load_config(bad)
