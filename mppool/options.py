@@ -15,7 +15,7 @@ HOOKS = ("opener", "getter", "retter", "closer", "health", "stats", "tracer")
 POOL_OPTIONS = frozenset((
     "max_size", "min_size", "timeout", "max_use", "max_avail_delay", "max_using_delay",
     "max_using_delay_kill", "health_freq", "delay", "log_level", "max_lifetime", "kill_holder",
-    *HOOKS,
+    "burst_limit", *HOOKS,
 ))
 TRANSFERS = ("copy", "proxy")
 KINDS = ("pool", "token")

@@ -54,6 +54,7 @@ from .state import (
     _Create,
 )
 from .validate import (
+    check_burst,
     check_callable,
     check_duration,
     check_int,
@@ -99,6 +100,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         log_level: int | None = None,
         *,
         max_lifetime: float | None = 0.0,
+        burst_limit: int | None = None,
         budget: Budget | None = None,
         kill_holder: bool = False,
         clock: Clock | None = None,
@@ -110,6 +112,16 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         ``max_lifetime``, where 0 also means never; ``delay=None``/``inf``: no housekeeping
         at all); any finite number >= 0 is seconds; anything else raises ValueError/TypeError.
 
+        ``burst_limit``: None (the default) makes ``max_size`` a hard bound. An int makes it
+        a soft one: when nothing is idle, a get creates objects up to ``burst_limit`` instead
+        of waiting; an object returned (or reclaimed, or put back after a health check)
+        while the pool holds ``max_size`` objects without it is handed to a waiter if one is
+        queued, else closed (counted in ``stats()["nburst_closed"]``). It must be
+        >= ``max_size``, and ``max_size`` must be bounded (>= 1): ValueError otherwise.
+        ``free()`` counts the room up to ``burst_limit``; ``min_size`` refills and
+        ``resize(max_size)`` work on ``max_size``. With a budget, burst objects hold a token
+        each, like any other.
+
         ``runner``: how housekeeping runs the user's code (``fun`` to refill ``min_size``,
         ``closer``, ``health``, ``tracer``). ``runner(job)`` must arrange for ``job()`` to be
         called soon on a thread of its own, or raise if it cannot (the work is then retried
@@ -120,6 +132,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         # Validate everything before touching any state: nothing is half-created on error.
         check_callable("fun", fun, required=True)
         min_size, max_size = check_sizes(min_size, 0 if max_size is None else max_size)
+        burst_limit = check_burst(burst_limit, max_size)
         self._timeout = check_timeout("timeout", timeout)
         self._max_use = check_int("max_use", max_use)
         # Options where 0 means off store "never" (None, inf) as 0: no arithmetic and no
@@ -143,6 +156,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
 
         self._fun: FunHook = fun  # type: ignore[assignment]
         self._max_size = max_size
+        self._burst_limit = burst_limit
         self._min_size = min_size
         # If only the kill delay is given, warn at the same time as we kill.
         self._max_using_delay_warn = max_using_delay or self._max_using_delay_kill
@@ -236,9 +250,10 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         with self._lock:
             if self._shutdown:
                 return 0
-            if not self._max_size:
+            limit = self._burst_limit or self._max_size  # burst objects too: nobody waits
+            if not limit:
                 return 2**31 - 1
-            return len(self._avail) + max(0, self._max_size - self._total())
+            return len(self._avail) + max(0, limit - self._total())
 
     def waiting(self) -> int:
         with self._lock:
@@ -261,10 +276,14 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         return len(idle)
 
     def resize(self, max_size: int) -> None:
-        """Change the bound; extra idle objects are closed, new room goes to waiters."""
+        """Change the bound; extra idle objects are closed, new room goes to waiters.
+
+        With ``burst_limit``, the new ``max_size`` must be between 1 and ``burst_limit``
+        (ValueError otherwise); ``burst_limit`` itself does not change.
+        """
         max_size = check_size("max_size", max_size)
         with self._lock:
-            check_resize(max_size, self._min_size)
+            check_resize(max_size, self._min_size, self._burst_limit)
             self._max_size = max_size
             while max_size and self._avail and self._total() > max_size:
                 self._to_close.append(self._avail.popleft())
@@ -437,9 +456,9 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             elif entry.expires and now >= entry.expires:
                 self._counts["nexpired"] += 1
                 self._to_close.append(entry)
-            elif self._max_size and self._total() >= self._max_size:
+            elif self._max_size and not self._burst_limit and self._total() >= self._max_size:
                 self._to_close.append(entry)  # the pool was resized below its current count
-            else:
+            else:  # with burst_limit, _put_back closes what is above max_size if nobody waits
                 self._put_back(entry)
             if not self._using:
                 self._drained.notify_all()

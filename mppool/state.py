@@ -9,8 +9,10 @@ same two steps, so that no user code ever runs under the lock and the lock is he
        ─────────────────────                       ─────────────────────────────────
        idle entry ──lease──▶ _using                the getter hook (Pool.hand_out)
        returned entry ──▶ a waiter, or _avail      (the retter hook ran before: Pool.checkin)
+                     (or _to_close: a burst object above max_size, see burst_limit)
        free room ──▶ a creation right: CREATE      fun + opener, by whoever got the right
                      to a waiter, or a fill        (Pool.create_for, Housekeeping._fill)
+                     (room: up to burst_limit if set, else max_size)
        any entry ──▶ _to_close                     _settle(): closer, budget token back,
                                                    the freed room to the next waiter
 
@@ -66,7 +68,7 @@ LIFETIME_JITTER = 0.05
 COUNTERS = (
     "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows", "nreturns",
     "ndestroys", "nhealth", "bad_health", "hk_rounds", "hk_errors", "hc_rounds", "hc_errors",
-    "nexpired", "nrecalled",
+    "nexpired", "nrecalled", "nburst_closed",
 )
 
 
@@ -185,6 +187,7 @@ class PoolState:
     _fun: FunHook
     _min_size: int
     _max_size: int
+    _burst_limit: int  # 0: off; else objects are created up to it, kept up to _max_size
     _timeout: float | None
     _max_use: int
     _max_avail_delay: float
@@ -263,7 +266,9 @@ class PoolState:
         return len(self._avail) + len(self._using) + self._ncreating + self._nchecking
 
     def _room(self) -> bool:
-        return not self._max_size or self._total() < self._max_size
+        """Is there room to create one more object? Up to ``burst_limit`` when it is set."""
+        limit = self._burst_limit or self._max_size
+        return not limit or self._total() < limit
 
     def _lease(self, entry: Entry, holder: Holder, now: float) -> None:
         lease = _lease_rng.getrandbits(63) or 1
@@ -279,7 +284,8 @@ class PoolState:
         self._counts["nborrows"] += 1
 
     def _put_back(self, entry: Entry) -> None:
-        """Hand an idle entry to the oldest live waiter, or keep it."""
+        """Hand an idle entry (counted nowhere) to the oldest live waiter, or keep it; with
+        ``burst_limit``, close it instead if the pool holds ``max_size`` objects without it."""
         now = self._clock.now()
         while self._waiters:
             w = self._waiters.popleft()
@@ -290,6 +296,10 @@ class PoolState:
                 return
             del self._using[entry.lease]
             entry.holder = None
+        if self._burst_limit and self._total() >= self._max_size:
+            self._counts["nburst_closed"] += 1  # a burst object, and nobody waits for it
+            self._to_close.append(entry)
+            return
         self._avail.append(entry)
 
     def _grant_slots(self) -> None:
@@ -406,6 +416,7 @@ class PoolState:
         with self._lock:
             now = self._clock.now()
             c = self._counts
+            limit = self._burst_limit or self._max_size  # how many may be out at once
             return {
                 "id": self._id,
                 "started": self._started.isoformat(),
@@ -415,6 +426,7 @@ class PoolState:
                 "time_per_hk": self._hk_time / max(c["hk_rounds"], 1),
                 "min_size": self._min_size,
                 "max_size": self._max_size,
+                "burst_limit": self._burst_limit or None,
                 "max_use": self._max_use,
                 "timeout": self._timeout,
                 "delay": self._delay,
@@ -423,8 +435,8 @@ class PoolState:
                 "max_using_delay_kill": self._max_using_delay_kill,
                 "max_using_delay_warn": self._max_using_delay_warn,
                 "health_freq": self._health_freq,
-                "sem": ({"value": len(self._avail) + max(0, self._max_size - self._total()),
-                         "init": self._max_size} if self._max_size else None),
+                "sem": ({"value": len(self._avail) + max(0, limit - self._total()),
+                         "init": limit} if limit else None),
                 "navail": len(self._avail),
                 "nusing": len(self._using),
                 "ntodel": len(self._to_close),
@@ -444,7 +456,9 @@ class PoolState:
         with self._lock:
             return (f"<mppool.Pool {self._id} [objects: {len(self._using)} in use, "
                     f"{len(self._avail)} idle, {self._ncreating} creating | "
-                    f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}]>")
+                    f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}"
+                    + (f", burst_limit: {self._burst_limit}" if self._burst_limit else "")
+                    + "]>")
 
     # ------------------------------------------------------------------ user code
 

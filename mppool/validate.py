@@ -89,7 +89,24 @@ def check_sizes(min_size: Any, max_size: Any, bounded: bool = False) -> tuple[in
     return min_size, max_size
 
 
-def check_resize(max_size: int, min_size: int) -> None:
-    """A new bound for a pool whose ``min_size`` is fixed (``max_size`` already checked)."""
+def check_resize(max_size: int, min_size: int, burst_limit: int = 0) -> None:
+    """A new bound for a pool whose ``min_size`` (and ``burst_limit``, 0 if none) is fixed
+    (``max_size`` already checked)."""
     if max_size and min_size > max_size:
         raise ValueError(f"max_size={max_size!r} is below min_size={min_size!r}")
+    if burst_limit:
+        check_burst(burst_limit, max_size)
+
+
+def check_burst(burst_limit: Any, max_size: int) -> int:
+    """``burst_limit`` for a pool of ``max_size`` (already checked): None -> 0 (off), else an
+    int >= ``max_size``; a burst limit needs a bounded pool (``max_size`` >= 1)."""
+    if burst_limit is None:
+        return 0
+    burst_limit = check_int("burst_limit", burst_limit)
+    if not max_size:
+        raise ValueError(f"burst_limit={burst_limit!r} needs a bounded pool, "
+                         f"got max_size={max_size!r} (unbounded)")
+    if burst_limit < max_size:
+        raise ValueError(f"burst_limit={burst_limit!r} must be >= max_size={max_size!r}")
+    return burst_limit
