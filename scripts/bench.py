@@ -810,7 +810,7 @@ def plot(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any]],
 def _versions() -> dict[str, str]:
     out = {}
     for dist in ("mppool", "multiprocess", "ProxyPatternPool", "queuepool", "SQLAlchemy", "redis",
-                 "psutil", "matplotlib"):
+                 "psutil", "matplotlib", "asyncio-connection-pool"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -820,6 +820,306 @@ def _versions() -> dict[str, str]:
 
 def _keyed(table: dict[tuple[Any, ...], dict[str, Any]]) -> list[dict[str, Any]]:
     return list(table.values())
+
+
+# ------------------------------------------------------------------------------ async section
+#
+# (a) lease cycles (get + put on a token pool) through the supervisor from N processes, each
+#     running C concurrent asyncio tasks on one mppool.aio client, against the blocking client
+#     doing the same with C threads; (b) in-process get_connection cycles of
+#     mppool.aio.ConnectionPool against asyncio_connection_pool.ConnectionPool, same strategy.
+
+ASYNC_NS = (1, 8)  # worker processes
+ASYNC_CS = (1, 8)  # concurrent tasks (or threads) per process
+ASYNC_PEERS = ("mppool.aio", "mppool sync")
+ACP_PEERS = ("mppool.aio.ConnectionPool", "asyncio_connection_pool")
+ACP_TASKS = (1, 16)
+ACP_SIZE = 4  # max_size of both connection pools
+ACP_WARMUP = 2_000
+
+
+async def _aio_lease_loop(spec: dict[str, Any], barrier: Any, seconds: float, tasks: int,
+                          warmup: int) -> tuple[int, int, int, list[int]]:
+    import asyncio
+
+    import mppool.aio
+
+    client = await mppool.aio.connect(spec["address"], spec["authkey"])
+    try:
+        tokens = await client.token_pool(spec["name"], spec["size"])
+        for _ in range(warmup):
+            await tokens.put(await tokens.get())
+        barrier.wait(BARRIER_TIMEOUT)  # blocks the loop, before anything is measured
+        lat: list[int] = []
+        now = time.perf_counter_ns
+        t0 = now()
+        end = t0 + int(seconds * 1e9)
+        ends: list[int] = []
+
+        async def one() -> None:
+            get, put, append = tokens.get, tokens.put, lat.append
+            prev = now()
+            while prev < end:
+                await put(await get())
+                t = now()
+                append(t - prev)
+                prev = t
+            ends.append(prev)
+
+        await asyncio.gather(*(one() for _ in range(tasks)))
+        return len(lat), t0, max(ends), lat
+    finally:
+        await client.close()
+
+
+def _sync_lease_loop(spec: dict[str, Any], barrier: Any, seconds: float, tasks: int,
+                     warmup: int) -> tuple[int, int, int, list[int]]:
+    client = mppool.connect(spec["address"], spec["authkey"])
+    try:
+        tokens = client.token_pool(spec["name"], spec["size"])
+        for _ in range(warmup):
+            tokens.put(tokens.get())
+        barrier.wait(BARRIER_TIMEOUT)
+        now = time.perf_counter_ns
+        t0 = now()
+        end = t0 + int(seconds * 1e9)
+        lats: list[list[int]] = []
+        ends: list[int] = []
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            lat: list[int] = []
+            get, put, append = tokens.get, tokens.put, lat.append
+            try:
+                prev = now()
+                while prev < end:
+                    put(get())
+                    t = now()
+                    append(t - prev)
+                    prev = t
+                ends.append(prev)
+            except BaseException as exc:
+                errors.append(exc)
+            lats.append(lat)
+
+        threads = [threading.Thread(target=one) for _ in range(tasks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        lat = [x for chunk in lats for x in chunk]
+        return len(lat), t0, max(ends), lat
+    finally:
+        client.close()
+
+
+def _async_lease_worker(kind: str, spec: dict[str, Any], barrier: Any, seconds: float, tasks: int,
+                        warmup: int, out: Any) -> None:
+    """One process of an async-section cell: C tasks (or threads) of get+put cycles."""
+    import asyncio
+
+    try:
+        if kind == "mppool.aio":
+            count, t0, t1, lat = asyncio.run(_aio_lease_loop(spec, barrier, seconds, tasks, warmup))
+        else:
+            count, t0, t1, lat = _sync_lease_loop(spec, barrier, seconds, tasks, warmup)
+        step = max(1, len(lat) // SAMPLE)
+        out.put(("ok", os.getpid(), count, t0, t1, lat[::step]))
+    except BaseException as exc:
+        barrier.abort()
+        out.put(("error", os.getpid(), f"{kind}: {exc!r}"))
+
+
+def run_async_lease_cell(h: Harness, kind: str, spec: dict[str, Any], n: int, tasks: int,
+                         seconds: float) -> dict[str, Any]:
+    barrier = CTX.Barrier(n + 1)
+    out = CTX.Queue()
+    procs = [h.start(_async_lease_worker, (kind, spec, barrier, seconds, tasks, LEASE_WARMUP, out))
+             for _ in range(n)]
+    try:
+        try:
+            barrier.wait(BARRIER_TIMEOUT)
+        except threading.BrokenBarrierError:
+            _collect(out, procs, n, 10.0)  # raises with the worker's error
+            raise RuntimeError(f"{kind}: start barrier broken") from None
+        results = _collect(out, procs, n, seconds + 120.0)
+    finally:
+        h.reap(procs)
+        out.close()
+    total = sum(r[2] for r in results)
+    wall = (max(r[4] for r in results) - min(r[3] for r in results)) / 1e9
+    lat = sorted(x for r in results for x in r[5])
+    return {"peer": kind, "n": n, "tasks": tasks, "cycles": total, "wall_s": wall,
+            "rate": total / wall, "p50_us": _pct(lat, 0.50), "p99_us": _pct(lat, 0.99),
+            "server_cpu_us_per_cycle": None}
+
+
+class _Conn:
+    """A "connection" for the connection-pool cell: a plain object."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+def _acp_strategy(base: type) -> Any:
+    """The same trivial strategy, subclassing each library's own ConnectionStrategy."""
+
+    class Trivial(base):  # type: ignore[misc, valid-type]
+        async def make_connection(self) -> _Conn:
+            return _Conn()
+
+        def connection_is_closed(self, conn: _Conn) -> bool:
+            return conn.closed
+
+        async def close_connection(self, conn: _Conn) -> None:
+            conn.closed = True
+
+    return Trivial()
+
+
+async def _acp_loop(kind: str, tasks: int, seconds: float) -> dict[str, Any]:
+    import asyncio
+
+    if kind == "asyncio_connection_pool":
+        import asyncio_connection_pool as acp
+
+        pool: Any = acp.ConnectionPool(strategy=_acp_strategy(acp.ConnectionStrategy), max_size=ACP_SIZE)
+    else:
+        import mppool.aio
+
+        pool = mppool.aio.ConnectionPool(strategy=_acp_strategy(mppool.aio.ConnectionStrategy),
+                                         max_size=ACP_SIZE)
+    now = time.perf_counter_ns
+    sleep = asyncio.sleep
+
+    async def cycles(lat: list[int] | None, end: int, count: int) -> None:
+        # One yield inside the block, as a query would: with more tasks than connections
+        # the waiting path is exercised too.
+        prev = now()
+        i = 0
+        while (prev < end) if end else (i < count):
+            async with pool.get_connection():
+                await sleep(0)
+            t = now()
+            if lat is not None:
+                lat.append(t - prev)
+            prev = t
+            i += 1
+
+    await asyncio.gather(*(cycles(None, 0, ACP_WARMUP // tasks) for _ in range(tasks)))
+    lat: list[int] = []
+    t0 = now()
+    end = t0 + int(seconds * 1e9)
+    await asyncio.gather(*(cycles(lat, end, 0) for _ in range(tasks)))
+    wall = (now() - t0) / 1e9
+    if kind != "asyncio_connection_pool":
+        await pool.close()
+    lat.sort()
+    return {"peer": kind, "n": 1, "tasks": tasks, "cycles": len(lat), "wall_s": wall,
+            "rate": len(lat) / wall, "p50_us": _pct(lat, 0.50), "p99_us": _pct(lat, 0.99),
+            "server_cpu_us_per_cycle": None}
+
+
+def run_acp_cell(kind: str, tasks: int, seconds: float) -> dict[str, Any]:
+    """In this process, in a fresh event loop (asyncio-connection-pool binds the loop at
+    construction, so its pool is built inside it)."""
+    import asyncio
+
+    return asyncio.run(_acp_loop(kind, tasks, seconds))
+
+
+def run_async_section(h: Harness, server: mppool.Server, client: mppool.Client, reps: int,
+                      seconds: float, notes: list[str]) -> dict[str, Any]:
+    acp_peers = list(ACP_PEERS)
+    if importlib.util.find_spec("asyncio_connection_pool") is None:
+        acp_peers = []
+        msg = ("asyncio-connection-pool is not installed (pip install -e '.[bench]'): "
+               "the in-process ConnectionPool comparison is skipped")
+        notes.append(msg)
+        _say(f"  async: {msg}")
+    cells: dict[str, list[dict[str, Any]]] = {"lease": [], "conn_pool": []}
+    for rep in range(reps):
+        t_rep = time.monotonic()
+        for n in ASYNC_NS:
+            for c in ASYNC_CS:
+                for kind in _rotate(list(ASYNC_PEERS), rep + n + c):
+                    name = f"bench-async-{uuid.uuid4().hex[:12]}"
+                    size = n * c  # a token for every task: the round trip is measured
+                    tokens = client.token_pool(name, size)
+                    spec = {"address": server.address, "authkey": server.authkey, "name": name,
+                            "size": size}
+                    try:
+                        cell = run_async_lease_cell(h, kind, spec, n, c, seconds)
+                    finally:
+                        tokens.shutdown()
+                    cell.update(rep=rep, c=c)
+                    cells["lease"].append(cell)
+        for tasks in ACP_TASKS:
+            for kind in (_rotate(acp_peers, rep + tasks) if acp_peers else []):
+                cell = run_acp_cell(kind, tasks, seconds)
+                cell.update(rep=rep, c=ACP_SIZE)
+                cells["conn_pool"].append(cell)
+        _say(f"  async rep {rep + 1}/{reps} done in {time.monotonic() - t_rep:.1f} s")
+    lease = summarize(cells["lease"], ("n", "tasks", "peer"))
+    conn_pool = summarize(cells["conn_pool"], ("tasks", "peer"))
+    ratios: dict[str, float] = {}
+    for n in ASYNC_NS:
+        for c in ASYNC_CS:
+            a, s = lease.get((n, c, "mppool.aio"), {}), lease.get((n, c, "mppool sync"), {})
+            ratios[f"lease N={n} C={c}: rate async/sync"] = _ratio(a.get("rate"), s.get("rate"))
+            ratios[f"lease N={n} C={c}: p99 async/sync"] = _ratio(a.get("p99_us"), s.get("p99_us"))
+    for tasks in ACP_TASKS:
+        m = conn_pool.get((tasks, "mppool.aio.ConnectionPool"), {})
+        p = conn_pool.get((tasks, "asyncio_connection_pool"), {})
+        if m and p:
+            ratios[f"ConnectionPool {tasks} task(s): rate mppool.aio/asyncio-connection-pool"] = \
+                _ratio(m.get("rate"), p.get("rate"))
+    return {"seconds": seconds, "reps": reps, "lease": _keyed(lease), "conn_pool": _keyed(conn_pool),
+            "ratios": ratios, "cells": cells}
+
+
+def print_async(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(150, shutil.get_terminal_size((150, 40)).columns))
+    lease = {(r["n"], r["tasks"], r["peer"]): r for r in res["lease"]}
+    t = Table(title=f"async: lease cycles (get+put on a token pool of N x C) through the supervisor — "
+                    f"medians of {res['reps']} reps x {res['seconds']} s; C tasks (async) or threads "
+                    f"(sync) per process")
+    for col in ("N", "C", "async k/s", "sync k/s", "async/sync", "p50 us async / sync",
+                "p99 us async / sync", "p99 async/sync"):
+        t.add_column(col, justify="right")
+    for n in ASYNC_NS:
+        for c in ASYNC_CS:
+            a, s = lease.get((n, c, "mppool.aio")), lease.get((n, c, "mppool sync"))
+            if not a or not s:
+                continue
+            t.add_row(str(n), str(c), _k(a["rate"]), _k(s["rate"]), _x(_ratio(a["rate"], s["rate"])),
+                      f"{_f(a['p50_us'])} / {_f(s['p50_us'])}", f"{_f(a['p99_us'])} / {_f(s['p99_us'])}",
+                      _x(_ratio(a["p99_us"], s["p99_us"])))
+    console.print(t)
+    pools = {(r["tasks"], r["peer"]): r for r in res["conn_pool"]}
+    if pools:
+        t = Table(title=f"async: in-process get_connection cycles (max_size={ACP_SIZE}, trivial "
+                        f"strategy, one await inside the block) — medians")
+        for col in ("tasks", "mppool.aio k/s", "asyncio-connection-pool k/s", "ratio",
+                    "p50 us mppool / acp", "p99 us mppool / acp"):
+            t.add_column(col, justify="right")
+        for tasks in ACP_TASKS:
+            m, p = pools.get((tasks, ACP_PEERS[0])), pools.get((tasks, ACP_PEERS[1]))
+            if not m or not p:
+                continue
+            t.add_row(str(tasks), _k(m["rate"]), _k(p["rate"]), _x(_ratio(m["rate"], p["rate"])),
+                      f"{_f(m['p50_us'], 2)} / {_f(p['p50_us'], 2)}",
+                      f"{_f(m['p99_us'], 2)} / {_f(p['p99_us'], 2)}")
+        console.print(t)
+    for name, r in res["ratios"].items():
+        print(f"ratio: {name}: {_x(r)}")
 
 
 # ------------------------------------------------------------------------------ main
@@ -835,11 +1135,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=os.environ.get("MPPOOL_BENCH_REDIS", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results folder")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/img/")
+    ap.add_argument("--only", choices=["async"], help="run only this section (results in bench-async.json)")
+    ap.add_argument("--async-seconds", type=float,
+                    help="seconds per cell of the async section (default 0.4, quick 0.3)")
     ns = ap.parse_args(argv)
     reps = ns.reps or (1 if ns.quick else 3)
     seconds = ns.seconds or (0.5 if ns.quick else 1.0)
     cpu_cycles = ns.cpu_cycles or (4_000 if ns.quick else 20_000)
     kills = ns.kills or (10 if ns.quick else 40)
+    async_seconds = ns.async_seconds or (0.3 if ns.quick else 0.4)
+    if ns.only == "async":
+        return main_async(ns, reps, async_seconds)
 
     t_start = time.monotonic()
     notes: list[str] = []
@@ -866,6 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
         peers = Peers(server, client, manager, redis_url, notes)
         res["idle_cpu_percent"] = idle_cpu(server.pid, 0.5 if ns.quick else 1.0)
         cells = run_reps(h, peers, reps, seconds, cpu_cycles)
+        _say(f"  async section ({reps} rep(s) x {async_seconds} s per cell)...")
+        res["async"] = run_async_section(h, server, client, reps, async_seconds, notes)
         client.close()
         server.shutdown()
         server = None
@@ -896,12 +1204,39 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     plot(res, lease, inproc, cpu, png_path)
     print_tables(res, lease, inproc, cpu, goals)
+    print_async(res["async"])
     print(f"wrote {json_path} and {png_path}")
     if not ns.quick and not ns.no_docs:
         docs = ROOT / "docs" / "img"
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png_path, docs / "bench.png")
         print(f"copied the plot to {docs / 'bench.png'}")
+    print(f"runtime {time.monotonic() - t_start:.1f} s")
+    return 0
+
+
+def main_async(ns: argparse.Namespace, reps: int, seconds: float) -> int:
+    """``--only async``: the async section alone, against a supervisor of its own."""
+    t_start = time.monotonic()
+    notes: list[str] = []
+    h = Harness()
+    _say(f"mppool bench, async section only: {reps} rep(s) x {seconds} s per cell")
+    try:
+        with mppool.Server() as server, mppool.connect(server.address, server.authkey) as client:
+            res = run_async_section(h, server, client, reps, seconds, notes)
+    finally:
+        h.reap_all()
+    res["meta"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "python": platform.python_version(), "cpus": os.cpu_count(), "quick": ns.quick,
+                   "versions": _versions(), "runtime_s": round(time.monotonic() - t_start, 1)}
+    res["notes"] = notes
+    ns.out.mkdir(parents=True, exist_ok=True)
+    json_path = ns.out / "bench-async.json"
+    json_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print_async(res)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {json_path}")
     print(f"runtime {time.monotonic() - t_start:.1f} s")
     return 0
 
