@@ -10,6 +10,7 @@ first failed query.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import select
 from types import ModuleType
@@ -76,7 +77,29 @@ class PsycopgStrategy(ConnectionStrategy[Any]):
         return bool(pgconn.status != pq.ConnStatus.OK)
 
     async def close_connection(self, conn: Any) -> None:
+        """Close, then wait (up to ``db_pool.CLOSE_WAIT`` s) for the server to drop its end.
+
+        ``close()`` only sends "terminate": the server process lives on for a moment, still
+        counted in ``pg_stat_activity`` and against ``max_connections``. The budget token goes
+        back when this returns, so without the wait a connection opened with that token in
+        another process could overlap this one, server side, and the cap would be exceeded
+        where PostgreSQL counts it.
+        """
+        from ..db_pool.connecting import CLOSE_WAIT, peer_socket
+
+        sock = peer_socket(conn)
         await conn.close()
+        if sock is None:
+            return
+        with sock:
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    while await loop.sock_recv(sock, 4096):
+                        pass  # what the server still had to say; EOF means it is gone
+            except (TimeoutError, OSError):
+                pass  # reset, or slow to go: either way, stop waiting
 
 
 class RedisStrategy(ConnectionStrategy[Any]):

@@ -97,7 +97,7 @@ def safe_close(conn: Any, quiet: bool = False) -> None:
     close = getattr(conn, "close", None)
     if not callable(close):
         return
-    sock = _peer_socket(conn)
+    sock = peer_socket(conn)
     try:
         close()
     except Exception:
@@ -108,7 +108,7 @@ def safe_close(conn: Any, quiet: bool = False) -> None:
             _wait_eof(sock, CLOSE_WAIT)
 
 
-def _peer_socket(conn: Any) -> socket.socket | None:
+def peer_socket(conn: Any) -> socket.socket | None:
     """A duplicate of the connection's socket, if it has one, to watch the server leave."""
     fileno = getattr(conn, "fileno", None)
     if not callable(fileno):
