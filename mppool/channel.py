@@ -121,7 +121,7 @@ class Channel:
                 continue  # the reply is being delivered to us right now
             if self._read_lock.acquire(blocking=False):
                 try:
-                    self._read_until(lambda: slot.reply is not None, deadline)
+                    self._read_until(slot, deadline)
                 finally:
                     self._release_reader()
             else:
@@ -170,7 +170,7 @@ class Channel:
         while self._late and not self._broken:
             if self._read_lock.acquire(timeout=READ_SLICE):
                 try:
-                    self._read_until(lambda: not self._late, time.monotonic() + READ_SLICE)
+                    self._read_until(None, time.monotonic() + READ_SLICE)
                 finally:
                     self._release_reader()
         with self._drain_lock:
@@ -178,10 +178,12 @@ class Channel:
         if self._late and not self._broken:  # abandoned while we were leaving
             self._start_drainer()
 
-    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+    def _read_until(self, slot: _Slot | None, deadline: float | None) -> None:
+        """Read and hand out replies until ``slot`` has its own (None: until no abandoned
+        request is left), the deadline passes, or the connection fails."""
         pending, late = self._pending, self._late
         try:
-            while not done():
+            while (slot.reply is None) if slot is not None else late:
                 if deadline is not None and time.monotonic() >= deadline:
                     return
                 if not self._frames:

@@ -28,6 +28,7 @@ import pickle
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -239,6 +240,7 @@ class SharedPool(Lender):
         self.name = name
         self.transfer = transfer
         self._lock = threading.Lock()
+        self._late: tuple[Channel, int, Callable[[Any], None]] | None = None
         self._learn(*where, timeout, kind, blob)
 
     def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
@@ -255,6 +257,9 @@ class SharedPool(Lender):
     def _mp_route(self) -> tuple[Channel, int]:
         """The channel to use and this pool's id on the supervisor it reaches: after a
         restart, the pool is created again there from the options it was created with."""
+        chan = self._client._chan
+        if chan is not None and chan.instance == self._instance and not chan._broken:
+            return chan, self._id  # the common case, checked inline
         for _ in range(3):
             chan = self._client.channel()
             if chan.instance == self._instance:
@@ -271,7 +276,18 @@ class SharedPool(Lender):
 
     @property
     def _held(self) -> LeaseMap:
-        return self._client._held.setdefault(self.name, LeaseMap())
+        held = self._client._held.get(self.name)
+        if held is None:
+            held = self._client._held.setdefault(self.name, LeaseMap())
+        return held
+
+    def _late_handler(self, chan: Channel, pool_id: int) -> Callable[[Any], None]:
+        """What a grant that arrives after its get gave up does: go back at once (one per
+        route, made once)."""
+        late = self._late
+        if late is None or late[0] is not chan or late[1] != pool_id:
+            late = self._late = (chan, pool_id, functools.partial(_give_back, chan, pool_id))
+        return late[2]
 
     def get(self, timeout: float | None = None) -> Any:
         """Get an object (a copy, or a proxy for ``transfer="proxy"``); ``timeout=None``
@@ -286,7 +302,7 @@ class SharedPool(Lender):
             rid = chan.next_rid()
             try:
                 reply = chan.request(rid, P.encode_get(rid, pool_id, wire_timeout), deadline,
-                                     functools.partial(_give_back, chan, pool_id))
+                                     self._late_handler(chan, pool_id))
                 break
             except TimeOut:
                 raise TimeOut(f"pool {self.name!r}: the supervisor did not answer within "

@@ -148,8 +148,10 @@ Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel
 class FrameReader:
     """Splits a byte stream into payloads, refusing any frame longer than ``limit``.
 
-    The buffer grows by appending only and is compacted once per ``feed``, so a large frame
-    arriving in many pieces costs linear time, never a copy of the whole buffer per piece.
+    Whole frames are cut out of what was received in place, without a copy. Only the start
+    of an incomplete frame is kept, and the buffer then grows by appending until the frame is
+    complete, so a large frame arriving in many pieces costs linear time, never a copy of the
+    whole buffer per piece.
     """
 
     __slots__ = ("_buf", "_need", "limit")
@@ -163,22 +165,20 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes | bytearray) -> list[Any]:
-        """Payloads completed by ``data`` (memoryviews valid until the next ``feed``)."""
+    def feed(self, data: bytes) -> list[Any]:
+        """Payloads completed by ``data`` (views of immutable bytes: they stay valid)."""
         size = HEADER.size
-        if not self._buf and len(data) >= size:
-            (n,) = HEADER.unpack_from(data)
-            if len(data) == size + n and n <= self.limit:  # the usual case: one whole frame
-                return [memoryview(data)[size:]]
-        buf = self._buf
-        buf += data
-        if len(buf) < self._need:
-            return []
+        if self._buf:
+            self._buf += data
+            if len(self._buf) < self._need:
+                return []
+            data, self._buf = bytes(self._buf), bytearray()
+        # Usually whole frames (a put and a get in one recv): parsed in place, no copy.
+        view = memoryview(data)
+        end, pos = len(data), 0
         frames: list[Any] = []
-        view = memoryview(bytes(buf))  # one copy per feed: payloads outlive the compaction
-        end, pos = len(view), 0
         while end - pos >= size:
-            (n,) = HEADER.unpack_from(view, pos)
+            (n,) = HEADER.unpack_from(data, pos)
             if n > self.limit:
                 raise ProtocolError(f"a frame of {n} bytes is over the limit of {self.limit}")
             if end - pos - size < n:
@@ -188,7 +188,8 @@ class FrameReader:
             pos += size + n
         else:
             self._need = size
-        del buf[:pos]
+        if pos < end:
+            self._buf = bytearray(view[pos:])  # the start of a frame: wait for the rest
         return frames
 
 
@@ -281,7 +282,11 @@ def parse_get(payload: Any) -> tuple[int, int, float | None]:
     _, rid, pool_id, timeout = _GET.unpack_from(payload)
     if not rid:
         raise ProtocolError("a get with request id 0")
-    return rid, pool_id, check_wire_timeout(timeout)
+    if timeout == -1.0:
+        return rid, pool_id, None
+    if not (0.0 <= timeout <= MAX_TIMEOUT):  # also false for NaN
+        raise ProtocolError(f"a get with timeout {timeout!r}")
+    return rid, pool_id, timeout
 
 
 def parse_put(payload: Any) -> tuple[int, int, bool]:

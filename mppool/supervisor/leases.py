@@ -35,11 +35,13 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
+from ..clock import Clock
 from ..errors import PoolClosed, ServerUnavailable, TimeOut
 from ..holder import peer_holder
 from ..pool import CREATE, Entry
@@ -169,7 +171,7 @@ class LeaseLoop:
     def run(self) -> None:
         while not self.stopping:
             try:
-                self.turn()
+                self.turns()
             except Exception:  # the loop serves everybody: it must survive anything
                 self.ratelog(logging.ERROR, "loop", "mppool: lease loop error", exc_info=True)
         for conn in list(self.conns.values()):
@@ -180,29 +182,45 @@ class LeaseLoop:
         self.wake_r.close()
         self.wake_w.close()
 
-    def turn(self) -> None:
+    def turns(self) -> None:
+        """Turn the loop until stopped (an exception ends it; run() starts it again)."""
         clock = self.sup.clock
+        # The real clock is time.monotonic itself: no Python frame per turn for it.
+        now = time.monotonic if type(clock) is Clock else clock.now
         fds = self.fds
-        timeout: float | None = None
-        if self.pending:
-            timeout = 0.0  # callbacks queued by the loop itself: no sleeping on them
-        elif self.timers:
-            timeout = min(max(0.0, self.timers[0][0] - clock.now()), MAX_POLL)
-        for fd, mask in self.poller.poll(timeout, len(fds) + 2):
-            conn = fds.get(fd)
-            if conn is not None:
-                if mask & _READ:
-                    self.read(conn)
-                if mask & _WRITE and not conn.closed:
-                    self.flush(conn)
-            elif fd == self.lsock.fileno():
-                self.accept()
-            elif fd == self.wake_r.fileno():
-                try:
-                    while self.wake_r.recv(4096):
+        poll = self.poller.poll
+        read = self.read
+        lfd, wfd = self.lsock.fileno(), self.wake_r.fileno()
+        while not self.stopping:
+            timers = self.timers  # expire() may prune it into a new list
+            timeout: float | None = None
+            if self.pending:
+                timeout = 0.0  # callbacks queued by the loop itself: no sleeping on them
+            elif timers:
+                timeout = timers[0][0] - now()
+                timeout = 0.0 if timeout < 0.0 else MAX_POLL if timeout > MAX_POLL else timeout
+            for fd, mask in poll(timeout, len(fds) + 2):
+                conn = fds.get(fd)
+                if conn is not None:
+                    if mask & _READ:
+                        read(conn)
+                    if mask & _WRITE and not conn.closed:
+                        self.flush(conn)
+                elif fd == lfd:
+                    self.accept()
+                elif fd == wfd:
+                    try:
+                        while self.wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
                         pass
-                except BlockingIOError:
-                    pass
+            if self.pending:
+                self.run_pending()
+            timers = self.timers
+            if timers and timers[0][0] <= now():
+                self.expire(now())
+
+    def run_pending(self) -> None:
         while self.pending:
             with self.plock:
                 todo, self.pending = self.pending, []
@@ -212,8 +230,6 @@ class LeaseLoop:
                 except Exception:
                     self.ratelog(logging.ERROR, "callback", "mppool: lease loop callback failed",
                                  exc_info=True)
-        if self.timers:
-            self.expire(clock.now())
 
     def accept(self) -> None:
         while True:
@@ -417,11 +433,12 @@ class LeaseLoop:
         if timeout is None:
             timeout = pool.timeout
         try:
-            got = pool.acquire(conn.holder,  # type: ignore[arg-type]
-                               None if timeout == 0 else lambda h: RemoteWaiter(conn, rid, rec))
-        except PoolClosed as exc:
+            got = pool.acquire(conn.holder)  # type: ignore[arg-type]
+            if got is None and timeout != 0:  # nothing now: queue a waiter (the rare path)
+                got = pool.acquire(conn.holder,  # type: ignore[arg-type]
+                                   lambda h: RemoteWaiter(conn, rid, rec))
+        except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
-            del exc
             return
         if got is None:
             conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
@@ -516,15 +533,18 @@ class LeaseLoop:
             if fut is not None:
                 conn.puts_running.add(fut)
                 fut.add_done_callback(conn.puts_running.discard)
-        else:
-            self._checkin(conn, rec, lease, discard)
+        elif not pool.checkin(lease, discard, holder=conn.holder):
+            self._refused(conn, rec, lease)
 
     def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
         if not rec.pool.checkin(lease, discard, holder=conn.holder):
-            conn.refused += 1
-            self.ratelog(logging.WARNING, "refused", "mppool: pool %r: refused a return of lease "
-                         "%d by pid %s: not its lease (returned twice, killed, or another's)",
-                         rec.name, lease, conn.holder.pid if conn.holder else "?")
+            self._refused(conn, rec, lease)
+
+    def _refused(self, conn: Conn, rec: Record, lease: int) -> None:
+        conn.refused += 1
+        self.ratelog(logging.WARNING, "refused", "mppool: pool %r: refused a return of lease "
+                     "%d by pid %s: not its lease (returned twice, killed, or another's)",
+                     rec.name, lease, conn.holder.pid if conn.holder else "?")
 
     def call(self, conn: Conn, msg: P.Call) -> None:
         if msg.pool_id == 0:
