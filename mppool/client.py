@@ -312,11 +312,7 @@ class SharedPool(Lender):
                 # whatever it granted is void, and a restarted one may be there. Once more.
                 if attempt == 2:
                     raise
-        if isinstance(reply, P.Reply):
-            if reply.status == P.ERR:
-                raise reply.value.unpack()
-            raise ServerUnavailable(f"unexpected reply {reply!r}")
-        lease = reply.lease
+        lease = granted(reply).lease
         try:
             # The method cache of proxies is per kind of object: here, per pool.
             obj = ObjectProxy(self, lease, 0, f"pool {self.name}", chan, pool_id) \
@@ -396,6 +392,15 @@ class SharedPool(Lender):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach, (display(self._client.address), self._client.authkey.hex(), self.name))
+
+
+def granted(reply: Any) -> P.Granted:
+    """The grant a get's reply is, or the error it carries, raised as its own class."""
+    if type(reply) is P.Granted:
+        return reply
+    if isinstance(reply, P.Reply) and reply.status == P.ERR:
+        raise reply.value.unpack()
+    raise ServerUnavailable(f"unexpected reply {reply!r}")
 
 
 def _give_back(chan: Channel, pool_id: int, reply: Any) -> None:

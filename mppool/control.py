@@ -29,7 +29,7 @@ from multiprocess.context import AuthenticationError
 from .address import Address, display
 from .channel import set_socket_timeouts
 from .errors import ServerUnavailable
-from .remote import RemoteFailure
+from .remote import control_result
 
 _REFUSED = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
 
@@ -66,13 +66,7 @@ class ControlConnection:
                     continue  # a connection to a supervisor that is gone: dial once more
                 raise ServerUnavailable(f"supervisor at {display(self.address)} is gone: "
                                         f"{exc or 'connection closed'}") from None
-        if kind == "#RETURN":
-            return result
-        if kind == "#ERROR" and isinstance(result, RemoteFailure):
-            raise result.packed.unpack() from None
-        if kind == "#ERROR" and isinstance(result, BaseException):
-            raise result
-        raise ServerUnavailable(f"supervisor failed {method}(): {result}")
+        return control_result(kind, result, method)
 
     def _connection(self) -> Connection:
         if self._pid != os.getpid():

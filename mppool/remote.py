@@ -147,3 +147,17 @@ def pack_errors(fn: Any) -> Any:
             raise RemoteFailure(PackedException(exc)) from None
 
     return wrapper
+
+
+def control_result(kind: str, result: Any, method: str) -> Any:
+    """What a control-plane call returns (the manager's ``(kind, result)`` reply), or raises:
+    an exception from the supervisor as its own class, with its traceback."""
+    if kind == "#RETURN":
+        return result
+    if kind == "#ERROR" and isinstance(result, RemoteFailure):
+        raise result.packed.unpack() from None
+    if kind == "#ERROR" and isinstance(result, BaseException):
+        raise result
+    from .errors import ServerUnavailable
+
+    raise ServerUnavailable(f"supervisor failed {method}(): {result}")

@@ -238,3 +238,25 @@ def stop_pid(pid: int) -> None:
             proc.wait(5)
     except psutil.NoSuchProcess:
         pass
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, timeout: float = 30.0) -> tuple[int, str]:
+    """GET / on 127.0.0.1:port: (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/")
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import free_port, http_get, wait_until
 from test_gunicorn import _stop_gunicorn
 
 import mppool
@@ -30,22 +29,6 @@ pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres, pytest.mark.slow, pyte
 
 APP_DIR = Path(__file__).parent / "asgi_app"
 BUDGET = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(port: int) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        conn.request("GET", "/")
-        r = conn.getresponse()
-        return r.status, r.read().decode()
-    finally:
-        conn.close()
 
 
 _CLIENT_CLOSED = {b"04", b"05", b"06", b"07", b"0B"}  # FIN_WAIT1/2, TIME_WAIT, CLOSE, CLOSING
@@ -70,7 +53,7 @@ def _closed_client_ports(server_port: int) -> set[int]:
 
 def _request_ok(port: int) -> bool:
     try:
-        return _request(port)[0] == 200
+        return http_get(port, 20)[0] == 200
     except OSError:
         time.sleep(0.05)  # gunicorn still binding its port
         return False
@@ -81,7 +64,7 @@ def test_uvicorn_workers_share_a_budget_of_two(postgres_dsn):
     assert importlib.util.find_spec("uvicorn_worker"), "uvicorn-worker is a test dependency"
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
     assert gunicorn, "gunicorn is a test dependency"
-    port = _free_port()
+    port = free_port()
     app_name = f"mppool-asgi-{uuid.uuid4().hex[:8]}"
     address = os.path.join(tempfile.mkdtemp(prefix="mpa"), "s.sock")
     env = dict(os.environ, APP_DSN=postgres_dsn, APP_NAME=app_name, APP_BUDGET=str(BUDGET),
@@ -138,7 +121,7 @@ def _run(gunicorn: str, port: int, env: dict[str, str], log: Any, postgres_dsn: 
             for _ in range(n):
                 for attempt in range(3):
                     try:
-                        status, _ = _request(port)
+                        status, _ = http_get(port, 20)
                         break
                     except (ConnectionError, http.client.HTTPException):
                         with lock:  # a request in flight on the killed worker

@@ -6,7 +6,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import free_port, http_get, wait_until
 
 import mppool
 
@@ -27,29 +26,13 @@ pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres, pytest.mark.slow, pyte
 APP_DIR = Path(__file__).parent / "gunicorn_app"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(port: int) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/")
-        r = conn.getresponse()
-        return r.status, r.read().decode()
-    finally:
-        conn.close()
-
-
 @pytest.mark.timeout(180)
 def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
     import psycopg
 
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
     assert gunicorn, "gunicorn is a test dependency"
-    port = _free_port()
+    port = free_port()
     app_name = f"mppool-gu-{uuid.uuid4().hex[:8]}"
     address = os.path.join(tempfile.mkdtemp(prefix="mpg"), "s.sock")
     env = dict(os.environ, APP_DSN=postgres_dsn, APP_NAME=app_name, MPPOOL_ADDRESS=address,
@@ -86,7 +69,7 @@ def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
             for _ in range(n):
                 for _attempt in range(3):
                     try:
-                        status, _ = _request(port)
+                        status, _ = http_get(port, 30)
                         break
                     except (ConnectionError, http.client.HTTPException):
                         with lock:
@@ -129,7 +112,7 @@ def test_gunicorn_workers_share_a_budget_of_two(postgres_dsn):
 
 def _request_ok(port: int) -> bool:
     try:
-        return _request(port)[0] == 200
+        return http_get(port, 30)[0] == 200
     except OSError:
         time.sleep(0.05)  # gunicorn still binding its port
         return False
@@ -137,7 +120,7 @@ def _request_ok(port: int) -> bool:
 
 def _get(port: int) -> tuple[int, str] | None:
     try:
-        return _request(port)
+        return http_get(port, 30)
     except OSError:
         return None
 
@@ -148,7 +131,7 @@ def test_gunicorn_restarts_a_supervisor_that_died(tmp_path):
     with the same key, and workers reach it again, without a redeploy."""
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
     assert gunicorn, "gunicorn is a test dependency"
-    port = _free_port()
+    port = free_port()
     address = os.path.join(tempfile.mkdtemp(prefix="mpg"), "s.sock")
     env = dict(os.environ, MPPOOL_ADDRESS=address,
                PYTHONPATH=os.pathsep.join([str(APP_DIR), *sys.path]))

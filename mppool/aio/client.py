@@ -33,7 +33,7 @@ import dill
 
 from .. import protocol as P
 from ..address import Address, client_authkey, default_address, display, parse_address
-from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg
+from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg, granted
 from ..errors import ServerUnavailable, TimeOut
 from ..leasemap import LeaseMap
 from ..options import POOL_OPTIONS, token_pool_options
@@ -300,10 +300,7 @@ class AsyncSharedPool:
                     raise
         # From here on nothing awaits: a cancellation cannot come between the grant and
         # the lease being recorded as held.
-        if isinstance(reply, P.Reply):
-            if reply.status == P.ERR:
-                raise reply.value.unpack()
-            raise ServerUnavailable(f"unexpected reply {reply!r}")
+        reply = granted(reply)
         try:
             obj = pickle.loads(reply.blob)
         except Exception as exc:

@@ -30,7 +30,7 @@ from multiprocess.reduction import ForkingPickler
 
 from ..address import Address, display
 from ..errors import ServerUnavailable
-from ..remote import RemoteFailure
+from ..remote import control_result
 
 _LENGTH = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -120,13 +120,7 @@ class AsyncControl:
         except TimeoutError:
             raise ServerUnavailable(f"supervisor at {where} did not answer {method}() within "
                                     f"{self.timeout} s (frozen?)") from None
-        if kind == "#RETURN":
-            return result
-        if kind == "#ERROR" and isinstance(result, RemoteFailure):
-            raise result.packed.unpack() from None
-        if kind == "#ERROR" and isinstance(result, BaseException):
-            raise result
-        raise ServerUnavailable(f"supervisor failed {method}(): {result}")
+        return control_result(kind, result, method)
 
     async def _open(self) -> _Conn:
         # The Control object's id in this run of the supervisor: asked with each new
