@@ -13,7 +13,9 @@
 - registry.py named pools: create, attach, drop; each pool's own threads for user code
 - control.py  what the control plane exposes (``Control``) and the manager that serves it
 - acceptor.py the control socket's accept loop: authentication under a deadline
-- leases.py   the lease loop (epoll, one thread), speaking `mppool.protocol`
+- leases.py   the lease loop (epoll, one thread): sockets, handshakes, limits, timers
+- requests.py what the loop does with each request (get, put, proxied calls), mixed into it
+- conn.py     one client connection as the loop sees it, and a get queued in a pool
 - watchdog.py reclaims the leases of processes that died; kill_holder's signals
 - hosted.py   ``client.execute()`` / ``client.host()``
 - metrics.py  Prometheus metrics

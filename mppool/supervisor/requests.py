@@ -1,0 +1,246 @@
+"""What the lease loop does with each request: get, put, proxied calls, ping, cancel.
+
+Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, proxied
+methods, returns that run hooks) is handed to the pool's own threads (``Record.submit``),
+which answer the client themselves. A get takes one decision of the core pool
+(``pool.acquire``): an idle entry (answered at once), ``CREATE`` (``fun`` on the pool's
+threads), or a queued ``RemoteWaiter`` whose deadline the loop keeps. A put is honoured only
+from the connection that holds the lease.
+
+A mixin of `LeaseLoop` (leases.py), which owns the sockets and the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol as P
+from ..errors import PoolClosed, ServerUnavailable, TimeOut
+from ..pool import CREATE, Entry
+from ..remote import is_plain
+from .conn import Conn, RemoteWaiter
+
+if TYPE_CHECKING:
+    from .registry import Record
+
+# The loop's own attributes (sup, records, refs, thread, ratelog, at, close...) are
+# LeaseLoop's, which mixes this in; typed loosely here, checked there.
+_Loop: Any = object
+
+
+class Requests(_Loop):
+    """The request handlers of the lease loop."""
+
+    def deliver(self, waiter: RemoteWaiter, result: Any) -> None:
+        """A waiter was handed ``result`` under the pool lock: act on it, never blocking."""
+        waiter.conn.waiters.pop(waiter.rid, None)
+        if result is CREATE:
+            self.create(waiter)
+        elif isinstance(result, BaseException):
+            waiter.conn.fail(waiter.rid, result)
+        else:
+            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since)
+
+    def dispatch(self, conn: Conn, msg: P.Request) -> None:
+        if isinstance(msg, P.Call):
+            self.call(conn, msg)
+        elif isinstance(msg, P.DropRef):
+            conn.refs.pop(msg.ref, None)
+        elif isinstance(msg, P.Waiting):
+            rec = self.records.get(msg.pool_id)
+            conn.send_raw(P.encode_reply(msg.rid, P.OK, rec.pool.waiting() if rec else 0))
+        elif isinstance(msg, P.Ping):
+            self.ping(conn, msg.rid)
+        elif isinstance(msg, P.Cancel):
+            self.cancel_get(conn, msg.rid)
+        # Get and Put never get here: read() decodes them in place, before anything else.
+
+    def ping(self, conn: Conn, rid: int) -> None:
+        reply = P.encode_reply(rid, P.OK, os.getpid())
+        running = list(conn.puts_running)
+        if not running:
+            conn.send_raw(reply)
+            return
+        left = [len(running)]
+        lock = threading.Lock()
+
+        def one_done(_: Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                conn.send_raw(reply)
+
+        for fut in running:
+            fut.add_done_callback(one_done)
+
+    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
+        rec = self.records.get(pool_id)
+        if rec is None:
+            conn.fail(rid, PoolClosed(f"pool #{pool_id} is shutting down or unknown"))
+            return
+        pool = rec.pool
+        if timeout is None:
+            timeout = pool.timeout
+        try:
+            got = pool.acquire(conn.holder)
+            if got is None and timeout != 0:  # nothing now: queue a waiter (the rare path)
+                got = pool.acquire(conn.holder,
+                                   lambda h: RemoteWaiter(conn, rid, rec))
+        except PoolClosed:
+            conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
+            return
+        if got is None:
+            conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
+        elif type(got) is Entry:
+            self.reply_entry(conn, rid, rec, got)
+        elif got is CREATE:
+            waiter = RemoteWaiter(conn, rid, rec)
+            waiter.done = True
+            self.create(waiter)
+        else:  # queued: the client may withdraw it, and its deadline is ours to keep
+            conn.waiters[rid] = got  # the waiter made above
+            if timeout is not None:
+                self.at(self.sup.clock.now() + timeout, 0, got)
+
+    def cancel_get(self, conn: Conn, rid: int) -> None:
+        """The client gave up on its get ``rid`` (an asyncio task cancelled): withdraw it if
+        it is still queued. If it was served meanwhile, the grant is already on its way and
+        the client gives it back."""
+        waiter = conn.waiters.pop(rid, None)
+        if waiter is not None and waiter.rec.pool.cancel(waiter):
+            conn.fail(rid, TimeOut(f"pool {waiter.rec.name!r}: the get was withdrawn"))
+
+    def create(self, waiter: RemoteWaiter) -> None:
+        """Run fun for a waiter that was granted a slot, on the pool's own threads."""
+        if self.submit(waiter.rec, waiter.conn, waiter.rid, self._create, waiter) is None:
+            waiter.rec.pool.release_slot()
+
+    def _create(self, waiter: RemoteWaiter) -> None:
+        rec, conn = waiter.rec, waiter.conn
+        if conn.closed:
+            rec.pool.release_slot()
+            return
+        try:
+            entry = rec.pool.create_for(conn.holder)  # type: ignore[arg-type]
+        except BaseException as exc:
+            conn.fail(waiter.rid, exc)
+            return
+        # create_for() already handed it out (getter hook).
+        self.reply_entry(conn, waiter.rid, rec, entry, waiter.since, handed=True)
+
+    def submit(self, rec: Record, conn: Conn, rid: int, fn: Callable[..., Any],
+               *args: Any) -> Future[Any] | None:
+        """Run user code for ``rec`` on its own threads; None (and an error to the client)
+        when no thread could be had."""
+        fut = rec.submit(fn, *args)
+        if fut is None and rid:
+            conn.fail(rid, ServerUnavailable("the supervisor is out of threads; try again"))
+        return fut
+
+    def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
+                    since: float = 0.0, handed: bool = False) -> None:
+        if not handed and rec.has_getter and threading.get_ident() == self.thread.ident:
+            # The getter hook is user code: on the pool's threads, never on the loop.
+            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since) is None:
+                rec.pool.checkin(entry.lease)
+            return
+        metrics = self.sup.metrics
+        if metrics is not None:
+            metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
+        if not handed:
+            rec.pool.hand_out(entry)
+        try:
+            blob = rec.blob(entry)
+        except Exception as exc:
+            rec.pool.checkin(entry.lease)
+            conn.fail(rid, exc)
+            return
+        if blob is None:
+            conn.send_raw(P.encode_granted_proxy(rid, entry.lease))
+        else:
+            conn.send_raw(P.encode_granted(rid, entry.lease, blob))
+        if conn.closed:
+            # The connection went away while we were leasing: it never got the object.
+            rec.pool.reclaim(lambda h: h.conn == conn.id)
+
+    def put(self, conn: Conn, pool_id: int, lease: int, discard: bool = False) -> None:
+        rec = self.records.get(pool_id)
+        if rec is None:
+            return
+        pool = rec.pool
+        if conn.refs:
+            # list(): pool threads add refs (call()) while the loop drops them here.
+            for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
+                del conn.refs[ref]
+        metrics = self.sup.metrics
+        if metrics is not None:
+            entry = pool.lent(lease, conn.holder)
+            if entry is not None:
+                metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
+        if rec.slow_ret or discard:  # hooks run: on the pool's threads, off the loop
+            fut = self.submit(rec, conn, 0, self._checkin, conn, rec, lease, discard)
+            if fut is not None:
+                conn.puts_running.add(fut)
+                fut.add_done_callback(conn.puts_running.discard)
+        elif not pool.checkin(lease, discard, holder=conn.holder):
+            self._refused(conn, rec, lease)
+
+    def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
+        if not rec.pool.checkin(lease, discard, holder=conn.holder):
+            self._refused(conn, rec, lease)
+
+    def _refused(self, conn: Conn, rec: Record, lease: int) -> None:
+        conn.refused += 1
+        self.ratelog(logging.WARNING, "refused", "mppool: pool %r: refused a return of lease "
+                     "%d by pid %s: not its lease (returned twice, killed, or another's)",
+                     rec.name, lease, conn.holder.pid if conn.holder else "?")
+
+    def call(self, conn: Conn, msg: P.Call) -> None:
+        if msg.pool_id == 0:
+            fut = self.sup.submit_hosted(self._call, conn, msg)
+            if fut is None:
+                conn.fail(msg.rid, ServerUnavailable("the supervisor is out of threads"))
+            return
+        rec = self.records.get(msg.pool_id)
+        if rec is None:
+            conn.fail(msg.rid, PoolClosed(f"pool #{msg.pool_id} is shutting down or unknown"))
+            return
+        self.submit(rec, conn, msg.rid, self._call, conn, msg, rec)
+
+    def _call(self, conn: Conn, msg: P.Call, rec: Record | None = None) -> None:
+        """On a pool's thread: a method call or attribute read on a proxied object."""
+        try:
+            if msg.ref:
+                owner, target = conn.refs[msg.ref]
+            elif rec is None:  # an object hosted with client.host(), shared by every process
+                owner, target = 0, self.sup.hosted[msg.lease]
+            else:
+                entry = rec.pool.lent(msg.lease, conn.holder)
+                if entry is None:
+                    raise PoolClosed(f"pool {rec.name!r}: lease {msg.lease} was killed, reclaimed "
+                                     "or returned (pool shutting down or object no longer yours)")
+                owner, target = msg.lease, entry.obj
+            if msg.args is None:
+                value = getattr(target, msg.name)
+            else:
+                value = getattr(target, msg.name)(*msg.args, **msg.kwargs)
+        except BaseException as exc:
+            conn.fail(msg.rid, exc)
+            return
+        try:
+            if is_plain(value):
+                conn.send_raw(P.encode_reply(msg.rid, P.OK, value))
+            else:
+                newref = next(self.refs)
+                conn.refs[newref] = (owner, value)
+                kind = type(value)
+                conn.send_raw(P.encode_reply(msg.rid, P.REF,
+                                             (newref, f"{kind.__module__}.{kind.__qualname__}")))
+        except Exception as exc:  # a result that does not pickle: the caller must not hang
+            conn.fail(msg.rid, exc)
