@@ -246,9 +246,9 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
     put = ret
 
     def free(self) -> int:
-        """How many get() calls would succeed right now without waiting."""
+        """How many get() calls would succeed right now without waiting (0 when paused)."""
         with self._lock:
-            if self._shutdown:
+            if self._shutdown or self._paused:
                 return 0
             limit = self._burst_limit or self._max_size  # burst objects too: nobody waits
             if not limit:

@@ -20,7 +20,8 @@ def test_paused_get_times_out_and_leases_continue() -> None:
         held = pool.get()
         assert pool.pause() is True
         assert pool.pause() is False  # already paused
-        assert pool.stats()["paused"] is True
+        assert pool.stats()["paused"] is True and pool.paused
+        assert pool.free() == 0  # no get would succeed without waiting
         with pytest.raises(TimeOut):
             pool.get(timeout=0)  # an idle slot exists, but paused means "as if empty"
         with pytest.raises(TimeOut):
