@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=5.0, metavar="S",
                    help="how long the workers run (default: 5)")
     p.set_defaults(func=cmd_demo)
+    _console_parsers(sub, [common, client])
     return ap
 
 
@@ -364,7 +365,8 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
                         os.unlink(path)
             try:
                 serve(address, key, pools={n: dict(o) for n, o in pools.items()}, ready=ready,
-                      metrics_port=ns.metrics_port)
+                      metrics_port=ns.metrics_port,
+                      config=ns.config.resolve() if ns.config is not None else None)
             except OSError as exc:
                 raise CliError(f"cannot serve on {display(address)}: {exc}") from None
         finally:
@@ -475,3 +477,90 @@ def _demo_summary(out: Console, r: DemoResult) -> None:
         out.print(Text(f"bound VIOLATED: peak {r.peak} > budget {r.budget}", style="bold red"))
     if r.bound_held and not r.ok:
         out.print(Text("but the run was not clean (see above): exit status 1", style="bold red"))
+
+
+# --------------------------------------------------------------- the operator's console
+
+
+def _console_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """pause, resume, resize, kill, drain, reload, stop: one control-plane call each."""
+    def verb(name: str, help: str, func: Callable[..., int], pool: bool = True) -> Any:
+        p = sub.add_parser(name, parents=parents, help=help, description=help[0].upper() + help[1:] + ".")
+        if pool:
+            p.add_argument("name", metavar="NAME", help="the pool")
+        p.set_defaults(func=func)
+        return p
+
+    verb("pause", "new gets on the pool wait (leases out continue) until resume", cmd_pause)
+    verb("resume", "serve a paused pool again, the waiting gets first", cmd_resume)
+    p = verb("resize", "change the pool's max_size", cmd_resize)
+    p.add_argument("max_size", metavar="N", type=_int_at_least(0), help="the new max_size (0: unbounded)")
+    p = verb("kill", "take back every lease of the pool held by a process", cmd_kill)
+    p.add_argument("--pid", type=_int_at_least(1), required=True, metavar="P", help="the holder's pid")
+    p.add_argument("--terminate", action="store_true",
+                   help="also SIGTERM it (SIGKILL 2 s later); only a unix-socket client, "
+                        "whose pid the kernel gave")
+    verb("drain", "close the pool's idle objects and refill min_size with new ones", cmd_drain)
+    verb("reload", "re-read the supervisor's --config file: create, resize, remove pools",
+         cmd_reload, pool=False)
+    verb("stop", "stop the supervisor gracefully (as SIGTERM does)", cmd_stop, pool=False)
+
+
+def _console_call(ns: argparse.Namespace, call: Callable[[Client], Any]) -> Any:
+    client = _connect(ns)
+    try:
+        return call(client)
+    except PoolException as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, TypeError, PermissionError) as exc:
+        raise CliError(str(exc), EXIT_USAGE if not isinstance(exc, PermissionError) else EXIT_FAIL) from None
+    finally:
+        client.close()
+
+
+def _said(out: Console, line: str) -> int:
+    out.print(line, soft_wrap=True, markup=False)
+    return EXIT_OK
+
+
+def cmd_pause(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    changed = _console_call(ns, lambda c: c.pause(ns.name))
+    return _said(out, f"pool {ns.name!r} {'paused' if changed else 'was already paused'}")
+
+
+def cmd_resume(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    changed = _console_call(ns, lambda c: c.resume(ns.name))
+    return _said(out, f"pool {ns.name!r} {'resumed' if changed else 'was not paused'}")
+
+
+def cmd_resize(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    _console_call(ns, lambda c: c.resize(ns.name, ns.max_size))
+    return _said(out, f"pool {ns.name!r}: max_size={ns.max_size}")
+
+
+def cmd_kill(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    r = _console_call(ns, lambda c: c.kill_holder(ns.name, ns.pid, terminate=ns.terminate))
+    line = f"pool {ns.name!r}: took back {r['reclaimed']} lease(s) of pid {ns.pid}"
+    if r["terminated"]:
+        line += "; sent SIGTERM"
+    return _said(out, line)
+
+
+def cmd_drain(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    n = _console_call(ns, lambda c: c.drain(ns.name))
+    return _said(out, f"pool {ns.name!r}: closed {n} idle object(s); min_size refills")
+
+
+def cmd_reload(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    r = _console_call(ns, lambda c: c.reload())
+    parts = [f"created {', '.join(r['created']) or 'none'}",
+             "resized " + (", ".join(f"{n} {a}->{b}" for n, (a, b) in r["resized"].items()) or "none"),
+             f"removed {', '.join(r['removed']) or 'none'}"]
+    for name, why in r["kept"].items():
+        err.print(f"mppool reload: pool {name!r} kept as it is: {why}", soft_wrap=True, markup=False)
+    return _said(out, "reloaded: " + "; ".join(parts))
+
+
+def cmd_stop(ns: argparse.Namespace, out: Console, err: Console) -> int:
+    _console_call(ns, lambda c: c.stop())
+    return _said(out, "supervisor stopping")

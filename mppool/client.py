@@ -191,6 +191,52 @@ class Client:
         """The supervisor's pid, addresses, connection count and reclaimed leases."""
         return self._call("info")
 
+    # ------------------------------------------------ the operator's console (audited)
+
+    def _console(self, verb: str, *args: Any) -> Any:
+        return self._call("console", verb, os.getpid(), *args)
+
+    def pause(self, name: str) -> bool:
+        """Pause pool ``name``: every new ``get()`` waits (FIFO, within its timeout) as if
+        the pool were empty; leases out continue and are returned as usual. False if it was
+        paused already."""
+        return bool(self._console("pause", name))
+
+    def resume(self, name: str) -> bool:
+        """Resume a paused pool: the waiting gets are served, oldest first. False if it was
+        not paused."""
+        return bool(self._console("resume", name))
+
+    def resize(self, name: str, max_size: int) -> None:
+        """Change pool ``name``'s ``max_size``: extra idle objects are closed, new room goes
+        to the waiting gets at once."""
+        self._console("resize", name, max_size)
+
+    def kill_holder(self, name: str, pid: int, terminate: bool = False) -> dict[str, Any]:
+        """Take back every lease of pool ``name`` held by process ``pid`` (reset and reused
+        as when a holder dies). With ``terminate=True`` also send it SIGTERM (SIGKILL 2 s
+        later if it is still running), but only if the supervisor got its pid from the
+        kernel (a unix-socket client on its host): ``PermissionError`` otherwise, after the
+        leases are taken back. Returns ``{"reclaimed": n, "terminated": [pid, ...]}``."""
+        return dict(self._console("kill_holder", name, pid, terminate))
+
+    def drain(self, name: str) -> int:
+        """Replace every idle object of pool ``name`` (after a credential rotation, say):
+        close them now (``closer`` runs) and refill ``min_size`` at once. Objects in use are
+        not touched. Returns how many were closed."""
+        return int(self._console("drain", name))
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file the supervisor was started with (``mppool serve
+        --config``): new pools are created, changed ``max_size`` applied, pools removed from
+        the file shut down. Returns ``{"created": [...], "resized": {name: [old, new]},
+        "removed": [...], "kept": {name: why}}``; a bad file raises and changes nothing."""
+        return dict(self._console("reload"))
+
+    def stop(self) -> None:
+        """Stop the supervisor gracefully, as SIGTERM does (every pool's closer runs)."""
+        self._console("stop")
+
     def execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the supervisor (``fn`` travels with dill) and return
         its result; its exception propagates, as its own class when importable here."""

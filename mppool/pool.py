@@ -191,7 +191,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         with self._lock:
             # Fast path, one lock: an idle object and nobody queued before us.
             avail = self._avail
-            if avail and not self._waiters and not self._shutdown:
+            if avail and not self._waiters and not self._shutdown and not self._paused:
                 entry = avail.popleft() if self._fifo else avail.pop()
                 now = self._now()
                 if entry.expires and now >= entry.expires:
@@ -246,9 +246,9 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
     put = ret
 
     def free(self) -> int:
-        """How many get() calls would succeed right now without waiting."""
+        """How many get() calls would succeed right now without waiting (0 when paused)."""
         with self._lock:
-            if self._shutdown:
+            if self._shutdown or self._paused:
                 return 0
             limit = self._burst_limit or self._max_size  # burst objects too: nobody waits
             if not limit:
@@ -289,6 +289,44 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 self._to_close.append(self._avail.popleft())
             self._grant_slots()
         self._settle()
+
+    def pause(self) -> bool:
+        """Stop handing out objects: every ``get()`` queues (FIFO) as if the pool were empty,
+        and times out as usual. Leases out continue and are returned as usual; housekeeping
+        goes on. Returns False if the pool was already paused."""
+        with self._lock:
+            if self._shutdown:
+                raise PoolClosed(f"pool {self._id} is shutting down")
+            was, self._paused = self._paused, True
+            return not was
+
+    def resume(self) -> bool:
+        """Undo `pause`: the queued gets are served, oldest first (idle objects, then room
+        to create). Returns False if the pool was not paused."""
+        with self._lock:
+            if not self._paused:
+                return False
+            self._paused = False
+            while self._avail and any(not w.done for w in self._waiters):
+                self._put_back(self._avail.popleft() if self._fifo else self._avail.pop())
+            self._grant_slots()
+            return True
+
+    @property
+    def paused(self) -> bool:
+        """Whether the pool is paused (see `pause`)."""
+        return self._paused
+
+    def drain(self) -> int:
+        """Replace every idle object (after a credential rotation, say): close them all
+        now and refill ``min_size`` at once, without waiting for the next housekeeping
+        round. Objects in use are not touched. Returns how many were closed."""
+        n = self.clear()
+        with self._lock:
+            if self._shutdown:
+                return n
+        self._offload("fill", self._fill)
+        return n
 
     # --------------------------------------------- lease API (also used by the supervisor)
 
@@ -340,7 +378,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             if self._shutdown:
                 raise PoolClosed(f"pool {self._id} is shutting down")
             got: Any = None
-            if not self._waiters or not any(not w.done for w in self._waiters):
+            if not self._paused and (not self._waiters
+                                     or not any(not w.done for w in self._waiters)):
                 now = self._clock.now()
                 while self._avail:
                     entry = self._avail.popleft() if self._fifo else self._avail.pop()

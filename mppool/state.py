@@ -218,6 +218,7 @@ class PoolState:
     _waiters: deque[Any]
     _to_close: deque[Entry]
     _shutdown: bool
+    _paused: bool  # pause(): gets queue as if the pool were empty; resume() serves them
     _draining: bool
     _fifo: bool  # eventlet's pools.Pool hands out the oldest idle item first
     _nextnum: int
@@ -249,6 +250,7 @@ class PoolState:
         self._waiters = deque()
         self._to_close = deque()
         self._shutdown = False
+        self._paused = False
         self._draining = False
         self._fifo = False
         self._nextnum = 0
@@ -287,7 +289,7 @@ class PoolState:
         """Hand an idle entry (counted nowhere) to the oldest live waiter, or keep it; with
         ``burst_limit``, close it instead if the pool holds ``max_size`` objects without it."""
         now = self._clock.now()
-        while self._waiters:
+        while self._waiters and not self._paused:
             w = self._waiters.popleft()
             if w.done:
                 continue
@@ -304,7 +306,7 @@ class PoolState:
 
     def _grant_slots(self) -> None:
         """Turn free room into creation rights for the oldest waiters."""
-        while self._waiters and self._room() and not self._shutdown:
+        while self._waiters and self._room() and not self._shutdown and not self._paused:
             w = self._waiters.popleft()
             if w.done:
                 continue
@@ -442,6 +444,7 @@ class PoolState:
                 "ntodel": len(self._to_close),
                 "nwaiting": sum(1 for w in self._waiters if not w.done),
                 "shutdown": self._shutdown,
+                "paused": self._paused,
                 "avail": [self._describe(e, now) for e in self._avail],
                 "using": [self._describe(e, now) for e in self._using.values()],
                 "nobjs": len(self._avail) + len(self._using),

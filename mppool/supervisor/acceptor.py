@@ -42,6 +42,7 @@ from typing import Any
 from multiprocess.connection import answer_challenge, deliver_challenge
 
 from ..ratelog import RateLimitedLog
+from .console import describe_peer, set_caller
 
 log = logging.getLogger("mppool")
 
@@ -103,6 +104,7 @@ def serve_authenticated(server: Any, conn: Any) -> None:
     under a deadline): read the request, run it (``accept_connection`` serves the connection
     until the client leaves), send the result; close the connection in every case.
     """
+    set_caller(describe_peer(conn.fileno()) or "an unknown peer")
     try:
         request = None
         try:

@@ -14,12 +14,20 @@ from multiprocess.managers import BaseManager
 from ..errors import PoolClosed
 from ..remote import pack_errors
 from ..validate import check_int
+from .console import audit
 
 if TYPE_CHECKING:
     from .core import Supervisor
 
 EXPOSED = ("info", "create", "stats", "pool_call", "execute", "host", "unhost",
-           "set_num_threads", "killall")
+           "set_num_threads", "killall", "console")
+
+# The operator's verbs (console.py): (takes a pool name, argument names after it).
+VERBS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "pause": (True, ()), "resume": (True, ()), "resize": (True, ("max_size",)),
+    "kill_holder": (True, ("pid", "terminate")), "drain": (True, ()),
+    "reload": (False, ()), "stop": (False, ()),
+}
 
 
 class Control:
@@ -57,6 +65,19 @@ class Control:
             self._sup.drop(name, *args)
             return None
         return getattr(self._sup.get_record(name).pool, method)(*args)
+
+    @pack_errors
+    def console(self, verb: str, claimed_pid: int, *args: Any) -> Any:
+        """One of the operator's verbs (`VERBS`), audited with its caller."""
+        if verb not in VERBS:
+            raise ValueError(f"verb must be one of {', '.join(VERBS)}, got {verb!r}")
+        takes_name, names = VERBS[verb]
+        name = args[0] if takes_name else None
+        rest = args[1:] if takes_name else args
+        if takes_name and (not isinstance(name, str) or not name):
+            raise ValueError(f"{verb}: a pool name is required, got {name!r}")
+        audit(verb, name, dict(zip(names, rest, strict=False)), claimed_pid)
+        return getattr(self._sup.console, verb)(*args)
 
     @pack_errors
     def execute(self, blob: bytes) -> Any:

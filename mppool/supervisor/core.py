@@ -23,6 +23,7 @@ from ..address import Address, display, lease_address
 from ..clock import REAL_CLOCK, Clock
 from ..protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from ..sched import Scheduler
+from .console import Console
 from .hosted import Hosted
 from .leases import Conn, LeaseLoop
 from .registry import Record, Registry
@@ -49,6 +50,7 @@ class Supervisor:
                               max_unread=max_unread, handshake_timeout=handshake_timeout)
         self.watchdog = Watchdog(self.registry, self.loop, clock, scan_interval)
         self.registry.on_kill_holder = self.watchdog.terminate_holder
+        self.console = Console(self)  # the operator's verbs (console.py)
 
     def start(self) -> None:
         self.loop.thread.start()

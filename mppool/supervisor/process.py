@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import dill
@@ -37,8 +38,12 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
           pools: dict[str, dict[str, Any]] | None = None, ready: Any = None,
           metrics_port: int | None = None, max_message: int = DEFAULT_MAX_MESSAGE,
           max_unread: int = DEFAULT_MAX_UNREAD,
-          handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
-    """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies."""
+          handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+          config: Path | None = None) -> None:
+    """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies.
+
+    ``config``: the TOML file ``pools`` came from; ``client.reload()`` and ``SIGHUP`` apply
+    it again (see console.py)."""
     from ..address import check_address_dir
     from .acceptor import ControlAcceptor, serve_authenticated
 
@@ -81,6 +86,8 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
             _unlink(sup.loop.address)
         raise
     write_key(address, authkey)
+    sup.console.config = config
+    sup.console.config_pools = set(pools or {}) if config is not None else set()
     # Our own serve loop instead of Server.serve_forever(): that one creates its stop event
     # only once running (a signal before would be lost) and ends with sys.exit().
     stop = threading.Event()
@@ -90,8 +97,16 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
+    sup.console.request_stop = stop.set
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if config is not None:
+        def on_hup(signum: int, frame: Any) -> None:
+            # Not in the handler: a reload creates pools, which runs fun.
+            threading.Thread(target=_reload_on_hup, args=(sup,), name="mppool-sighup",
+                             daemon=True).start()
+
+        signal.signal(signal.SIGHUP, on_hup)
     if parent:
         def watch_parent() -> None:
             # getppid() needs no descriptor (psutil would open /proc files, which fails when
@@ -126,6 +141,17 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
         for path in socket_leftovers(address):
             _unlink(path)
         log.info("mppool: supervisor %d stopped", os.getpid())
+
+
+def _reload_on_hup(sup: Supervisor) -> None:
+    from .console import audit
+
+    audit("reload", None, {"signal": "SIGHUP"}, None)
+    try:
+        sup.console.reload()
+    except Exception as exc:
+        log.error("mppool: reload on SIGHUP failed, nothing changed: %s: %s",
+                  type(exc).__name__, exc)
 
 
 def _unlink(path: Any) -> None:

@@ -220,15 +220,25 @@ class Registry:
         return rec
 
     def drop(self, name: str, delay: float = 0.0) -> None:
+        rec = self.detach(name)
+        if rec is not None:
+            self.shut(rec, delay)
+
+    def detach(self, name: str) -> Record | None:
+        """Take ``name`` out of the registry (new gets and attaches fail); None if unknown."""
         with self.lock:
             rec = self.records.pop(name, None)
             if rec is not None:
                 self.by_id.pop(rec.id, None)
-        if rec is not None:
-            try:
-                rec.pool.shutdown(delay)
-            finally:
-                rec.close()
+        return rec
+
+    @staticmethod
+    def shut(rec: Record, delay: float | None = 0.0) -> None:
+        """Shut a detached pool down, leases given ``delay`` seconds to come back."""
+        try:
+            rec.pool.shutdown(delay)
+        finally:
+            rec.close()
 
     def stats(self) -> dict[str, Any]:
         out = {}
