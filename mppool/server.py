@@ -31,7 +31,6 @@ from .address import (
     server_authkey,
     socket_leftovers,
 )
-from .errors import ServerUnavailable
 from .launch import launch, take_over, wait_gone
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from .validate import check_delay, check_int
