@@ -70,7 +70,9 @@ def create_engine(url: str | sqlalchemy.URL, *, budget: Any, max_size: int = 5,
     options (``connect_timeout``, ``min_size``...); ``engine_options`` go to SQLAlchemy.
     """
     u = sqlalchemy.make_url(url)
-    backend, driver = u.get_backend_name(), u.get_driver_name()
+    backend = u.get_backend_name()
+    # A bare postgresql:// (libpq's spelling, as in MPPOOL_PG_DSN) means psycopg 3 here.
+    driver = "psycopg" if u.drivername == "postgresql" else u.get_driver_name()
     options = dict(max_size=max_size, max_idle=max_idle, max_age=max_age, budget=budget,
                    **(pool_options or {}))
     if backend == "postgresql" and driver == "psycopg":
@@ -104,7 +106,7 @@ def create_engine(url: str | sqlalchemy.URL, *, budget: Any, max_size: int = 5,
 def _psycopg_class() -> type:
     import psycopg
 
-    class PGConnection(ReturnsToPool, psycopg.Connection):  # type: ignore[type-arg]
+    class PGConnection(ReturnsToPool, psycopg.Connection):
         def add_notice_handler(self, callback: Any) -> None:
             # SQLAlchemy takes each checkout for a new connection and adds its handler each
             # time: add it once.

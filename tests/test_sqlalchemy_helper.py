@@ -28,10 +28,12 @@ def _hammer(engine: sqlalchemy.Engine, peak: list[int], budget) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2", None])
 def test_postgres_under_a_budget(postgres_dsn, client, driver) -> None:
-    budget = client.token_pool(f"pg-{driver}", 2)
-    url = sqlalchemy.make_url(postgres_dsn).set(drivername=f"postgresql+{driver}")
+    budget = client.token_pool(f"pg-{driver or 'bare'}", 2)
+    url = sqlalchemy.make_url(postgres_dsn)
+    if driver is not None:  # None: the bare postgresql:// URL, as MPPOOL_PG_DSN spells it
+        url = url.set(drivername=f"postgresql+{driver}")
     engine = mppool.sqlalchemy.create_engine(url, budget=budget, max_size=4)
     peak: list[int] = []
     _hammer(engine, peak, budget)
