@@ -83,6 +83,24 @@ def check_private_dir(directory: str | os.PathLike[str]) -> None:
                               f"(chmod 700 {d})")
 
 
+class MissingDirectory(ServerUnavailable, FileNotFoundError):
+    """The directory of a unix socket address does not exist. Every way of starting a
+    supervisor (``Server.start()``, ``connect(autostart=True)``, the gunicorn hooks, ``mppool
+    serve``) refuses it with the same message, naming the directory: mppool creates only its
+    own per-user directory, never a chain of directories from a path that may be mistyped."""
+
+
+def require_address_dir(address: Address) -> None:
+    """``check_address_dir``, a missing directory raised as ``MissingDirectory``."""
+    try:
+        check_address_dir(address)
+    except FileNotFoundError as exc:
+        d = exc.filename
+        raise MissingDirectory(f"cannot start a supervisor at {display(address)}: directory "
+                               f"{d!r} does not exist; create it, private to you "
+                               f"(mkdir -m 700 {d}), or use another address") from None
+
+
 def socket_dir(address: Address) -> Path:
     """The directory holding ``address``'s socket, or its key file for a TCP address."""
     if isinstance(address, str):

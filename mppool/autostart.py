@@ -18,10 +18,10 @@ from multiprocess.context import AuthenticationError
 from .address import (
     Address,
     beside,
-    check_address_dir,
     client_authkey,
     display,
     parse_authkey,
+    require_address_dir,
     server_authkey,
 )
 from .errors import ServerUnavailable
@@ -50,9 +50,9 @@ def ensure_supervisor(address: Address, authkey: object, timeout: float) -> byte
     """Return the key of the supervisor serving ``address``, starting one if none is."""
 
     given = parse_authkey(authkey)
-    if isinstance(address, str):
-        Path(address).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    check_address_dir(address)  # before the lock file is created in it
+    # Before the lock file is created in it. A missing directory is refused, not created:
+    # a mistyped path would otherwise start a supervisor nobody else finds.
+    require_address_dir(address)
     with FileLock(str(lock_path(address)), timeout=max(timeout, 30.0)):
         key = client_authkey(given, address)
         if _alive(address, key):

@@ -27,7 +27,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
-from .address import Address, default_address, display, key_path, parse_address, parse_authkey, server_authkey
+from .address import (
+    Address,
+    MissingDirectory,
+    default_address,
+    display,
+    key_path,
+    parse_address,
+    parse_authkey,
+    require_address_dir,
+    server_authkey,
+)
 from .autostart import lock_path
 from .client import Client, connect
 from .config import ConfigError, load_config
@@ -325,8 +335,10 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     address: Address = ns.address if ns.address is not None else default_address()
-    if isinstance(address, str) and not Path(address).parent.is_dir():
-        raise CliError(f"cannot serve on {address}: directory {str(Path(address).parent)!r} does not exist")
+    try:
+        require_address_dir(address)
+    except MissingDirectory as exc:
+        raise CliError(str(exc)) from None
     key = server_authkey(ns.authkey)
 
     # serve() installs its SIGTERM/SIGINT handlers only once it is set up; a signal before

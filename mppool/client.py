@@ -39,6 +39,7 @@ from .address import Address, client_authkey, default_address, display, parse_ad
 from .channel import Channel
 from .control import ControlConnection
 from .errors import ServerUnavailable, TimeOut
+from .launch import no_key
 from .leasemap import LeaseMap
 from .lender import Lender
 from .options import POOL_OPTIONS, token_pool_options
@@ -536,8 +537,5 @@ def connect(address: object = None, authkey: object = None, *, autostart: bool =
     else:
         key = client_authkey(authkey, addr)
         if key is None:
-            raise ServerUnavailable(f"no supervisor at {display(addr)} (no key file beside it): "
-                                    "start one with mppool.Server(...).start(), `mppool serve` "
-                                    "or connect(autostart=True); or pass authkey=, or set "
-                                    "MPPOOL_AUTHKEY")
+            raise no_key(addr)
     return Client(addr, key, timeout, autostart=autostart)

@@ -91,7 +91,11 @@ def on_starting(server: Any) -> None:
             return
         except ServerUnavailable:
             pass
-    _server = Server(address or None).start()
+    try:
+        _server = Server(address or None).start()
+    except ServerUnavailable as exc:
+        # gunicorn prints a RuntimeError as one line ("Error: ...") and exits 1.
+        raise RuntimeError(f"mppool: {exc}") from None
     os.environ["MPPOOL_ADDRESS"] = display(_server.address)
     os.environ["MPPOOL_AUTHKEY"] = _server.authkey.hex()
     _log(server, "mppool: supervisor pid %s serving %s", _server.pid, display(_server.address))

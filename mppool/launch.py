@@ -187,6 +187,25 @@ def probe(address: Address, timeout: float = PROBE_TIMEOUT) -> str:
     return "alive"
 
 
+START_HINT = ("start one with mppool.Server(...).start(), `mppool serve`, or "
+              "mppool.connect(autostart=True)")
+
+
+def no_key(address: Address) -> ServerUnavailable:
+    """What ``connect()`` raises when it has no key for ``address``: first whether anything
+    runs there (and how to start one), then what to do about the key."""
+    where = display(address)
+    try:
+        state = probe(address)
+    except ServerUnavailable as exc:
+        return exc
+    if state == "alive":
+        return ServerUnavailable(f"a supervisor runs at {where} but its key file "
+                                 f"{beside(address, '.key')} is missing: pass authkey= or set "
+                                 "MPPOOL_AUTHKEY to the key it was started with")
+    return ServerUnavailable(f"no supervisor at {where}: {START_HINT}")
+
+
 def take_over(address: Address) -> None:
     """Clear ``address`` for a new supervisor: remove a dead one's leftovers (socket,
     ``.lease`` socket, key file), refuse if a live one answers."""

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .errors import add_hint
+
 
 class Lender:
     """``obj(timeout)`` (alias ``item``): get an object for a ``with`` block, always put back."""
@@ -21,6 +23,9 @@ class Lender:
         o = self.get(timeout)
         try:
             yield o
+        except BaseException as exc:
+            add_hint(exc)
+            raise
         finally:
             self.put(o)
 

@@ -24,14 +24,13 @@ from multiprocess.managers import dispatch
 
 from .address import (
     Address,
-    check_address_dir,
     display,
     fresh_address,
     parse_address,
+    require_address_dir,
     server_authkey,
     socket_leftovers,
 )
-from .errors import ServerUnavailable
 from .launch import launch, take_over, wait_gone
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from .validate import check_delay, check_int
@@ -92,12 +91,7 @@ class Server:
         """
         if self._pid is not None:
             raise RuntimeError("this Server is already started")
-        where = display(self._address)
-        try:
-            check_address_dir(self._address)
-        except FileNotFoundError as exc:
-            raise ServerUnavailable(f"cannot start a supervisor at {where}: directory "
-                                    f"{exc.filename!r} does not exist") from None
+        require_address_dir(self._address)
         take_over(self._address)
         started = launch(self._address, self.authkey, detach, self._options)
         self._address, self._pid, self._proc = started.address, started.pid, started.proc

@@ -540,6 +540,7 @@ def test_a_client_belongs_to_its_event_loop(server):
 def test_autostart_starts_one_supervisor(tmp_path):
     import psutil
 
+    (tmp_path / "auto").mkdir(mode=0o700)  # autostart refuses a missing directory
     addr = str(tmp_path / "auto" / "s.sock")
 
     async def main() -> int:

@@ -35,6 +35,7 @@ from .. import protocol as P
 from ..address import Address, client_authkey, default_address, display, parse_address
 from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg, granted
 from ..errors import ServerUnavailable, TimeOut
+from ..launch import no_key
 from ..leasemap import LeaseMap
 from ..options import POOL_OPTIONS, token_pool_options
 from ..validate import check_delay, check_int
@@ -399,10 +400,7 @@ async def connect(address: object = None, authkey: object = None, *, autostart: 
     else:
         key = client_authkey(authkey, addr)
         if key is None:
-            raise ServerUnavailable(f"no supervisor at {display(addr)} (no key file beside it): "
-                                    "start one with mppool.Server(...).start(), `mppool serve` "
-                                    "or connect(autostart=True); or pass authkey=, or set "
-                                    "MPPOOL_AUTHKEY")
+            raise no_key(addr)
     client = AsyncClient(addr, key, timeout, autostart=autostart)
     try:
         await client._call("info")  # fail now, not at first use

@@ -67,6 +67,8 @@ class Record:
         self.transfer = transfer
         self.kind = kind
         self.fingerprint = fingerprint
+        # The options that are plain data, to name their values when a client's differ.
+        self.plain_options = {k: v for k, v in options.items() if _plain(v)}
         # Slow returns run on a worker thread, never on the lease loop.
         self.slow_ret = bool(options.get("retter") or options.get("closer") or options.get("max_use")
                              or options.get("max_lifetime"))
@@ -105,7 +107,15 @@ class Record:
             try:
                 blob = pickle.dumps(entry.obj, protocol=5)
             except Exception:
-                blob = dill.dumps(entry.obj, recurse=True)  # unpickles with plain pickle + dill
+                try:
+                    blob = dill.dumps(entry.obj, recurse=True)  # unpickles with pickle + dill
+                except Exception as exc:
+                    raise TypeError(
+                        f"pool {self.name!r}: cannot copy its {type(entry.obj).__qualname__} "
+                        f"to the caller ({exc}): a transfer=\"copy\" pool hands out pickled "
+                        "copies. Keep such objects (connections, sockets) in the supervisor "
+                        "in a pool created with client.pool(name, fun, transfer=\"proxy\"), "
+                        "or in each process under a budget") from None
             if self.cache_blobs:
                 entry.blob = blob
         return blob
@@ -143,6 +153,44 @@ def _fp(v: Any, depth: int) -> Any:
     return repr(v)
 
 
+def conflict(rec: Record, kind: str, transfer: str, fp: Any,
+             options: dict[str, Any]) -> ValueError:
+    """Why ``rec`` cannot be attached with these options: each option that differs, named
+    (from the per-option fingerprints), with its value where it is plain data."""
+    name = rec.name
+    what = []
+    if rec.kind != kind:
+        what.append(f"it is a {'token pool' if rec.kind == 'token' else 'pool of objects'}, "
+                    f"not a {'token pool' if kind == 'token' else 'pool of objects'}")
+    if rec.transfer != transfer:
+        what.append(f"transfer={rec.transfer!r}, not {transfer!r}")
+    if rec.kind == kind:
+        old, new = dict(rec.fingerprint or ()), dict(fp)
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key) == new.get(key):
+                continue
+            a, b = rec.plain_options.get(key, _UNSET), options.get(key, _UNSET)
+            if key not in old and _plain(b):
+                what.append(f"{key}={b!r}, not set when it was created")
+            elif key not in new or key not in old or a is _UNSET or not _plain(b):
+                what.append(f"{key} differs")
+            else:
+                what.append(f"{key}={a!r}, not {b!r}")
+    if rec.kind == "token":
+        attach = f"attach with client.token_pool({name!r})"
+    else:
+        attach = f"attach with client.pool({name!r})"
+    return ValueError(f"pool {name!r} exists with other options ({'; '.join(what)}): {attach} "
+                      "(no options), or use another name")
+
+
+_UNSET = object()
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, bytes))
+
+
 class Registry:
     """Named pools by name and by id (the id is what the lease channel carries)."""
 
@@ -166,7 +214,7 @@ class Registry:
         options: dict[str, Any] = dill.loads(blob) if blob else {}
         fp = fingerprint(options) if options else None
         with self.lock:
-            found = self._existing(name, kind, transfer, fp)
+            found = self._existing(name, kind, transfer, fp, options)
         if found is not None:
             return found
         if not options:
@@ -179,10 +227,11 @@ class Registry:
         pool.on_kill_holder = self.on_kill_holder
         with self.lock:
             try:
-                found = self._existing(name, kind, transfer, fp)
-            except ValueError:
+                found = self._existing(name, kind, transfer, fp, options)
+            except ValueError as exc:
                 found = None
                 raced = True
+                conflict = exc
             else:
                 raced = found is not None
             if not raced:
@@ -193,25 +242,22 @@ class Registry:
         if raced:  # another caller created it meanwhile: theirs stands, ours goes
             pool.shutdown()
             executor.close()
-            return found if found is not None else self._raise_conflict(name)
+            if found is None:
+                raise conflict
+            return found
         log.info("mppool: created %s pool %r (transfer=%s, max_size=%s)", kind, name, transfer,
                  options.get("max_size"))
         return rec
 
-    def _existing(self, name: str, kind: str, transfer: str,
-                  fp: Any) -> Record | None:
+    def _existing(self, name: str, kind: str, transfer: str, fp: Any,
+                  options: dict[str, Any]) -> Record | None:
         """Under the lock: attach to ``name`` if it exists (ValueError if options differ)."""
         rec = self.records.get(name)
         if rec is None:
             return None
         if fp is not None and (rec.kind != kind or rec.transfer != transfer or rec.fingerprint != fp):
-            self._raise_conflict(name)
+            raise conflict(rec, kind, transfer, fp, options)
         return rec
-
-    @staticmethod
-    def _raise_conflict(name: str) -> Any:
-        raise ValueError(f"pool {name!r} exists with other options; attach with "
-                         f"client.pool({name!r}) or use another name")
 
     def get_record(self, name: str) -> Record:
         rec = self.records.get(name)

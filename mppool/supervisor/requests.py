@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..errors import PoolClosed, ServerUnavailable, TimeOut
+from ..errors import PoolClosed, ServerUnavailable, TimeOut, add_hint
 from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
@@ -231,7 +231,7 @@ class Requests(_Loop):
             else:
                 value = getattr(target, msg.name)(*msg.args, **msg.kwargs)
         except BaseException as exc:
-            conn.fail(msg.rid, exc)
+            conn.fail(msg.rid, add_hint(exc))
             return
         try:
             if is_plain(value):
