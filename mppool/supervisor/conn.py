@@ -33,14 +33,14 @@ if TYPE_CHECKING:
 class RemoteWaiter(WaiterBase):
     """A get() from a client, queued in a Pool (the waiter protocol of `mppool.state`)."""
 
-    __slots__ = ("conn", "rec", "rid", "since")
+    __slots__ = ("conn", "rec", "rid")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
         super().__init__(conn.holder)  # type: ignore[arg-type]
         self.conn = conn
         self.rid = rid
         self.rec = rec
-        self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
+        self.since: float = conn.loop.sup.clock.now()  # the acquire-wait histogram, stats()
 
     def _can_take(self) -> bool:
         return not self.conn.closed

@@ -82,7 +82,7 @@ class Requests(_Loop):
     def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
         rec = self.records.get(pool_id)
         if rec is None:
-            conn.fail(rid, PoolClosed(f"pool #{pool_id} is shutting down or unknown"))
+            conn.fail(rid, self.sup.registry.unknown(pool_id))
             return
         pool = rec.pool
         if timeout is None:
@@ -209,7 +209,7 @@ class Requests(_Loop):
             return
         rec = self.records.get(msg.pool_id)
         if rec is None:
-            conn.fail(msg.rid, PoolClosed(f"pool #{msg.pool_id} is shutting down or unknown"))
+            conn.fail(msg.rid, self.sup.registry.unknown(msg.pool_id))
             return
         self.submit(rec, conn, msg.rid, self._call, conn, msg, rec)
 
