@@ -69,6 +69,7 @@ class Conn:
         # Gets queued in a pool, by request id, so that the client may withdraw one (Cancel).
         self.waiters: dict[int, RemoteWaiter] = {}
         self.refused = 0  # puts and calls refused (somebody else's lease)
+        self.bye = False  # the client said it is closing on purpose (protocol.Bye)
         # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
         # a client's sync() means "every put I sent has taken effect".
         self.puts_running: set[Future[Any]] = set()

@@ -58,6 +58,8 @@ class Requests(_Loop):
             self.ping(conn, msg.rid)
         elif isinstance(msg, P.Cancel):
             self.cancel_get(conn, msg.rid)
+        elif isinstance(msg, P.Bye):
+            conn.bye = True  # its EOF, next, is a clean exit: leases still held are logged at INFO
         # Get and Put never get here: read() decodes them in place, before anything else.
 
     def ping(self, conn: Conn, rid: int) -> None:
