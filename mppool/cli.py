@@ -28,12 +28,13 @@ from rich.table import Table
 from rich.text import Text
 
 from .address import Address, default_address, display, key_path, parse_address, parse_authkey, server_authkey
-from .autostart import lock_path
+from .autostart import lock_path, remove_lock_file
 from .client import Client, connect
 from .config import ConfigError, load_config
 from .demo import POOL_NAME, Demo, DemoResult, KillReport
 from .errors import PoolException, ServerUnavailable
 from .supervisor import serve
+from .version import __version__
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 MAX_HOLDER_ROWS = 40
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to keep trying to reach the supervisor (default: 2)")
 
     ap = argparse.ArgumentParser(prog="mppool", description="A resource pool shared by many processes.")
+    ap.add_argument("--version", action="version", version=f"mppool {__version__}")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("serve", parents=[common], help="run a supervisor in the foreground",
@@ -218,7 +220,8 @@ def _fitted_pools_table(console: Console, stats: dict[str, Any], title: str | No
     """The widest pools table that fits the console: counters dropped from the end if need be."""
     for n in range(len(POOL_COUNTERS), MIN_POOL_COUNTERS, -1):
         t = _pools_table(stats, title, POOL_COUNTERS[:n])
-        if console.measure(t).maximum <= console.width:
+        # Its narrowest rendering (wrapping what may wrap), measured without the console's cap.
+        if console.measure(t, options=console.options.update_width(1 << 16)).minimum <= console.width:
             return t
     t = _pools_table(stats, title, POOL_COUNTERS[:MIN_POOL_COUNTERS])
     return t
@@ -373,6 +376,16 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         pools = load_config(ns.config) if ns.config is not None else {}
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if ns.metrics_port is not None:
+        # Checked before anything is created: a configuration error leaves nothing behind.
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise CliError("--metrics-port needs prometheus_client: pip install 'mppool[metrics]'",
+                           EXIT_USAGE) from None
+        if not 0 < ns.metrics_port < 65536:
+            raise CliError(f"--metrics-port must be a TCP port (1-65535), got {ns.metrics_port}",
+                           EXIT_USAGE)
     address: Address = ns.address if ns.address is not None else default_address()
     if isinstance(address, str) and not Path(address).parent.is_dir():
         raise CliError(f"cannot serve on {address}: directory {str(Path(address).parent)!r} does not exist")
@@ -422,6 +435,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    remove_lock_file(address)  # a clean stop leaves nothing beside the socket
     out.print(f"mppool: supervisor pid {os.getpid()} stopped", markup=False)
     return EXIT_OK
 
@@ -433,6 +447,10 @@ def cmd_demo(ns: argparse.Namespace, out: Console, err: Console) -> int:
     # The supervisor's own warnings (the reclaim) would tear through the progress bar; the
     # summary reports the same facts.
     os.environ.setdefault("MPPOOL_LOG_LEVEL", "ERROR")
+    if not out.is_terminal:
+        # Piped or logged (CI, make demo | tee): rich would wrap at 80 columns mid-sentence.
+        # One line per message instead, and room for the tables.
+        out = Console(highlight=False, soft_wrap=True, width=max(out.width, 160))
     # SIGTERM ends the run like Ctrl-C, so that the with-block below still reaps everything.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     demo = Demo(ns.workers, ns.budget, ns.seconds, ns.address, ns.authkey)

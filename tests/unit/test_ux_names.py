@@ -51,3 +51,46 @@ def test_tokens_are_numbered() -> None:
         assert "0x" not in repr(t) or repr(t).startswith("<Token")
     finally:
         tp.put(t)
+
+
+def _render(renderable: object, width: int) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    c = Console(width=width, file=StringIO(), color_system=None)
+    c.print(renderable)
+    return c.file.getvalue()  # type: ignore[attr-defined]
+
+
+STATS = {
+    "sessions_for_the_reporting_service": {"kind": "pool", "transfer": "proxy", "max_size": 8,
+                                           "nusing": 1, "navail": 1, "nborrows": 123456,
+                                           "ncreated": 2, "shutdown": True,
+                                           "waiters": [{"pid": 4242, "waited": 1.5}],
+                                           "nwaiting": 1},
+    "pg": {"kind": "token", "max_size": 20},
+    "pg_replica_readonly": {"kind": "token", "max_size": 20, "nwaiting": 3},
+}
+
+
+@pytest.mark.parametrize("width", [80, 60, 200])
+def test_pool_names_never_vanish(width: int) -> None:
+    from rich.console import Console
+
+    from mppool.cli import _fitted_pools_table
+
+    text = _render(_fitted_pools_table(Console(width=width), STATS), width)
+    # The first column's cells, joined across lines (a long name folds onto the next line).
+    flat = "".join(ln.split("│")[1].strip() for ln in text.splitlines() if ln.startswith("│"))
+    for name in STATS:
+        assert name in flat, (name, text)  # long names may fold, never vanish
+    assert all(len(line) <= width for line in text.splitlines()), text
+
+
+def test_top_lists_waiters_by_pid_and_wait() -> None:
+    from mppool.cli import _waiters_table
+
+    text = _render(_waiters_table(STATS), 120)
+    assert "4242" in text and "1.500 s" in text
+    assert _render(_waiters_table({"p": {"waiters": []}}), 80).strip() == "waiters: none"
