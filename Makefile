@@ -2,6 +2,7 @@
 # .venv is (re)built from pyproject.toml whenever pyproject.toml changes.
 #
 #   make demo    supervisor + workers sharing a budget, with a final check that the bound held
+#                (installs the package alone, not the test/lint toolchain)
 #   make test    the whole test suite, in parallel (pytest-xdist)
 #   make lint    ruff + mypy + no import circle (scripts/check_imports.py)
 #   make bench   benchmarks (scripts/bench.py), ratios against peers measured in the same run
@@ -15,6 +16,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 
 VENV        := .venv
 BIN         := $(VENV)/bin
+RUN_STAMP   := $(VENV)/.mppool-installed-runtime
 STAMP       := $(VENV)/.mppool-installed
 BENCH_STAMP := $(VENV)/.mppool-installed-bench
 DOCS_STAMP  := $(VENV)/.mppool-installed-docs
@@ -25,9 +27,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Two stamps: the package alone (what `make demo` needs, a few seconds), and on top of it the
+# test and lint toolchain (what `make test` and `make lint` need).
+$(RUN_STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: neither python3.11 nor python3 is on PATH" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e .
+	@touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -e '.[test,lint]'
 	@touch $@
 
@@ -35,7 +43,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -e '.[test,lint,bench]'
 	@touch $@
 
-demo: $(STAMP)
+# The package only: no test or lint toolchain.
+demo: $(RUN_STAMP)
 	$(BIN)/mppool demo
 
 # One command line; README.md and .ci/run use `make test` and nothing else.

@@ -15,6 +15,7 @@ from .errors import (
 )
 from .pool import Pool
 from .server import Server
+from .version import __version__ as __version__
 
 __all__ = [
            "Client",
@@ -30,4 +31,3 @@ __all__ = [
            "TooManyRequests",
            "connect",
 ]
-__version__ = "0.1.0"

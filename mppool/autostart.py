@@ -34,6 +34,22 @@ def lock_path(address: Address) -> Path:
     return beside(address, ".lock")
 
 
+def remove_lock_file(address: Address) -> None:
+    """Remove the lock file after a clean stop, unless somebody holds it or waits on it now
+    (it is taken without waiting and unlinked while held, so no holder loses it)."""
+    lock = FileLock(str(lock_path(address)), timeout=0)
+    try:
+        lock.acquire()
+    except Exception:
+        return  # in use: an autostart or another serve is on its way; it stays
+    try:
+        lock_path(address).unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def _alive(address: Address, key: bytes | None) -> bool:
     if key is None:
         return False

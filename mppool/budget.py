@@ -56,7 +56,7 @@ def draw_token(budget: Budget | None, fill: bool, timeout: float | None) -> Any:
     return budget.get(0 if fill else timeout)
 
 
-def give_back(budget: Budget | None, token: Any, pool_id: int) -> None:
+def give_back(budget: Budget | None, token: Any, pool_name: str) -> None:
     """Return the token of a closed object, or of one ``fun`` failed to make; never raises
     (the object is gone either way, and fun's own error must be the one the caller sees)."""
     if token is None:
@@ -65,9 +65,9 @@ def give_back(budget: Budget | None, token: Any, pool_id: int) -> None:
         budget.put(token)  # type: ignore[union-attr]
     except ServerUnavailable as exc:
         # The supervisor is gone: so is the budget, nothing to give back.
-        log.info("mppool: pool %d: budget token not returned: %s", pool_id, exc)
+        log.info("mppool: pool %r: budget token not returned: %s", pool_name, exc)
     except Exception:
-        log.warning("mppool: pool %d: could not return a budget token", pool_id, exc_info=True)
+        log.warning("mppool: pool %r: could not return a budget token", pool_name, exc_info=True)
 
 
 # state.py draws and gives back tokens with the functions above, so this module cannot
@@ -108,12 +108,12 @@ class Budgeted(_State):
             try:
                 self.recall()  # asks the budget (a round trip), then runs closers
             except Exception:
-                log.exception("mppool: pool %d: budget recall failed", self._id)
+                log.exception("mppool: pool %r: budget recall failed", self._name)
 
         try:
             self._offload("recall", job)
         except Exception:  # only a broken runner gets here: keep ticking
-            log.exception("mppool: pool %d: budget recall failed", self._id)
+            log.exception("mppool: pool %r: budget recall failed", self._name)
         with self._lock:
             if self._shutdown or self._sched is None:
                 return
@@ -133,7 +133,7 @@ class Budgeted(_State):
         try:
             wanted = int(self._budget.waiting())  # type: ignore[union-attr]
         except Exception:
-            log.debug("mppool: pool %d: budget.waiting() failed", self._id, exc_info=True)
+            log.debug("mppool: pool %r: budget.waiting() failed", self._name, exc_info=True)
             return 0
         with self._lock:
             spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
@@ -143,6 +143,6 @@ class Budgeted(_State):
             self._counts["nrecalled"] += n
             self._recall_n = max(0, wanted - n)
         if n:
-            log.info("mppool: pool %d: gave %d idle object(s) back to the budget", self._id, n)
+            log.info("mppool: pool %r: gave %d idle object(s) back to the budget", self._name, n)
             self._settle()
         return n

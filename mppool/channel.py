@@ -18,12 +18,15 @@ caller past its own timeout:
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import itertools
+import os
 import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +93,8 @@ class Channel:
         self._frames: list[Any] = []
         self._rids = itertools.count(1)
         self._broken: str | None = None
+        self._pid = os.getpid()  # a forked child must not say Bye on its parent's channel
+        _open.add(self)
         self.unsynced = False  # puts sent whose effect this process has not yet observed
 
     @property
@@ -246,12 +251,39 @@ class Channel:
                 if slot.event is not None:
                     slot.event.set()
 
+    def bye(self) -> None:
+        """Tell the supervisor this channel closes on purpose (`protocol.Bye`): leases still
+        held are then logged as a clean exit, not as a crash. Never blocks, never raises."""
+        if self._broken or self._pid != os.getpid():
+            return
+        if not self._send_lock.acquire(timeout=0.1):
+            return  # another thread is mid-send: a Bye now would cut its frame
+        try:
+            self._sock.send(P.encode_bye(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            self._send_lock.release()
+
     def close(self) -> None:
+        self.bye()
         self._broken = self._broken or "client closed"
+        _open.discard(self)
         try:
             self._sock.close()
         except OSError:
             pass
+
+
+# Channels of this process still open at interpreter exit say Bye: the end of a script, a
+# gunicorn worker's graceful exit. Their sockets close with the process.
+_open: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+@atexit.register
+def _bye_at_exit() -> None:
+    for chan in list(_open):
+        chan.bye()
 
 
 def _ignore(reply: Any) -> None:

@@ -38,12 +38,13 @@ from .address import (
     require_address_dir,
     server_authkey,
 )
-from .autostart import lock_path
+from .autostart import lock_path, remove_lock_file
 from .client import Client, connect
 from .config import ConfigError, load_config
 from .demo import POOL_NAME, Demo, DemoResult, KillReport
 from .errors import PoolException, ServerUnavailable
 from .supervisor import serve
+from .version import __version__
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 MAX_HOLDER_ROWS = 40
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to keep trying to reach the supervisor (default: 2)")
 
     ap = argparse.ArgumentParser(prog="mppool", description="A resource pool shared by many processes.")
+    ap.add_argument("--version", action="version", version=f"mppool {__version__}")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("serve", parents=[common], help="run a supervisor in the foreground",
@@ -210,12 +212,41 @@ def _size(n: Any) -> str:
     return "∞" if not n else str(n)
 
 
-def _pools_table(stats: dict[str, Any], title: str | None = None) -> Table:
+def _name_column(t: Table, header: str, names: Any, **kw: Any) -> None:
+    """The pool-name column, which must never vanish: rich shrinks columns to fit the width
+    and, without a minimum, can give a wrappable one no room at all. Its minimum is the
+    longest name (up to 20 characters; longer names fold onto further lines)."""
+    longest = max((len(str(n)) for n in names), default=0)
+    t.add_column(header, style="bold", min_width=max(len(header), min(longest, 20)),
+                 overflow="fold", **kw)
+
+
+# The pools table's counters, the least needed last: on a narrow terminal they are dropped
+# from the end (never the names), and the caption says so.
+POOL_COUNTERS = ("max", "in use", "idle", "waiting", "borrows", "killed", "created")
+MIN_POOL_COUNTERS = 4
+
+
+def _fitted_pools_table(console: Console, stats: dict[str, Any], title: str | None = None) -> Table:
+    """The widest pools table that fits the console: counters dropped from the end if need be."""
+    for n in range(len(POOL_COUNTERS), MIN_POOL_COUNTERS, -1):
+        t = _pools_table(stats, title, POOL_COUNTERS[:n])
+        # Its narrowest rendering (wrapping what may wrap), measured without the console's cap.
+        if console.measure(t, options=console.options.update_width(1 << 16)).minimum <= console.width:
+            return t
+    t = _pools_table(stats, title, POOL_COUNTERS[:MIN_POOL_COUNTERS])
+    return t
+
+
+def _pools_table(stats: dict[str, Any], title: str | None = None,
+                 counters: Sequence[str] = POOL_COUNTERS) -> Table:
     t = Table(title=title, title_justify="left")
-    t.add_column("pool", style="bold")
-    t.add_column("kind", no_wrap=True)
-    for col in ("max", "in use", "idle", "waiting", "borrows", "killed", "created"):
+    _name_column(t, "pool", stats)
+    t.add_column("kind")
+    for col in counters:
         t.add_column(col, justify="right", no_wrap=True)
+    if len(counters) < len(POOL_COUNTERS):
+        t.caption = f"narrow terminal: {', '.join(POOL_COUNTERS[len(counters):])} not shown (--json has all)"
     for name in sorted(stats):
         s = stats[name]
         kind = str(s.get("kind", "pool"))
@@ -225,9 +256,11 @@ def _pools_table(stats: dict[str, Any], title: str | None = None) -> Table:
         label = Text(name)
         if s.get("shutdown"):
             label.append(" (shut down)", style="red")
-        t.add_row(label, kind, _size(s.get("max_size")), str(s.get("nusing", 0)),
-                  str(s.get("navail", 0)), Text(str(waiting), style="yellow" if waiting else ""),
-                  str(s.get("nborrows", 0)), str(s.get("nkilled", 0)), str(s.get("ncreated", 0)))
+        cells: list[RenderableType] = [
+            _size(s.get("max_size")), str(s.get("nusing", 0)), str(s.get("navail", 0)),
+            Text(str(waiting), style="yellow" if waiting else ""), str(s.get("nborrows", 0)),
+            str(s.get("nkilled", 0)), str(s.get("ncreated", 0))]
+        t.add_row(label, kind, *cells[:len(counters)])
     return t
 
 
@@ -254,15 +287,16 @@ def cmd_stats(ns: argparse.Namespace, out: Console, err: Console) -> int:
     if not stats:
         out.print("no pools")
     else:
-        out.print(_pools_table(stats))
+        out.print(_fitted_pools_table(out, stats))
     return EXIT_OK
 
 
-def _top_frame(client: Client) -> RenderableType:
+def _top_frame(client: Client, console: Console) -> RenderableType:
     stats = client.stats()
     info = client.info()
     holders = Table(title="holders", title_justify="left")
-    for col, justify in (("pool", "left"), ("pid", "right"), ("lease age", "right"),
+    _name_column(holders, "pool", stats)
+    for col, justify in (("pid", "right"), ("lease age", "right"),
                          ("uses", "right"), ("host", "left"), ("object", "left")):
         holders.add_column(col, justify=justify)  # type: ignore[arg-type]
     rows = []
@@ -280,27 +314,46 @@ def _top_frame(client: Client) -> RenderableType:
         holders.caption = f"… and {len(rows) - MAX_HOLDER_ROWS} more"
     if not rows:
         holders.caption = "no leases out"
-    waiting = {n: int(s.get("nwaiting", 0)) for n, s in stats.items() if s.get("nwaiting")}
-    waiters = Text("waiters: " + (", ".join(f"{n} on {name!r}" for name, n in sorted(waiting.items()))
-                                  if waiting else "none"),
-                   style="yellow" if waiting else "")
     parts: list[RenderableType] = [_header(info), Text(time.strftime("%H:%M:%S"), style="dim")]
-    parts.append(_pools_table(stats, title="pools") if stats else Text("no pools"))
-    parts += [holders, waiters]
+    parts.append(_fitted_pools_table(console, stats, title="pools") if stats else Text("no pools"))
+    parts += [holders, _waiters_table(stats)]
     return Group(*parts)
 
 
+def _waiters_table(stats: dict[str, Any]) -> RenderableType:
+    """Who waits on which pool: pid and seconds waited, the longest wait first."""
+    rows = []
+    for name, s in stats.items():
+        listed = s.get("waiters")
+        if listed is None:  # a supervisor without the list: the count only
+            listed = [{}] * int(s.get("nwaiting", 0))
+        for w in listed:
+            waited = w.get("waited")
+            rows.append((-1.0 if waited is None else float(waited), name, w.get("pid")))
+    if not rows:
+        return Text("waiters: none")
+    rows.sort(key=lambda r: -r[0])
+    t = Table(title="waiters", title_justify="left")
+    _name_column(t, "pool", stats)
+    t.add_column("pid", justify="right")
+    t.add_column("waiting for", justify="right", style="yellow")
+    for waited, name, pid in rows[:MAX_HOLDER_ROWS]:
+        t.add_row(Text(name), "?" if pid is None else str(pid),
+                  "?" if waited < 0 else f"{waited:.3f} s")
+    if len(rows) > MAX_HOLDER_ROWS:
+        t.caption = f"… and {len(rows) - MAX_HOLDER_ROWS} more"
+    return t
 def cmd_top(ns: argparse.Namespace, out: Console, err: Console) -> int:
     client = _connect(ns)
     try:
         if ns.once:
-            out.print(_top_frame(client))
+            out.print(_top_frame(client, out))
             return EXIT_OK
-        with Live(_top_frame(client), console=out, auto_refresh=False) as live:
+        with Live(_top_frame(client, out), console=out, auto_refresh=False) as live:
             try:
                 while True:
                     time.sleep(ns.interval)
-                    live.update(_top_frame(client), refresh=True)
+                    live.update(_top_frame(client, out), refresh=True)
             except KeyboardInterrupt:
                 return EXIT_OK  # Ctrl-C is how one leaves top
     except PoolException as exc:
@@ -334,6 +387,16 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         pools = load_config(ns.config) if ns.config is not None else {}
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if ns.metrics_port is not None:
+        # Checked before anything is created: a configuration error leaves nothing behind.
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise CliError("--metrics-port needs prometheus_client: pip install 'mppool[metrics]'",
+                           EXIT_USAGE) from None
+        if not 0 < ns.metrics_port < 65536:
+            raise CliError(f"--metrics-port must be a TCP port (1-65535), got {ns.metrics_port}",
+                           EXIT_USAGE)
     address: Address = ns.address if ns.address is not None else default_address()
     try:
         require_address_dir(address)
@@ -386,6 +449,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    remove_lock_file(address)  # a clean stop leaves nothing beside the socket
     out.print(f"mppool: supervisor pid {os.getpid()} stopped", markup=False)
     return EXIT_OK
 
@@ -397,6 +461,10 @@ def cmd_demo(ns: argparse.Namespace, out: Console, err: Console) -> int:
     # The supervisor's own warnings (the reclaim) would tear through the progress bar; the
     # summary reports the same facts.
     os.environ.setdefault("MPPOOL_LOG_LEVEL", "ERROR")
+    if not out.is_terminal:
+        # Piped or logged (CI, make demo | tee): rich would wrap at 80 columns mid-sentence.
+        # One line per message instead, and room for the tables.
+        out = Console(highlight=False, soft_wrap=True, width=max(out.width, 160))
     # SIGTERM ends the run like Ctrl-C, so that the with-block below still reaps everything.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     demo = Demo(ns.workers, ns.budget, ns.seconds, ns.address, ns.authkey)

@@ -101,7 +101,7 @@ class Housekeeping(PoolState):
                     try:
                         self.on_kill_holder(holder, age)
                     except Exception:
-                        log.exception("mppool: pool %d: could not terminate pid %s", self._id,
+                        log.exception("mppool: pool %r: could not terminate pid %s", self._name,
                                       holder.pid)
             if long_uses and not self._offload("trace", lambda: self._warn_long_use(long_uses)):
                 self._warn_long_use(long_uses, trace=False)  # the tracer hangs: say it without
@@ -116,7 +116,7 @@ class Housekeeping(PoolState):
         except Exception:
             with self._lock:
                 self._counts["hk_errors"] += 1
-            log.exception("mppool: pool %d: housekeeping round failed", self._id)
+            log.exception("mppool: pool %r: housekeeping round failed", self._name)
         finally:
             with self._lock:
                 self._hk_time += self._clock.now() - start
@@ -143,8 +143,8 @@ class Housekeeping(PoolState):
                 del self._using[lease]
                 self._counts["nkilled"] += 1
                 self._to_close.append(entry)
-                log.warning("mppool: pool %d: killing lease %d held for %.1f s by pid %s",
-                            self._id, lease, age, holder.pid if holder else "?")
+                log.warning("mppool: pool %r: killing lease %d held for %.1f s by pid %s",
+                            self._name, lease, age, holder.pid if holder else "?")
                 if holder is not None:
                     kills.append((holder, age))
         if not self._using:
@@ -153,7 +153,7 @@ class Housekeeping(PoolState):
 
     def _warn_long_use(self, long_uses: list[LongUse], trace: bool = True) -> None:
         for age, holder, obj in long_uses:
-            log.warning("mppool: pool %d: object held for %.1f s by pid %s: %.80s", self._id,
+            log.warning("mppool: pool %r: object held for %.1f s by pid %s: %.80s", self._name,
                         age, holder.pid if holder else "?",
                         self._trace(obj) if trace else f"<{type(obj).__name__}>")
 
@@ -198,7 +198,7 @@ class Housekeeping(PoolState):
                 healthy = False
                 with self._lock:
                     self._counts["hc_errors"] += 1
-                log.warning("mppool: pool %d: health check raised", self._id, exc_info=True)
+                log.warning("mppool: pool %r: health check raised", self._name, exc_info=True)
             with self._lock:
                 self._nchecking -= 1
                 if healthy and not self._shutdown:
@@ -206,8 +206,8 @@ class Housekeeping(PoolState):
                 else:
                     if not healthy:
                         self._counts["bad_health"] += 1
-                        log.warning("mppool: pool %d: unhealthy object closed: %.80s",
-                                    self._id, self._trace(entry.obj))
+                        log.warning("mppool: pool %r: unhealthy object closed: %.80s",
+                                    self._name, self._trace(entry.obj))
                     self._to_close.append(entry)
         self._settle()
 
@@ -225,12 +225,12 @@ class Housekeeping(PoolState):
             try:
                 entry = self._create(fill=True)
             except TimeOut:
-                log.info("mppool: pool %d: no budget token free to reach min_size=%d yet",
-                         self._id, self._min_size)
+                log.info("mppool: pool %r: no budget token free to reach min_size=%d yet",
+                         self._name, self._min_size)
                 return
             except Exception:
-                log.warning("mppool: pool %d: could not create an object to reach min_size=%d",
-                            self._id, self._min_size, exc_info=True)
+                log.warning("mppool: pool %r: could not create an object to reach min_size=%d",
+                            self._name, self._min_size, exc_info=True)
                 return
             with self._lock:
                 self._ncreating -= 1

@@ -63,7 +63,7 @@ class Lifetime(PoolState):
             self._shutdown = True
             waiters, self._waiters = self._waiters, deque()
             for w in waiters:
-                w.set(PoolClosed(f"pool {self._id} is shutting down"))
+                w.set(PoolClosed(f"pool {self._name!r} is shutting down"))
             self._to_close.extend(self._avail)
             self._avail.clear()
             deadline = None if wait_for is None else self._clock.now() + wait_for
@@ -75,8 +75,8 @@ class Lifetime(PoolState):
                                               else deadline - self._clock.now()))
             self._draining = False
             if self._using:
-                log.warning("mppool: pool %d shutting down with %d objects in use: closing them",
-                            self._id, len(self._using))
+                log.warning("mppool: pool %r shutting down with %d objects in use: closing them",
+                            self._name, len(self._using))
                 self._to_close.extend(self._using.values())
                 self._using.clear()
                 self._by_obj.clear()

@@ -28,7 +28,7 @@ class TokenMaker:
         self.cls = cls
 
     def __call__(self, i: int) -> Any:
-        return self.cls()
+        return self.cls(i)  # numbered: holders are told apart in stats and `mppool top`
 
 
 def token_pool_options(max_size: int) -> dict[str, Any]:

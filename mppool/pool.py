@@ -103,6 +103,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         burst_limit: int | None = None,
         budget: Budget | None = None,
         kill_holder: bool = False,
+        name: str | None = None,
         clock: Clock | None = None,
         scheduler: Scheduler | None = None,
         runner: Runner | None = None,
@@ -143,10 +144,10 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         self._health_freq = check_int("health_freq", health_freq, minimum=1)
         hk_delay = check_duration("delay", delay)  # None: housekeeping never runs
         self._max_lifetime = check_period("max_lifetime", max_lifetime)
-        for name, hook in (("opener", opener), ("getter", getter), ("retter", retter),
-                           ("closer", closer), ("health", health), ("stats", stats),
-                           ("tracer", tracer)):
-            check_callable(name, hook)
+        for hook_name, hook in (("opener", opener), ("getter", getter), ("retter", retter),
+                                ("closer", closer), ("health", health), ("stats", stats),
+                                ("tracer", tracer)):
+            check_callable(hook_name, hook)
         check_budget(budget)
         check_callable("runner", runner)
         if not isinstance(kill_holder, bool):
@@ -168,6 +169,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         self._now = self._clock.now
 
         self._id = next(_ids)
+        # Errors and logs name the pool: by its name in the supervisor, else "#<id>".
+        self._name = str(name) if name else f"#{self._id}"
         self._started = datetime.datetime.now()
         self._started_mono = self._clock.now()
         self._init_state()
@@ -217,8 +220,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             if not discard and self._fast_return(lease):
                 return
         if not lease:
-            log.warning("mppool: pool %d: ret() of an object it does not lend: %.80s",
-                        self._id, self._trace(obj))
+            log.warning("mppool: pool %r: ret() of an object it does not lend: %.80s",
+                        self._name, self._trace(obj))
             return
         self.checkin(lease, discard)
 
@@ -341,7 +344,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         deadline = None if timeout is None else self._clock.now() + timeout
         got = self.acquire(holder, None if timeout == 0 else Waiter)
         if got is None:
-            raise TimeOut(f"pool {self._id}: no object available (timeout=0)")
+            raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
         if isinstance(got, Waiter):
             got = self._wait(got, timeout)
         if got is CREATE:
@@ -358,7 +361,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             self.abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
             raise
         if self.cancel(waiter):
-            raise TimeOut(f"pool {self._id}: no object available within {timeout} s")
+            raise TimeOut(f"pool {self._name!r}: no object available within {timeout} s")
         got = waiter.result
         if isinstance(got, BaseException):
             raise got
@@ -376,7 +379,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         """
         with self._lock:
             if self._shutdown:
-                raise PoolClosed(f"pool {self._id} is shutting down")
+                raise PoolClosed(f"pool {self._name!r} is shutting down")
             got: Any = None
             if not self._paused and (not self._waiters
                                      or not any(not w.done for w in self._waiters)):
@@ -396,6 +399,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                         got = CREATE
             if got is None and waiter is not None:
                 got = waiter(holder)
+                if getattr(got, "since", 0.0) is None:  # stats() shows how long it waited
+                    got.since = self._clock.now()
                 self._waiters.append(got)
             closing = bool(self._to_close)
         if closing:  # expired entries met on the way: closed on the runner, if there is one
@@ -445,7 +450,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 closed = False
         if closed:
             self._settle()
-            raise PoolClosed(f"pool {self._id} is shutting down")
+            raise PoolClosed(f"pool {self._name!r} is shutting down")
         return self.hand_out(entry)
 
     def release_slot(self) -> None:
@@ -476,8 +481,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         if entry is None:
             if holder is not None:
                 return False  # the remote caller logs it, rate-limited per connection
-            log.warning("mppool: pool %d: lease %d returned twice, unknown or already killed",
-                        self._id, lease)
+            log.warning("mppool: pool %r: lease %d returned twice, unknown or already killed",
+                        self._name, lease)
             return False
         self._hook("retter", self._retter, entry.obj)
         with self._lock:
@@ -520,8 +525,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 try:
                     reset(entry.obj)
                 except Exception:
-                    log.warning("mppool: pool %d: reset of a reclaimed object failed, closing it",
-                                self._id, exc_info=True)
+                    log.warning("mppool: pool %r: reset of a reclaimed object failed, closing it",
+                                self._name, exc_info=True)
                     ok = False
             with self._lock:
                 self._nchecking -= 1

@@ -215,10 +215,15 @@ class Pool(Lender, Generic[T]):
 
 
 class Token:
-    """An opaque, unique object: holding one is the right to use a limited resource."""
+    """An opaque, unique object: holding one is the right to use a limited resource.
+
+    ``number`` is its creation number in its pool (shown by ``repr``, ``mppool top``)."""
+
+    def __init__(self, number: int | None = None) -> None:
+        self.number = number
 
     def __repr__(self) -> str:
-        return f"<Token {id(self):#x}>"
+        return f"token #{self.number}" if self.number is not None else f"<Token {id(self):#x}>"
 
 
 class TokenPool(Pool[Token]):

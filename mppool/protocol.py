@@ -57,7 +57,7 @@ GET_SIZE, PUT_SIZE = _GET.size, _PUT.size
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
-CALL, GETATTR, DROPREF, PING, WAITING, CANCEL = range(2, 8)
+CALL, GETATTR, DROPREF, PING, WAITING, CANCEL, BYE = range(2, 9)
 OK, ERR, REF, GRANTED = range(4)  # GRANTED: a lease on an object that stays there (a proxy)
 
 
@@ -126,6 +126,13 @@ class Cancel:
 
 
 @dataclass(slots=True)
+class Bye:
+    """The client is closing this channel on purpose (``close()``, interpreter exit): the
+    leases it still holds are taken back as usual, but logged as a clean exit (INFO), not as
+    a holder that went away (WARNING: a crash, a kill). No reply."""
+
+
+@dataclass(slots=True)
 class Granted:
     rid: int
     lease: int
@@ -139,7 +146,7 @@ class Reply:
     value: Any
 
 
-Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel
+Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye
 
 
 # --------------------------------------------------------------------------- framing
@@ -230,6 +237,13 @@ def encode_cancel(rid: int) -> bytes:
     return frame(pickle.dumps((CANCEL, rid), protocol=5))
 
 
+BYE_FRAME = frame(pickle.dumps((BYE,), protocol=5))
+
+
+def encode_bye() -> bytes:
+    return BYE_FRAME
+
+
 def _u32(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_RID
 
@@ -271,6 +285,8 @@ def decode_request(payload: Any) -> Request:
         return Waiting(args[0], args[1])
     elif op == CANCEL and len(args) == 1 and _u32(args[0]) and args[0]:
         return Cancel(args[0])
+    elif op == BYE and not args:
+        return Bye()
     raise ProtocolError(f"a malformed request: op {op!r} with {len(args)} fields")
 
 

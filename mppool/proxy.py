@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol as P
-from .errors import PoolException, ServerUnavailable
+from .errors import PoolClosed, ServerUnavailable
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -52,7 +52,7 @@ class ObjectProxy:
 
     def _mp_request(self, name: str, args: tuple[Any, ...] | None, kwargs: dict[str, Any]) -> Any:
         if not self._mp_lease and not self._mp_ref:
-            raise PoolException("this object was returned to its pool and is no longer "
+            raise PoolClosed("this object was returned to its pool and is no longer "
                                 "yours: get() another one")
         chan: Channel = self._mp_chan
         rid = chan.next_rid()

@@ -127,12 +127,13 @@ class WaiterBase:
     ``CREATE``, or an exception to raise. ``_wake`` tells the waiter, without blocking.
     """
 
-    __slots__ = ("done", "holder", "result")
+    __slots__ = ("done", "holder", "result", "since")
 
     def __init__(self, holder: Holder) -> None:
         self.holder = holder
         self.result: Any = None
         self.done = False
+        self.since: float | None = None  # when it was queued (the pool's clock), for stats()
 
     def set(self, result: Any) -> bool:
         if self.done or not self._can_take():
@@ -182,6 +183,7 @@ class PoolState:
 
     # Settings, fixed at construction (but _max_size, which resize() changes under the lock).
     _id: int
+    _name: str
     _started: datetime.datetime
     _started_mono: float
     _fun: FunHook
@@ -332,7 +334,7 @@ class PoolState:
                     return
                 entry = self._to_close.popleft()
             self._hook("closer", self._closer, entry.obj)
-            give_back(self._budget, entry.token, self._id)
+            give_back(self._budget, entry.token, self._name)
             with self._lock:
                 self._counts["ndestroys"] += 1
                 self._grant_slots()
@@ -352,7 +354,7 @@ class PoolState:
                 self._nextnum += 1
             obj = self._fun(num)
         except BaseException:
-            give_back(self._budget, token, self._id)
+            give_back(self._budget, token, self._name)
             with self._lock:
                 self._ncreating -= 1
                 self._grant_slots()
@@ -384,7 +386,7 @@ class PoolState:
             except Exception:
                 with self._lock:
                     self._counts["hk_errors"] += 1
-                log.exception("mppool: pool %d: housekeeping job %r failed", self._id, kind)
+                log.exception("mppool: pool %r: housekeeping job %r failed", self._name, kind)
             finally:
                 with self._lock:
                     self._inflight.discard(kind)
@@ -394,8 +396,8 @@ class PoolState:
         except Exception as exc:  # e.g. RuntimeError: can't start new thread
             with self._lock:
                 self._inflight.discard(kind)
-            self._runner_errors.error("runner", "mppool: pool %d: could not start housekeeping "
-                                      "job %r, will retry: %s", self._id, kind, exc)
+            self._runner_errors.error("runner", "mppool: pool %r: could not start housekeeping "
+                                      "job %r, will retry: %s", self._name, kind, exc)
             return False
         return True
 
@@ -443,6 +445,8 @@ class PoolState:
                 "nusing": len(self._using),
                 "ntodel": len(self._to_close),
                 "nwaiting": sum(1 for w in self._waiters if not w.done),
+                # Who waits, first come first: each waiter's pid and seconds waited so far.
+                "waiters": [self._describe_waiter(w, now) for w in self._waiters if not w.done],
                 "shutdown": self._shutdown,
                 "paused": self._paused,
                 "avail": [self._describe(e, now) for e in self._avail],
@@ -471,13 +475,20 @@ class PoolState:
         try:
             hook(obj)
         except Exception:
-            log.warning("mppool: pool %d: %s hook raised, ignored", self._id, name, exc_info=True)
+            log.warning("mppool: pool %r: %s hook raised, ignored", self._name, name, exc_info=True)
 
     def _trace(self, obj: Any) -> str:
         try:
             return str(self._tracer(obj))
         except Exception:
             return f"<{type(obj).__name__}>"
+
+    @staticmethod
+    def _describe_waiter(w: Any, now: float) -> dict[str, Any]:
+        holder = getattr(w, "holder", None)
+        since = getattr(w, "since", None)
+        return {"pid": getattr(holder, "pid", None),
+                "waited": None if since is None else max(0.0, now - since)}
 
     def _describe(self, entry: Entry, now: float) -> dict[str, Any]:
         data: dict[str, Any] = {}

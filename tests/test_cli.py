@@ -61,8 +61,15 @@ def _gone(pid: int) -> bool:
 
 def test_demo_bound_holds_and_cleans_up(sockdir: Path) -> None:
     address = str(sockdir / "demo.sock")
-    r = run_cli("demo", "--seconds", "2", "--address", address)
+    env = _env()
+    env.pop("COLUMNS")  # piped at rich's default width: messages must still be one line each
+    r = subprocess.run([sys.executable, "-m", "mppool", "demo", "--seconds", "2", "--address",
+                        address], capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^watchdog: SIGKILLed worker \d+ \(pid \d+\) while it held a token → token "
+                     r"back in [\d.]+ ms \(out \d+ \+ available \d+ = budget 2\)$", r.stdout, re.M), r.stdout
+    assert re.search(r"^supervisor pid \d+ on .*; worker pids [\d, ]+$", r.stdout, re.M), r.stdout
     m = re.search(r"bound held: peak (\d+) <= budget (\d+)", r.stdout)
     assert m, r.stdout
     assert 1 <= int(m[1]) <= int(m[2]) == 2
@@ -145,8 +152,9 @@ def test_serve_stats_top_and_sigterm(sockdir: Path, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, err_path.read_text()
         assert "stopped" in out_path.read_text()
-        for path in (address, address + ".lease", keyfile):
+        for path in (address, address + ".lease", keyfile, address + ".lock"):
             assert not os.path.exists(path), path
+        assert not [p for p in sockdir.iterdir() if p.name.startswith("mppool.sock")]
     finally:
         if proc.poll() is None:
             proc.kill()  # only the pid we started
@@ -276,3 +284,26 @@ def test_authkey_file_reaches_the_supervisor_and_bad_keys_are_not_echoed(sockdir
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mppool {mppool.__version__}", r
+
+
+def test_metrics_port_without_prometheus_client_exits_2_and_leaves_nothing(sockdir: Path,
+                                                                           tmp_path: Path) -> None:
+    # prometheus_client made unimportable for this one run: a module of that name that fails.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "prometheus_client.py").write_text("raise ImportError('not installed')\n")
+    address = str(sockdir / "m.sock")
+    env = _env()
+    env["PYTHONPATH"] = str(shadow) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "mppool", "serve", "--address", address,
+                        "--metrics-port", "9"], capture_output=True, text=True, env=env,
+                       timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "pip install 'mppool[metrics]'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not [p for p in sockdir.iterdir() if p.name.startswith("m.sock")], list(sockdir.iterdir())

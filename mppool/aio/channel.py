@@ -182,6 +182,11 @@ class AsyncChannel:
         return [self._reader, self._writer, self._task]
 
     async def close(self) -> None:
+        if not self._broken:
+            try:  # a clean close (protocol.Bye): leases still held are not reported as a crash
+                self._writer.write(P.encode_bye())
+            except (OSError, ConnectionError, RuntimeError):
+                pass
         self._broken = self._broken or "client closed"
         self._task.cancel()
         try:

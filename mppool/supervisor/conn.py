@@ -33,14 +33,14 @@ if TYPE_CHECKING:
 class RemoteWaiter(WaiterBase):
     """A get() from a client, queued in a Pool (the waiter protocol of `mppool.state`)."""
 
-    __slots__ = ("conn", "rec", "rid", "since")
+    __slots__ = ("conn", "rec", "rid")
 
     def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
         super().__init__(conn.holder)  # type: ignore[arg-type]
         self.conn = conn
         self.rid = rid
         self.rec = rec
-        self.since = conn.loop.sup.clock.now()  # for the acquire-wait histogram
+        self.since: float = conn.loop.sup.clock.now()  # the acquire-wait histogram, stats()
 
     def _can_take(self) -> bool:
         return not self.conn.closed
@@ -69,6 +69,7 @@ class Conn:
         # Gets queued in a pool, by request id, so that the client may withdraw one (Cancel).
         self.waiters: dict[int, RemoteWaiter] = {}
         self.refused = 0  # puts and calls refused (somebody else's lease)
+        self.bye = False  # the client said it is closing on purpose (protocol.Bye)
         # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
         # a client's sync() means "every put I sent has taken effect".
         self.puts_running: set[Future[Any]] = set()

@@ -200,6 +200,8 @@ class Registry:
         self.lock = threading.Lock()
         self.records: dict[str, Record] = {}
         self.by_id: dict[int, Record] = {}
+        # The names of dropped pools, so that a client still using one hears it by name.
+        self.dropped: dict[int, str] = {}
         self.next_id = 1
         # Called with the holder of a lease killed with kill_holder=True (the watchdog's).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
@@ -222,7 +224,7 @@ class Registry:
         # Built outside the supervisor's lock: filling min_size runs fun (a slow database
         # would otherwise stall every other create, drop and host).
         executor = pool_executor(name)
-        pool = Pool(**options, scheduler=self.sched, clock=self.clock
+        pool = Pool(**options, name=name, scheduler=self.sched, clock=self.clock
                     if self.clock is not REAL_CLOCK else None, runner=executor.run)
         pool.on_kill_holder = self.on_kill_holder
         with self.lock:
@@ -265,6 +267,14 @@ class Registry:
             raise PoolClosed(f"pool {name!r} is shutting down or was never created")
         return rec
 
+    def unknown(self, pool_id: int) -> PoolClosed:
+        """The error for a request naming a pool id that is not served (any more)."""
+        name = self.dropped.get(pool_id)
+        if name is None:
+            return PoolClosed(f"no pool with id {pool_id} (never created here: was the "
+                              "supervisor restarted?)")
+        return PoolClosed(f"pool {name!r} is shutting down or was dropped")
+
     def drop(self, name: str, delay: float = 0.0) -> None:
         rec = self.detach(name)
         if rec is not None:
@@ -276,6 +286,7 @@ class Registry:
             rec = self.records.pop(name, None)
             if rec is not None:
                 self.by_id.pop(rec.id, None)
+                self.dropped[rec.id] = name
         return rec
 
     @staticmethod

@@ -58,6 +58,8 @@ class Requests(_Loop):
             self.ping(conn, msg.rid)
         elif isinstance(msg, P.Cancel):
             self.cancel_get(conn, msg.rid)
+        elif isinstance(msg, P.Bye):
+            conn.bye = True  # its EOF, next, is a clean exit: leases still held are logged at INFO
         # Get and Put never get here: read() decodes them in place, before anything else.
 
     def ping(self, conn: Conn, rid: int) -> None:
@@ -82,7 +84,7 @@ class Requests(_Loop):
     def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
         rec = self.records.get(pool_id)
         if rec is None:
-            conn.fail(rid, PoolClosed(f"pool #{pool_id} is shutting down or unknown"))
+            conn.fail(rid, self.sup.registry.unknown(pool_id))
             return
         pool = rec.pool
         if timeout is None:
@@ -209,7 +211,7 @@ class Requests(_Loop):
             return
         rec = self.records.get(msg.pool_id)
         if rec is None:
-            conn.fail(msg.rid, PoolClosed(f"pool #{msg.pool_id} is shutting down or unknown"))
+            conn.fail(msg.rid, self.sup.registry.unknown(msg.pool_id))
             return
         self.submit(rec, conn, msg.rid, self._call, conn, msg, rec)
 

@@ -81,15 +81,23 @@ class Watchdog:
         """A client connection closed: drop its waiters, reclaim its leases."""
         for rec in list(self.registry.records.values()):
             rec.pool.drop_waiters(lambda w: getattr(w, "conn", None) is conn)
-            if rec.reset is None or rec.submit(self._reclaim, rec, conn.id) is None:
-                self._reclaim(rec, conn.id)
+            if rec.reset is None or rec.submit(self._reclaim, rec, conn) is None:
+                self._reclaim(rec, conn)
 
-    def _reclaim(self, rec: Record, cid: int) -> None:
+    def _reclaim(self, rec: Record, conn: Conn) -> None:
+        cid = conn.id
         n = rec.pool.reclaim(lambda h: h.conn == cid, reset=rec.reset)
         if n:
             self.nreclaimed += n
-            log.warning("mppool: pool %r: reclaimed %d lease(s) of connection %d whose holder "
-                        "went away", rec.name, n, cid)
+            pid = conn.holder.pid if conn.holder is not None else "?"
+            if conn.bye:
+                # The client closed on purpose (close(), interpreter exit): routine.
+                log.info("mppool: pool %r: took back %d lease(s) still held by pid %s "
+                         "(connection %d), which closed its client", rec.name, n, pid, cid)
+            else:
+                log.warning("mppool: pool %r: reclaimed %d lease(s) of connection %d whose "
+                            "holder (pid %s) went away without closing (crash, kill, lost "
+                            "connection)", rec.name, n, cid, pid)
 
     def scan(self) -> None:
         """Close connections whose holder process is gone although its socket lives on.
