@@ -367,13 +367,13 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             raise got
         return got
 
-    def acquire(self, holder: Holder, waiter: Callable[[Holder], Any] | None = None,
-                ) -> Entry | _Create | Any | None:
+    def acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
+                *args: Any) -> Entry | _Create | Any | None:
         """The one decision of every get, for in-process and remote callers alike.
 
         Returns an idle entry now leased to ``holder`` (run `hand_out` on it), ``CREATE`` (a
         slot is reserved: call `create_for`, or `release_slot` if it will not be used), or
-        the waiter made by ``waiter(holder)`` and queued (its ``set()`` is called later under
+        the waiter made by ``waiter(holder, *args)`` and queued (its ``set()`` is called later under
         the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
         available and no waiter was asked for. Newcomers never barge past queued waiters.
         """
@@ -398,7 +398,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                         self._ncreating += 1
                         got = CREATE
             if got is None and waiter is not None:
-                got = waiter(holder)
+                got = waiter(holder, *args)
                 if getattr(got, "since", 0.0) is None:  # stats() shows how long it waited
                     got.since = self._clock.now()
                 self._waiters.append(got)

@@ -180,6 +180,10 @@ class FrameReader:
             if len(self._buf) < self._need:
                 return []
             data, self._buf = bytes(self._buf), bytearray()
+        elif len(data) >= size:
+            (n,) = HEADER.unpack_from(data)
+            if len(data) == size + n and n <= self.limit:  # exactly one whole frame
+                return [memoryview(data)[size:]]
         # Usually whole frames (a put and a get in one recv): parsed in place, no copy.
         view = memoryview(data)
         end, pos = len(data), 0

@@ -35,8 +35,8 @@ class RemoteWaiter(WaiterBase):
 
     __slots__ = ("conn", "rec", "rid")
 
-    def __init__(self, conn: Conn, rid: int, rec: Record) -> None:
-        super().__init__(conn.holder)  # type: ignore[arg-type]
+    def __init__(self, holder: Holder, conn: Conn, rid: int, rec: Record) -> None:
+        super().__init__(holder)
         self.conn = conn
         self.rid = rid
         self.rec = rec

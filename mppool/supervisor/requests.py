@@ -90,10 +90,8 @@ class Requests(_Loop):
         if timeout is None:
             timeout = pool.timeout
         try:
-            got = pool.acquire(conn.holder)
-            if got is None and timeout != 0:  # nothing now: queue a waiter (the rare path)
-                got = pool.acquire(conn.holder,
-                                   lambda h: RemoteWaiter(conn, rid, rec))
+            # One decision; a waiter is made only if the get must queue.
+            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
@@ -102,7 +100,7 @@ class Requests(_Loop):
         elif type(got) is Entry:
             self.reply_entry(conn, rid, rec, got)
         elif got is CREATE:
-            waiter = RemoteWaiter(conn, rid, rec)
+            waiter = RemoteWaiter(conn.holder, conn, rid, rec)  # type: ignore[arg-type]
             waiter.done = True
             self.create(waiter)
         else:  # queued: the client may withdraw it, and its deadline is ours to keep
