@@ -526,16 +526,26 @@ def connect(address: object = None, authkey: object = None, *, autostart: bool =
     With ``autostart=True`` the first caller starts a supervisor that outlives it, and every
     racing or later caller connects to that same one.
     """
-    timeout = check_delay("timeout", timeout)
-    if math.isinf(timeout):
-        raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
-    addr = default_address() if address is None else parse_address(address)
-    key: bytes | None
+    addr, timeout = connect_target(address, timeout)
     if autostart:
         from .autostart import ensure_supervisor
         key = ensure_supervisor(addr, authkey, timeout)
     else:
-        key = client_authkey(authkey, addr)
-        if key is None:
-            raise no_key(addr)
+        key = known_key(addr, authkey)
     return Client(addr, key, timeout, autostart=autostart)
+
+
+def connect_target(address: object, timeout: float) -> tuple[Address, float]:
+    """The address and timeout of a connect() (the sync and the async one), checked."""
+    timeout = check_delay("timeout", timeout)
+    if math.isinf(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
+    return (default_address() if address is None else parse_address(address)), timeout
+
+
+def known_key(addr: Address, authkey: object) -> bytes:
+    """The key to reach ``addr`` with (given, in MPPOOL_AUTHKEY, or the key file)."""
+    key = client_authkey(authkey, addr)
+    if key is None:
+        raise no_key(addr)
+    return key

@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -365,3 +368,14 @@ def procs() -> Iterator[list[Any]]:
         p.join(5)
 
 
+@pytest.fixture
+def sockdir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for sockets: unix socket paths must stay under ~100 characters."""
+    if len(str(tmp_path / "mppool.sock.lease")) < 100:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="mp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -37,19 +34,6 @@ def _env() -> dict[str, str]:
 def run_cli(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mppool", *args], capture_output=True, text=True,
                           env=_env(), timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Iterator[Path]:
-    """A directory for sockets: unix socket paths must stay under ~100 characters."""
-    if len(str(tmp_path / "mppool.sock.lease")) < 100:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="mp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _gone(pid: int) -> bool:

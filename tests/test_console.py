@@ -5,11 +5,9 @@ each audited in the supervisor's log."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,19 +97,6 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Iterator[Path]:
-    """A directory for sockets: unix socket paths must stay under ~100 characters."""
-    if len(str(tmp_path / "mppool.sock.lease")) < 100:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="mp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

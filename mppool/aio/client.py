@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import pickle
 import weakref
@@ -32,10 +31,9 @@ from typing import Any
 import dill
 
 from .. import protocol as P
-from ..address import Address, client_authkey, default_address, display, parse_address
-from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg, granted
+from ..address import Address, display
+from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg, connect_target, granted, known_key
 from ..errors import ServerUnavailable, TimeOut
-from ..launch import no_key
 from ..leasemap import LeaseMap
 from ..options import POOL_OPTIONS, token_pool_options
 from ..validate import check_delay, check_int
@@ -390,17 +388,11 @@ async def connect(address: object = None, authkey: object = None, *, autostart: 
     With ``autostart=True`` the first caller starts a supervisor that outlives it, and every
     racing or later caller connects to that same one.
     """
-    timeout = check_delay("timeout", timeout)
-    if math.isinf(timeout):
-        raise ValueError(f"timeout must be a finite number of seconds, got {timeout!r}")
-    addr = default_address() if address is None else parse_address(address)
-    key: bytes | None
+    addr, timeout = connect_target(address, timeout)
     if autostart:
         key = await _ensure_supervisor(addr, authkey, timeout)
     else:
-        key = client_authkey(authkey, addr)
-        if key is None:
-            raise no_key(addr)
+        key = known_key(addr, authkey)
     client = AsyncClient(addr, key, timeout, autostart=autostart)
     try:
         await client._call("info")  # fail now, not at first use
