@@ -339,6 +339,18 @@ class SharedPool(Lender):
     def get(self, timeout: float | None = None) -> Any:
         """Get an object (a copy, or a proxy for ``transfer="proxy"``); ``timeout=None``
         uses the pool's, 0 means do not wait, ``math.inf`` waits forever."""
+        if timeout is None and self._timeout is None:
+            # The common case, inline: no deadline, and the channel reaches the supervisor
+            # run this pool's id belongs to. Anything else takes the general path below.
+            fast = self._client._chan
+            if fast is not None and fast.instance == self._instance and not fast._broken:
+                rid = fast.next_rid()
+                try:
+                    reply = fast.request(rid, P.encode_get(rid, self._id, None))
+                except ServerUnavailable:
+                    pass  # the channel died: the general path reconnects and tries again
+                else:
+                    return self._received(reply, fast, self._id)
         t = check_timeout_arg(timeout)
         wait = t if timeout is not None else self._timeout
         deadline = None if wait is None else time.monotonic() + wait + GRACE
@@ -359,6 +371,10 @@ class SharedPool(Lender):
                 # whatever it granted is void, and a restarted one may be there. Once more.
                 if attempt == 2:
                     raise
+        return self._received(reply, chan, pool_id)
+
+    def _received(self, reply: Any, chan: Channel, pool_id: int) -> Any:
+        """The object a get's reply grants (recorded as held), or the error it carries."""
         lease = granted(reply).lease
         try:
             # The method cache of proxies is per kind of object: here, per pool.

@@ -60,8 +60,9 @@ def test_stale_socket_of_crashed_supervisor_is_replaced(address):
     pid = first.info()["pid"]
     first.close()
     os.kill(pid, signal.SIGKILL)  # crashes: leaves its socket and key file behind
-    wait_until(lambda: not psutil.pid_exists(pid) or
-               psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+    # A zombie's other threads may still hold its descriptors for a moment (the leader turns
+    # zombie first): wait until its socket refuses connections, the state this test is about.
+    wait_until(lambda: _refused(address), timeout=10, what="the dead supervisor's socket refusing")
     assert os.path.exists(address)
     second = mppool.connect(address, autostart=True)
     assert second.info()["pid"] != pid
@@ -73,3 +74,17 @@ def test_env_address_is_the_default(address, monkeypatch):
     c = mppool.connect(autostart=True)
     assert c.info()["address"] == address
     c.close()
+
+
+def _refused(address: str) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1)
+        try:
+            s.connect(address)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False

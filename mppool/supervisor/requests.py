@@ -188,11 +188,11 @@ class Requests(_Loop):
             if fut is not None:
                 conn.puts_running.add(fut)
                 fut.add_done_callback(conn.puts_running.discard)
-        elif not pool.checkin(lease, discard, holder=conn.holder):
+        elif not pool.checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
 
     def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
-        if not rec.pool.checkin(lease, discard, holder=conn.holder):
+        if not rec.pool.checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
 
     def _refused(self, conn: Conn, rec: Record, lease: int) -> None:
