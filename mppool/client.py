@@ -275,7 +275,23 @@ class Client:
         return f"<mppool.Client {display(self.address)}>"
 
 
-class SharedPool(Lender):
+class PoolWhere:
+    """Where a shared pool is (its id on one run of the supervisor) and how to create it
+    again after a restart: the part the sync and the async shared pools share."""
+
+    _blob: bytes | None = None  # the dill-shipped options; None: attached by name only
+
+    def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
+               blob: bytes | None) -> None:
+        self._instance = instance
+        self._id = pool_id
+        self._timeout = timeout
+        self._kind = kind
+        if blob is not None:
+            self._blob = blob
+
+
+class SharedPool(Lender, PoolWhere):
     """A pool served by the supervisor, with the API of ``mppool.Pool``.
 
     It pickles as (address, key, name) and reconnects wherever it is unpickled.
@@ -290,16 +306,6 @@ class SharedPool(Lender):
         self._late: tuple[Channel, int, Callable[[Any], None]] | None = None
         self._learn(*where, timeout, kind, blob)
 
-    def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
-               blob: bytes | None) -> None:
-        """Where this pool is now (its id on that run of the supervisor), and how to create
-        it again after a restart."""
-        self._instance = instance
-        self._id = pool_id
-        self._timeout = timeout
-        self._kind = kind
-        if blob is not None or not hasattr(self, "_blob"):
-            self._blob = blob
 
     def _mp_route(self) -> tuple[Channel, int]:
         """The channel to use and this pool's id on the supervisor it reaches: after a

@@ -32,7 +32,15 @@ import dill
 
 from .. import protocol as P
 from ..address import Address, display
-from ..client import _DEFAULT_TOKENS, GRACE, check_timeout_arg, connect_target, granted, known_key
+from ..client import (
+    _DEFAULT_TOKENS,
+    GRACE,
+    PoolWhere,
+    check_timeout_arg,
+    connect_target,
+    granted,
+    known_key,
+)
 from ..errors import ServerUnavailable, TimeOut
 from ..leasemap import LeaseMap
 from ..options import POOL_OPTIONS, token_pool_options
@@ -231,7 +239,7 @@ class AsyncClient:
         return f"<mppool.aio.AsyncClient {display(self.address)}>"
 
 
-class AsyncSharedPool:
+class AsyncSharedPool(PoolWhere):
     """A pool served by the supervisor, with the API of ``mppool.Pool`` as coroutines."""
 
     def __init__(self, client: AsyncClient, name: str, where: tuple[int, int],
@@ -239,19 +247,7 @@ class AsyncSharedPool:
         self._client = client
         self.name = name
         self.transfer = "copy"
-        self._blob: bytes | None = None
         self._learn(*where, timeout, kind, blob)
-
-    def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
-               blob: bytes | None) -> None:
-        """Where this pool is now (its id on that run of the supervisor), and how to create
-        it again after a restart."""
-        self._instance = instance
-        self._id = pool_id
-        self._timeout = timeout
-        self._kind = kind
-        if blob is not None:
-            self._blob = blob
 
     async def _route(self) -> tuple[AsyncChannel, int]:
         """The channel and this pool's id on the supervisor it reaches: after a restart,
