@@ -28,6 +28,7 @@ import pickle
 import threading
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -94,7 +95,7 @@ class Client:
         # the cyclic GC, which may finalize its socket before Client.__del__ closes it.
         self._pools: weakref.WeakValueDictionary[str, SharedPool] = weakref.WeakValueDictionary()
         # pool name -> obj -> (lease, channel, pool id): what this process holds.
-        self._held: dict[str, LeaseMap] = {}
+        self._held: defaultdict[str, LeaseMap] = defaultdict(LeaseMap)
         self._closed = False
         self._pid = os.getpid()
         self._info: dict[str, Any] = self._control.call("info")  # fail now, not at first use
@@ -140,7 +141,7 @@ class Client:
         self._chan = None
         self._control.forget()
         self._lock = threading.Lock()
-        self._held = {}
+        self._held = defaultdict(LeaseMap)
         self._pid = os.getpid()
 
     # --------------------------------------------------------------- public API
@@ -327,13 +328,6 @@ class SharedPool(Lender, PoolWhere):
         raise ServerUnavailable(f"pool {self.name!r}: the supervisor at "
                                 f"{display(self._client.address)} keeps restarting")
 
-    @property
-    def _held(self) -> LeaseMap:
-        held = self._client._held.get(self.name)
-        if held is None:
-            held = self._client._held.setdefault(self.name, LeaseMap())
-        return held
-
     def _late_handler(self, chan: Channel, pool_id: int) -> Callable[[Any], None]:
         """What a grant that arrives after its get gave up does: go back at once (one per
         route, made once)."""
@@ -381,7 +375,7 @@ class SharedPool(Lender, PoolWhere):
 
     def _received(self, reply: Any, chan: Channel, pool_id: int) -> Any:
         """The object a get's reply grants (recorded as held), or the error it carries."""
-        lease = granted(reply).lease
+        lease = (reply if type(reply) is P.Granted else granted(reply)).lease
         try:
             # The method cache of proxies is per kind of object: here, per pool.
             obj = ObjectProxy(self, lease, 0, f"pool {self.name}", chan, pool_id) \
@@ -393,14 +387,16 @@ class SharedPool(Lender, PoolWhere):
                                 f"({exc}); use transfer='proxy' to keep it in the supervisor") \
                     from exc
             raise
-        with self._client._lock:
-            self._held.add(obj, (lease, chan, pool_id))
+        client = self._client
+        with client._lock:
+            client._held[self.name].add(obj, (lease, chan, pool_id))
         return obj
 
     def ret(self, obj: Any, discard: bool = False) -> None:
         """Return an object; with ``discard=True`` the supervisor closes it instead."""
-        with self._client._lock:
-            held = self._held.take(obj)
+        client = self._client
+        with client._lock:
+            held = client._held[self.name].take(obj)
         if not held:
             log.warning("mppool: pool %r: ret() of an object this process does not hold "
                         "(returned twice?): ignored", self.name)

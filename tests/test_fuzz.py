@@ -102,7 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         }
         one = pools[ONE].get(timeout=5)
         prox = pools[PROXY].get(timeout=5)
-        held = {name: {held[0] for _, held in p._held.items()} for name, p in pools.items()}
+        held = {name: {held[0] for _, held in c._held[name].items()} for name in pools}
         info = c.info()
         marker = str(tmp_path_factory.mktemp("fuzz") / "unpickled-marker")
         w = World(

@@ -43,6 +43,7 @@ from .. import protocol as P
 from ..clock import Clock
 from ..errors import TimeOut
 from ..holder import peer_holder
+from ..protocol import KIND_DISCARD, KIND_GET, KIND_PUT, parse_get, parse_put
 from ..ratelog import RateLimitedLog
 from .acceptor import FdReserve
 from .conn import Conn, RemoteWaiter
@@ -272,25 +273,27 @@ class LeaseLoop(Requests):
             return
         try:
             frames = conn.reader.feed(data)
+            if conn.holder is None and frames:
+                # Nothing is unpickled before the client proved it has the key.
+                self.hello(conn, frames[0])
+                if conn.closed:
+                    return
+                del frames[0]
             for payload in frames:
-                if conn.holder is None:
-                    # Nothing is unpickled before the client proved it has the key.
-                    self.hello(conn, payload)
-                else:
-                    kind = payload[0] if len(payload) else 0
-                    try:
-                        # The two messages of every lease cycle, decoded in place.
-                        if kind == P.KIND_GET:
-                            self.get(conn, *P.parse_get(payload))
-                        elif kind == P.KIND_PUT or kind == P.KIND_DISCARD:
-                            self.put(conn, *P.parse_put(payload))
-                        else:
-                            self.dispatch(conn, P.decode_request(payload))
-                    except P.ProtocolError:
-                        raise
-                    except Exception:
-                        self.ratelog(logging.ERROR, "request", "mppool: conn %d: a request failed",
-                                     conn.id, exc_info=True)
+                kind = payload[0] if payload else 0
+                try:
+                    # The two messages of every lease cycle, decoded in place.
+                    if kind == KIND_GET:
+                        self.get(conn, *parse_get(payload))
+                    elif kind in (KIND_PUT, KIND_DISCARD):
+                        self.put(conn, *parse_put(payload))
+                    else:
+                        self.dispatch(conn, P.decode_request(payload))
+                except P.ProtocolError:
+                    raise
+                except Exception:
+                    self.ratelog(logging.ERROR, "request", "mppool: conn %d: a request failed",
+                                 conn.id, exc_info=True)
                 if conn.closed:
                     return
         except P.ProtocolError as exc:

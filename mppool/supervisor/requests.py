@@ -153,14 +153,16 @@ class Requests(_Loop):
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
-        if not handed:
+        if not handed and rec.has_getter:
             rec.pool.hand_out(entry)
-        try:
-            blob = rec.blob(entry)
-        except Exception as exc:
-            rec.pool.checkin(entry.lease)
-            conn.fail(rid, exc)
-            return
+        blob = entry.blob  # a cached copy (never set for proxy pools)
+        if blob is None:
+            try:
+                blob = rec.blob(entry)
+            except Exception as exc:
+                rec.pool.checkin(entry.lease)
+                conn.fail(rid, exc)
+                return
         if blob is None:
             conn.send_raw(P.encode_granted_proxy(rid, entry.lease))
         else:
