@@ -49,14 +49,14 @@ def run(n):
     for _ in range(n):
         pool.put(pool.get())
 
-run(%d)
+run(WARMUP)
 target = str(srv.pid if which == "supervisor" else os.getpid())
 subprocess.run(["callgrind_control", "-z", target], check=True, capture_output=True)
 run(cycles)
 subprocess.run(["callgrind_control", "-d", target], check=True, capture_output=True)
 print("PID", target, flush=True)
 srv.shutdown()
-""" % WARMUP
+""".replace("WARMUP", str(WARMUP))
 
 
 def measure(checkout: Path, which: str, cycles: int, tmp: Path) -> float:
