@@ -192,19 +192,21 @@ class Channel:
         pending, late = self._pending, self._late
         try:
             while (slot.reply is None) if slot is not None else late:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
-                if not self._frames:
+                frames = self._frames
+                if not frames:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
                     try:
                         data = self._sock.recv(P.RECV_SIZE)
                     except BlockingIOError:
                         continue  # a READ_SLICE passed: look at the deadline again
                     if not data:
                         raise EOFError("connection closed")
-                    self._frames = self._reader.feed(data)
-                    continue
+                    frames = self._frames = self._reader.feed(data)
+                    if not frames:
+                        continue  # part of a frame: read on
                 # A frame (bytes, or a view of immutable bytes) stays valid after the next feed.
-                reply = P.decode_reply(self._frames.pop(0))
+                reply = P.decode_reply(frames.pop(0))
                 other = pending.pop(reply.rid, None)
                 if other is not None:
                     other.reply = reply

@@ -404,7 +404,7 @@ class SharedPool(Lender, PoolWhere):
         lease, chan, pool_id = held
         if isinstance(obj, ObjectProxy):
             object.__setattr__(obj, "_mp_lease", 0)  # further calls fail clearly
-        if chan.broken:
+        if chan._broken:
             log.info("mppool: pool %r: ret() of a lease from a supervisor connection that is "
                      "gone (%s): nothing to give back", self.name, chan.broken)
             return
