@@ -387,6 +387,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         pools = load_config(ns.config) if ns.config is not None else {}
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # see serve(): the supervisor's own metrics
     if ns.metrics_port is not None:
         # Checked before anything is created: a configuration error leaves nothing behind.
         try:

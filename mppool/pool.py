@@ -41,6 +41,8 @@ from .holder import Holder, current_holder
 from .housekeeping import Housekeeping
 from .lender import Lender
 from .lifetime import Lifetime
+from .poolmetrics import enabled as metrics_enabled
+from .poolmetrics import instrument
 from .sched import Scheduler
 from .state import (
     CREATE,
@@ -180,6 +182,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         self._runner = runner
         self._start_housekeeping(hk_delay, scheduler, own_clock=clock is not None)
         self._start_recall(own_clock=clock is not None)
+        if metrics_enabled():  # PROMETHEUS_MULTIPROC_DIR: see poolmetrics.py; else untouched
+            instrument(self)
         self._register()
         self._fill()
 

@@ -47,6 +47,9 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     from ..address import check_address_dir
     from .acceptor import ControlAcceptor, serve_authenticated
 
+    # Its metrics are its own (--metrics-port), never files among a worker application's:
+    # see mppool/poolmetrics.py. Before anything imports prometheus_client.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     logging.basicConfig(level=os.environ.get("MPPOOL_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s mppool[%(process)d] %(levelname)s %(message)s")
     raise_nofile_limit()
