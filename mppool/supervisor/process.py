@@ -25,7 +25,8 @@ from typing import Any
 import dill
 from multiprocess import process as mp_process
 
-from ..address import Address, display, parse_address, socket_leftovers, write_key
+from ..address import Address, beside, display, parse_address, socket_leftovers, write_key
+from ..addrlock import remove_if_unused
 from ..protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from ..ratelog import RateLimitedLog
 from .control import Control, ControlManager, set_control
@@ -143,6 +144,8 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
         server.listener.close()  # removes the control socket
         for path in socket_leftovers(address):
             _unlink(path)
+        # The autostart lock too, unless a starter holds it now (see addrlock.py).
+        remove_if_unused(beside(address, ".lock"))
         log.info("mppool: supervisor %d stopped", os.getpid())
 
 
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-message", type=int, default=DEFAULT_MAX_MESSAGE)
     ap.add_argument("--max-unread", type=int, default=DEFAULT_MAX_UNREAD)
     ap.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT)
+    # Server(address=None) made the socket's private directory: remove it (if empty) when
+    # we stop, for the starter may be gone (a SIGKILLed gunicorn arbiter) and cannot.
+    ap.add_argument("--remove-dir", type=int, default=0)
     ns = ap.parse_args(argv)
     key = os.environ.pop("MPPOOL_AUTHKEY", "")
     extra = json.loads(os.environ.pop("MPPOOL_SYS_PATH", "[]"))
@@ -236,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
             say(f"ERROR {type(exc).__name__}: {exc}")
             raise SystemExit(1) from None
         raise
+    finally:
+        if ns.remove_dir and "/" in ns.address:
+            try:
+                os.rmdir(os.path.dirname(os.path.abspath(ns.address)))
+            except OSError:
+                pass  # not empty (something of the user's), or already removed by the Server
 
 
 if __name__ == "__main__":
