@@ -29,7 +29,7 @@ such pool exports them itself, through prometheus_client's *multiprocess mode*:
   ``PROMETHEUS_MULTIPROC_DIR`` from its environment at start.
 
 With metrics on, a pool's class is swapped for a subclass of the same name (made once per
-class) whose ``get``, ``checkout``, ``ret``/``put``, ``checkin`` and the methods where objects
+class) whose ``get``, ``_checkout``, ``ret``/``put``, ``_checkin`` and the methods where objects
 are created or closed also time each get and, after each call, write the pool's five gauges
 (a few microseconds). Pools made while metrics are off keep their class as it is.
 """
@@ -130,7 +130,7 @@ class _PoolMetrics:
         self.gauges = (m.objects.labels(pool=name), m.in_use.labels(pool=name),
                        m.idle.labels(pool=name), m.waiting.labels(pool=name),
                        m.max_size.labels(pool=name))
-        self.timing = threading.local()  # a get's checkout is timed once, by the get
+        self.timing = threading.local()  # a get's _checkout is timed once, by the get
 
     def refresh(self, p: Any) -> None:
         """Write the pool's gauges. Read without the lock: a gauge is a sample anyway, and a
@@ -150,8 +150,8 @@ class _PoolMetrics:
 
 # Where the counts change besides a get: returns, a get that queues (waiting goes up while it
 # waits), closes, creations for min_size, housekeeping, shutdown, resizes, reclaims.
-_REFRESH_AFTER = ("ret", "put", "checkin", "acquire", "_settle", "_fill", "housekeep",
-                  "shutdown", "resize", "reclaim", "drop_waiters")
+_REFRESH_AFTER = ("ret", "put", "_checkin", "_acquire", "_settle", "_fill", "housekeep",
+                  "shutdown", "resize", "_reclaim", "_drop_waiters")
 _classes: dict[type, type] = {}
 
 
@@ -174,13 +174,13 @@ def _instrumented_class(cls: type) -> type:
             m.wait.observe(self._clock.now() - start)
             m.refresh(self)
 
-    def checkout(self: Any, holder: Any, timeout: float | None = None) -> Any:
+    def _checkout(self: Any, holder: Any, timeout: float | None = None) -> Any:
         m = self._metrics
         if getattr(m.timing, "on", False):
-            return cls.checkout(self, holder, timeout)  # type: ignore[attr-defined]
+            return cls._checkout(self, holder, timeout)  # type: ignore[attr-defined]
         start = self._clock.now()
         try:
-            return cls.checkout(self, holder, timeout)  # type: ignore[attr-defined]
+            return cls._checkout(self, holder, timeout)  # type: ignore[attr-defined]
         finally:
             m.wait.observe(self._clock.now() - start)
             m.refresh(self)
@@ -194,7 +194,7 @@ def _instrumented_class(cls: type) -> type:
                 self._metrics.refresh(self)
         return wrapper
 
-    ns: dict[str, Any] = {"get": get, "checkout": checkout, "__module__": cls.__module__,
+    ns: dict[str, Any] = {"get": get, "_checkout": _checkout, "__module__": cls.__module__,
                           "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
     for method in _REFRESH_AFTER:
         func = getattr(cls, method, None)

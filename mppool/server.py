@@ -72,14 +72,19 @@ class Server:
 
     @property
     def address(self) -> Address:
+        """Where the supervisor listens: a socket path, or ``(host, port)`` (a port 0 given
+        is the real port once started)."""
         return self._address
 
     @property
     def authkey(self) -> bytes:
+        """The key clients must present (also in the key file beside the socket)."""
         return bytes(self._authkey)
 
     @property
     def pid(self) -> int | None:
+        """The supervisor's pid while it runs (None before ``start()`` and after
+        ``shutdown()``)."""
         return self._pid
 
     def start(self, detach: bool = False) -> Server:
