@@ -30,8 +30,8 @@ such pool exports them itself, through prometheus_client's *multiprocess mode*:
 
 With metrics on, a pool's class is swapped for a subclass of the same name (made once per
 class) whose ``get``, ``_checkout``, ``ret``/``put``, ``_checkin`` and the methods where objects
-are created or closed also time each get and, after each call, write the pool's five gauges
-(a few microseconds). Pools made while metrics are off keep their class as it is.
+are created or closed also time each get and, after each call, write those of the pool's
+five gauges that changed. Pools made while metrics are off keep their class as it is.
 """
 
 from __future__ import annotations
@@ -131,19 +131,32 @@ class _PoolMetrics:
                        m.idle.labels(pool=name), m.waiting.labels(pool=name),
                        m.max_size.labels(pool=name))
         self.timing = threading.local()  # a get's _checkout is timed once, by the get
+        # The values last written: a gauge is written only when it changes (each write takes
+        # prometheus_client's process-wide lock and touches the mmap).
+        self.last: list[float | None] = [None] * len(self.gauges)
+        self.pid = os.getpid()  # a forked child writes its own files: everything, once
+        # Refreshes in turn, so that the last one to read the counts is the last to write.
+        self.lock = threading.Lock()
 
     def refresh(self, p: Any) -> None:
         """Write the pool's gauges. Read without the lock: a gauge is a sample anyway, and a
         metric must never make a get wait."""
+        if self.pid != os.getpid():  # a forked child: a lock another thread held stays held
+            self.pid, self.lock = os.getpid(), threading.Lock()
+            self.last = [None] * len(self.gauges)
         try:
-            nidle, nusing = len(p._avail), len(p._using)
-            if p._shutdown:
-                values: tuple[float, ...] = (0, 0, 0, 0, 0)
-            else:
-                nwaiting = sum(1 for w in tuple(p._waiters) if not w.done)
-                values = (nidle + nusing, nusing, nidle, nwaiting, p._max_size)
-            for gauge, value in zip(self.gauges, values, strict=True):
-                gauge.set(value)
+            with self.lock:
+                nidle, nusing = len(p._avail), len(p._using)
+                if p._shutdown:
+                    values: tuple[float, ...] = (0, 0, 0, 0, 0)
+                else:
+                    nwaiting = sum(1 for w in tuple(p._waiters) if not w.done)
+                    values = (nidle + nusing, nusing, nidle, nwaiting, p._max_size)
+                last = self.last
+                for i, value in enumerate(values):
+                    if last[i] != value:
+                        last[i] = value
+                        self.gauges[i].set(value)
         except Exception:
             log.debug("mppool: pool %r: metrics not written", p._name, exc_info=True)
 
