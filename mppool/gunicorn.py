@@ -74,7 +74,10 @@ class _Watcher:
         old = _server
         if old is not None and old._proc is not None:
             old._proc.poll()  # settle our Popen if gunicorn has not reaped it already
-        new = Server(self.address, self.authkey).start()  # takes over the dead one's files
+        new = Server(self.address, self.authkey)
+        if old is not None and old._own_dir is not None:
+            new._own_directory(old._own_dir)  # Server(None)'s private directory: still ours
+        new.start()  # takes over the dead one's files
         _server = new
         self.restarts += 1
         _log(self.arbiter, "mppool: the supervisor (pid %s) at %s died: restarted it as pid %s",

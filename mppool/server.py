@@ -62,13 +62,20 @@ class Server:
         fresh = fresh_address() if address is None else None
         addr: Address = fresh if fresh is not None else parse_address(address)
         # The private directory of a fresh address is ours to remove at shutdown.
-        self._own_dir = os.path.dirname(fresh) if fresh is not None else None
+        self._own_dir: str | None = None
         if fresh is not None:
-            self._options["remove_dir"] = 1  # the supervisor removes it too, if we cannot
+            self._own_directory(os.path.dirname(fresh))
         self._authkey = key
         self._address: Address = addr
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
+
+    def _own_directory(self, directory: str) -> None:
+        """The socket's directory is ours (made for ``Server(address=None)``, or inherited
+        from such a supervisor this one replaces): removed at shutdown, and by the
+        supervisor itself when it stops, in case our process is killed first."""
+        self._own_dir = directory
+        self._options["remove_dir"] = 1
 
     @property
     def address(self) -> Address:

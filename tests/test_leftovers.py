@@ -60,10 +60,23 @@ def test_a_held_lock_file_is_not_removed(sockdir):
         lock.release()
 
 
+def _gunicorn_supervisor(arbiter: psutil.Process, other_than: int = 0) -> psutil.Process | None:
+    for p in arbiter.children():
+        try:
+            if p.pid != other_than and "mppool.supervisor" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            pass
+    return None
+
+
 @pytest.mark.gunicorn
 @pytest.mark.kill
 @pytest.mark.timeout(90)
-def test_no_private_directory_after_the_gunicorn_arbiter_is_sigkilled(tmp_path):
+@pytest.mark.parametrize("restarted", [False, True], ids=["first", "restarted"])
+def test_no_private_directory_after_the_gunicorn_arbiter_is_sigkilled(tmp_path, restarted):
+    """``restarted``: the supervisor was SIGKILLed first and the arbiter's watcher started a
+    new one at the same address: that one must remove the directory too."""
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
     assert gunicorn, "gunicorn is a test dependency"
     port = free_port()
@@ -75,15 +88,21 @@ def test_no_private_directory_after_the_gunicorn_arbiter_is_sigkilled(tmp_path):
                                  "-b", f"127.0.0.1:{port}", "restart_app:app"],
                                 cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL, stderr=log)
     arbiter = psutil.Process(proc.pid)
-    started = []
+    started: list[psutil.Process] = []
     try:
         wait_until(lambda: _ok(port), timeout=30, interval=0.05, what="gunicorn serving")
-        started = arbiter.children(recursive=True)
-        sup = next(p for p in started if "mppool.supervisor" in " ".join(p.cmdline()))
+        sup = _gunicorn_supervisor(arbiter)
+        assert sup is not None
         cmd = sup.cmdline()
         address = cmd[cmd.index("--address") + 1]
         directory = os.path.dirname(address)
         assert os.path.isdir(directory) and os.path.basename(directory).startswith("mppool-")
+        if restarted:
+            sup.kill()  # the supervisor gunicorn started for this test
+            sup = wait_until(lambda: _gunicorn_supervisor(arbiter, other_than=sup.pid),
+                             timeout=20, interval=0.05, what="the watcher to restart it")
+            wait_until(lambda: _ok(port), timeout=20, interval=0.05, what="serving again")
+        started = arbiter.children(recursive=True)
         proc.send_signal(signal.SIGKILL)  # the arbiter this test started: on_exit never runs
         proc.wait(10)
         # The supervisor sees its parent gone and stops; the worker sees it too.
