@@ -123,7 +123,7 @@ class Client:
         ensure_supervisor(self.address, self.authkey, self._timeout)
         return self._control.call(method, *args, timeout=timeout)
 
-    def channel(self) -> Channel:
+    def _channel(self) -> Channel:
         """This process's lease channel; a new one once the old one broke (a restart)."""
         chan = self._chan
         if chan is not None and not chan.broken:
@@ -315,7 +315,7 @@ class SharedPool(Lender, PoolWhere):
         if chan is not None and chan.instance == self._instance and not chan._broken:
             return chan, self._id  # the common case, checked inline
         for _ in range(3):
-            chan = self._client.channel()
+            chan = self._client._channel()
             if chan.instance == self._instance:
                 return chan, self._id
             pool_id, _, timeout, instance = self._client._call(
@@ -484,7 +484,7 @@ class _Hosted:
         self._client = client
 
     def _mp_route(self) -> tuple[Channel, int]:
-        return self._client.channel(), 0
+        return self._client._channel(), 0
 
 
 class HostedProxy(ObjectProxy):

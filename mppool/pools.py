@@ -4,8 +4,8 @@ These classes are a thin layer over the core `mppool.pool.Pool`, which does all 
 counting, creating and waiting (first come, first served, a timed-out waiter never swallows
 an item):
 
-    get() ── core.checkout() ──▶ an entry; its lease noted by item (LeaseMap)
-    put(item) ── LeaseMap.take(item) ──▶ core.checkin(lease)
+    get() ── core._checkout() ──▶ an entry; its lease noted by item (LeaseMap)
+    put(item) ── LeaseMap.take(item) ──▶ core._checkin(lease)
               └ no lease: an item the pool holds is ignored, any other is adopted
     core pool ── fun = _make(): an adopted item if one waits, else create()
               └ closer = _forget(): the item left the pool for good
@@ -94,7 +94,7 @@ class Pool(Lender, Generic[T]):
         ``timeout=None`` waits forever, ``0`` does not wait; ``mppool.TimeOut`` when nothing
         came in time. An exception from `create` propagates and costs no room.
         """
-        entry = self._pool.checkout(current_holder(), timeout)
+        entry = self._pool._checkout(current_holder(), timeout)
         with self._lock:
             self._leases.add(entry.obj, entry.lease)
         return entry.obj
@@ -127,7 +127,7 @@ class Pool(Lender, Generic[T]):
             log.warning("mppool: pools.Pool: put() of an item it did not lend: %s: %.80r",
                         outcome, item)
             return
-        self._pool.checkin(lease)
+        self._pool._checkin(lease)
 
     def resize(self, new_size: int) -> None:
         """Set ``max_size`` to ``new_size``.

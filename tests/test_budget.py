@@ -75,7 +75,7 @@ def test_common_path_makes_no_round_trip(server, client):
     budget = client.token_pool("budget", 2)
     pool = mppool.Pool(lambda i: i, max_size=2, min_size=1, budget=budget)
     sent = []
-    chan = client.channel()
+    chan = client._channel()
     orig_request, orig_post = chan.request, chan.post
 
     def counting_request(rid, frame, *a):

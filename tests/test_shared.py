@@ -449,7 +449,7 @@ def test_a_result_that_cannot_travel_fails_the_call_not_the_caller(client):
 
 def test_request_ids_wrap_at_32_bits(client):
     tokens = client.token_pool("rid", 1)
-    chan = client.channel()
+    chan = client._channel()
     import itertools as _itertools
 
     chan._rids = _itertools.count(2**32 - 2)

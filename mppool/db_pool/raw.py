@@ -83,11 +83,11 @@ class RawConnectionPool(BaseConnectionPool):
         return made[2] if isinstance(made, tuple) and len(made) == 3 else made
 
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
-        entry = self._pool.checkout(current_holder(), timeout)
+        entry = self._pool._checkout(current_holder(), timeout)
         return entry.obj, entry.lease
 
     def _checkin(self, handle: Any, discard: bool) -> None:
-        self._pool.checkin(handle, discard)
+        self._pool._checkin(handle, discard)
 
     def clear(self) -> None:
         self._pool.clear()

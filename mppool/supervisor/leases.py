@@ -2,12 +2,12 @@
 
     client process                        supervisor
     SharedPool.get() ── Get(rid) ──────▶  LeaseLoop (epoll, one thread)
-                                            pool.acquire(holder, RemoteWaiter)
+                                            pool._acquire(holder, RemoteWaiter)
                                               idle entry → reply at once
                                               CREATE     → fun() on the pool's own threads, then reply
                                               waiter     → queued in the Pool; a deadline here
                      ◀── Granted(rid, lease, blob)
-    SharedPool.ret() ── Put(lease) ────▶  pool.checkin(lease, holder=this connection)
+    SharedPool.ret() ── Put(lease) ────▶  pool._checkin(lease, holder=this connection)
 
 No thread ever blocks on behalf of a client: a waiter is an entry in the pool's queue tied to
 its connection. When a connection closes (exit, crash, SIGKILL) the loop drops its waiters
@@ -371,7 +371,7 @@ class LeaseLoop(Requests):
             _, _, kind, obj = heapq.heappop(timers)
             if kind == 0:
                 waiter: RemoteWaiter = obj
-                if not waiter.done and waiter.rec.pool.cancel(waiter):
+                if not waiter.done and waiter.rec.pool._cancel(waiter):
                     waiter.conn.waiters.pop(waiter.rid, None)
                     waiter.conn.fail(waiter.rid, TimeOut(
                         f"pool {waiter.rec.name!r}: no object available in time"))
