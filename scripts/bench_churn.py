@@ -319,7 +319,7 @@ def run(quick: bool = False, seconds: float | None = None, dsn: str = DEFAULT_DS
     cells: list[dict[str, Any]] = []
     print(f"churn benchmark: {PROCS} processes, budgets {budgets}, loads {LOADS}, "
           f"{seconds} s per cell, peers {', '.join(peers)}, "
-          f"recall patience {mppool.budget.RECALL_PATIENCE} s", flush=True)
+          f"recall patience {getattr(mppool.budget, 'RECALL_PATIENCE', None)} s", flush=True)
     with mppool.Server() as srv:
         spec = {"address": srv.address, "authkey": srv.authkey, "dsn": dsn}
         for load in LOADS:
@@ -339,7 +339,8 @@ def run(quick: bool = False, seconds: float | None = None, dsn: str = DEFAULT_DS
                     else:
                         cells.append(run_cell(peer, load, b, seconds, spec))
     return {"cells": cells, "peers": peers, "budgets": list(budgets), "seconds": seconds,
-            "patience": mppool.budget.RECALL_PATIENCE, "notes": notes, "goals": goals(cells)}
+            "patience": getattr(mppool.budget, "RECALL_PATIENCE", None), "notes": notes,
+            "goals": goals(cells)}
 
 
 def report(res: dict[str, Any]) -> None:
