@@ -241,7 +241,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
         self._runner = runner
         self._start_housekeeping(hk_delay, scheduler, own_clock=clock is not None)
-        self._start_recall(own_clock=clock is not None)
+        self._start_recall(scheduler, own_clock=clock is not None)
         if metrics_enabled():  # PROMETHEUS_MULTIPROC_DIR: see poolmetrics.py; else untouched
             instrument(self)
         self._register()
@@ -570,6 +570,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                         self._name, lease)
             return False
         self._hook("retter", self._retter, entry.obj)
+        recalled = bool(self._recall_n) and not discard and self._recall_wanted(entry)
         with self._lock:
             if self._using.get(lease) is not entry:
                 return False  # killed or reclaimed while the retter ran
@@ -577,7 +578,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             self._counts["nreturns"] += 1
             entry.holder = None
             entry.last_ret = now = self._clock.now()
-            if self._shutdown or discard or self._recall_on_return():  # recalled: see budget.py
+            if self._shutdown or discard or (recalled and self._recall_on_return()):  # budget.py
                 self._to_close.append(entry)
             elif self._max_use and entry.uses >= self._max_use:
                 self._counts["nwornout"] += 1

@@ -239,6 +239,8 @@ class PoolState:
     _hk_last: float
     _weak_hk: Callable[[], None]
     _recall_n: int
+    _recall_since: float | None
+    _recall_rounds: int
     _recall_task: Task | None
     _weak_recall: Callable[[], None]
 
