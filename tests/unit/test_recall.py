@@ -59,7 +59,7 @@ class FakeBudget:
 
 def _pool(budget: FakeBudget, sched: ManualScheduler, **kw: Any) -> mppool.Pool:
     kw.setdefault("max_size", 1)
-    return mppool.Pool(lambda i: object(), min_size=0, budget=budget, clock=sched.clock,
+    return mppool.Pool._made_with(lambda i: object(), min_size=0, budget=budget, clock=sched.clock,
                        scheduler=sched, **kw)
 
 
@@ -207,7 +207,7 @@ def test_never_more_objects_back_than_processes_wait() -> None:
 
 def test_min_size_objects_are_never_recalled() -> None:
     sched, budget = ManualScheduler(FakeClock()), FakeBudget(2)
-    pool = mppool.Pool(lambda i: object(), min_size=1, max_size=2, budget=budget,
+    pool = mppool.Pool._made_with(lambda i: object(), min_size=1, max_size=2, budget=budget,
                        clock=sched.clock, scheduler=sched)
     a, b = pool.get(timeout=0), pool.get(timeout=0)
     pool.ret(a)
