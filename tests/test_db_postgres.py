@@ -115,9 +115,10 @@ def test_raw_pools_on_a_budget_stay_under_it(server: Any, client: Any, procs: li
 def test_tpooled_pool_stays_under_max_size(server: Any, client: Any, procs: list[Any],
                                            postgres_dsn: str, record_property: Any) -> None:
     app = unique("mppool")
-    # Created here first, so that its sizes are the ones every process attaches to.
+    # Created here first, so that its sizes are the ones every process attaches to (by
+    # its share name: each worker builds its own pool object).
     pool = TpooledConnectionPool(psycopg, max_size=CAP, client=client, conninfo=postgres_dsn,
-                                 application_name=app)
+                                 application_name=app, share=app)
     ctx = fork_ctx()
     errors = ctx.Queue()
     try:
