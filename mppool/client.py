@@ -102,8 +102,10 @@ class Client:
 
     # --------------------------------------------------------------- connections
 
-    def _call(self, method: str, *args: Any, timeout: float | None = -1.0) -> Any:
-        """A control-plane call, after every put this process sent has taken effect."""
+    def _call(self, method: str, *args: Any, timeout: float | None = -1.0,
+              start: bool = True) -> Any:
+        """A control-plane call, after every put this process sent has taken effect.
+        ``start=False``: never start a supervisor for it (a finalizer's call at exit)."""
         if self._closed:
             raise ServerUnavailable("client is closed")
         chan = self._chan
@@ -115,7 +117,7 @@ class Client:
         try:
             return self._control.call(method, *args, timeout=timeout)
         except ServerUnavailable:
-            if not self._autostart:
+            if not (self._autostart and start):
                 raise
         from .autostart import ensure_supervisor
 

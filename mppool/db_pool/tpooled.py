@@ -108,7 +108,7 @@ def _leave_from(client: Client, name: str, user: tuple[int, float, str, str]) ->
     if user[0] != os.getpid() or client._closed:
         return
     try:
-        client._control.call("execute", dill.dumps((_leave, (name, user), {}), recurse=True))
+        client._call("execute", dill.dumps((_leave, (name, user), {}), recurse=True), start=False)
     except Exception as exc:  # the supervisor notices the process is gone soon enough
         log.debug("mppool: db_pool: leaving %s failed: %r", name, exc)
 
@@ -212,7 +212,9 @@ class TpooledConnectionPool(BaseConnectionPool):
         if self._closed:
             raise PoolClosed(f"this TpooledConnectionPool ({self.name}) was closed: shutting down")
         if self._user_pid != os.getpid():
-            self._join()  # a fork child: it uses the pool now, it counts as a user
+            with self._lock:  # a fork child: it uses the pool now, it counts as a user
+                if self._user_pid != os.getpid():
+                    self._join()
         proxy = self._pool.get(timeout)
         return proxy, proxy
 
