@@ -229,6 +229,11 @@ def test_unwrap_connection_and_safe_close() -> None:
     assert pool._unwrap_connection(wrapper) is None
     assert pool._unwrap_connection(None) is None
     assert pool._unwrap_connection(object()) is None
+
+    class DuckWrapper:  # a _base and nothing else: unwrapped all the same, as in eventlet
+        _base = "the connection"
+
+    assert pool._unwrap_connection(DuckWrapper()) == "the connection"
     pool._safe_close(base)
     assert base.closed
 

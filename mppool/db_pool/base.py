@@ -209,14 +209,14 @@ class BaseConnectionPool:
     def _unwrap_connection(self, conn: Any) -> Any:
         """eventlet's helper: the driver's connection of a live wrapper, which becomes
         unusable; None for a spent wrapper or anything else."""
+        base = None
         try:
             if conn:
                 base = conn._base
                 conn._destroy()
-                return base
         except AttributeError:
-            pass
-        return None
+            pass  # no _base: None; no _destroy (a duck-typed wrapper): its _base all the same
+        return base
 
     def _safe_close(self, conn: Any, quiet: bool = False) -> None:
         """eventlet's helper: close a (driver) connection; what ``close()`` raises is logged
