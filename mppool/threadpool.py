@@ -85,6 +85,9 @@ class ThreadPool:
             threads = list(self._threads)
             for _ in threads:
                 self._queue.put(_STOP)
+        # Called from a worker (a call that kills the pool): it exits once that call returns.
+        me = threading.current_thread()
+        threads = [t for t in threads if t is not me]
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in threads:
             t.join(None if deadline is None else
@@ -98,6 +101,10 @@ class ThreadPool:
             if item is not _STOP and item[0].set_running_or_notify_cancel():
                 item[0].set_exception(PoolClosed("the thread pool was killed (killall) before "
                                                  "this call started: shutting down"))
+        # The drain took the stop items too: one for each worker still busy (the caller, one
+        # left hung), so that it exits when its call returns.
+        for _ in range(len(hung) + (me in self._threads)):
+            self._queue.put(_STOP)
         if hung:
             log.warning("mppool: tpool: %d thread(s) still running a call after %s s: left "
                         "behind (%s)", len(hung), timeout, ", ".join(t.name for t in hung))

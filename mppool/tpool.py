@@ -40,6 +40,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .errors import PoolClosed
 from .threadpool import ThreadPool
 from .validate import check_callable, check_duration, check_int
 
@@ -73,15 +74,22 @@ def execute(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on a native thread of the pool and return its result;
     whatever it raises is raised here, with its traceback."""
     check_callable("fn", fn, required=True)
-    pool = _pool
-    if pool is None:
-        setup()
+    while True:
         pool = _pool
-    if pool is None or _nthreads == 0 or pool.is_worker():
-        # eventlet's rules: no threads, or already on one of them (waiting for another
-        # worker from a worker could deadlock a full pool).
-        return fn(*args, **kwargs)
-    return pool.submit(fn, args, kwargs).result()
+        if pool is None:
+            setup()
+            pool = _pool
+        if pool is None or _nthreads == 0 or pool.is_worker():
+            # eventlet's rules: no threads, or already on one of them (waiting for another
+            # worker from a worker could deadlock a full pool).
+            return fn(*args, **kwargs)
+        try:
+            future = pool.submit(fn, args, kwargs)
+        except PoolClosed:
+            if _pool is pool:
+                raise
+            continue  # a killall() raced with us: the next pool takes the call
+        return future.result()
 
 
 def killall(timeout: float | None = KILLALL_TIMEOUT) -> None:

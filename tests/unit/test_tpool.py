@@ -194,6 +194,7 @@ def test_killall_does_not_wait_forever_for_a_hung_call() -> None:
     hang.set()
     runner.join_all(10)
     assert hung["result"] is True  # the hung call finished on its own thread
+    wait_until(lambda: len(pool) == 0, what="the hung worker gone once its call returned")
 
 
 def test_killall_checks_timeout() -> None:
@@ -373,3 +374,12 @@ def test_proxy_call_nonblocking_runs_in_the_caller() -> None:
     assert tpool.proxy_call((), here, nonblocking=True) == "MainThread"
     assert tpool.proxy_call((), here).startswith("mppool-tpool-")
     assert isinstance(tpool.proxy_call((int,), lambda: 3), tpool.Proxy)
+
+
+def test_killall_from_a_pool_thread_does_not_wait_for_itself() -> None:
+    tpool.execute(lambda: None)
+    old = tpool._pool
+    assert old is not None
+    assert tpool.execute(tpool.killall) is None  # no "cannot join current thread"
+    wait_until(lambda: len(old) == 0, what="the killing worker gone once its call returned")
+    assert tpool.execute(lambda: 2) == 2
