@@ -114,6 +114,11 @@ def test_close_of_the_last_user_drops_the_pool(client: Any, db_path: str) -> Non
     b.close()
     wait_until(lambda: not served(client, b.name), what="the pool dropped with its last user")
     b.close()  # twice: nothing more happens
+    again = tpooled(client, db_path, max_size=2, share="s")  # the name is free: a new pool
+    assert again.name == b.name and users(client, again.name) == 1
+    with again.item(timeout=5) as conn:
+        conn.execute("select 1")
+    again.shutdown()
 
 
 def test_a_garbage_collected_pool_drops_its_connections(client: Any, db_path: str) -> None:

@@ -130,30 +130,36 @@ _users: dict[str, set[User]] = {}
 _reaper: threading.Thread | None = None
 
 
-def _join(name: str, user: User) -> None:
-    """Runs in the supervisor: ``user`` now uses the shared pool ``name``."""
+def _join(name: str, user: User) -> bool:
+    """Runs in the supervisor: ``user`` now uses the shared pool ``name``. False if there is
+    no such pool (its last user left just before: the caller creates it again)."""
     global _reaper
     with _users_lock:
+        if not _served(name):
+            return False
         _users.setdefault(name, set()).add(user)
         if _reaper is None or not _reaper.is_alive():
             _reaper = threading.Thread(target=_reap_forever, name="mppool-db_pool-users",
                                        daemon=True)
             _reaper.start()
+    return True
 
 
 def _leave(name: str, user: User) -> bool:
-    """Runs in the supervisor: ``user`` is done with ``name``; True if that dropped it."""
+    """Runs in the supervisor: ``user`` is done with ``name``; True if that dropped it.
+
+    The drop happens under the lock, so that a user joining at the same moment either
+    counts (and nothing is dropped) or finds the pool gone (and creates it again)."""
     with _users_lock:
         users = _users.get(name)
         if users is None or user not in users:
             return False
         users.discard(user)
-        last = not users
-        if last:
-            del _users[name]
-    if last:
+        if users:
+            return False
+        del _users[name]
         _drop(name)
-    return last
+    return True
 
 
 def _users_of(name: str) -> int:
@@ -180,9 +186,17 @@ def _reap_forever() -> None:
             log.warning("mppool: db_pool: scanning pool users failed", exc_info=True)
 
 
+def _served(name: str) -> bool:
+    from ..supervisor.control import get_control
+
+    return name in get_control()._sup.registry.records
+
+
 def _drop(name: str) -> None:
     from ..supervisor.control import get_control
 
+    if not _served(name):
+        return  # shut down already (shutdown(), or the operator)
     log.info("mppool: db_pool: the last user of %s left: closing its connections", name)
     try:
         get_control()._sup.drop(name)

@@ -165,14 +165,20 @@ class TpooledConnectionPool(BaseConnectionPool):
         fun = _Connector(target, args, dict(kwargs), self.connect_timeout)
         if share is None:
             self._pool = self._client.pool(self.name, fun, transfer="proxy", **options)
-        else:
+            try:
+                joined = self._join()
+            except BaseException:
+                self._pool.shutdown()  # nothing half-created: nobody else knows this pool
+                raise
+            if not joined:
+                raise PoolClosed(f"the supervisor dropped {self.name} as it was being created")
+            return
+        for _ in range(3):
             self._pool = self._attach(fun, options)
-        try:
-            self._join()
-        except BaseException:
-            if share is None:  # nothing half-created: nobody else can know this pool
-                self._pool.shutdown()
-            raise
+            if self._join():
+                return
+            # Its last user left between our attach and our join: it is gone, create it again.
+        raise PoolClosed(f"{self.name} kept being dropped by its last user as it was attached")
 
     def _attach(self, fun: _Connector, options: dict[str, Any]) -> SharedPool:
         client = self._client
@@ -188,15 +194,18 @@ class TpooledConnectionPool(BaseConnectionPool):
 
     # ------------------------------------------------------------ users
 
-    def _join(self) -> None:
-        """Register this process as a user of the pool (again after a fork)."""
+    def _join(self) -> bool:
+        """Register this process as a user of the pool (again after a fork); False if the
+        supervisor has no such pool any more."""
         me = current_holder()
         user = (me.pid, me.start, me.host, secrets.token_hex(8))
-        _in_supervisor(self._client, _join, self.name, user)
+        if not _in_supervisor(self._client, _join, self.name, user):
+            return False
         if self._finalizer is not None:
             self._finalizer.detach()  # the parent's: never run it here
         self._finalizer = weakref.finalize(self, _leave_from, self._client, self.name, user)
         self._user_pid = me.pid
+        return True
 
     def close(self) -> None:
         """This pool object is done: this process leaves the pool, and if it was the last
@@ -213,8 +222,8 @@ class TpooledConnectionPool(BaseConnectionPool):
             raise PoolClosed(f"this TpooledConnectionPool ({self.name}) was closed: shutting down")
         if self._user_pid != os.getpid():
             with self._lock:  # a fork child: it uses the pool now, it counts as a user
-                if self._user_pid != os.getpid():
-                    self._join()
+                if self._user_pid != os.getpid() and not self._join():
+                    raise PoolClosed(f"{self.name} was dropped by its last user: shutting down")
         proxy = self._pool.get(timeout)
         return proxy, proxy
 
