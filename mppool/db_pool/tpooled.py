@@ -199,8 +199,8 @@ class TpooledConnectionPool(BaseConnectionPool):
         supervisor has no such pool any more."""
         me = current_holder()
         user = (me.pid, me.start, me.host, secrets.token_hex(8))
-        if not _in_supervisor(self._client, _join, self.name, user):
-            return False
+        if _in_supervisor(self._client, _join, self.name, user) is False:
+            return False  # (None: a supervisor of an older version, which counts no users)
         if self._finalizer is not None:
             self._finalizer.detach()  # the parent's: never run it here
         self._finalizer = weakref.finalize(self, _leave_from, self._client, self.name, user)
