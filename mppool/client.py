@@ -103,8 +103,10 @@ class Client:
 
     # --------------------------------------------------------------- connections
 
-    def _call(self, method: str, *args: Any, timeout: float | None = -1.0) -> Any:
-        """A control-plane call, after every put this process sent has taken effect."""
+    def _call(self, method: str, *args: Any, timeout: float | None = -1.0,
+              start: bool = True) -> Any:
+        """A control-plane call, after every put this process sent has taken effect.
+        ``start=False``: never start a supervisor for it (a finalizer's call at exit)."""
         if self._closed:
             raise ServerUnavailable("client is closed")
         chan = self._chan
@@ -116,7 +118,7 @@ class Client:
         try:
             return self._control.call(method, *args, timeout=timeout)
         except ServerUnavailable:
-            if not self._autostart:
+            if not (self._autostart and start):
                 raise
         from .autostart import ensure_supervisor
 
@@ -246,8 +248,20 @@ class Client:
 
     def host(self, obj: Any) -> HostedProxy:
         """Keep ``obj`` (shipped with dill) in the supervisor and return a proxy to it that
-        every process may call; it pickles, and reconnects wherever it is unpickled."""
+        every process may call; it pickles, and reconnects wherever it is unpickled.
+        Hosted objects live until ``unhost_all()`` (nothing counts proxies across processes).
+
+        This is what ``mppool.tpool`` did before it became eventlet's in-process thread pool.
+        """
         return HostedProxy(obj, self)
+
+    def set_num_threads(self, n: int) -> None:
+        """How many threads the supervisor may run ``execute`` and hosted calls on."""
+        self._call("set_num_threads", check_int("n", n, minimum=1))
+
+    def unhost_all(self) -> None:
+        """Forget every object hosted in the supervisor; their proxies fail from now on."""
+        self._call("killall")
 
     def close(self) -> None:
         """Close this client; leases it still holds go back to their pools."""
