@@ -342,6 +342,10 @@ class AsyncSharedPool(PoolWhere):
         """How many gets would succeed now without waiting."""
         return await self._client._call("pool_call", self.name, "free")
 
+    async def pop_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters and gauges; the counters restart at 0 (for every process)."""
+        return await self._client._call("pool_call", self.name, "pop_stats")
+
     async def waiting(self) -> int:
         """How many gets are queued (from every process)."""
         chan, pool_id = await self._route()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..budget import Budget
 from ..errors import TimeOut
-from .base import BaseConnectionPool
+from .base import BaseConnectionPool, _NotOpen
 from .connecting import module_name
 from .served import _close_served, _Connector, _served_stats
 
@@ -92,9 +92,18 @@ class TpooledConnectionPool(BaseConnectionPool):
             "max_use": 1 if self._close_on_put else 0,
             "closer": _close_served,
             "stats": _served_stats,
+            **self._pool_options,  # check=ping runs in the supervisor, on the served slots
         }
-        self._pool = self._attach(_Connector(target, args, dict(kwargs), self.connect_timeout),
-                                  options)
+        self._fun = _Connector(target, args, dict(kwargs), self.connect_timeout)
+        self._options = options
+        self._pool = self._attach(self._fun, options) if self._start_open \
+            else _NotOpen(f"TpooledConnectionPool {self.name!r}")
+
+    def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
+        if isinstance(self._pool, _NotOpen):
+            self._pool = self._attach(self._fun, self._options)
+        if wait:
+            self.wait(timeout)
 
     def _attach(self, fun: _Connector, options: dict[str, Any]) -> SharedPool:
         client = self._client

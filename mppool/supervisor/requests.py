@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..errors import PoolClosed, ServerUnavailable, TimeOut, add_hint
+from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, add_hint
 from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
@@ -44,7 +44,8 @@ class Requests(_Loop):
         elif isinstance(result, BaseException):
             waiter.conn.fail(waiter.rid, result)
         else:
-            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since)
+            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since,
+                             deadline=waiter.deadline)
 
     def dispatch(self, conn: Conn, msg: P.Request) -> None:
         if isinstance(msg, P.Call):
@@ -81,32 +82,43 @@ class Requests(_Loop):
         for fut in running:
             fut.add_done_callback(one_done)
 
-    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
+    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None,
+            retry: bool = False) -> None:
+        """``retry``: the object this get was leased failed the pool's ``check``; what is
+        left of its ``timeout`` is given here."""
         rec = self.records.get(pool_id)
         if rec is None:
             conn.fail(rid, self.sup.registry.unknown(pool_id))
             return
+        if conn.closed:
+            return  # a retry for a client that left meanwhile
         pool = rec.pool
         if timeout is None:
             timeout = pool.timeout
         try:
             # One decision; a waiter is made only if the get must queue.
-            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
+            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec,
+                               retry=retry)
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
+        except TooManyRequests as exc:
+            conn.fail(rid, exc)
+            return
+        deadline = None if timeout is None else self.sup.clock.now() + timeout
         if got is None:
             conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
         elif type(got) is Entry:
-            self.reply_entry(conn, rid, rec, got)
+            self.reply_entry(conn, rid, rec, got, deadline=deadline)
         elif got is CREATE:
             waiter = RemoteWaiter(conn.holder, conn, rid, rec)  # type: ignore[arg-type]
             waiter.done = True
             self.create(waiter)
         else:  # queued: the client may withdraw it, and its deadline is ours to keep
             conn.waiters[rid] = got  # the waiter made above
-            if timeout is not None:
-                self.at(self.sup.clock.now() + timeout, 0, got)
+            if deadline is not None:
+                got.deadline = deadline
+                self.at(deadline, 0, got)
 
     def cancel_get(self, conn: Conn, rid: int) -> None:
         """The client gave up on its get ``rid`` (an asyncio task cancelled): withdraw it if
@@ -144,17 +156,28 @@ class Requests(_Loop):
         return fut
 
     def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
-                    since: float = 0.0, handed: bool = False) -> None:
-        if not handed and rec.has_getter and threading.get_ident() == self.thread.ident:
-            # The getter hook is user code: on the pool's threads, never on the loop.
-            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since) is None:
-                rec.pool.checkin(entry.lease)
+                    since: float = 0.0, handed: bool = False,
+                    deadline: float | None = None) -> None:
+        """Send ``entry`` to the client (``handed``: the getter hook ran already). An idle
+        entry passes the pool's ``check`` first, when it is due; one found broken is closed
+        and the get goes on with what is left of its ``deadline``."""
+        pool = rec.pool
+        if not handed and threading.get_ident() == self.thread.ident and (
+                rec.has_getter or pool.check_due(entry)):
+            # The getter and check hooks are user code: on the pool's threads, never on the loop.
+            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since,
+                           False, deadline) is None:
+                pool.checkin(entry.lease)
+            return
+        if not handed and not pool.verify(entry):
+            left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
+            self.call_soon(lambda: self.get(conn, rid, rec.id, left, retry=True))
             return
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
         if not handed:
-            rec.pool.hand_out(entry)
+            pool.hand_out(entry)
         try:
             blob = rec.blob(entry)
         except Exception as exc:
