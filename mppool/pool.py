@@ -224,7 +224,6 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
                 else:
                     self._lease(entry, holder, now)
                     self._by_obj.add(entry.obj, entry.lease)
-                    self._counts["requests_num"] += 1
                     got = entry
         if got is not None:
             return self.hand_out(got).obj
@@ -262,7 +261,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
             return False
         del self._using[lease]
         self._counts["nreturns"] += 1
-        self._counts["usage_ms"] += (now - entry.last_get) * 1000.0
+        self._counts["usage_s"] += now - entry.last_get
         entry.holder = None
         entry.last_ret = now
         self._avail.append(entry)
@@ -301,9 +300,8 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         """Lease an entry to ``holder``, creating or waiting as needed (the blocking get)."""
         timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if timeout is None else self._clock.now() + timeout
-        retry = False
         while True:
-            got = self.acquire(holder, None if timeout == 0 else Waiter, retry=retry)
+            got = self.acquire(holder, None if timeout == 0 else Waiter)
             if got is None:
                 raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
             if isinstance(got, Waiter):
@@ -315,7 +313,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
                 return self.create_for(holder, left)
             if self.verify(got):  # type: ignore[arg-type]
                 return self.hand_out(got)  # type: ignore[arg-type]
-            timeout, retry = left, True
+            timeout = left
 
     def _wait(self, waiter: Waiter, timeout: float | None) -> Entry | _Create:
         """Block until ``waiter`` is served; give up (and give back) on timeout or any error."""
@@ -332,7 +330,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         return got
 
     def acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
-                *args: Any, retry: bool = False) -> Entry | _Create | Any | None:
+                *args: Any) -> Entry | _Create | Any | None:
         """The one decision of every get, for in-process and remote callers alike.
 
         Returns an idle entry now leased to ``holder`` (run `hand_out` on it), ``CREATE`` (a
@@ -340,9 +338,8 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         the waiter made by ``waiter(holder, *args)`` and queued (its ``set()`` is called later under
         the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
         available and no waiter was asked for. Newcomers never barge past queued waiters.
-        An idle entry must pass `verify` before it is handed out; ``retry``: this get
-        already asked once (its object failed ``check``), do not count it again.
-        TooManyRequests: the queue holds ``max_waiting`` gets already.
+        An idle entry must pass `verify` before it is handed out. TooManyRequests: the
+        queue holds ``max_waiting`` gets already.
         """
         refused = None
         with self._lock:
@@ -351,8 +348,6 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
             if not self._opened:
                 raise PoolClosed(f"pool {self._name!r} is not open yet (open=False): call "
                                  "open() first")
-            if not retry:
-                self._counts["requests_num"] += 1
             got: Any = None
             if not self._paused and (not self._waiters
                                      or not any(not w.done for w in self._waiters)):
@@ -382,7 +377,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
                     self._waiters.append(got)
                     self._counts["requests_queued"] += 1
             if got is None:
-                self._counts["requests_errors"] += 1  # timeout=0 and nothing, or refused
+                self._request_failed()  # timeout=0 and nothing, or refused
             closing = bool(self._to_close)
         if closing:  # expired entries met on the way: closed on the runner, if there is one
             self._settle(offload=True)
@@ -399,7 +394,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
                 self._waiters.remove(waiter)
             except ValueError:
                 pass
-            self._counts["requests_errors"] += 1
+            self._request_failed()
             self._served(waiter, self._clock.now())
             return True
 
@@ -428,7 +423,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
             entry = self._create(timeout=self._timeout if timeout is None else timeout)
         except BaseException:
             with self._lock:
-                self._counts["requests_errors"] += 1
+                self._request_failed()
             raise
         with self._lock:
             self._ncreating -= 1

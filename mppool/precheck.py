@@ -61,6 +61,7 @@ class Checking(PoolState):
                 del self._using[entry.lease]
                 entry.holder = None
                 self._counts["connections_lost"] += 1
+                self._counts["requests_adj"] -= 1  # its get goes on: one request, not two
                 self._to_close.append(entry)
                 if not self._using:
                     self._drained.notify_all()

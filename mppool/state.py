@@ -69,8 +69,11 @@ Runner = Callable[[Callable[[], None]], None]
 
 LIFETIME_JITTER = 0.05
 
+# ProxyPatternPool's. It counts uses and borrows apart, but every lease is both here: one
+# counter (nuses) serves both, and stats() reports it as nborrows too (one dict increment
+# less per get).
 COUNTERS = (
-    "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows", "nreturns",
+    "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nreturns",
     "ndestroys", "nhealth", "bad_health", "hk_rounds", "hk_errors", "hc_rounds", "hc_errors",
     "nexpired", "nrecalled", "nburst_closed",
 )
@@ -272,7 +275,7 @@ class PoolState:
         self._nextnum = 0
         self._ncreating = 0
         self._nchecking = 0
-        self._counts = dict.fromkeys(COUNTERS + counters.COUNTERS, 0)
+        self._counts = dict.fromkeys(COUNTERS + counters.KEPT, 0)
         self._opened = False
         # Until open() starts them: no housekeeping, no recall (stats() and shutdown() read these).
         self._delay = self._hk_time = 0.0
@@ -305,8 +308,7 @@ class PoolState:
         entry.uses += 1
         entry.warned = False
         self._using[lease] = entry
-        self._counts["nuses"] += 1
-        self._counts["nborrows"] += 1
+        self._counts["nuses"] += 1  # nborrows too (see COUNTERS)
 
     def _put_back(self, entry: Entry) -> None:
         """Hand an idle entry (counted nowhere) to the oldest live waiter, or keep it; with
@@ -322,6 +324,7 @@ class PoolState:
                 return
             del self._using[entry.lease]
             entry.holder = None
+            self._counts["nuses"] -= 1  # not a use after all
         if self._burst_limit and self._total() >= self._max_size:
             self._counts["nburst_closed"] += 1  # a burst object, and nobody waits for it
             self._to_close.append(entry)
@@ -344,11 +347,16 @@ class PoolState:
         """A queued get was served (or gave up): count the time it waited."""
         since = getattr(waiter, "since", None)
         if since is not None:
-            self._counts["requests_wait_ms"] += (now - since) * 1000.0
+            self._counts["requests_wait_s"] += now - since
+
+    def _request_failed(self) -> None:
+        """Under the lock: a get ended without an object (counters.py: it made no lease)."""
+        self._counts["requests_errors"] += 1
+        self._counts["requests_adj"] += 1
 
     def _returned(self, entry: Entry, now: float) -> None:
         """Under the lock: an entry comes back from its holder (for usage_ms)."""
-        self._counts["usage_ms"] += (now - entry.last_get) * 1000.0
+        self._counts["usage_s"] += now - entry.last_get
 
     # ------------------------------------------------- the work after a decision, outside
 
@@ -411,7 +419,7 @@ class PoolState:
                 self._grant_slots()
                 if ticket != REFUSED:
                     self._counts["connections_errors"] += 1
-                    self._counts["connections_ms"] += (self._clock.now() - started) * 1000.0
+                    self._counts["connections_s"] += self._clock.now() - started
                     if isinstance(exc, Exception):
                         due = self._creation_failed(exc, ticket)
                     else:  # interrupted (KeyboardInterrupt...): no verdict on the server
@@ -424,7 +432,7 @@ class PoolState:
         with self._lock:
             now = self._clock.now()
             self._counts["ncreated"] += 1
-            self._counts["connections_ms"] += (now - started) * 1000.0
+            self._counts["connections_s"] += now - started
             self._creation_succeeded()
             return Entry(obj, num, now, self._max_lifetime, token)
 

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from . import counters
-from .state import Entry, PoolState
+from .state import COUNTERS, Entry, PoolState
 
 
 class Views(PoolState):
@@ -61,7 +61,8 @@ class Views(PoolState):
                 "check_after": self._check_after if self._check is not None else None,
                 "reconnect_timeout": self._outage.timeout,
                 "outage": self._outage.describe(now),
-                **c,
+                **{k: c[k] for k in COUNTERS},
+                "nborrows": c["nuses"],  # every lease is a use and a borrow (see COUNTERS)
                 **counters.report(c),
             }
 

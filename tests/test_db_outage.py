@@ -17,6 +17,7 @@ see the timeline it prints.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -143,7 +144,7 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
             wait_until(one_get, timeout=RECONNECT_TIMEOUT + 10, interval=0.02,
                        what="reconnect_failed")
             outage_attempts = attempts[before:]
-            gaps = [b - a for a, b in zip(outage_attempts, outage_attempts[1:])]
+            gaps = [b - a for a, b in itertools.pairwise(outage_attempts)]
             for t in outage_attempts:
                 tl.note("connect attempt: refused", t)
             tl.note(f"{len(gets)} more gets meanwhile, each failing in at most "

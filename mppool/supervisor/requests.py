@@ -82,10 +82,9 @@ class Requests(_Loop):
         for fut in running:
             fut.add_done_callback(one_done)
 
-    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None,
-            retry: bool = False) -> None:
-        """``retry``: the object this get was leased failed the pool's ``check``; what is
-        left of its ``timeout`` is given here."""
+    def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
+        """Also called again when the object a get was leased failed the pool's ``check``,
+        with what is left of its ``timeout``."""
         rec = self.records.get(pool_id)
         if rec is None:
             conn.fail(rid, self.sup.registry.unknown(pool_id))
@@ -97,8 +96,7 @@ class Requests(_Loop):
             timeout = pool.timeout
         try:
             # One decision; a waiter is made only if the get must queue.
-            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec,
-                               retry=retry)
+            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
@@ -171,7 +169,7 @@ class Requests(_Loop):
             return
         if not handed and not pool.verify(entry):
             left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
-            self.call_soon(lambda: self.get(conn, rid, rec.id, left, retry=True))
+            self.call_soon(lambda: self.get(conn, rid, rec.id, left))
             return
         metrics = self.sup.metrics
         if metrics is not None:
