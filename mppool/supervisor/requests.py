@@ -103,19 +103,22 @@ class Requests(_Loop):
         except TooManyRequests as exc:
             conn.fail(rid, exc)
             return
-        deadline = None if timeout is None else self.sup.clock.now() + timeout
         if got is None:
             conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
         elif type(got) is Entry:
-            self.reply_entry(conn, rid, rec, got, deadline=deadline)
+            if rec.has_check:  # a retry after a failed check needs what is left of the time
+                self.reply_entry(conn, rid, rec, got, deadline=None if timeout is None
+                                 else self.sup.clock.now() + timeout)
+            else:
+                self.reply_entry(conn, rid, rec, got)
         elif got is CREATE:
             waiter = RemoteWaiter(conn.holder, conn, rid, rec)  # type: ignore[arg-type]
             waiter.done = True
             self.create(waiter)
         else:  # queued: the client may withdraw it, and its deadline is ours to keep
             conn.waiters[rid] = got  # the waiter made above
-            if deadline is not None:
-                got.deadline = deadline
+            if timeout is not None:
+                got.deadline = deadline = self.sup.clock.now() + timeout
                 self.at(deadline, 0, got)
 
     def cancel_get(self, conn: Conn, rid: int) -> None:
@@ -160,17 +163,17 @@ class Requests(_Loop):
         entry passes the pool's ``check`` first, when it is due; one found broken is closed
         and the get goes on with what is left of its ``deadline``."""
         pool = rec.pool
-        if not handed and threading.get_ident() == self.thread.ident and (
-                rec.has_getter or pool.check_due(entry)):
-            # The getter and check hooks are user code: on the pool's threads, never on the loop.
-            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since,
-                           False, deadline) is None:
-                pool.checkin(entry.lease)
-            return
-        if not handed and not pool.verify(entry):
-            left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
-            self.call_soon(lambda: self.get(conn, rid, rec.id, left))
-            return
+        if not handed and (rec.has_getter or (rec.has_check and pool.check_due(entry))):
+            if threading.get_ident() == self.thread.ident:
+                # The getter and check are user code: on the pool's threads, never on the loop.
+                if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since,
+                               False, deadline) is None:
+                    pool.checkin(entry.lease)
+                return
+            if rec.has_check and not pool.verify(entry):
+                left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
+                self.call_soon(lambda: self.get(conn, rid, rec.id, left))
+                return
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
