@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 HELP = {
-    "requests_num": "get() calls",
+    "requests_num": "get() calls that ended, served or failed",
     "requests_queued": "gets that had to wait in the queue",
     "requests_wait_ms": "milliseconds gets spent queued",
     "requests_errors": "gets that failed (timeout, max_waiting, cancelled, creation error)",
