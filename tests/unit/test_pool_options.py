@@ -313,3 +313,20 @@ def test_bad_options_are_named(kwargs: dict[str, Any], exc: type[Exception], tex
     with pytest.raises(exc, match=text):
         Pool(rec.fun, **kwargs)
     assert rec.nums == []  # nothing was created
+
+
+def test_config_file_takes_the_options_and_checks_them(tmp_path: Any) -> None:
+    from mppool import db_pool
+    from mppool.config import ConfigError, load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('[pools.db]\nfun = "builtins:int"\ncheck = "mppool.db_pool:ping"\n'
+                    'check_after = 5.0\nmax_waiting = 8\nreconnect_timeout = 60.0\n'
+                    'reconnect_failed = "builtins:print"\n')
+    opts = load_config(good)["db"]
+    assert opts["check"] is db_pool.ping and opts["reconnect_failed"] is print
+    assert (opts["check_after"], opts["max_waiting"], opts["reconnect_timeout"]) == (5.0, 8, 60.0)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pools.db]\nfun = "builtins:int"\nmax_waiting = -1\n')
+    with pytest.raises(ConfigError, match="max_waiting must be >= 0, got -1"):
+        load_config(bad)
