@@ -25,13 +25,17 @@ def test_check_runs_in_the_supervisor_and_skips_broken_objects(client: Any,
     seen = tmp_path / "checked-by"
 
     def check(obj: dict[str, int]) -> bool:
-        seen.write_text(str(os.getpid()))
+        import threading
+
+        seen.write_text(f"{os.getpid()} {threading.current_thread().name}")
         return not broken.exists()
 
     pool = client.pool("checked", lambda i: {"n": i}, min_size=1, max_size=2, check=check)
     first = pool.get(timeout=5)
     assert first == {"n": 0}
-    assert int(seen.read_text()) != os.getpid()  # the supervisor's pid, not ours
+    pid, thread = seen.read_text().split()
+    assert int(pid) != os.getpid()  # the supervisor's pid, not ours
+    assert thread.startswith("mppool-checked")  # the pool's own threads, not the lease loop
     pool.ret(first)
     broken.touch()
     got = pool.get(timeout=5)  # 0 fails its check: closed, and 1 is made in its place

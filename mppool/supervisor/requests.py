@@ -1,8 +1,10 @@
 """What the lease loop does with each request: get, put, proxied calls, ping, cancel.
 
-Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, proxied
-methods, returns that run hooks) is handed to the pool's own threads (``Record.submit``),
-which answer the client themselves. A get takes one decision of the core pool
+Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, the
+``check`` pre-ping, proxied methods, returns that run hooks) is handed to the pool's own
+threads (``Record.submit``), which answer the client themselves. An idle object that fails
+its ``check`` there is closed, and the get is made again on the loop with what is left of
+its timeout. A get takes one decision of the core pool
 (``pool.acquire``): an idle entry (answered at once), ``CREATE`` (``fun`` on the pool's
 threads), or a queued ``RemoteWaiter`` whose deadline the loop keeps. A put is honoured only
 from the connection that holds the lease.
