@@ -69,7 +69,10 @@ class Reconnecting(PoolState):
                       self._name, self._outage.timeout)
             if self._reconnect_failed is not None:
                 self._hook("reconnect_failed", self._reconnect_failed, self)
-        self._schedule_refill()
+        try:
+            self._schedule_refill()
+        except Exception:  # fun's own error is the one the caller must see
+            log.exception("mppool: pool %r: could not schedule the next attempt", self._name)
 
     def _schedule_refill(self, at_least: float = 0.0) -> None:
         """A task at the next attempt's time (``at_least`` seconds from now) that refills
