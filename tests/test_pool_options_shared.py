@@ -125,3 +125,24 @@ def test_async_pool_takes_the_options(server: mppool.Server) -> None:
             assert (await pool.stats())["connections_lost"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_async_wait_for_min_size(server: mppool.Server, tmp_path: Path) -> None:
+    down = tmp_path / "down"
+    down.touch()
+
+    def fun(i: int) -> int:
+        if down.exists():
+            raise ConnectionRefusedError("database is down")
+        return i
+
+    async def main() -> None:
+        async with await mppool.aio.connect(server.address, server.authkey) as c:
+            pool = await c.pool("aio-wait", fun, min_size=2, max_size=2)
+            with pytest.raises(mppool.TimeOut, match=r"0 of min_size=2.*database is down"):
+                await pool.wait(timeout=0.2)
+            down.unlink()  # the refill scheduled by the backoff (in about 1 s) succeeds
+            await pool.wait(timeout=20)
+            assert (await pool.stats())["nobjs"] == 2
+
+    asyncio.run(asyncio.wait_for(main(), 60))
