@@ -311,7 +311,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
             left = None if deadline is None else max(0.0, deadline - self._clock.now())
             if got is CREATE:
                 return self.create_for(holder, left)
-            if self.verify(got):  # type: ignore[arg-type]
+            if self._verify(got):  # type: ignore[arg-type]
                 return self.hand_out(got)  # type: ignore[arg-type]
             timeout = left
 
@@ -338,7 +338,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         the waiter made by ``waiter(holder, *args)`` and queued (its ``set()`` is called later under
         the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
         available and no waiter was asked for. Newcomers never barge past queued waiters.
-        An idle entry must pass `verify` before it is handed out. TooManyRequests: the
+        An idle entry must pass `_verify` before it is handed out. TooManyRequests: the
         queue holds ``max_waiting`` gets already.
         """
         refused = None

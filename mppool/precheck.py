@@ -4,7 +4,7 @@ A database connection can die while it sits idle (``pg_terminate_backend``, a se
 restart, an idle-session timeout); housekeeping's ``health`` only finds out at its next
 round, and the user would be handed the corpse. With ``check`` the get finds out first:
 
-    get ── an idle entry, leased to the caller (acquire) ──▶ verify(entry), outside the lock:
+    get ── an idle entry, leased to the caller (acquire) ──▶ _verify(entry), outside the lock:
              idle less than check_after s ─▶ handed out unchecked
              check(obj) True              ─▶ handed out
              False, or raised             ─▶ the lease is void, the object is closed
@@ -37,16 +37,16 @@ class Checking(PoolState):
         self._check_after = check_period("check_after", check_after)
         self._check = check
 
-    def check_due(self, entry: Entry) -> bool:
+    def _check_due(self, entry: Entry) -> bool:
         """Must ``entry`` (just leased from the idle ones) be checked before it goes out?"""
         return self._check is not None and (
             not self._check_after or self._clock.now() - entry.last_ret >= self._check_after)
 
-    def verify(self, entry: Entry) -> bool:
+    def _verify(self, entry: Entry) -> bool:
         """Outside the lock, for an entry just leased from the idle ones: run ``check`` if it
         is due. False: the object was broken and is closed (its lease is void); the get must
         look again."""
-        if not self.check_due(entry):
+        if not self._check_due(entry):
             return True
         try:
             ok = bool(self._check(entry.obj))  # type: ignore[misc]

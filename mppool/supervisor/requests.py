@@ -165,14 +165,14 @@ class Requests(_Loop):
         entry passes the pool's ``check`` first, when it is due; one found broken is closed
         and the get goes on with what is left of its ``deadline``."""
         pool = rec.pool
-        if not handed and (rec.has_getter or (rec.has_check and pool.check_due(entry))):
+        if not handed and (rec.has_getter or (rec.has_check and pool._check_due(entry))):
             if threading.get_ident() == self.thread.ident:
                 # The getter and check are user code: on the pool's threads, never on the loop.
                 if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since,
                                False, deadline) is None:
                     pool.checkin(entry.lease)
                 return
-            if rec.has_check and not pool.verify(entry):
+            if rec.has_check and not pool._verify(entry):
                 left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
                 self.call_soon(lambda: self.get(conn, rid, rec.id, left))
                 return
