@@ -438,6 +438,17 @@ class SharedPool(Lender, PoolWhere):
         """How many gets would succeed now without waiting."""
         return self._client._call("pool_call", self.name, "free")
 
+    def pop_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters and gauges; the counters restart at 0 (for every process)."""
+        return self._client._call("pool_call", self.name, "pop_stats")
+
+    def wait(self, timeout: float | None = 30.0) -> None:
+        """Block until the pool has ``min_size`` objects in the supervisor; TimeOut after
+        ``timeout`` seconds (None: as long as it takes)."""
+        t = check_timeout_arg(timeout)
+        self._client._call("pool_call", self.name, "wait", t,
+                           timeout=None if t is None else t + GRACE + self._client._timeout)
+
     def waiting(self) -> int:
         """How many gets are queued (from every process)."""
         # On the lease channel, not the dill control plane: budgets poll it (Pool.recall()).

@@ -206,6 +206,7 @@ class Housekeeping(PoolState):
                 else:
                     if not healthy:
                         self._counts["bad_health"] += 1
+                        self._counts["connections_lost"] += 1
                         log.warning("mppool: pool %r: unhealthy object closed: %.80s",
                                     self._name, self._trace(entry.obj))
                     self._to_close.append(entry)
@@ -216,21 +217,31 @@ class Housekeeping(PoolState):
         return not self._shutdown and self._total() < self._min_size and self._room()
 
     def _fill(self) -> None:
-        """Create objects up to min_size; errors are logged, not raised."""
+        """Create objects up to min_size; errors are logged, not raised. After a failure the
+        next attempt waits for the backoff (reconnect.py): a task is scheduled for it."""
         while True:
             with self._lock:
                 if not self._fill_wanted():
                     return
-                self._ncreating += 1
+                if self._outage.active and self._clock.now() < self._outage.next_at:
+                    backing_off = True  # not due yet: the refill task comes back for it
+                else:
+                    backing_off = False
+                    self._ncreating += 1
+            if backing_off:
+                self._schedule_refill()
+                return
             try:
                 entry = self._create(fill=True)
             except TimeOut:
                 log.info("mppool: pool %r: no budget token free to reach min_size=%d yet",
                          self._name, self._min_size)
                 return
-            except Exception:
-                log.warning("mppool: pool %r: could not create an object to reach min_size=%d",
-                            self._name, self._min_size, exc_info=True)
+            except Exception as exc:
+                # The first failure of an outage was logged with its traceback (reconnect.py);
+                # later ones come at the backoff's pace, once a minute at most.
+                log.warning("mppool: pool %r: could not create an object to reach min_size=%d: "
+                         "%s: %s", self._name, self._min_size, type(exc).__name__, exc)
                 return
             with self._lock:
                 self._ncreating -= 1
@@ -238,4 +249,5 @@ class Housekeeping(PoolState):
                     self._to_close.append(entry)
                 else:
                     self._put_back(entry)
+                    self._filled.notify_all()
             self._settle()

@@ -1,4 +1,12 @@
-"""How a core pool ends: ``shutdown(delay)``, a pool dropped without it, and a fork.
+"""How a core pool begins and ends: ``open()``, ``wait()``, ``shutdown(delay)`` (alias
+``close()``), ``with Pool(...)``, a pool dropped without shutdown, and a fork.
+
+    Pool(..., open=True) ─▶ open(): housekeeping and recall start, min_size is filled
+    Pool(..., open=False): nothing is created, nothing runs; gets raise PoolClosed until
+                           open() (psycopg_pool's lifecycle)
+    wait(timeout=30.0)     blocks until min_size objects exist, else TimeOut (naming the
+                           last creation error, if creation fails)
+    with Pool(...) as p:   opened on entry if it was not, closed on exit
 
     shutdown(delay), under the lock:                      then, outside it:
       every waiter ── set(PoolClosed) ──▶ its getter        housekeeping and recall tasks
@@ -22,13 +30,15 @@ import os
 import threading
 import weakref
 from collections import deque
+from types import TracebackType
+from typing import Any
 
 from .budget import RECALL_PERIOD
 from .clock import clamp_wait
-from .errors import PoolClosed
+from .errors import PoolClosed, TimeOut
 from .sched import Scheduler, default_scheduler
 from .state import PoolState
-from .validate import check_duration
+from .validate import check_duration, check_timeout
 
 log = logging.getLogger("mppool")
 
@@ -50,6 +60,59 @@ class Lifetime(PoolState):
         """Known to the fork hook from now on (weakly)."""
         _pools.add(self)
 
+    # Set by the constructor, for open().
+    _hk_delay: float | None
+    _own_clock: bool
+
+    def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
+        """Start the pool: housekeeping, recall, and ``min_size`` objects (creation errors
+        are logged, not raised). A no-op if it is open; PoolClosed once it was shut down.
+        ``wait=True``: then `wait` for ``min_size`` objects, up to ``timeout`` seconds."""
+        with self._lock:
+            if self._shutdown:
+                raise PoolClosed(f"pool {self._name!r} is shutting down: it cannot be opened")
+            opened, self._opened = self._opened, True
+        if not opened:
+            self._start_housekeeping(self._hk_delay, self._sched_arg, own_clock=self._own_clock)
+            self._start_recall(self._sched_arg, own_clock=self._own_clock)
+            self._fill()
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float | None = 30.0) -> None:
+        """Block until ``min_size`` objects exist (idle or in use); TimeOut after ``timeout``
+        seconds (None: as long as it takes), PoolClosed if the pool is not open."""
+        limit = check_timeout("timeout", timeout)
+        with self._lock:
+            deadline = None if limit is None else self._clock.now() + limit
+            while True:
+                if self._shutdown or not self._opened:
+                    raise PoolClosed(f"pool {self._name!r} is not open (open=False) or is "
+                                     "shutting down")
+                have = len(self._avail) + len(self._using)
+                if have >= self._min_size:
+                    return
+                left = None if deadline is None else deadline - self._clock.now()
+                if left is not None and left <= 0:
+                    error = self._outage.error
+                    raise TimeOut(f"pool {self._name!r}: {have} of min_size={self._min_size} "
+                                  f"objects after {timeout} s"
+                                  + (f"; creating them fails: {type(error).__name__}: {error}"
+                                     if error is not None else ""))
+                self._clock.wait(self._filled, left)
+
+    def close(self, delay: float | None = 0.0) -> None:
+        """`shutdown` (psycopg_pool's name)."""
+        self.shutdown(delay)
+
+    def __enter__(self) -> Any:
+        self.open()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
     def shutdown(self, delay: float | None = 0.0) -> None:
         """Close every object, wake every waiter with PoolClosed; later gets raise it.
 
@@ -61,6 +124,7 @@ class Lifetime(PoolState):
             if self._shutdown:
                 return
             self._shutdown = True
+            self._filled.notify_all()
             waiters, self._waiters = self._waiters, deque()
             for w in waiters:
                 w.set(PoolClosed(f"pool {self._name!r} is shutting down"))
@@ -80,7 +144,7 @@ class Lifetime(PoolState):
                 self._to_close.extend(self._using.values())
                 self._using.clear()
                 self._by_obj.clear()
-        for task in (self._hk_task, self._recall_task):
+        for task in (self._hk_task, self._recall_task, self._refill_task):
             if task is not None:
                 task.cancel()
         if self._own_sched and self._sched is not None:
@@ -100,6 +164,8 @@ class Lifetime(PoolState):
         session the parent still uses. Housekeeping moves to threads that exist here."""
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
+        self._filled = threading.Condition(self._lock)
+        self._refill_task = None
         for container in (self._avail, self._using, self._by_obj, self._waiters, self._to_close):
             container.clear()
         self._ncreating = self._nchecking = self._recall_n = 0

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-HOOKS = ("opener", "getter", "retter", "closer", "health", "stats", "tracer")
+# Hooks run in the supervisor, on the pool's own threads (check and reconnect_failed too).
+HOOKS = ("opener", "getter", "retter", "closer", "health", "stats", "tracer", "check",
+         "reconnect_failed")
 POOL_OPTIONS = frozenset((
     "max_size", "min_size", "timeout", "max_use", "max_avail_delay", "max_using_delay",
     "max_using_delay_kill", "health_freq", "delay", "log_level", "max_lifetime", "kill_holder",
-    "burst_limit", *HOOKS,
+    "burst_limit", "check_after", "max_waiting", "reconnect_timeout", *HOOKS,
 ))
 TRANSFERS = ("copy", "proxy")
 KINDS = ("pool", "token")

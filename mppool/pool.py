@@ -19,7 +19,10 @@
 
 Every method decides under the one lock and does the slow work outside it; state.py says
 what the lock guards and where that work is done. The periodic round is in housekeeping.py,
-budgets (tokens and recall) in budget.py; `Pool` combines them. The supervisor queues waiters
+budgets (tokens and recall) in budget.py, the pre-ping of idle objects (``check``) in
+precheck.py, creation failures (backoff, ``reconnect_failed``) in reconnect.py, the counters
+in counters.py, the lifecycle (open, wait, close) in lifetime.py, the operator's moves
+(pause, resize, drain) in admin.py, stats() in views.py; `Pool` combines them. The supervisor queues waiters
 tied to a client connection here, so a client that dies while waiting is dropped from the
 queue instead of blocking a server thread (a stock manager semaphore loses a unit for ever
 when a client dies blocked in acquire(): its server thread takes the unit later and fails to
@@ -40,15 +43,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .admin import Admin
 from .budget import RECALL_PERIOD, Budget, Budgeted, check_budget
 from .clock import REAL_CLOCK, Clock
-from .errors import PoolClosed, TimeOut
+from .errors import PoolClosed, TimeOut, TooManyRequests
 from .holder import Holder, current_holder
 from .housekeeping import Housekeeping
 from .lender import Lender
 from .lifetime import Lifetime
 from .poolmetrics import enabled as metrics_enabled
 from .poolmetrics import instrument
+from .precheck import Checking
+from .reconnect import Reconnecting
 from .sched import Scheduler
 from .state import (
     CREATE,
@@ -67,11 +73,10 @@ from .validate import (
     check_duration,
     check_int,
     check_period,
-    check_resize,
-    check_size,
     check_sizes,
     check_timeout,
 )
+from .views import Views
 
 __all__ = [
     "CREATE", "LIFETIME_JITTER", "RECALL_PERIOD", "Budget", "Entry", "FunHook", "HealthHook",
@@ -83,7 +88,7 @@ log = logging.getLogger("mppool")
 _ids = itertools.count(1)
 
 
-class Pool(Housekeeping, Budgeted, Lifetime, Lender):
+class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, Views, Lender):
     """A thread-safe pool of objects made on demand by ``fun(i)``, with ProxyPatternPool's
     API: ``get()``/``ret()`` (alias ``put``), ``with pool.obj() as o:`` (alias ``item``),
     ``stats()``, ``shutdown()``, ``resize()``, ``free()``, ``waiting()``, ``len(pool)``.
@@ -187,6 +192,12 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         budget: Budget | None = None,
         kill_holder: bool = False,
         name: str | None = None,
+        check: HealthHook | None = None,
+        check_after: float | None = 0.0,
+        max_waiting: int = 0,
+        reconnect_timeout: float | None = 300.0,
+        reconnect_failed: PoolHook | None = None,
+        open: bool = True,
     ) -> None:
         """See the class: every parameter is described there."""
         # Set only by _made_with(): not parameters, so that help(Pool) shows the API alone.
@@ -211,8 +222,12 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             check_callable(hook_name, hook)
         check_budget(budget)
         check_callable("runner", runner)
-        if not isinstance(kill_holder, bool):
-            raise TypeError(f"kill_holder must be a bool, got {kill_holder!r}")
+        for flag, value in (("kill_holder", kill_holder), ("open", open)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        self._max_waiting = check_int("max_waiting", max_waiting)
+        self._init_check(check, check_after)
+        self._init_reconnect(reconnect_timeout, reconnect_failed)
         if log_level is not None:
             log.setLevel(log_level)
 
@@ -240,12 +255,12 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         # terminates the process; in-process there is nobody else to kill).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
         self._runner = runner
-        self._start_housekeeping(hk_delay, scheduler, own_clock=clock is not None)
-        self._start_recall(scheduler, own_clock=clock is not None)
+        self._hk_delay, self._sched_arg, self._own_clock = hk_delay, scheduler, clock is not None
         if metrics_enabled():  # PROMETHEUS_MULTIPROC_DIR: see poolmetrics.py; else untouched
             instrument(self)
         self._register()
-        self._fill()
+        if open:
+            self.open()
 
     @classmethod
     def _made_with(cls, *args: Any, clock: Clock | None = None,
@@ -278,7 +293,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         with self._lock:
             # Fast path, one lock: an idle object and nobody queued before us.
             avail = self._avail
-            if avail and not self._waiters and not self._shutdown and not self._paused:
+            if (avail and not self._waiters and not self._shutdown and not self._paused
+                    and self._check is None):
                 entry = avail.popleft() if self._fifo else avail.pop()
                 now = self._now()
                 if entry.expires and now >= entry.expires:
@@ -323,6 +339,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             return False
         del self._using[lease]
         self._counts["nreturns"] += 1
+        self._counts["usage_s"] += now - entry.last_get
         entry.holder = None
         entry.last_ret = now
         self._avail.append(entry)
@@ -351,71 +368,6 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         with self._lock:
             return len(self._avail) + len(self._using)
 
-    def clear(self) -> int:
-        """Close every idle object (those in use are not touched); returns how many.
-
-        min_size is refilled by housekeeping, as after any other close.
-        """
-        with self._lock:
-            idle = list(self._avail)
-            self._avail.clear()
-            self._to_close.extend(idle)
-        self._settle()
-        return len(idle)
-
-    def resize(self, max_size: int) -> None:
-        """Change the bound; extra idle objects are closed, new room goes to waiters.
-
-        With ``burst_limit``, the new ``max_size`` must be between 1 and ``burst_limit``
-        (ValueError otherwise); ``burst_limit`` itself does not change.
-        """
-        max_size = check_size("max_size", max_size)
-        with self._lock:
-            check_resize(max_size, self._min_size, self._burst_limit)
-            self._max_size = max_size
-            while max_size and self._avail and self._total() > max_size:
-                self._to_close.append(self._avail.popleft())
-            self._grant_slots()
-        self._settle()
-
-    def pause(self) -> bool:
-        """Stop handing out objects: every ``get()`` queues (FIFO) as if the pool were empty,
-        and times out as usual. Leases out continue and are returned as usual; housekeeping
-        goes on. Returns False if the pool was already paused."""
-        with self._lock:
-            if self._shutdown:
-                raise PoolClosed(f"pool {self._id} is shutting down")
-            was, self._paused = self._paused, True
-            return not was
-
-    def resume(self) -> bool:
-        """Undo `pause`: the queued gets are served, oldest first (idle objects, then room
-        to create). Returns False if the pool was not paused."""
-        with self._lock:
-            if not self._paused:
-                return False
-            self._paused = False
-            while self._avail and any(not w.done for w in self._waiters):
-                self._put_back(self._avail.popleft() if self._fifo else self._avail.pop())
-            self._grant_slots()
-            return True
-
-    @property
-    def paused(self) -> bool:
-        """Whether the pool is paused (see `pause`)."""
-        return self._paused
-
-    def drain(self) -> int:
-        """Replace every idle object (after a credential rotation, say): close them all
-        now and refill ``min_size`` at once, without waiting for the next housekeeping
-        round. Objects in use are not touched. Returns how many were closed."""
-        n = self.clear()
-        with self._lock:
-            if self._shutdown:
-                return n
-        self._offload("fill", self._fill)
-        return n
-
     # --------------------------------------------- lease API (also used by the supervisor)
 
     @property
@@ -427,16 +379,20 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         """Lease an entry to ``holder``, creating or waiting as needed (the blocking get)."""
         timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if timeout is None else self._clock.now() + timeout
-        got = self._acquire(holder, None if timeout == 0 else Waiter)
-        if got is None:
-            raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
-        if isinstance(got, Waiter):
-            got = self._wait(got, timeout)
-        if got is CREATE:
-            # What is left of the caller's timeout bounds the wait for a budget token too.
+        while True:
+            got = self._acquire(holder, None if timeout == 0 else Waiter)
+            if got is None:
+                raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
+            if isinstance(got, Waiter):
+                got = self._wait(got, timeout)
+            # What is left of the caller's timeout bounds the wait for a budget token too,
+            # and the next try when ``check`` found the object broken.
             left = None if deadline is None else max(0.0, deadline - self._clock.now())
-            return self._create_for(holder, left)
-        return self._hand_out(got)  # type: ignore[arg-type]
+            if got is CREATE:
+                return self._create_for(holder, left)
+            if self._verify(got):  # type: ignore[arg-type]
+                return self._hand_out(got)  # type: ignore[arg-type]
+            timeout = left
 
     def _wait(self, waiter: Waiter, timeout: float | None) -> Entry | _Create:
         """Block until ``waiter`` is served; give up (and give back) on timeout or any error."""
@@ -461,10 +417,16 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         the waiter made by ``waiter(holder, *args)`` and queued (its ``set()`` is called later under
         the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
         available and no waiter was asked for. Newcomers never barge past queued waiters.
+        An idle entry must pass `_verify` before it is handed out. TooManyRequests: the
+        queue holds ``max_waiting`` gets already.
         """
+        refused = None
         with self._lock:
             if self._shutdown:
                 raise PoolClosed(f"pool {self._name!r} is shutting down")
+            if not self._opened:
+                raise PoolClosed(f"pool {self._name!r} is not open yet (open=False): call "
+                                 "open() first")
             got: Any = None
             if not self._paused and (not self._waiters
                                      or not any(not w.done for w in self._waiters)):
@@ -483,13 +445,23 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                         self._ncreating += 1
                         got = CREATE
             if got is None and waiter is not None:
-                got = waiter(holder, *args)
-                if getattr(got, "since", 0.0) is None:  # stats() shows how long it waited
-                    got.since = self._clock.now()
-                self._waiters.append(got)
+                if (self._max_waiting and len(self._waiters) >= self._max_waiting
+                        and sum(1 for w in self._waiters if not w.done) >= self._max_waiting):
+                    refused = TooManyRequests(f"pool {self._name!r}: {self._max_waiting} gets "
+                                              f"wait already (max_waiting={self._max_waiting})")
+                else:
+                    got = waiter(holder, *args)
+                    if getattr(got, "since", 0.0) is None:  # stats() shows how long it waited
+                        got.since = self._clock.now()
+                    self._waiters.append(got)
+                    self._counts["requests_queued"] += 1
+            if got is None:
+                self._request_failed()  # timeout=0 and nothing, or refused
             closing = bool(self._to_close)
         if closing:  # expired entries met on the way: closed on the runner, if there is one
             self._settle(offload=True)
+        if refused is not None:
+            raise refused
         return got
 
     def _cancel(self, waiter: Any) -> bool:
@@ -501,6 +473,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 self._waiters.remove(waiter)
             except ValueError:
                 pass
+            self._request_failed()
+            self._served(waiter, self._clock.now())
             return True
 
     def _abandon(self, waiter: Any) -> None:
@@ -524,7 +498,12 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         """Create an object in a reserved slot and hand it out to ``holder``; an error frees
         the slot. ``timeout`` bounds the wait for a budget token (None: the pool's timeout).
         """
-        entry = self._create(timeout=self._timeout if timeout is None else timeout)
+        try:
+            entry = self._create(timeout=self._timeout if timeout is None else timeout)
+        except BaseException:
+            with self._lock:
+                self._request_failed()
+            raise
         with self._lock:
             self._ncreating -= 1
             if self._shutdown:
@@ -532,6 +511,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 closed = True
             else:
                 self._lease(entry, holder, self._clock.now())
+                self._filled.notify_all()
                 closed = False
         if closed:
             self._settle()
@@ -576,8 +556,11 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                 return False  # killed or reclaimed while the retter ran
             del self._using[lease]
             self._counts["nreturns"] += 1
-            entry.holder = None
             entry.last_ret = now = self._clock.now()
+            self._returned(entry, now)
+            entry.holder = None
+            if discard:
+                self._counts["returns_bad"] += 1
             if self._shutdown or discard or (recalled and self._recall_on_return()):  # budget.py
                 self._to_close.append(entry)
             elif self._max_use and entry.uses >= self._max_use:
@@ -616,8 +599,9 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
                     ok = False
             with self._lock:
                 self._nchecking -= 1
-                entry.holder = None
                 entry.last_ret = self._clock.now()
+                self._returned(entry, entry.last_ret)
+                entry.holder = None
                 if ok and not self._shutdown:
                     self._put_back(entry)
                 else:

@@ -32,29 +32,33 @@ What _lock guards:
     _nchecking  entries out of both _avail and _using for a moment (a health check, the reset
                 of a reclaimed object): they still hold their slot, or the bound could be
                 exceeded
-    _counts     the counters that stats() reports
+    _counts     the counters that stats() reports (counters.py: psycopg_pool's)
+    _outage     creation failures and their backoff (reconnect.py)
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import random
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import counters
 from .budget import Budget, draw_token, give_back
 from .clock import Clock, wait_event
 from .holder import Holder
 from .leasemap import LeaseMap
+from .outage import REFUSED, fail_fast_error
 from .ratelog import RateLimitedLog
 from .sched import Scheduler, Task
+
+if TYPE_CHECKING:
+    from .outage import Outage
 
 log = logging.getLogger("mppool")
 
@@ -65,8 +69,11 @@ Runner = Callable[[Callable[[], None]], None]
 
 LIFETIME_JITTER = 0.05
 
+# ProxyPatternPool's. It counts uses and borrows apart, but every lease is both here: one
+# counter (nuses) serves both, and stats() reports it as nborrows too (one dict increment
+# less per get: about 3% of an in-process get + ret, counted with callgrind).
 COUNTERS = (
-    "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nborrows", "nreturns",
+    "ncreated", "nuses", "nkilled", "nrecycled", "nwornout", "nreturns",
     "ndestroys", "nhealth", "bad_health", "hk_rounds", "hk_errors", "hc_rounds", "hc_errors",
     "nexpired", "nrecalled", "nburst_closed",
 )
@@ -209,6 +216,11 @@ class PoolState:
     _clock: Clock
     _now: Callable[[], float]
     _runner: Runner | None
+    _check: HealthHook | None  # precheck.py
+    _check_after: float
+    _max_waiting: int
+    _reconnect_failed: Callable[[Any], Any] | None
+    _sched_arg: Scheduler | None  # the scheduler given to the constructor, if any
     on_kill_holder: Callable[[Holder, float], None] | None
 
     # Under _lock (see the module docstring).
@@ -226,7 +238,11 @@ class PoolState:
     _nextnum: int
     _ncreating: int
     _nchecking: int
-    _counts: dict[str, int]
+    _counts: dict[str, Any]  # ints, but the float *_ms counters (counters.py)
+    _opened: bool  # open() was called (lifetime.py)
+    _filled: threading.Condition  # wait() waits on it for min_size objects
+    _outage: Outage
+    _refill_task: Task | None
     _inflight: set[str]  # kinds of runner jobs started and not finished (see _offload)
     _runner_errors: RateLimitedLog
 
@@ -248,6 +264,7 @@ class PoolState:
         """The empty containers and counters; the lock that guards them."""
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
+        self._filled = threading.Condition(self._lock)
         self._avail = deque()
         self._using = {}
         self._by_obj = LeaseMap()
@@ -260,7 +277,14 @@ class PoolState:
         self._nextnum = 0
         self._ncreating = 0
         self._nchecking = 0
-        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._counts = dict.fromkeys(COUNTERS + counters.KEPT, 0)
+        self._opened = False
+        # Until open() starts them: no housekeeping, no recall (stats() and shutdown() read these).
+        self._delay = self._hk_time = 0.0
+        self._hk_last = self._started_mono
+        self._sched, self._own_sched = None, False
+        self._hk_task = self._recall_task = None
+        self._recall_n = 0
         # At most one runner job of each kind at a time, so that a hook that hangs cannot
         # make rounds pile up jobs behind it (the next job picks up whatever is left to do).
         self._inflight = set()
@@ -286,8 +310,7 @@ class PoolState:
         entry.uses += 1
         entry.warned = False
         self._using[lease] = entry
-        self._counts["nuses"] += 1
-        self._counts["nborrows"] += 1
+        self._counts["nuses"] += 1  # nborrows too (see COUNTERS)
 
     def _put_back(self, entry: Entry) -> None:
         """Hand an idle entry (counted nowhere) to the oldest live waiter, or keep it; with
@@ -299,9 +322,11 @@ class PoolState:
                 continue
             self._lease(entry, w.holder, now)
             if w.set(entry):
+                self._served(w, now)
                 return
             del self._using[entry.lease]
             entry.holder = None
+            self._counts["nuses"] -= 1  # not a use after all (requests_num counts them)
         if self._burst_limit and self._total() >= self._max_size:
             self._counts["nburst_closed"] += 1  # a burst object, and nobody waits for it
             self._to_close.append(entry)
@@ -315,8 +340,25 @@ class PoolState:
             if w.done:
                 continue
             self._ncreating += 1
-            if not w.set(CREATE):
+            if w.set(CREATE):
+                self._served(w, self._clock.now())
+            else:
                 self._ncreating -= 1
+
+    def _served(self, waiter: Any, now: float) -> None:
+        """A queued get was served (or gave up): count the time it waited."""
+        since = getattr(waiter, "since", None)
+        if since is not None:
+            self._counts["requests_wait_s"] += now - since
+
+    def _request_failed(self) -> None:
+        """Under the lock: a get ended without an object (counters.py: it made no lease)."""
+        self._counts["requests_errors"] += 1
+        self._counts["requests_adj"] += 1
+
+    def _returned(self, entry: Entry, now: float) -> None:
+        """Under the lock: an entry comes back from its holder (for usage_ms)."""
+        self._counts["usage_s"] += now - entry.last_get
 
     # ------------------------------------------------- the work after a decision, outside
 
@@ -348,24 +390,77 @@ class PoolState:
         housekeeping round must not block on other processes); try again later.
         """
         token = None
+        ticket = REFUSED
+        started = 0.0
         try:
+            with self._lock:
+                # During an outage, only the one attempt that is due calls fun (reconnect.py).
+                ticket = self._outage.begin(self._clock.now())
+                if ticket == REFUSED:
+                    raise fail_fast_error(self._outage.error,  # type: ignore[arg-type]
+                                          self._outage.next_at - self._clock.now())
             # Drawn before fun runs, so the cross-process total never exceeds the budget.
-            token = draw_token(self._budget, fill, timeout)
+            try:
+                token = draw_token(self._budget, fill, timeout)
+            except BaseException:
+                with self._lock:
+                    self._outage.abort(ticket)
+                    ticket = REFUSED  # not a creation failure: fun was not called
+                raise
             with self._lock:
                 num = self._nextnum
                 self._nextnum += 1
+                self._counts["connections_num"] += 1
+            started = self._clock.now()
             obj = self._fun(num)
-        except BaseException:
+        except BaseException as exc:
             give_back(self._budget, token, self._name)
+            due = False
             with self._lock:
                 self._ncreating -= 1
                 self._grant_slots()
+                if ticket != REFUSED:
+                    self._counts["connections_errors"] += 1
+                    self._counts["connections_s"] += self._clock.now() - started
+                    if isinstance(exc, Exception):
+                        due = self._creation_failed(exc, ticket)
+                    else:  # interrupted (KeyboardInterrupt...): no verdict on the server
+                        self._outage.abort(ticket)
             self._settle()
+            if ticket != REFUSED and isinstance(exc, Exception):
+                self._after_failure(due)
             raise
         self._hook("opener", self._opener, obj)
         with self._lock:
+            now = self._clock.now()
             self._counts["ncreated"] += 1
-            return Entry(obj, num, self._clock.now(), self._max_lifetime, token)
+            self._counts["connections_s"] += now - started
+            self._creation_succeeded()
+            return Entry(obj, num, now, self._max_lifetime, token)
+
+    # Creation outcomes: reconnect.py (the Reconnecting mixin of Pool).
+    def _creation_failed(self, exc: BaseException, ticket: int) -> bool:
+        raise NotImplementedError
+
+    def _creation_succeeded(self) -> None:
+        raise NotImplementedError
+
+    def _after_failure(self, due: bool) -> None:
+        raise NotImplementedError
+
+    def _schedule_refill(self, at_least: float = 0.0) -> None:
+        raise NotImplementedError
+
+    # Housekeeping (housekeeping.py) and recall (budget.py), started by open() (lifetime.py).
+    def _start_housekeeping(self, delay: float | None, scheduler: Scheduler | None,
+                            own_clock: bool) -> None:
+        raise NotImplementedError
+
+    def _start_recall(self, scheduler: Scheduler | None, own_clock: bool) -> None:
+        raise NotImplementedError
+
+    def _fill(self) -> None:
+        raise NotImplementedError
 
     def _offload(self, kind: str, job: Callable[[], None]) -> bool:
         """Run ``job`` (which runs user code): inline without a runner, else on the runner,
@@ -415,60 +510,6 @@ class PoolState:
 
         return tick
 
-    # ------------------------------------------------------------------ views
-
-    def stats(self) -> dict[str, Any]:
-        """A JSON-compatible description, with ProxyPatternPool's keys plus ``nwaiting``."""
-        with self._lock:
-            now = self._clock.now()
-            c = self._counts
-            limit = self._burst_limit or self._max_size  # how many may be out at once
-            return {
-                "id": self._id,
-                "started": self._started.isoformat(),
-                "now": time.time(),
-                "running": now - self._started_mono,
-                "rel_hk_last": self._hk_last - now,
-                "time_per_hk": self._hk_time / max(c["hk_rounds"], 1),
-                "min_size": self._min_size,
-                "max_size": self._max_size,
-                "burst_limit": self._burst_limit or None,
-                "max_use": self._max_use,
-                "timeout": self._timeout,
-                "delay": self._delay,
-                "max_avail_delay": self._max_avail_delay,
-                "max_lifetime": self._max_lifetime,
-                "max_using_delay_kill": self._max_using_delay_kill,
-                "max_using_delay_warn": self._max_using_delay_warn,
-                "health_freq": self._health_freq,
-                "sem": ({"value": len(self._avail) + max(0, limit - self._total()),
-                         "init": limit} if limit else None),
-                "navail": len(self._avail),
-                "nusing": len(self._using),
-                "ntodel": len(self._to_close),
-                "nwaiting": sum(1 for w in self._waiters if not w.done),
-                # Who waits, first come first: each waiter's pid and seconds waited so far.
-                "waiters": [self._describe_waiter(w, now) for w in self._waiters if not w.done],
-                "shutdown": self._shutdown,
-                "paused": self._paused,
-                "avail": [self._describe(e, now) for e in self._avail],
-                "using": [self._describe(e, now) for e in self._using.values()],
-                "nobjs": len(self._avail) + len(self._using),
-                "ncreating": self._ncreating,
-                **c,
-            }
-
-    def __str__(self) -> str:
-        return json.dumps(self.stats())
-
-    def __repr__(self) -> str:
-        with self._lock:
-            return (f"<mppool.Pool {self._id} [objects: {len(self._using)} in use, "
-                    f"{len(self._avail)} idle, {self._ncreating} creating | "
-                    f"waiters: {len(self._waiters)} | max_size: {self._max_size or 'unbounded'}"
-                    + (f", burst_limit: {self._burst_limit}" if self._burst_limit else "")
-                    + "]>")
-
     # ------------------------------------------------------------------ user code
 
     def _hook(self, name: str, hook: PoolHook | None, obj: Any) -> None:
@@ -484,24 +525,3 @@ class PoolState:
             return str(self._tracer(obj))
         except Exception:
             return f"<{type(obj).__name__}>"
-
-    @staticmethod
-    def _describe_waiter(w: Any, now: float) -> dict[str, Any]:
-        holder = getattr(w, "holder", None)
-        since = getattr(w, "since", None)
-        return {"pid": getattr(holder, "pid", None),
-                "waited": None if since is None else max(0.0, now - since)}
-
-    def _describe(self, entry: Entry, now: float) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        try:
-            if self._stats_hook is not None:
-                data["stats"] = self._stats_hook(entry.obj)
-            else:
-                data["trace"] = str(self._tracer(entry.obj))
-        except Exception:
-            data["trace"] = f"<{type(entry.obj).__name__}>"
-        data.update(uses=entry.uses, last_get=entry.last_get - now, last_ret=entry.last_ret - now)
-        if entry.holder is not None:
-            data.update(lease=entry.lease, pid=entry.holder.pid, holder=entry.holder.as_dict())
-        return data

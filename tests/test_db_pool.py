@@ -89,6 +89,18 @@ def open_idle(pool: Any) -> int:
     return sum(1 for a in pool.stats()["avail"] if a.get("stats", {}).get("connected", True))
 
 
+def get_after_backoff(pool: Any) -> Any:
+    """A connection, once the backoff that a failed connect started lets the pool try again
+    (until then, gets fail fast with the connect's error)."""
+    def attempt() -> Any:
+        try:
+            return pool.get(timeout=5)
+        except mppool.ConnectTimeout:
+            return None
+
+    return wait_until(attempt, timeout=10, interval=0.05, what="a connect after the backoff")
+
+
 def settle(pred: Any, what: str) -> None:
     # A shared pool's put() is sent without waiting; the supervisor applies it a moment later.
     wait_until(pred, timeout=5, what=what)
@@ -365,8 +377,8 @@ def test_connect_timeout_costs_no_slot(pools: Pools, tmp_path: Path) -> None:
         pool.get()
     assert time.monotonic() - t0 < 5
     settle(lambda: pool.free() == 1, "the slot free again")
-    flag.unlink()  # the database answers again
-    conn = pool.get(timeout=5)
+    flag.unlink()  # the database answers again: a get after the backoff (1 s) connects
+    conn = get_after_backoff(pool)
     assert conn
     if pools.kind == "raw":
         base = conn._base
@@ -392,8 +404,9 @@ def test_waiter_whose_connect_times_out_costs_no_slot(tmp_path: Path) -> None:
     assert isinstance(box.get("error"), mppool.ConnectTimeout), box
     assert pool.free() == 1
     flag.unlink()
-    with pool.item(timeout=2) as conn:
-        assert conn
+    conn = get_after_backoff(pool)
+    assert conn
+    conn.close()
     pool.shutdown()
 
 

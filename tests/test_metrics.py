@@ -53,6 +53,11 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         assert 'mppool_acquire_wait_seconds_count{pool="nums"} 2.0' in text
         assert 'mppool_hold_seconds_count{pool="nums"} 1.0' in text
         assert "mppool_reclaimed_total 0.0" in text
+        # psycopg_pool's counters, from the pool's stats() at scrape time.
+        assert 'mppool_pool_requests_num_total{pool="nums"} 2.0' in text
+        assert 'mppool_pool_connections_num_total{pool="nums"} 2.0' in text
+        assert 'mppool_pool_connections_lost_total{pool="nums"} 0.0' in text
+        assert "# HELP mppool_pool_usage_ms_total psycopg_pool's usage_ms" in text
         pool.ret(held)
         c.close()
         wait_until(lambda: "mppool_pool_in_use{pool=\"nums\"} 0.0" in _scrape(port), what="returned")

@@ -78,7 +78,19 @@ def test_fun_error_propagates_and_costs_no_slot(client):
     pool = client.pool("err", fun, max_size=1, min_size=0)
     with pytest.raises(RuntimeError, match="cannot connect"):
         pool.get()
-    assert pool.get(timeout=1) == 1  # the slot was not lost
+    # Within the backoff (1 s) a get fails fast with the same error, without calling fun;
+    # then fun is tried again, in the slot that was not lost.
+    with pytest.raises(RuntimeError, match="cannot connect"):
+        pool.get(timeout=1)
+    assert pool.stats()["connections_num"] == 1
+
+    def get_or_none():
+        try:
+            return pool.get(timeout=1)
+        except RuntimeError:
+            return None
+
+    assert wait_until(get_or_none, timeout=5, interval=0.05, what="fun tried again") == 1
 
 
 def test_proxy_transfer_calls_run_in_supervisor(client):

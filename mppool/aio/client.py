@@ -342,6 +342,34 @@ class AsyncSharedPool(PoolWhere):
         """How many gets would succeed now without waiting."""
         return await self._client._call("pool_call", self.name, "free")
 
+    async def pop_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters and gauges; the counters restart at 0 (for every process)."""
+        return await self._client._call("pool_call", self.name, "pop_stats")
+
+    async def wait(self, timeout: float | None = 30.0) -> None:
+        """Until the pool has ``min_size`` objects in the supervisor; TimeOut after
+        ``timeout`` seconds (None: as long as it takes).
+
+        It watches ``stats()`` (every 10 ms, then less often, at most every 0.2 s) rather
+        than blocking in the supervisor: this client's control calls share one connection,
+        which a long call would hold."""
+        t = check_timeout_arg(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if t is None else loop.time() + t
+        pause = 0.01
+        while True:
+            s = await self.stats()
+            if s["nobjs"] >= s["min_size"]:
+                return
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                outage = s.get("outage")
+                raise TimeOut(f"pool {self.name!r}: {s['nobjs']} of min_size={s['min_size']} "
+                              f"objects after {timeout} s"
+                              + (f"; creating them fails: {outage['error']}" if outage else ""))
+            await asyncio.sleep(pause if left is None else min(pause, left))
+            pause = min(pause * 2, 0.2)
+
     async def waiting(self) -> int:
         """How many gets are queued (from every process)."""
         chan, pool_id = await self._route()

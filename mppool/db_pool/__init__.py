@@ -67,7 +67,7 @@ from __future__ import annotations
 # The served.py names travel to the supervisor by pickle: older pickles name them here.
 from ..budget import Budget as Budget
 from ..errors import ConnectTimeout
-from .base import BaseConnectionPool, cleanup_rollback
+from .base import BaseConnectionPool, cleanup_rollback, ping
 from .base import Cleanup as Cleanup
 from .connecting import CLOSE_WAIT as CLOSE_WAIT
 from .databases import DatabaseConnector
@@ -90,4 +90,5 @@ __all__ = [
     "RawConnectionPool",
     "TpooledConnectionPool",
     "cleanup_rollback",
+    "ping",
 ]

@@ -7,6 +7,12 @@
         └─ cleanup(conn) (rollback) ── ok ──▶ _checkin(handle, discard=False)
                                     └ raised, put(None), max_idle/max_age 0
                                              ──▶ _checkin(handle, discard=True): closed
+
+The options of ``mppool.Pool`` that a database pool needs most are keywords here too, passed
+to the pool underneath: ``check`` (``check=ping`` runs "SELECT 1" on a connection idle at
+least ``check_after`` seconds before a get hands it out, and closes it if that fails),
+``max_waiting``, ``reconnect_timeout``/``reconnect_failed``, and the lifecycle (``open``,
+``open()``, ``wait()``, ``close()``, ``with``).
 """
 
 from __future__ import annotations
@@ -20,8 +26,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..budget import Budget, check_budget
+from ..errors import PoolClosed
 from ..leasemap import LeaseMap
-from ..validate import check_callable, check_delay, check_size, check_sizes
+from ..validate import (
+    check_callable,
+    check_delay,
+    check_duration,
+    check_int,
+    check_period,
+    check_size,
+    check_sizes,
+    check_timeout,
+)
 from .connecting import check_connect_timeout, check_db_module, module_name, safe_close
 from .wrappers import PooledConnectionWrapper
 
@@ -44,6 +60,61 @@ _MISSING: Any = _Missing()
 def cleanup_rollback(conn: Any) -> None:
     """The default cleanup: end whatever transaction the last user left open."""
     conn.rollback()
+
+
+def ping(conn: Any) -> bool:
+    """For ``check=``: True if ``conn`` answers a trivial query (``SELECT 1``), False if it
+    is closed or the query fails. The transaction a DB-API driver opens for it is rolled
+    back, so the connection goes out as idle as it came in."""
+    try:
+        if getattr(conn, "closed", False):  # psycopg, psycopg2: closed by either side
+            return False
+        cur = conn.cursor()
+        try:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+        finally:
+            cur.close()
+        conn.rollback()
+        return True
+    except Exception:
+        return False
+
+
+class _NotOpen:
+    """The pool underneath of a pool made with ``open=False``, until ``open()``."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def shutdown(self, delay: float = 0.0) -> None:
+        """Nothing to close."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise PoolClosed(f"{self._what} is not open yet (open=False): call open() first")
+
+
+def pool_options(check: Any, check_after: Any, max_waiting: Any, reconnect_timeout: Any,
+                 reconnect_failed: Any) -> dict[str, Any]:
+    """The ``mppool.Pool`` options a database pool passes on, checked; only those that
+    differ from the defaults (a shared pool's options are compared across processes)."""
+    check_callable("check", check)
+    check_callable("reconnect_failed", reconnect_failed)
+    check_after = check_period("check_after", check_after)
+    max_waiting = check_int("max_waiting", max_waiting)
+    reconnect_timeout = check_duration("reconnect_timeout", reconnect_timeout)
+    options: dict[str, Any] = {}
+    if check is not None:
+        options["check"] = check
+    if check_after:
+        options["check_after"] = check_after
+    if max_waiting:
+        options["max_waiting"] = max_waiting
+    if reconnect_timeout != 300.0:  # None (never give up) included
+        options["reconnect_timeout"] = reconnect_timeout
+    if reconnect_failed is not None:
+        options["reconnect_failed"] = reconnect_failed
+    return options
 
 
 class _Lease:
@@ -92,6 +163,12 @@ class BaseConnectionPool:
         budget: Budget | None = None,
         client: Client | None = None,
         share: str | None = None,
+        check: Callable[[Any], bool] | None = None,
+        check_after: float = 0.0,
+        max_waiting: int = 0,
+        reconnect_timeout: float | None = 300.0,
+        reconnect_failed: Callable[[Any], Any] | None = None,
+        open: bool = True,
         **kwargs: Any,
     ) -> None:
         # eventlet's signature, written once for every pool here: a subclass adapts to where
@@ -105,6 +182,11 @@ class BaseConnectionPool:
         connect_timeout = check_connect_timeout(connect_timeout)
         check_callable("cleanup", cleanup)
         check_budget(budget)
+        self._pool_options = pool_options(check, check_after, max_waiting, reconnect_timeout,
+                                          reconnect_failed)
+        if not isinstance(open, bool):
+            raise TypeError(f"open must be a bool, got {open!r}")
+        self._start_open = open
         self._db_module = db_module
         self._args = args
         self._kwargs = kwargs
@@ -231,6 +313,34 @@ class BaseConnectionPool:
     def stats(self) -> dict[str, Any]:
         """The underlying pool's JSON-compatible stats (those of ``mppool.Pool``)."""
         return self._pool.stats()
+
+    def pop_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters and gauges (see ``mppool.Pool.pop_stats``); the counters
+        restart at 0."""
+        return self._pool.pop_stats()
+
+    # ------------------------------------------------------------ psycopg_pool's lifecycle
+
+    def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
+        """Open a pool made with ``open=False`` (a no-op if it is open): ``min_size``
+        connections are made; ``wait=True`` then waits for them (`wait`)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = 30.0) -> None:
+        """Block until ``min_size`` connections exist; ``mppool.TimeOut`` after ``timeout``
+        seconds (None: as long as it takes)."""
+        self._pool.wait(check_timeout("timeout", timeout))
+
+    def close(self) -> None:
+        """`shutdown` (psycopg_pool's name)."""
+        self.shutdown()
+
+    def __enter__(self) -> Any:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def shutdown(self) -> None:
         """Close every connection; later ``get()`` calls raise ``mppool.PoolClosed``.

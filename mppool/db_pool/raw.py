@@ -61,10 +61,13 @@ class RawConnectionPool(BaseConnectionPool):
             _WeakFun(self), max_size=self.max_size, min_size=self.min_size,
             max_avail_delay=0.0 if self._close_on_put else self.max_idle,
             max_lifetime=0.0 if self._close_on_put else self.max_age,
-            closer=safe_close, budget=budget)
+            closer=safe_close, budget=budget, open=self._start_open, **self._pool_options)
         # Stack order, as eventlet: the most recently used connection goes out first, so the
         # surplus stays idle and max_idle can close it.
         self._pool._fifo = False
+
+    def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
+        self._pool.open(wait, timeout)
 
     @classmethod
     def connect(cls, db_module: Any, connect_timeout: float | None, *args: Any, **kw: Any) -> Any:

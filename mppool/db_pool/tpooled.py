@@ -52,7 +52,7 @@ import dill
 from ..budget import Budget
 from ..errors import PoolClosed, TimeOut
 from ..holder import current_holder
-from .base import BaseConnectionPool
+from .base import BaseConnectionPool, _NotOpen
 from .connecting import module_name, timed_connect
 from .served import _close_served, _Connector, _join, _leave, _served_stats
 
@@ -161,9 +161,26 @@ class TpooledConnectionPool(BaseConnectionPool):
             "max_use": 1 if self._close_on_put else 0,
             "closer": _close_served,
             "stats": _served_stats,
+            **self._pool_options,  # check=ping runs in the supervisor, on the served slots
         }
-        fun = _Connector(target, args, dict(kwargs), self.connect_timeout)
-        if share is None:
+        self._fun = _Connector(target, args, dict(kwargs), self.connect_timeout)
+        self._options = options
+        if self._start_open:
+            self._attach_and_join()
+        else:
+            self._pool = _NotOpen(f"TpooledConnectionPool {self.name!r}")
+
+    def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
+        if isinstance(self._pool, _NotOpen):
+            self._attach_and_join()
+        if wait:
+            self.wait(timeout)
+
+    def _attach_and_join(self) -> None:
+        """Create (or, with ``share``, attach to) the pool in the supervisor and count this
+        process as one of its users."""
+        fun, options = self._fun, self._options
+        if self.share is None:
             self._pool = self._client.pool(self.name, fun, transfer="proxy", **options)
             try:
                 joined = self._join()
@@ -220,6 +237,8 @@ class TpooledConnectionPool(BaseConnectionPool):
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
         if self._closed:
             raise PoolClosed(f"this TpooledConnectionPool ({self.name}) was closed: shutting down")
+        if isinstance(self._pool, _NotOpen):
+            self._pool.get(timeout)  # raises: not open yet
         if self._user_pid != os.getpid():
             with self._lock:  # a fork child: it uses the pool now, it counts as a user
                 if self._user_pid != os.getpid() and not self._join():

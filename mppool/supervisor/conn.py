@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class RemoteWaiter(WaiterBase):
     """A get() from a client, queued in a Pool (the waiter protocol of `mppool.state`)."""
 
-    __slots__ = ("conn", "rec", "rid")
+    __slots__ = ("conn", "deadline", "rec", "rid")
 
     def __init__(self, holder: Holder, conn: Conn, rid: int, rec: Record) -> None:
         super().__init__(holder)
@@ -41,6 +41,7 @@ class RemoteWaiter(WaiterBase):
         self.rid = rid
         self.rec = rec
         self.since: float = conn.loop.sup.clock.now()  # the acquire-wait histogram, stats()
+        self.deadline: float | None = None  # set when queued with a timeout
 
     def _can_take(self) -> bool:
         return not self.conn.closed

@@ -59,7 +59,8 @@ class Control:
 
     @pack_errors
     def pool_call(self, name: str, method: str, *args: Any) -> Any:
-        if method not in ("free", "waiting", "resize", "shutdown", "clear", "__len__", "__repr__"):
+        if method not in ("free", "waiting", "resize", "shutdown", "clear", "__len__", "__repr__",
+                          "pop_stats", "wait"):
             raise ValueError(f"method must be a pool method, got {method!r}")
         if method == "shutdown":
             self._sup.drop(name, *args)

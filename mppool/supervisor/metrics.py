@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..counters import COUNTERS, HELP
+
 if TYPE_CHECKING:
     from .core import Supervisor
 
@@ -56,6 +58,8 @@ class _StatsCollector:
                       "nkilled"),
             "destroys": ("mppool_pool_destroys", "Objects closed", "ndestroys"),
         }
+        counters.update({key: (f"mppool_pool_{key}", f"psycopg_pool's {key}: {HELP[key]}", key)
+                         for key in COUNTERS})
         stats = self.sup.stats()
         for name, help_, key in gauges.values():
             g = GaugeMetricFamily(name, help_, labels=["pool"])
@@ -65,7 +69,7 @@ class _StatsCollector:
         for name, help_, key in counters.values():
             c = CounterMetricFamily(name, help_, labels=["pool"])
             for pool, s in stats.items():
-                c.add_metric([pool], float(s[key]))
+                c.add_metric([pool], float(s.get(key) or 0))
             yield c
         r = CounterMetricFamily("mppool_reclaimed", "Leases reclaimed from processes that died")
         r.add_metric([], float(self.sup.watchdog.nreclaimed))

@@ -74,6 +74,7 @@ class Record:
                              or options.get("max_lifetime"))
         self.cache_blobs = options.get("getter") is None and options.get("retter") is None
         self.has_getter = options.get("getter") is not None
+        self.has_check = options.get("check") is not None  # a pre-ping before each get
         self.reset = (options.get("retter") or _reset_default) if transfer == "proxy" else None
         self.executor = executor if executor is not None else pool_executor(name)
         self._submit_errors = RateLimitedLog(10.0)

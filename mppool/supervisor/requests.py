@@ -1,8 +1,10 @@
 """What the lease loop does with each request: get, put, proxied calls, ping, cancel.
 
-Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, proxied
-methods, returns that run hooks) is handed to the pool's own threads (``Record.submit``),
-which answer the client themselves. A get takes one decision of the core pool
+Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, the
+``check`` pre-ping, proxied methods, returns that run hooks) is handed to the pool's own
+threads (``Record.submit``), which answer the client themselves. An idle object that fails
+its ``check`` there is closed, and the get is made again on the loop with what is left of
+its timeout. A get takes one decision of the core pool
 (``pool._acquire``): an idle entry (answered at once), ``CREATE`` (``fun`` on the pool's
 threads), or a queued ``RemoteWaiter`` whose deadline the loop keeps. A put is honoured only
 from the connection that holds the lease.
@@ -20,7 +22,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..errors import PoolClosed, ServerUnavailable, TimeOut, add_hint
+from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, add_hint
 from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
@@ -44,7 +46,8 @@ class Requests(_Loop):
         elif isinstance(result, BaseException):
             waiter.conn.fail(waiter.rid, result)
         else:
-            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since)
+            self.reply_entry(waiter.conn, waiter.rid, waiter.rec, result, waiter.since,
+                             deadline=waiter.deadline)
 
     def dispatch(self, conn: Conn, msg: P.Request) -> None:
         if isinstance(msg, P.Call):
@@ -82,10 +85,14 @@ class Requests(_Loop):
             fut.add_done_callback(one_done)
 
     def get(self, conn: Conn, rid: int, pool_id: int, timeout: float | None) -> None:
+        """Also called again when the object a get was leased failed the pool's ``check``,
+        with what is left of its ``timeout``."""
         rec = self.records.get(pool_id)
         if rec is None:
             conn.fail(rid, self.sup.registry.unknown(pool_id))
             return
+        if conn.closed:
+            return  # a retry for a client that left meanwhile
         pool = rec.pool
         if timeout is None:
             timeout = pool.timeout
@@ -95,10 +102,17 @@ class Requests(_Loop):
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
+        except TooManyRequests as exc:
+            conn.fail(rid, exc)
+            return
         if got is None:
             conn.fail(rid, TimeOut(f"pool {rec.name!r}: no object available (timeout=0)"))
         elif type(got) is Entry:
-            self.reply_entry(conn, rid, rec, got)
+            if rec.has_check:  # a retry after a failed check needs what is left of the time
+                self.reply_entry(conn, rid, rec, got, deadline=None if timeout is None
+                                 else self.sup.clock.now() + timeout)
+            else:
+                self.reply_entry(conn, rid, rec, got)
         elif got is CREATE:
             waiter = RemoteWaiter(conn.holder, conn, rid, rec)  # type: ignore[arg-type]
             waiter.done = True
@@ -106,7 +120,8 @@ class Requests(_Loop):
         else:  # queued: the client may withdraw it, and its deadline is ours to keep
             conn.waiters[rid] = got  # the waiter made above
             if timeout is not None:
-                self.at(self.sup.clock.now() + timeout, 0, got)
+                got.deadline = deadline = self.sup.clock.now() + timeout
+                self.at(deadline, 0, got)
 
     def cancel_get(self, conn: Conn, rid: int) -> None:
         """The client gave up on its get ``rid`` (an asyncio task cancelled): withdraw it if
@@ -144,23 +159,34 @@ class Requests(_Loop):
         return fut
 
     def reply_entry(self, conn: Conn, rid: int, rec: Record, entry: Entry,
-                    since: float = 0.0, handed: bool = False) -> None:
-        if not handed and rec.has_getter and threading.get_ident() == self.thread.ident:
-            # The getter hook is user code: on the pool's threads, never on the loop.
-            if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since) is None:
-                rec.pool._checkin(entry.lease)
-            return
+                    since: float = 0.0, handed: bool = False,
+                    deadline: float | None = None) -> None:
+        """Send ``entry`` to the client (``handed``: the getter hook ran already). An idle
+        entry passes the pool's ``check`` first, when it is due; one found broken is closed
+        and the get goes on with what is left of its ``deadline``."""
+        pool = rec.pool
+        if not handed and (rec.has_getter or (rec.has_check and pool._check_due(entry))):
+            if threading.get_ident() == self.thread.ident:
+                # The getter and check are user code: on the pool's threads, never on the loop.
+                if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since,
+                               False, deadline) is None:
+                    pool._checkin(entry.lease)
+                return
+            if rec.has_check and not pool._verify(entry):
+                left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
+                self.call_soon(lambda: self.get(conn, rid, rec.id, left))
+                return
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
         if not handed and rec.has_getter:
-            rec.pool._hand_out(entry)
+            pool._hand_out(entry)
         blob = entry.blob  # a cached copy (never set for proxy pools)
         if blob is None:
             try:
                 blob = rec.blob(entry)
             except Exception as exc:
-                rec.pool._checkin(entry.lease)
+                pool._checkin(entry.lease)
                 conn.fail(rid, exc)
                 return
         if blob is None:

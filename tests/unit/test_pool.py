@@ -145,7 +145,8 @@ def test_default_min_size_is_one(rec: Recorder) -> None:
 
 
 def test_creation_error_at_construction_is_logged_not_raised(
-        make_pool: Callable[..., Pool], warnings_log: pytest.LogCaptureFixture) -> None:
+        make_pool: Callable[..., Pool], warnings_log: pytest.LogCaptureFixture,
+        sched: ManualScheduler) -> None:
     rec = Recorder(fail=lambda i: i == 0)
     pool = make_pool(rec.fun, min_size=1, max_size=2)
     assert rec.nums == [0]
@@ -155,6 +156,12 @@ def test_creation_error_at_construction_is_logged_not_raised(
     s = check_consistent(pool)
     assert (s["nobjs"], s["ncreating"], s["ncreated"]) == (0, 0, 0)
     assert pool.free() == 2  # the failed creation holds no slot
+    # Until the backoff's first delay (1 s, ±10%) has passed, a get fails fast with the same
+    # error, without calling fun; then fun is tried again.
+    with pytest.raises(RuntimeError, match="cannot create object 0"):
+        pool.get(timeout=0)
+    assert rec.nums == [0]
+    sched.clock.advance(1.2)
     assert pool.get(timeout=0) == {"num": 1}
 
 
@@ -297,7 +304,8 @@ def test_none_timeout_waits_until_returned(make_pool: Callable[..., Pool], runne
 # ------------------------------------------------------------------------------ fun errors
 
 
-def test_fun_error_propagates_and_costs_no_slot(make_pool: Callable[..., Pool]) -> None:
+def test_fun_error_propagates_and_costs_no_slot(make_pool: Callable[..., Pool],
+                                                sched: ManualScheduler) -> None:
     rec = Recorder(fail=lambda i: i == 0)
     pool = make_pool(rec.fun, min_size=0, max_size=1)
     with pytest.raises(RuntimeError, match="cannot create object 0"):
@@ -305,11 +313,17 @@ def test_fun_error_propagates_and_costs_no_slot(make_pool: Callable[..., Pool]) 
     s = check_consistent(pool)
     assert (s["nobjs"], s["ncreating"], s["ncreated"]) == (0, 0, 0)
     assert pool.free() == 1
+    # The next get within the backoff fails fast with the same error, fun not called.
+    with pytest.raises(RuntimeError, match="cannot create object 0") as info:
+        pool.get(timeout=0)
+    assert any("next attempt in" in n for n in getattr(info.value, "__notes__", ()))
+    assert rec.nums == [0]
+    sched.clock.advance(1.2)
     assert pool.get(timeout=0) == {"num": 1}
 
 
 def test_fun_error_in_a_waiter_propagates_and_costs_no_slot(
-        make_pool: Callable[..., Pool], runner: Runner) -> None:
+        make_pool: Callable[..., Pool], runner: Runner, sched: ManualScheduler) -> None:
     rec = Recorder(fail=lambda i: i == 1)
     pool = make_pool(rec.fun, min_size=0, max_size=1, max_use=1)
     held = pool.get()
@@ -321,6 +335,7 @@ def test_fun_error_in_a_waiter_propagates_and_costs_no_slot(
     s = check_consistent(pool)
     assert (s["nobjs"], s["ncreating"], s["nwaiting"]) == (0, 0, 0)
     assert pool.free() == 1
+    sched.clock.advance(1.2)  # past the backoff that fun's failure started
     assert pool.get(timeout=0) == {"num": 2}
 
 
