@@ -40,7 +40,7 @@ from .address import (
 )
 from .autostart import lock_path, remove_lock_file
 from .client import Client, connect
-from .config import ConfigError, load_config
+from .config import ConfigError, load_cluster, load_config
 from .demo import POOL_NAME, Demo, DemoResult, KillReport
 from .errors import PoolException, ServerUnavailable
 from .supervisor import serve
@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML file declaring pools: [pools.NAME] kind/fun/max_size/...")
     p.add_argument("--metrics-port", type=int, default=None, metavar="N",
                    help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.add_argument("--cluster", default=None, metavar="URL",
+                   help="share scope=\"cluster\" token pools with other hosts through this "
+                        "Redis (default: $MPPOOL_CLUSTER, or [cluster] url in the config)")
+    p.add_argument("--cluster-lease-ttl", type=_positive_float, default=None, metavar="S",
+                   help="seconds after which a dead host's cluster units come back (default 10)")
+    p.add_argument("--cluster-host", default=None, metavar="ID",
+                   help="this host's id in the cluster (default: the host name)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stats", parents=[common, client], help="every pool's stats")
@@ -378,6 +385,38 @@ def _listening(address: Address) -> bool:
     return True
 
 
+def _cluster_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """serve()'s cluster arguments: the command line over $MPPOOL_CLUSTER over the config."""
+    try:
+        opts = load_cluster(ns.config) if ns.config is not None else {}
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    url = ns.cluster or os.environ.get("MPPOOL_CLUSTER") or opts.get("cluster")
+    if ns.cluster_lease_ttl is not None:
+        opts["cluster_lease_ttl"] = ns.cluster_lease_ttl
+    if ns.cluster_host is not None:
+        opts["cluster_host"] = ns.cluster_host
+    if not url:
+        if any(o.get("kind") == "cluster" for o in (load_config(ns.config) if ns.config else {}).values()):
+            raise CliError("the config declares scope=\"cluster\" pools: give --cluster URL, "
+                           "MPPOOL_CLUSTER or [cluster] url", EXIT_USAGE)
+        return {}
+    try:
+        from .cluster.agent import check_lease_ttl
+        from .cluster.keys import check_host_id
+        from .cluster.link import require_redis
+
+        require_redis()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--cluster must be a Redis URL (redis://host:port/db)")
+        check_lease_ttl(opts.get("cluster_lease_ttl", 10.0))
+        if "cluster_host" in opts:
+            check_host_id(opts["cluster_host"])
+    except (ImportError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return {**opts, "cluster": url}
+
+
 def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     # A console script does not put the current directory on sys.path (python -m does):
     # add it, so that fun = "mymodule:make" in the config finds mymodule, as gunicorn does.
@@ -387,6 +426,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         pools = load_config(ns.config) if ns.config is not None else {}
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    cluster = _cluster_options(ns)
     if ns.metrics_port is not None:
         # Checked before anything is created: a configuration error leaves nothing behind.
         try:
@@ -440,7 +480,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
                         os.unlink(path)
             try:
                 serve(address, key, pools={n: dict(o) for n, o in pools.items()}, ready=ready,
-                      metrics_port=ns.metrics_port,
+                      metrics_port=ns.metrics_port, **cluster,
                       config=ns.config.resolve() if ns.config is not None else None)
             except OSError as exc:
                 raise CliError(f"cannot serve on {display(address)}: {exc}") from None
