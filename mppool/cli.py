@@ -324,7 +324,30 @@ def _top_frame(client: Client, console: Console) -> RenderableType:
     parts: list[RenderableType] = [_header(info), Text(time.strftime("%H:%M:%S"), style="dim")]
     parts.append(_fitted_pools_table(console, stats, title="pools") if stats else Text("no pools"))
     parts += [holders, _waiters_table(stats)]
+    if any(s.get("cluster") for s in stats.values()):
+        parts.append(_cluster_table(stats))
     return Group(*parts)
+
+
+def _cluster_table(stats: dict[str, Any]) -> RenderableType:
+    """Cluster pools: the units each host holds, as this supervisor last saw Redis."""
+    t = Table(title="cluster (units held per host)", title_justify="left")
+    _name_column(t, "pool", stats)
+    for col in ("host", "held", "queued", "lost", "redis"):
+        t.add_column(col, justify="left" if col in ("host", "redis") else "right")
+    for name in sorted(stats):
+        c = stats[name].get("cluster")
+        if not c:
+            continue
+        hosts = c.get("hosts") or {}
+        ok = Text("up" if c.get("redis_ok") else "DOWN", style="" if c.get("redis_ok") else "red")
+        rows = sorted(hosts.items()) or [("-", 0)]
+        for i, (host, n) in enumerate(rows):
+            mine = " (this host)" if host == c.get("host") else ""
+            t.add_row(Text(name if i == 0 else ""), Text(f"{host}{mine}"), str(n),
+                      str(c.get("queue", 0)) if i == 0 else "",
+                      str(stats[name].get("lost_leases", 0)) if i == 0 else "", ok if i == 0 else "")
+    return t
 
 
 def _waiters_table(stats: dict[str, Any]) -> RenderableType:

@@ -275,7 +275,7 @@ class ClusterTokens:
         with self._lock:
             for lease, member, ok in zip(leases, members, lease_status, strict=False):
                 if ok == "0" and self._member.get(lease) == member:
-                    lost.append((self._using[lease], member))
+                    lost.append((self._using[lease].holder, member))
                     self._take(lease)
                     self._remember_lost(lease)
             for member, st in zip(tickets, ticket_status, strict=False):
@@ -291,8 +291,8 @@ class ClusterTokens:
             self.snapshot = {"held": len(all_members), "hosts": host_counts(all_members),
                              "queue": int(result[2]), "lapsed": int(result[5]),
                              "at": time.monotonic()}
-        for entry, member in lost:
-            pid = entry.holder.pid if entry.holder is not None else "?"
+        for holder, member in lost:
+            pid = holder.pid if holder is not None else "?"
             log.warning("mppool: pool %r: lost the cluster lease of pid %s (%s): it lapsed in "
                         "Redis before it was renewed (this supervisor was frozen, or Redis "
                         "failed over); its return will be ignored", self.name, pid, member)
