@@ -57,7 +57,7 @@ class Server:
         that stopped renewing come back; ``cluster_host``: this host's id in the cluster
         (default: the host name); ``cluster_prefix``: the prefix of the Redis keys."""
         key = server_authkey(authkey)  # checked first: a bad key must leave no directory
-        self._options = {
+        self._options: dict[str, Any] = {
             "max_message": check_int("max_message", max_message, minimum=4096),
             "max_unread": check_int("max_unread", max_unread, minimum=65536),
             "handshake_timeout": check_delay("handshake_timeout", handshake_timeout),

@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from helpers import fork_ctx, wait_until
+
 import mppool
 from mppool.errors import PoolException
-
-from helpers import fork_ctx, wait_until
 
 TTL = 1.5  # seconds: short, so that lapses are seen quickly (renewals every 0.5 s)
 

@@ -15,15 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import mppool
-from mppool.errors import ServerUnavailable, TimeOut
-
 from cluster_kit import (
     TTL,
     Sampler,
     clean_prefix,
-    live_leases,
     new_prefix,
     peak_overlap,
     queue_key,
@@ -33,6 +28,9 @@ from cluster_kit import (
     wait_released,
 )
 from helpers import fork_ctx, wait_until
+
+import mppool
+from mppool.errors import ServerUnavailable, TimeOut
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.kill]
 
@@ -77,7 +75,7 @@ def test_cap_holds_across_supervisors(nsup: int, redis_url: str, prefix: str,
             c.token_pool("db", CAP, scope="cluster")
         with Sampler(redis_url, prefix, "db", clients) as sampler:
             workers = []
-            for i, s in enumerate(servers):
+            for s in servers:
                 workers += start_workers(procs, s, "db", CAP, tmp_path, 16 // nsup,
                                          hold=0.002, seconds=4.0)
             for p in workers:
@@ -193,7 +191,7 @@ def test_dead_worker_unit_back_at_once(redis_url: str, prefix: str, servers: lis
     r = redis.Redis.from_url(redis_url)
     times = []
     try:
-        for round_ in range(3):
+        for _ in range(3):
             holder, _ = _start(procs, _holder, a.address, a.authkey, "k", 1)
             out = fork_ctx().Queue()
             waiter, _ = _start(procs, _waiter_timed, b.address, b.authkey, "k", 1, out)

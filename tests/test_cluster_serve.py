@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import mppool
-
 from cluster_kit import clean_prefix, new_prefix, queue_key
 from helpers import free_port, wait_until
+
+import mppool
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -203,8 +203,8 @@ class ClusterAgent:
                 calls.append(("forget", op.pool.keys.script_keys, args + op.members))
             else:
                 calls.append(("acquire", op.pool.keys.script_keys,
-                              args + [op.members[0], int(op.pool.kill_delay * 1000),
-                                      1 if op.kind == "acquire" else 0, self.ttl_ms]))
+                              [*args, op.members[0], int(op.pool.kill_delay * 1000),
+                               1 if op.kind == "acquire" else 0, self.ttl_ms]))
         try:
             results = run_scripts(self.client, calls)
         except Exception as exc:
@@ -260,7 +260,7 @@ class ClusterAgent:
             leases, members, tickets = pool.renewal()
             plans.append((len(calls), pool, leases, members, tickets))
             calls.append(("renew", pool.keys.script_keys,
-                          self._args(pool) + [self.ttl_ms, len(members), *members, *tickets]))
+                          [*self._args(pool), self.ttl_ms, len(members), *members, *tickets]))
         try:
             results = run_scripts(self.client, calls)
         except Exception as exc:

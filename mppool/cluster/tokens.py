@@ -151,9 +151,8 @@ class ClusterTokens:
         with self._lock:
             entry = self._using.get(lease)
             if entry is None:
-                if self._lost.pop(lease, 1) is None:
-                    return True  # a lost lease, already counted and logged: ignored
-                return False
+                # A lost lease (already counted and logged) is ignored: True, quietly.
+                return self._lost.pop(lease, 1) is None
             if holder is not None and entry.holder != holder:
                 return False
             member = self._take(lease)

@@ -24,9 +24,9 @@ from ..address import Address, display, lease_address
 from ..clock import REAL_CLOCK, Clock
 from ..protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from ..sched import Scheduler
+from .conn import RemoteWaiter
 from .console import Console
 from .hosted import Hosted
-from .conn import RemoteWaiter
 from .leases import Conn, LeaseLoop
 from .registry import Record, Registry
 from .watchdog import Watchdog
