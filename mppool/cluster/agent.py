@@ -148,15 +148,23 @@ class ClusterAgent:
         if int(cap) != pool.max_size:
             raise ValueError(f"cluster pool {pool.name!r} has max_size={int(cap)} in the "
                              f"cluster (Redis at {self.display_url}), not {pool.max_size}")
-        self.pools[pool.name] = pool
+
+    def register(self, pool: ClusterTokens) -> None:
+        """Renew ``pool``'s leases and listen to its wake-up list from now on (at its first
+        get: a pool that lost a creation race is never registered)."""
+        with self._ulock:
+            if self.pools.get(pool.name) is pool:
+                return
+            self.pools[pool.name] = pool
         t = threading.Thread(target=self._waker, args=(pool,),
                              name=f"mppool-cluster-wake-{pool.name[:30]}", daemon=True)
         t.start()
         self._threads.append(t)
 
     def unregister(self, pool: ClusterTokens, members: list[str]) -> None:
-        if self.pools.get(pool.name) is pool:
-            del self.pools[pool.name]
+        with self._ulock:
+            if self.pools.get(pool.name) is pool:
+                del self.pools[pool.name]
         if members:
             try:
                 run_scripts(self.client, [("forget", pool.keys.script_keys,

@@ -71,6 +71,7 @@ class ClusterTokens:
         self._lost: OrderedDict[int, None] = OrderedDict()
         self._numbers = itertools.count(1)
         self._shutdown = False
+        self._registered = False
         self._counts = {"nborrows": 0, "nreturns": 0, "nkilled": 0, "lost_leases": 0,
                         "nunavailable": 0, "ntimeouts": 0}
         # The cluster as the last renewal saw it.
@@ -89,6 +90,9 @@ class ClusterTokens:
         """Every get queues a waiter; its ticket goes to Redis on the agent's thread."""
         if self._shutdown:
             raise PoolClosed(f"pool {self.name!r} is shutting down")
+        if not self._registered:
+            self._registered = True
+            self.agent.register(self)
         w = (waiter or self.waiter_class)(holder, *args)
         if getattr(w, "since", 0.0) is None:
             w.since = time.monotonic()
