@@ -85,6 +85,7 @@ def start_workers(procs: list[Any], server: mppool.Server, name: str, cap: int, 
         log = str(logdir / f"w-{uuid.uuid4().hex[:10]}.log")
         p = ctx.Process(target=_worker, args=(server.address, server.authkey, name, cap, log,
                                               hold, until, get_timeout, ready))
+        p.log_name = Path(log).name  # type: ignore[attr-defined]  # for peak_overlap(ends=)
         procs.append(p)
         p.start()
         started.append(p)
