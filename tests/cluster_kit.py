@@ -200,7 +200,8 @@ class PrivateRedis:
     """A redis-server of this test's own, on a free port, without persistence: stop() and
     start() it at will (never the machine's shared one)."""
 
-    def __init__(self, tmp: Path, bind: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, tmp: Path, bind: str = "127.0.0.1", port: int | None = None,
+                 also: tuple[str, ...] = ()) -> None:
         import shutil
 
         from helpers import free_port
@@ -210,7 +211,8 @@ class PrivateRedis:
             import pytest
 
             pytest.skip("redis-server is not installed: cannot run a private Redis")
-        self.bind = bind
+        self.bind = bind  # where this process reaches it
+        self.binds = (bind, *also)  # every address it listens on
         self.port = port or free_port()
         self.dir = tmp
         self.proc: Any = None
@@ -225,7 +227,7 @@ class PrivateRedis:
         import redis
 
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", self.bind, "--save", "",
+            [self.exe, "--port", str(self.port), "--bind", *self.binds, "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -309,6 +309,8 @@ def test_redis_restart_mid_traffic(tmp_path: Path, servers: list[Any], procs: li
             local = c.token_pool("local", 2)
             for _ in range(50):
                 tokens.put(tokens.get(timeout=2))
+            workers = start_workers(procs, sup, "c", 2, tmp_path, 4, hold=0.002, seconds=8.0)
+            wait_until(lambda: peak_overlap(tmp_path)[1] > 20, 10, what="traffic")
             rs.stop()
             t0 = time.monotonic()
             with pytest.raises(ServerUnavailable):
@@ -330,8 +332,27 @@ def test_redis_restart_mid_traffic(tmp_path: Path, servers: list[Any], procs: li
             resumed = time.monotonic() - t1
             for _ in range(50):
                 tokens.put(tokens.get(timeout=2))
+            # A frozen Redis (SIGSTOP) answers nothing: gets still end within their timeout.
+            rs.proc.send_signal(signal.SIGSTOP)
+            try:
+                t2 = time.monotonic()
+                with pytest.raises(ServerUnavailable):
+                    tokens.get(timeout=1.0)
+                frozen_in = time.monotonic() - t2
+                local.put(local.get(timeout=1))
+            finally:
+                rs.proc.send_signal(signal.SIGCONT)
+            wait_until(served, 15, interval=0.1, what="cluster gets served after SIGCONT")
+            peak, nholds = peak_overlap(tmp_path)
+            for p in workers:
+                p.join(30)
+            assert sum(1 for line in (tmp_path).glob("w-*.log")) == 4
         finally:
             c.close()
     _record(f"Redis restart: a cluster get failed with ServerUnavailable after {failed_in:.3f} s "
-            f"(timeout 1 s); served again {resumed:.3f} s after Redis came back")
+            f"(timeout 1 s); served again {resumed:.3f} s after Redis came back; with Redis "
+            f"frozen a get failed after {frozen_in:.3f} s; 4 workers made {nholds} holds "
+            f"meanwhile, peak held by them {peak}/2 (Redis lost every lease in the restart: "
+            "holders from before it overlap those after, the documented failover window)")
     assert failed_in < 1.0 + 1.0
+    assert frozen_in < 1.0 + 1.0
