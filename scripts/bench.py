@@ -16,7 +16,10 @@ as medians over the reps:
 - supervisor CPU per lease (psutil cpu_times of the supervisor around a fixed number of
   cycles), against the stdlib manager's server process;
 - reclaim latency after SIGKILL (scripts/reclaim_latency.py's ``measure``);
-- supervisor memory with 256 connected clients (8 processes x 32 clients).
+- supervisor memory with 256 connected clients (8 processes x 32 clients);
+- cluster pools, when Redis answers (scripts/bench_cluster.py's ``run``): lease cycles
+  through two supervisors against a Redis semaphore used directly, and the time for a dead
+  host's units to come back.
 
 Workers are forked (multiprocessing 'fork' context), warm up, then wait on a barrier so they
 start together; each records every cycle's latency with ``time.perf_counter_ns`` and sends a
@@ -522,6 +525,33 @@ def measure_reclaim(kills: int) -> dict[str, Any]:
     for line in other:
         print(line, file=sys.stderr)
     res["supervisor_reclaim_warnings"] = len(lines) - len(other)
+    return res
+
+
+def _bench_cluster() -> Any:
+    path = Path(__file__).with_name("bench_cluster.py")
+    spec = importlib.util.spec_from_file_location("bench_cluster", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure_cluster(redis_url: str, quick: bool, reps: int) -> dict[str, Any]:
+    """Cluster pools against a Redis semaphore; the supervisors' log lines (reclaims and
+    lapsed leases, expected here) are kept out of the report."""
+    mod = _bench_cluster()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            res: dict[str, Any] = mod.run(redis_url, quick, reps=reps)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+    res["report"] = mod.report(res)
     return res
 
 
@@ -1184,6 +1214,9 @@ def main(argv: list[str] | None = None) -> int:
         res["reclaim"] = measure_reclaim(kills)
         _say("  memory with 256 clients...")
         res["memory"] = [measure_memory(h, threaded=True), measure_memory(h, threaded=False)]
+        if redis_url:
+            _say("  cluster pools...")
+            res["cluster"] = measure_cluster(redis_url, ns.quick, reps)
     finally:
         h.reap_all()
         if server is not None:
@@ -1205,6 +1238,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(res, lease, inproc, cpu, png_path)
     print_tables(res, lease, inproc, cpu, goals)
     print_async(res["async"])
+    if "cluster" in res:
+        print(res["cluster"]["report"])
     print(f"wrote {json_path} and {png_path}")
     if not ns.quick and not ns.no_docs:
         docs = ROOT / "docs" / "img"

@@ -65,6 +65,8 @@ class ClusterTokens:
         self._member_of: dict[Any, str] = {}  # waiter -> member
         self._inflight: set[str] = set()  # acquires sent to Redis, not answered yet
         self._try_only: set[str] = set()  # gets with timeout=0: Redis's first answer decides
+        # Woken (granted) while their acquire was still in flight: granted when it answers.
+        self._early: set[str] = set()
         self._using: dict[int, Entry] = {}
         self._member: dict[int, str] = {}  # lease id -> member
         self._kills: dict[int, Task] = {}
@@ -239,7 +241,9 @@ class ClusterTokens:
                 if code == 1:
                     forget = not self._grant(member, w)
                 elif code == 0 and not try_only:
-                    return  # queued: the wake-up list or a renewal will tell
+                    if member not in self._early:
+                        return  # queued: the wake-up list or a renewal will tell
+                    forget = not self._grant(member, w)  # and the wake-up came first
                 else:
                     self._forget_waiter(member)
                     if code == -1:
@@ -257,8 +261,11 @@ class ClusterTokens:
         """Redis granted ``member``'s ticket (its wake-up list, or a renewal saw it)."""
         with self._lock:
             w = self._tickets.get(member)
-            if w is None or member in self._inflight:
-                return  # not waiting here (any more), or its acquire's own answer will tell
+            if w is None:
+                return  # not waiting here (any more)
+            if member in self._inflight:
+                self._early.add(member)  # its acquire's answer, still to come, acts on it
+                return
             ok = self._grant(member, w)
         if not ok:
             self.agent.forget(self, [member])
@@ -389,6 +396,7 @@ class ClusterTokens:
         if w is not None:
             self._member_of.pop(w, None)
         self._try_only.discard(member)
+        self._early.discard(member)
 
     def _remember_lost(self, lease: int) -> None:
         self._lost[lease] = None

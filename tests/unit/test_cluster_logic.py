@@ -212,6 +212,14 @@ def test_a_wake_up_before_the_acquire_answer_waits_for_it() -> None:
     assert isinstance(w.result, Entry)
 
 
+def test_a_wake_up_before_the_queued_answer_is_not_lost() -> None:
+    pool, _, _ = make()
+    w = pool.acquire(HOLDER, W)
+    pool.granted("here|run|1")  # the grant overtook the acquire's own "queued" answer
+    pool.acquired("here|run|1", [0, 3])
+    assert isinstance(w.result, Entry)
+
+
 def test_deadline_while_queued_is_a_timeout_and_withdraws_the_ticket() -> None:
     pool, agent, _ = make()
     w = pool.acquire(HOLDER, W)
