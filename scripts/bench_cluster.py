@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ PEERS = ("mppool-cluster", "redis-semaphore")
 
 
 def _cycles(peer: str, spec: dict[str, Any], barrier: Any, seconds: float, out: Any) -> None:
+    get: Callable[[], Any]
+    put: Callable[[Any], Any]
+    close: Callable[[], Any]
     if peer == "mppool-cluster":
         client = mppool.connect(spec["address"], spec["authkey"])
         tokens = client.token_pool(spec["name"], spec["cap"], scope="cluster")
@@ -140,7 +144,8 @@ def _queued(url: str, prefix: str, name: str, n: int) -> None:
 def measure_reclaim(url: str, prefix: str, ttl: float, rounds: int) -> dict[str, Any]:
     """Seconds until units come back on another host: after SIGKILL of a holder (its
     supervisor gives the unit back), and of a whole supervisor with its holders."""
-    worker, host = [], []
+    worker: list[float] = []
+    host: list[float] = []
     for _ in range(rounds):
         a = mppool.Server(cluster=url, cluster_lease_ttl=ttl, cluster_host="ra",
                           cluster_prefix=prefix).start()

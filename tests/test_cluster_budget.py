@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cluster_kit import clean_prefix, new_prefix, start_supervisor
+from helpers import fork_ctx
 
 import mppool
 from mppool.errors import PoolException
-
-from cluster_kit import clean_prefix, new_prefix, start_supervisor
-from helpers import fork_ctx
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 

@@ -16,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import mppool
-from mppool.errors import TimeOut
-
 from cluster_kit import (
     TTL,
     Sampler,
@@ -31,6 +27,9 @@ from cluster_kit import (
     start_workers,
     wait_released,
 )
+
+import mppool
+from mppool.errors import TimeOut
 
 SECONDS = float(os.environ.get("MPPOOL_CLUSTER_CHAOS_SECONDS", "10"))
 CAP = 3

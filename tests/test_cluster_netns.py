@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cluster_kit import PrivateRedis, Sampler, peak_overlap
 
 pytestmark = [pytest.mark.slow, pytest.mark.kill, pytest.mark.timeout(180)]

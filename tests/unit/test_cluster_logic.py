@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ManualScheduler
 
 from mppool.cluster.agent import check_lease_ttl, default_host_id
 from mppool.cluster.keys import (
@@ -24,8 +25,6 @@ from mppool.config import ConfigError, load_cluster, load_config
 from mppool.errors import PoolClosed, ServerUnavailable, TimeOut
 from mppool.holder import Holder
 from mppool.state import Entry, WaiterBase
-
-from helpers import ManualScheduler
 
 # ------------------------------------------------------------------ keys and checks
 
@@ -193,7 +192,7 @@ def test_grant_now_then_return() -> None:
 
 
 def test_queued_then_woken() -> None:
-    pool, agent, _ = make()
+    pool, _, _ = make()
     w = pool.acquire(HOLDER, W)
     pool.acquired("here|run|1", [0, 5])
     assert not w.done and pool.waiting() == 1
