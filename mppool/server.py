@@ -68,8 +68,9 @@ class Server:
         if cluster is not None:
             from .cluster.agent import check_lease_ttl
             from .cluster.keys import check_host_id, check_prefix
-            from .cluster.link import redact
+            from .cluster.link import redact, require_redis
 
+            require_redis()  # here, with the extra's name, rather than from the supervisor
             if not isinstance(cluster, str) or not cluster.startswith(
                     ("redis://", "rediss://", "unix://")):
                 raise ValueError(f"cluster must be a Redis URL (redis://host:port/db), got "

@@ -149,17 +149,23 @@ class ClusterAgent:
             raise ValueError(f"cluster pool {pool.name!r} has max_size={int(cap)} in the "
                              f"cluster (Redis at {self.display_url}), not {pool.max_size}")
 
-    def register(self, pool: ClusterTokens) -> None:
-        """Renew ``pool``'s leases and listen to its wake-up list from now on (at its first
-        get: a pool that lost a creation race is never registered)."""
+    def register(self, pool: ClusterTokens) -> bool:
+        """Renew ``pool``'s leases and listen to its wake-up list from now on; False if
+        another live pool of that name is registered (two creations raced: the registry
+        keeps one and shuts the other down, which unregisters it; the one kept registers
+        again at its first get)."""
         with self._ulock:
-            if self.pools.get(pool.name) is pool:
-                return
+            cur = self.pools.get(pool.name)
+            if cur is pool:
+                return True
+            if cur is not None and not cur.closed:
+                return False
             self.pools[pool.name] = pool
         t = threading.Thread(target=self._waker, args=(pool,),
                              name=f"mppool-cluster-wake-{pool.name[:30]}", daemon=True)
         t.start()
         self._threads.append(t)
+        return True
 
     def unregister(self, pool: ClusterTokens, members: list[str]) -> None:
         with self._ulock:

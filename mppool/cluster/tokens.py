@@ -93,8 +93,7 @@ class ClusterTokens:
         if self._shutdown:
             raise PoolClosed(f"pool {self.name!r} is shutting down")
         if not self._registered:
-            self._registered = True
-            self.agent.register(self)
+            self.register()
         w = (waiter or self.waiter_class)(holder, *args)
         if getattr(w, "since", 0.0) is None:
             w.since = time.monotonic()
@@ -107,6 +106,14 @@ class ClusterTokens:
                 self._try_only.add(member)
         self.agent.acquire(self, member, enqueue=waiter is not None)
         return w
+
+    @property
+    def closed(self) -> bool:
+        return self._shutdown
+
+    def register(self) -> None:
+        """Have the agent renew this pool and listen for its grants (see agent.register)."""
+        self._registered = self.agent.register(self)
 
     def cancel(self, waiter: Any) -> bool:
         """The get's deadline passed. True: withdrawn (the loop answers TimeOut). False: it

@@ -86,6 +86,7 @@ class Supervisor:
                              kill_delay=float(options.get("max_using_delay_kill") or 0.0),
                              kill_holder=bool(options.get("kill_holder")))
         self.cluster.declare(pool)
+        pool.register()  # renewals (and each host's holders in stats) from now on
         return pool
 
     # what the lease loop needs

@@ -138,8 +138,9 @@ class FakeAgent:
     def why_down(self) -> str:
         return "" if self.healthy else "ConnectionError: down"
 
-    def register(self, pool: Any) -> None:
+    def register(self, pool: Any) -> bool:
         self.registered += 1
+        return True
 
     def acquire(self, pool: Any, member: str, enqueue: bool) -> None:
         self.ops.append(("acquire", member, enqueue))
