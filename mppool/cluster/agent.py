@@ -227,13 +227,17 @@ class ClusterAgent:
         else:
             self._up()
         for op, res in zip(batch, results, strict=True):
-            if op.kind == "forget":
-                if isinstance(res, BaseException):
-                    self._retry_later(op.pool, op.members)
+            try:  # one answer that cannot be handled must not strand the others
+                if op.kind == "forget":
+                    if isinstance(res, BaseException):
+                        self._retry_later(op.pool, op.members)
+                    else:
+                        op.pool.forgotten(op.members, res, op.returning)
                 else:
-                    op.pool.forgotten(op.members, res, op.returning)
-            else:
-                op.pool.acquired(op.members[0], res)
+                    op.pool.acquired(op.members[0], res)
+            except Exception:
+                self._logs.error("answer", "mppool: pool %r: a cluster answer could not be "
+                                 "handled", op.pool.name, exc_info=True)
 
     def _retry_later(self, pool: ClusterTokens, members: list[str]) -> None:
         """Forgets that failed go again with the next renewal (they lapse in Redis anyway)."""
@@ -292,7 +296,11 @@ class ClusterAgent:
                 self._logs.error("renew-script", "mppool: pool %r: renewal refused: %s",
                                  pool.name, res)
                 continue
-            pool.renewed(leases, members, tickets, res)
+            try:
+                pool.renewed(leases, members, tickets, res)
+            except Exception:
+                self._logs.error("renewed", "mppool: pool %r: a renewal's answer could not be "
+                                 "handled", pool.name, exc_info=True)
 
     # ------------------------------------------------------------ the waker threads
 

@@ -92,11 +92,16 @@ class ClusterTokens:
         """Every get queues a waiter; its ticket goes to Redis on the agent's thread."""
         if self._shutdown:
             raise PoolClosed(f"pool {self.name!r} is shutting down")
-        if not self._registered:
-            self.register()
         w = (waiter or self.waiter_class)(holder, *args)
         if getattr(w, "since", 0.0) is None:
             w.since = time.monotonic()
+        if not self._registered:
+            try:
+                self.register()
+            except Exception as exc:  # no thread for its wake-up list: say so to this get
+                w.set(ServerUnavailable(f"pool {self.name!r}: cannot listen to the cluster: "
+                                        f"{type(exc).__name__}: {exc}"))
+                return w
         member = self.agent.new_member()
         with self._lock:
             self._tickets[member] = w
