@@ -356,3 +356,59 @@ def test_redis_restart_mid_traffic(tmp_path: Path, servers: list[Any], procs: li
             "holders from before it overlap those after, the documented failover window)")
     assert failed_in < 1.0 + 1.0
     assert frozen_in < 1.0 + 1.0
+
+
+def test_scope_errors_name_the_problem(client: Any) -> None:
+    with pytest.raises(ValueError, match="scope must be one of"):
+        client.token_pool("x", 2, scope="galaxy")
+    with pytest.raises(ValueError, match="needs a supervisor started with a cluster"):
+        client.token_pool("x", 2, scope="cluster")
+    with pytest.raises(ValueError, match="cluster must be a Redis URL"):
+        mppool.Server(cluster="http://nope")
+    with pytest.raises(ValueError, match="cluster_lease_ttl"):
+        mppool.Server(cluster="redis://127.0.0.1:6379/0", cluster_lease_ttl=0)
+
+
+def test_max_size_is_the_clusters(redis_url: str, prefix: str, servers: list[Any]) -> None:
+    servers += [start_supervisor(redis_url, prefix, "m1"), start_supervisor(redis_url, prefix, "m2")]
+    c1, c2 = servers[0].client(), servers[1].client()
+    try:
+        c1.token_pool("m", 3, scope="cluster")
+        with pytest.raises(ValueError, match="max_size=3 in the cluster"):
+            c2.token_pool("m", 4, scope="cluster")
+        assert c2.token_pool("m", 3, scope="cluster").free() == 3
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_asyncio_client_and_unreachable_redis_at_start(redis_url: str, prefix: str,
+                                                        servers: list[Any]) -> None:
+    """The asyncio client takes cluster tokens too; a supervisor whose Redis is not there
+    starts, serves its host pools, and says ServerUnavailable for cluster pools."""
+    import asyncio
+
+    import mppool.aio
+
+    from helpers import free_port
+
+    sup = start_supervisor(redis_url, prefix, "aio")
+    down = start_supervisor(f"redis://127.0.0.1:{free_port()}/0", prefix, "down")
+    servers += [sup, down]
+
+    async def run() -> None:
+        async with await mppool.aio.connect(sup.address, sup.authkey) as c:
+            tokens = await c.token_pool("a", 2, scope="cluster")
+            toks = [await tokens.get(timeout=5) for _ in range(2)]
+            with pytest.raises(TimeOut):
+                await tokens.get(timeout=0.2)
+            for t in toks:
+                await tokens.put(t)
+            assert (await tokens.stats())["nborrows"] == 2
+
+    asyncio.run(run())
+    with down.client() as c:
+        with pytest.raises(ServerUnavailable, match="cannot reach the cluster's Redis"):
+            c.token_pool("a", 2, scope="cluster")
+        local = c.token_pool("local", 1)
+        local.put(local.get(timeout=1))
