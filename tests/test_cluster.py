@@ -388,9 +388,9 @@ def test_asyncio_client_and_unreachable_redis_at_start(redis_url: str, prefix: s
     starts, serves its host pools, and says ServerUnavailable for cluster pools."""
     import asyncio
 
-    import mppool.aio
-
     from helpers import free_port
+
+    import mppool.aio
 
     sup = start_supervisor(redis_url, prefix, "aio")
     down = start_supervisor(f"redis://127.0.0.1:{free_port()}/0", prefix, "down")
