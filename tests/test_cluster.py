@@ -246,7 +246,6 @@ def _hold_until(address: Any, authkey: bytes, name: str, cap: int, go: Any, out:
     ready.put(os.getpid())
     go.wait(60)
     tokens.put(tok)  # the lease was lost meanwhile: ignored
-    client.sync() if hasattr(client, "sync") else None
     out.put("returned")
     client.close()
 
