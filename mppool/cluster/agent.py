@@ -318,7 +318,11 @@ class ClusterAgent:
                     continue
                 if got:
                     member = got[1].decode() if isinstance(got[1], bytes) else str(got[1])
-                    pool.granted(member)
+                    try:
+                        pool.granted(member)
+                    except Exception:  # this thread must outlive any one grant
+                        self._logs.error("granted", "mppool: pool %r: a cluster grant could "
+                                         "not be handled", pool.name, exc_info=True)
         finally:
             try:
                 blocking.close()
