@@ -19,6 +19,7 @@ from cluster_kit import (
     TTL,
     Sampler,
     clean_prefix,
+    live_leases,
     new_prefix,
     peak_overlap,
     queue_key,
@@ -411,3 +412,39 @@ def test_asyncio_client_and_unreachable_redis_at_start(redis_url: str, prefix: s
             c.token_pool("a", 2, scope="cluster")
         local = c.token_pool("local", 1)
         local.put(local.get(timeout=1))
+
+
+def test_dead_waiter_leaves_the_queue_at_once(redis_url: str, prefix: str, servers: list[Any],
+                                              procs: list[Any]) -> None:
+    """A worker SIGKILLed while queued costs nothing: its ticket leaves the Redis queue at
+    once, and the unit goes to the next waiter, on another host."""
+    import redis
+
+    a = start_supervisor(redis_url, prefix, "qa")
+    b = start_supervisor(redis_url, prefix, "qb")
+    servers += [a, b]
+    ca = a.client()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        tokens = ca.token_pool("q", 1, scope="cluster")
+        tok = tokens.get(timeout=5)
+        out = fork_ctx().Queue()
+        doomed, _ = _start(procs, _waiter_timed, b.address, b.authkey, "q", 1, out)
+        wait_until(lambda: r.zcard(queue_key(prefix, "q")) == 1, 10, what="first waiter queued")
+        survivor, _ = _start(procs, _waiter_timed, a.address, a.authkey, "q", 1, out)
+        wait_until(lambda: r.zcard(queue_key(prefix, "q")) == 2, 10, what="second waiter queued")
+        t0 = time.monotonic()
+        sigkill(doomed.pid)
+        wait_until(lambda: r.zcard(queue_key(prefix, "q")) == 1, 5, what="dead waiter's ticket gone")
+        gone = time.monotonic() - t0
+        tokens.put(tok)
+        got = out.get(timeout=10)
+        assert isinstance(got, float), got
+        survivor.join(10)
+        assert survivor.exitcode == 0
+        wait_until(lambda: live_leases(r, prefix, "q") == 0, 5, what="the unit back")
+    finally:
+        ca.close()
+        r.close()
+    _record(f"dead waiter: its ticket left the Redis queue after {gone * 1000:.1f} ms")
+    assert gone < 1.0

@@ -67,6 +67,14 @@ def run_scripts(client: Any, calls: list[tuple[str, list[str], list[Any]]]) -> l
 
 
 def _pipeline(client: Any, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    if len(calls) == 1:
+        # One call alone: redis-py's pipeline machinery would cost more than the round trip.
+        redis = require_redis()
+        name, keys, args = calls[0]
+        try:
+            return [client.execute_command("EVALSHA", SHAS[name], len(keys), *keys, *args)]
+        except redis.exceptions.ResponseError as exc:  # NOSCRIPT, a script error: per call
+            return [exc]
     pipe = client.pipeline(transaction=False)
     for name, keys, args in calls:
         pipe.execute_command("EVALSHA", SHAS[name], len(keys), *keys, *args)
