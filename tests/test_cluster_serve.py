@@ -76,12 +76,12 @@ def served(reap: None) -> Iterator[list[Served]]:
         s.stop()
 
 
-def _config(tmp: Path, url: str, prefix: str, host: str, kill: float) -> Path:
+def _config(tmp: Path, url: str, prefix: str, host: str, kill: float, ttl: float = 3.0) -> Path:
     path = tmp / f"{host}.toml"
     path.write_text(f"""
 [cluster]
 url = "{url}"
-lease_ttl = 3.0
+lease_ttl = {ttl}
 host = "{host}"
 prefix = "{prefix}"
 
@@ -101,10 +101,13 @@ def test_kill_delay_on_cluster_leases(redis_url: str, prefix: str, tmp_path: Pat
     lease TTL."""
     import redis
 
+    # A TTL of 6 s: a lease left to lapse would free the unit 4 s after the freeze at the
+    # earliest (renewed at most 2 s before it); the kill deadline frees it within 0.5 s,
+    # and b's next renewal (every 2 s) hands it on.
     a = Served(tmp_path, sockdir, "a", ["--config", str(_config(tmp_path, redis_url, prefix,
-                                                                  "ka", 0.5))])
+                                                                  "ka", 0.5, 6.0))])
     b = Served(tmp_path, sockdir, "b", ["--config", str(_config(tmp_path, redis_url, prefix,
-                                                                  "kb", 0.5))])
+                                                                  "kb", 0.5, 6.0))])
     served += [a, b]
     ca, cb = mppool.connect(a.address), mppool.connect(b.address)
     r = redis.Redis.from_url(redis_url)
@@ -114,7 +117,7 @@ def test_kill_delay_on_cluster_leases(redis_url: str, prefix: str, tmp_path: Pat
         # 1. The supervisor kills the lease at its deadline: b's waiter gets the unit.
         tok = ta.get(timeout=5)
         t0 = time.monotonic()
-        got = tb.get(timeout=5)
+        got = tb.get(timeout=10)
         killed_after = time.monotonic() - t0
         assert ca.stats()["api"]["nkilled"] == 1
         ta.put(tok)  # refused quietly: the lease was killed
@@ -124,7 +127,7 @@ def test_kill_delay_on_cluster_leases(redis_url: str, prefix: str, tmp_path: Pat
         a.proc.send_signal(signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            got = tb.get(timeout=5)
+            got = tb.get(timeout=10)
             wedged_after = time.monotonic() - t0
         finally:
             a.proc.send_signal(signal.SIGCONT)
@@ -136,9 +139,9 @@ def test_kill_delay_on_cluster_leases(redis_url: str, prefix: str, tmp_path: Pat
         r.close()
     print(f"\n[cluster figures] max_using_delay_kill=0.5 s: unit handed on after "
           f"{killed_after:.3f} s (supervisor kill), {wedged_after:.3f} s with its supervisor "
-          f"frozen (lease TTL 3 s, renewals every 1 s)")
+          f"frozen (lease TTL 6 s, renewals every 2 s)")
     assert 0.4 <= killed_after < 3.0
-    assert wedged_after < 3.0  # before the TTL: Redis enforced the deadline
+    assert wedged_after < 3.9  # a lapse would take 4 s at least: Redis enforced the deadline
 
 
 def test_stats_top_and_metrics_show_hosts(redis_url: str, prefix: str, tmp_path: Path,
@@ -179,3 +182,14 @@ def _metrics(port: int) -> tuple[int, str]:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return resp.status, resp.read().decode()
+
+
+def test_serve_refuses_cluster_pools_without_a_cluster(tmp_path: Path, sockdir: Path,
+                                                       prefix: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[pools.api]\nkind = "token"\nscope = "cluster"\nmax_size = 2\n')
+    r = _cli("serve", "--address", str(sockdir / "x.sock"), "--config", str(config))
+    assert r.returncode == 2, r.stderr
+    assert "--cluster URL" in r.stderr
+    r = _cli("serve", "--address", str(sockdir / "x.sock"), "--cluster", "http://nope")
+    assert r.returncode == 2 and "Redis URL" in r.stderr
