@@ -212,7 +212,10 @@ def run(url: str, quick: bool = False, seconds: float | None = None,
             mine = [x for x in cells if x["peer"] == peer and x["n"] == n and x["c"] == c]
             row[peer] = {"rate": statistics.median(x["rate"] for x in mine),
                          "p50_us": statistics.median(x["p50_us"] for x in mine),
-                         "p99_us": statistics.median(x["p99_us"] for x in mine)}
+                         "p99_us": statistics.median(x["p99_us"] for x in mine),
+                         # fairness: the least served process's cycles over the most served's
+                         "fair": statistics.median(min(x["per_process"]) / max(1, max(x["per_process"]))
+                                                   for x in mine)}
         row["ratio"] = row["mppool-cluster"]["rate"] / row["redis-semaphore"]["rate"]
         table.append(row)
     reclaim = [measure_reclaim(url, prefix, ttl, 1 if quick else 3) for ttl in (1.5, 3.0)]
@@ -233,13 +236,15 @@ def _clean(url: str, prefix: str) -> None:
 def report(res: dict[str, Any]) -> str:
     lines = ["cluster pools (2 supervisors on one Redis) vs a Redis semaphore used directly "
              f"(medians of {res['reps']} rep(s) x {res['seconds']} s):",
-             f"  {'N':>2} {'C':>2}  {'mppool cycles/s':>15} {'p50':>8} {'p99':>8}   "
-             f"{'Redis sem cycles/s':>18} {'p50':>8} {'p99':>8}   ratio"]
+             f"  {'N':>2} {'C':>2}  {'mppool cycles/s':>15} {'p50':>8} {'p99':>8} {'fair':>5}   "
+             f"{'Redis sem cycles/s':>18} {'p50':>8} {'p99':>8} {'fair':>5}   ratio",
+             "  (fair: cycles of the least served process / the most served, 1.00 = equal)"]
     for row in res["table"]:
         m, r = row["mppool-cluster"], row["redis-semaphore"]
         lines.append(f"  {row['n']:>2} {row['c']:>2}  {m['rate']:>15,.0f} {m['p50_us']:>6.0f}us "
-                     f"{m['p99_us']:>6.0f}us   {r['rate']:>18,.0f} {r['p50_us']:>6.0f}us "
-                     f"{r['p99_us']:>6.0f}us   {row['ratio']:.2f}x")
+                     f"{m['p99_us']:>6.0f}us {m['fair']:>5.2f}   {r['rate']:>18,.0f} "
+                     f"{r['p50_us']:>6.0f}us {r['p99_us']:>6.0f}us {r['fair']:>5.2f}   "
+                     f"{row['ratio']:.2f}x")
     for rc in res["reclaim"]:
         lines.append(f"  lease TTL {rc['ttl']:g} s: dead worker's unit back on another host in "
                      + ", ".join(f"{x:.1f}" for x in rc["dead_worker_ms"]) + " ms; dead host's "
