@@ -232,12 +232,22 @@ class ClusterAgent:
                     if isinstance(res, BaseException):
                         self._retry_later(op.pool, op.members)
                     else:
-                        op.pool.forgotten(op.members, res, op.returning)
+                        op.pool.forgotten(op.members, res[0], op.returning)
+                        self._handed_on(op.pool, res[1])
                 else:
                     op.pool.acquired(op.members[0], res)
             except Exception:
                 self._logs.error("answer", "mppool: pool %r: a cluster answer could not be "
                                  "handled", op.pool.name, exc_info=True)
+
+    def _handed_on(self, pool: ClusterTokens, granted: list[Any]) -> None:
+        """A return here handed units on to tickets: ours are served now, without waiting
+        for the wake-up list (which then tells what is already done: ignored)."""
+        mine = self.run + "|"
+        for m in granted:
+            member = m.decode() if isinstance(m, bytes) else str(m)
+            if member.startswith(mine):
+                pool.granted(member)
 
     def _retry_later(self, pool: ClusterTokens, members: list[str]) -> None:
         """Forgets that failed go again with the next renewal (they lapse in Redis anyway)."""

@@ -65,6 +65,7 @@ local function purge(now)
 end
 
 local function promote(now, cap)
+  local granted = {}
   local n = redis.call('ZCARD', K_LEASES)
   while n < cap do
     local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
@@ -79,8 +80,10 @@ local function promote(now, cap)
     local wk = WAKE .. run
     redis.call('RPUSH', wk, m)
     redis.call('PEXPIRE', wk, math.max(TTL * 3, 10000))
+    granted[#granted + 1] = m
     n = n + 1
   end
+  return granted
 end
 """
 
@@ -110,7 +113,8 @@ if kill > 0 then redis.call('HSET', K_TKILL, m, kill) end
 return {0, seq}
 """
 
-# ARGV: wake prefix, max_size, ttl ms, members... -> per member 1 (it held a live lease) or 0
+# ARGV: wake prefix, max_size, ttl ms, members...
+# -> {per member 1 (it held a live lease) or 0, the tickets granted by this call}
 FORGET = _PRELUDE + r"""
 local now = now_ms()
 local cap = cap_of()
@@ -124,8 +128,7 @@ for i = 4, #ARGV do
   redis.call('ZREM', K_QLIVE, m)
   redis.call('HDEL', K_TKILL, m)
 end
-promote(now, cap)
-return out
+return {out, promote(now, cap)}
 """
 
 # ARGV: wake prefix, max_size, ttl ms, waiter ttl ms, n leases, leases..., tickets...
