@@ -97,7 +97,9 @@ def test_cap_holds_across_supervisors(nsup: int, redis_url: str, prefix: str,
     assert sampler.peak_redis <= CAP
     assert sampler.peak_host <= CAP
     assert all(s["lost_leases"] == 0 for s in stats)
-    assert sum(s["nborrows"] for s in stats) == n
+    # Every hold was a borrow (a grant that reached a get which had just timed out is
+    # borrowed and given back unseen by the worker's log).
+    assert sum(s["nborrows"] for s in stats) >= n
     assert not hosts or set(hosts) <= {f"h{i}" for i in range(nsup)}
     wait_released(redis_url, prefix, "db", 5.0)
 
