@@ -39,7 +39,7 @@ from .address import (
 from .addrlock import AddressLock, LockTimeout
 from .autostart import lock_path, remove_lock_file
 from .client import Client, connect
-from .config import ConfigError, load_config
+from .config import ConfigError, load_cluster, load_config
 from .demo import POOL_NAME, Demo, DemoResult, KillReport
 from .errors import PoolException, ServerUnavailable
 from .supervisor import serve
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML file declaring pools: [pools.NAME] kind/fun/max_size/...")
     p.add_argument("--metrics-port", type=int, default=None, metavar="N",
                    help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.add_argument("--cluster", default=None, metavar="URL",
+                   help="share scope=\"cluster\" token pools with other hosts through this "
+                        "Redis (default: $MPPOOL_CLUSTER, or [cluster] url in the config)")
+    p.add_argument("--cluster-lease-ttl", type=_positive_float, default=None, metavar="S",
+                   help="seconds after which a dead host's cluster units come back (default 10)")
+    p.add_argument("--cluster-host", default=None, metavar="ID",
+                   help="this host's id in the cluster (default: the host name)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stats", parents=[common, client], help="every pool's stats")
@@ -316,7 +323,30 @@ def _top_frame(client: Client, console: Console) -> RenderableType:
     parts: list[RenderableType] = [_header(info), Text(time.strftime("%H:%M:%S"), style="dim")]
     parts.append(_fitted_pools_table(console, stats, title="pools") if stats else Text("no pools"))
     parts += [holders, _waiters_table(stats)]
+    if any(s.get("cluster") for s in stats.values()):
+        parts.append(_cluster_table(stats))
     return Group(*parts)
+
+
+def _cluster_table(stats: dict[str, Any]) -> RenderableType:
+    """Cluster pools: the units each host holds, as this supervisor last saw Redis."""
+    t = Table(title="cluster (units held per host)", title_justify="left")
+    _name_column(t, "pool", stats)
+    for col in ("host", "held", "queued", "lost", "redis"):
+        t.add_column(col, justify="left" if col in ("host", "redis") else "right")
+    for name in sorted(stats):
+        c = stats[name].get("cluster")
+        if not c:
+            continue
+        hosts = c.get("hosts") or {}
+        ok = Text("up" if c.get("redis_ok") else "DOWN", style="" if c.get("redis_ok") else "red")
+        rows = sorted(hosts.items()) or [("-", 0)]
+        for i, (host, n) in enumerate(rows):
+            mine = " (this host)" if host == c.get("host") else ""
+            t.add_row(Text(name if i == 0 else ""), Text(f"{host}{mine}"), str(n),
+                      str(c.get("queue", 0)) if i == 0 else "",
+                      str(stats[name].get("lost_leases", 0)) if i == 0 else "", ok if i == 0 else "")
+    return t
 
 
 def _waiters_table(stats: dict[str, Any]) -> RenderableType:
@@ -377,6 +407,38 @@ def _listening(address: Address) -> bool:
     return True
 
 
+def _cluster_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """serve()'s cluster arguments: the command line over $MPPOOL_CLUSTER over the config."""
+    try:
+        opts = load_cluster(ns.config) if ns.config is not None else {}
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    url = ns.cluster or os.environ.get("MPPOOL_CLUSTER") or opts.get("cluster")
+    if ns.cluster_lease_ttl is not None:
+        opts["cluster_lease_ttl"] = ns.cluster_lease_ttl
+    if ns.cluster_host is not None:
+        opts["cluster_host"] = ns.cluster_host
+    if not url:
+        if any(o.get("kind") == "cluster" for o in (load_config(ns.config) if ns.config else {}).values()):
+            raise CliError("the config declares scope=\"cluster\" pools: give --cluster URL, "
+                           "MPPOOL_CLUSTER or [cluster] url", EXIT_USAGE)
+        return {}
+    try:
+        from .cluster.agent import check_lease_ttl
+        from .cluster.keys import check_host_id
+        from .cluster.link import require_redis
+
+        require_redis()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--cluster must be a Redis URL (redis://host:port/db)")
+        check_lease_ttl(opts.get("cluster_lease_ttl", 10.0))
+        if "cluster_host" in opts:
+            check_host_id(opts["cluster_host"])
+    except (ImportError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return {**opts, "cluster": url}
+
+
 def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     # A console script does not put the current directory on sys.path (python -m does):
     # add it, so that fun = "mymodule:make" in the config finds mymodule, as gunicorn does.
@@ -387,6 +449,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # see serve(): the supervisor's own metrics
+    cluster = _cluster_options(ns)
     if ns.metrics_port is not None:
         # Checked before anything is created: a configuration error leaves nothing behind.
         try:
@@ -440,7 +503,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
                         os.unlink(path)
             try:
                 serve(address, key, pools={n: dict(o) for n, o in pools.items()}, ready=ready,
-                      metrics_port=ns.metrics_port,
+                      metrics_port=ns.metrics_port, **cluster,
                       config=ns.config.resolve() if ns.config is not None else None)
             except OSError as exc:
                 raise CliError(f"cannot serve on {display(address)}: {exc}") from None

@@ -43,7 +43,7 @@ from .errors import ServerUnavailable, TimeOut
 from .launch import no_key
 from .leasemap import LeaseMap
 from .lender import Lender
-from .options import POOL_OPTIONS, token_pool_options
+from .options import POOL_OPTIONS, SCOPES, cluster_token_options, token_pool_options
 from .proxy import ObjectProxy
 from .validate import check_delay, check_int
 
@@ -161,13 +161,20 @@ class Client:
         blob = dill.dumps(options, recurse=True) if options else None
         return self._attach(name, "pool", transfer, blob)
 
-    def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS) -> SharedPool:
+    def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS,
+                   scope: str = "host") -> SharedPool:
         """The shared token pool ``name``: at most ``max_size`` tokens out at once.
 
         Without ``max_size`` an existing token pool is attached whatever its size (a new one
         gets 4); with it, an existing pool of another size raises ValueError.
+        ``scope="cluster"``: one pool for every supervisor started with the same cluster
+        (see docs/cluster.md); its ``max_size`` must be the cluster's.
         """
         check_int("max_size", max_size, minimum=1)
+        if scope == "cluster":
+            return self._cluster_token_pool(name, max_size)
+        if scope != "host":
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if max_size is _DEFAULT_TOKENS:
             try:
                 return self._attach(name, "token", "copy", None)
@@ -175,6 +182,14 @@ class Client:
                 pass  # no such pool yet: create it with the default size
         blob = dill.dumps(token_pool_options(max_size))
         return self._attach(name, "token", "copy", blob)
+
+    def _cluster_token_pool(self, name: str, max_size: int) -> SharedPool:
+        if max_size is _DEFAULT_TOKENS:
+            try:
+                return self._attach(name, "cluster", "copy", None)
+            except ValueError:
+                pass
+        return self._attach(name, "cluster", "copy", dill.dumps(cluster_token_options(max_size)))
 
     def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None) -> SharedPool:
         pool_id, transfer, timeout, instance = self._call("create", name, kind, transfer, blob)

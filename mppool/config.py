@@ -6,6 +6,11 @@ starts.
     max_size = 10                     max_size = 5
     closer = "myapp.db:close"
 
+    [cluster]                         [pools.pg]
+    url = "redis://redis:6379/0"      kind = "token"
+    lease_ttl = 10.0                  scope = "cluster"      # shared by every host
+    host = "web-1"                    max_size = 200
+
 Functions and hooks are import paths (``module:attribute``). Every option is checked exactly as
 the supervisor will check it (a trial ``Pool`` with ``min_size=0``, so ``fun`` is not called),
 and a mistake is a `ConfigError` naming the file, the pool and the key.
@@ -19,11 +24,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .options import HOOKS, KINDS, POOL_OPTIONS, TRANSFERS, token_pool_options
+from .options import (
+    CLUSTER_OPTIONS,
+    HOOKS,
+    KINDS,
+    POOL_OPTIONS,
+    SCOPES,
+    TRANSFERS,
+    cluster_token_options,
+    token_pool_options,
+)
 from .pool import Pool
 from .validate import check_int
 
-TOKEN_KEYS = frozenset(("kind", "max_size"))
+TOKEN_KEYS = frozenset(("kind", "max_size", "scope"))
+CLUSTER_KEYS = frozenset(("url", "lease_ttl", "host", "prefix"))
 
 
 class ConfigError(ValueError):
@@ -65,6 +80,8 @@ def _pool_options(where: str, spec: Any) -> dict[str, Any]:
     kind = spec.get("kind", "pool")
     if kind not in KINDS:
         raise ConfigError(f"{where}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if kind == "token" and spec.get("scope", "host") != "host":
+        return _cluster_pool(where, spec)
     if kind == "token":
         _check_keys(where, spec, TOKEN_KEYS, "a token pool")
         try:
@@ -98,6 +115,57 @@ def _pool_options(where: str, spec: Any) -> dict[str, Any]:
     return {"kind": "pool", "transfer": transfer, **opts}
 
 
+def _cluster_pool(where: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A ``scope = "cluster"`` token pool: shared through Redis by every host."""
+    if spec.get("scope") not in SCOPES:
+        raise ConfigError(f"{where}: scope must be one of {', '.join(map(repr, SCOPES))}, "
+                          f"got {spec.get('scope')!r}")
+    _check_keys(where, spec, CLUSTER_OPTIONS | {"kind", "scope"}, "a cluster token pool")
+    try:
+        max_size = check_int("max_size", spec.get("max_size", 4), minimum=1)
+        kill = spec.get("max_using_delay_kill", 0)
+        if isinstance(kill, bool) or not isinstance(kill, (int, float)) or not kill >= 0:
+            raise ValueError(f"max_using_delay_kill must be a number of seconds >= 0, got {kill!r}")
+        kill_holder = spec.get("kill_holder", False)
+        if not isinstance(kill_holder, bool):
+            raise ValueError(f"kill_holder must be true or false, got {kill_holder!r}")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return {"kind": "cluster", **cluster_token_options(
+        max_size, max_using_delay_kill=float(kill), kill_holder=kill_holder)}
+
+
+def load_cluster(path: Path) -> dict[str, Any]:
+    """The ``[cluster]`` table of a config file (url, lease_ttl, host, prefix), checked;
+    empty when there is none."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    spec = data.get("cluster", {})
+    where = f"{path}: [cluster]"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _check_keys(where, spec, CLUSTER_KEYS, "the cluster")
+    from .cluster.agent import check_lease_ttl
+    from .cluster.keys import check_host_id, check_prefix
+
+    out: dict[str, Any] = {}
+    try:
+        if "url" in spec:
+            if not isinstance(spec["url"], str) or not spec["url"].startswith(
+                    ("redis://", "rediss://", "unix://")):
+                raise ValueError("url must be a Redis URL (redis://host:port/db)")
+            out["cluster"] = spec["url"]
+        if "lease_ttl" in spec:
+            out["cluster_lease_ttl"] = check_lease_ttl(spec["lease_ttl"])
+        if "host" in spec:
+            out["cluster_host"] = check_host_id(spec["host"])
+        if "prefix" in spec:
+            out["cluster_prefix"] = check_prefix(spec["prefix"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return out
+
+
 def load_config(path: Path) -> dict[str, dict[str, Any]]:
     """Pools declared in a TOML file: ``[pools.NAME]`` tables; ConfigError names what is wrong."""
     try:
@@ -107,10 +175,10 @@ def load_config(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"pools"})
+    unknown = sorted(set(data) - {"pools", "cluster"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))} "
-                          "(expected only [pools.NAME] tables)")
+                          "(expected [pools.NAME] tables and a [cluster] table)")
     pools = data.get("pools", {})
     if not isinstance(pools, dict):
         raise ConfigError(f"{path}: 'pools' must be a table of [pools.NAME] tables")

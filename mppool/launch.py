@@ -67,13 +67,19 @@ def launch(address: Address, authkey: bytes, detach: bool = False,
         cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
     else:
         cmd += ["--parent", str(os.getpid())]
-    for name, value in (options or {}).items():
+    options = dict(options or {})
+    # A Redis URL may hold a password: it travels in the environment, not on a command line.
+    cluster = options.pop("cluster", None)
+    for name, value in options.items():
         cmd += [f"--{name.replace('_', '-')}", str(value)]
     # Like multiprocessing's spawn: the caller's sys.path, so that a fun or hook defined
     # in the caller's modules unpickles (by reference) in the supervisor.
     env = dict(os.environ, MPPOOL_AUTHKEY=authkey.hex(),
                MPPOOL_SYS_PATH=json.dumps([p or os.getcwd() for p in sys.path]))
     env.pop("MPPOOL_ADDRESS", None)
+    env.pop("MPPOOL_CLUSTER", None)
+    if cluster:
+        env["MPPOOL_CLUSTER"] = str(cluster)
     logfile = log_path(address) if detach else None
     stderr: Any = None  # our child: it shares our stderr
     if logfile is not None:

@@ -21,6 +21,10 @@ POOL_OPTIONS = frozenset((
 ))
 TRANSFERS = ("copy", "proxy")
 KINDS = ("pool", "token")
+SCOPES = ("host", "cluster")
+# What a cluster token pool may be declared with (in a config file); its units are leased
+# in Redis, so objects' options (fun, hooks, lifetimes) mean nothing for it.
+CLUSTER_OPTIONS = frozenset(("max_size", "max_using_delay_kill", "kill_holder"))
 
 
 class TokenMaker:
@@ -38,3 +42,9 @@ def token_pool_options(max_size: int) -> dict[str, Any]:
     from .pools import Token
 
     return {"fun": TokenMaker(Token), "max_size": int(max_size), "min_size": 0}
+
+
+def cluster_token_options(max_size: int, **options: object) -> dict[str, object]:
+    """The options of a cluster token pool (kind "cluster"): those of every host that
+    declares it must match, or ValueError."""
+    return {"max_size": int(max_size), **{k: v for k, v in options.items() if v}}

@@ -46,12 +46,20 @@ class Server:
 
     def __init__(self, address: object = None, authkey: object = None, *,
                  max_message: int = DEFAULT_MAX_MESSAGE, max_unread: int = DEFAULT_MAX_UNREAD,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 cluster: str | None = None, cluster_lease_ttl: float = 10.0,
+                 cluster_host: str | None = None, cluster_prefix: str = "mppool") -> None:
         """``max_message``: the largest message (bytes) a client may send; ``max_unread``:
         a client with more unread replies (bytes) is disconnected; ``handshake_timeout``:
-        seconds a new connection has to prove it holds the key."""
+        seconds a new connection has to prove it holds the key.
+
+        ``cluster``: a Redis URL; cluster token pools (``client.token_pool(name, n,
+        scope="cluster")``) are then shared with every supervisor started with the same URL
+        (docs/cluster.md). ``cluster_lease_ttl``: seconds after which the units of a host
+        that stopped renewing come back; ``cluster_host``: this host's id in the cluster
+        (default: the host name); ``cluster_prefix``: the prefix of the Redis keys."""
         key = server_authkey(authkey)  # checked first: a bad key must leave no directory
-        self._options = {
+        self._options: dict[str, Any] = {
             "max_message": check_int("max_message", max_message, minimum=4096),
             "max_unread": check_int("max_unread", max_unread, minimum=65536),
             "handshake_timeout": check_delay("handshake_timeout", handshake_timeout),
@@ -59,6 +67,21 @@ class Server:
         if math.isinf(self._options["handshake_timeout"]) or not handshake_timeout:
             raise ValueError(f"handshake_timeout must be a finite number of seconds > 0, "
                              f"got {handshake_timeout!r}")
+        if cluster is not None:
+            from .cluster.agent import check_lease_ttl
+            from .cluster.keys import check_host_id, check_prefix
+            from .cluster.link import redact, require_redis
+
+            require_redis()  # here, with the extra's name, rather than from the supervisor
+            if not isinstance(cluster, str) or not cluster.startswith(
+                    ("redis://", "rediss://", "unix://")):
+                raise ValueError(f"cluster must be a Redis URL (redis://host:port/db), got "
+                                 f"{redact(cluster)!r}")
+            self._options.update(
+                cluster=cluster, cluster_lease_ttl=check_lease_ttl(cluster_lease_ttl),
+                cluster_prefix=check_prefix(cluster_prefix))
+            if cluster_host is not None:
+                self._options["cluster_host"] = check_host_id(cluster_host)
         fresh = fresh_address() if address is None else None
         addr: Address = fresh if fresh is not None else parse_address(address)
         # The private directory of a fresh address is ours to remove at shutdown.

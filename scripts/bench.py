@@ -21,6 +21,9 @@ as medians over the reps:
   PgBouncer, on the local PostgreSQL (scripts/bench_churn.py's ``run``; skipped with a
   message when PostgreSQL does not answer, its PgBouncer column when pgbouncer is not
   installed; ``--no-churn`` leaves it out).
+- cluster pools, when Redis answers (scripts/bench_cluster.py's ``run``): lease cycles
+  through two supervisors against a Redis semaphore used directly, and the time for a dead
+  host's units to come back.
 
 Workers are forked (multiprocessing 'fork' context), warm up, then wait on a barrier so they
 start together; each records every cycle's latency with ``time.perf_counter_ns`` and sends a
@@ -532,6 +535,33 @@ def measure_reclaim(kills: int) -> dict[str, Any]:
     for line in other:
         print(line, file=sys.stderr)
     res["supervisor_reclaim_warnings"] = len(lines) - len(other)
+    return res
+
+
+def _bench_cluster() -> Any:
+    path = Path(__file__).with_name("bench_cluster.py")
+    spec = importlib.util.spec_from_file_location("bench_cluster", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure_cluster(redis_url: str, quick: bool, reps: int) -> dict[str, Any]:
+    """Cluster pools against a Redis semaphore; the supervisors' log lines (reclaims and
+    lapsed leases, expected here) are kept out of the report."""
+    mod = _bench_cluster()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            res: dict[str, Any] = mod.run(redis_url, quick, reps=reps)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+    res["report"] = mod.report(res)
     return res
 
 
@@ -1199,6 +1229,9 @@ def main(argv: list[str] | None = None) -> int:
         if churn is not None:
             _say("  connection churn on PostgreSQL (scripts/bench_churn.py)...")
             res["churn"] = churn.run(quick=ns.quick)
+        if redis_url:
+            _say("  cluster pools...")
+            res["cluster"] = measure_cluster(redis_url, ns.quick, reps)
     finally:
         h.reap_all()
         if server is not None:
@@ -1222,6 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
     print_async(res["async"])
     if churn is not None:
         churn.report(res["churn"])
+    if "cluster" in res:
+        print(res["cluster"]["report"])
     print(f"wrote {json_path} and {png_path}")
     if not ns.quick and not ns.no_docs:
         docs = ROOT / "docs" / "img"

@@ -43,7 +43,7 @@ from ..client import (
 )
 from ..errors import ServerUnavailable, TimeOut
 from ..leasemap import LeaseMap
-from ..options import POOL_OPTIONS, token_pool_options
+from ..options import POOL_OPTIONS, SCOPES, cluster_token_options, token_pool_options
 from ..validate import check_delay, check_int
 from .channel import AsyncChannel
 from .control import AsyncControl
@@ -178,19 +178,27 @@ class AsyncClient:
         blob = dill.dumps(options, recurse=True) if options else None
         return await self._attach(name, "pool", transfer, blob)
 
-    async def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS) -> AsyncSharedPool:
+    async def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS,
+                         scope: str = "host") -> AsyncSharedPool:
         """The shared token pool ``name``: at most ``max_size`` tokens out at once.
 
         Without ``max_size`` an existing token pool is attached whatever its size (a new one
         gets 4); with it, an existing pool of another size raises ValueError.
+        ``scope="cluster"``: one pool for every supervisor of the same cluster (see
+        docs/cluster.md).
         """
         check_int("max_size", max_size, minimum=1)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        kind = "cluster" if scope == "cluster" else "token"
         if max_size is _DEFAULT_TOKENS:
             try:
-                return await self._attach(name, "token", "copy", None)
+                return await self._attach(name, kind, "copy", None)
             except ValueError:
                 pass  # no such pool yet: create it with the default size
-        return await self._attach(name, "token", "copy", dill.dumps(token_pool_options(max_size)))
+        options = cluster_token_options(max_size) if scope == "cluster" \
+            else token_pool_options(max_size)
+        return await self._attach(name, kind, "copy", dill.dumps(options))
 
     async def _attach(self, name: str, kind: str, transfer: str,
                       blob: bytes | None) -> AsyncSharedPool:

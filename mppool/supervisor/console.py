@@ -137,7 +137,8 @@ class Console:
             for name, spec in pools.items():
                 opts = dict(spec)
                 transfer = opts.pop("transfer", "copy")
-                kind = "token" if opts.pop("kind", "pool") == "token" else "pool"
+                kind = opts.pop("kind", "pool")
+                kind = kind if kind in ("token", "cluster") else "pool"
                 rec = self.sup.registry.records.get(name)
                 if rec is None:
                     self.sup.create(name, kind, transfer, dill.dumps(opts))

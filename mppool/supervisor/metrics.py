@@ -71,6 +71,32 @@ class _StatsCollector:
             for pool, s in stats.items():
                 c.add_metric([pool], float(s.get(key) or 0))
             yield c
+        yield from _cluster_metrics(stats)
         r = CounterMetricFamily("mppool_reclaimed", "Leases reclaimed from processes that died")
         r.add_metric([], float(self.sup.watchdog.nreclaimed))
         yield r
+
+
+def _cluster_metrics(stats: dict[str, Any]) -> Iterator[Any]:
+    """Cluster pools: units held per host (as the last renewal saw Redis), the cluster's
+    queue, leases found lost, and whether Redis answers."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    cluster = {name: s["cluster"] for name, s in stats.items() if s.get("cluster")}
+    if not cluster:
+        return
+    held = GaugeMetricFamily("mppool_cluster_held", "Cluster units held, per host",
+                             labels=["pool", "host"])
+    queue = GaugeMetricFamily("mppool_cluster_queue", "Gets queued in the whole cluster",
+                              labels=["pool"])
+    lost = CounterMetricFamily("mppool_cluster_lost_leases", "Cluster leases found lapsed "
+                               "in Redis (a frozen supervisor, a Redis failover)", labels=["pool"])
+    up = GaugeMetricFamily("mppool_cluster_redis_up", "1 if the cluster's Redis answers",
+                           labels=["pool"])
+    for name, c in cluster.items():
+        for host, n in sorted((c.get("hosts") or {}).items()):
+            held.add_metric([name, host], float(n))
+        queue.add_metric([name], float(c.get("queue") or 0))
+        lost.add_metric([name], float(stats[name].get("lost_leases", 0)))
+        up.add_metric([name], 1.0 if c.get("redis_ok") else 0.0)
+    yield from (held, queue, lost, up)

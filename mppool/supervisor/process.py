@@ -40,7 +40,9 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
           metrics_port: int | None = None, max_message: int = DEFAULT_MAX_MESSAGE,
           max_unread: int = DEFAULT_MAX_UNREAD,
           handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-          config: Path | None = None) -> None:
+          config: Path | None = None, cluster: str | None = None,
+          cluster_lease_ttl: float = 10.0, cluster_host: str | None = None,
+          cluster_prefix: str = "mppool") -> None:
     """Run a supervisor in this process until SIGTERM/SIGINT, shutdown() or the parent dies.
 
     ``config``: the TOML file ``pools`` came from; ``client.reload()`` and ``SIGHUP`` apply
@@ -67,7 +69,9 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     if isinstance(address, tuple):
         address = tuple(server.address)
     sup = Supervisor(address, authkey, max_message=max_message, max_unread=max_unread,
-                     handshake_timeout=handshake_timeout)
+                     handshake_timeout=handshake_timeout, cluster=cluster,
+                     cluster_lease_ttl=cluster_lease_ttl, cluster_host=cluster_host,
+                     cluster_prefix=cluster_prefix)
     if metrics_port is not None:
         from .metrics import Metrics
 
@@ -79,7 +83,8 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     try:
         for name, opts in (pools or {}).items():
             transfer = opts.pop("transfer", "copy")
-            kind = "token" if opts.pop("kind", "pool") == "token" else "pool"
+            kind = opts.pop("kind", "pool")
+            kind = kind if kind in ("token", "cluster") else "pool"
             sup.create(name, kind, transfer, dill.dumps(opts))
     except BaseException:
         # Nothing half-started is left behind: threads stopped, sockets closed and removed.
@@ -208,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     # Server(address=None) made the socket's private directory: remove it (if empty) when
     # we stop, for the starter may be gone (a SIGKILLed gunicorn arbiter) and cannot.
     ap.add_argument("--remove-dir", type=int, default=0)
+    ap.add_argument("--cluster-lease-ttl", type=float, default=10.0)
+    ap.add_argument("--cluster-host", default=None)
+    ap.add_argument("--cluster-prefix", default="mppool")
     ns = ap.parse_args(argv)
+    cluster = os.environ.pop("MPPOOL_CLUSTER", "") or None
     key = os.environ.pop("MPPOOL_AUTHKEY", "")
     extra = json.loads(os.environ.pop("MPPOOL_SYS_PATH", "[]"))
     sys.path[:0] = [p for p in extra if p not in sys.path]
@@ -235,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         address = parse_address(ns.address)
         serve(address, bytes.fromhex(key), parent=ns.parent or None, ready=ready,
               max_message=ns.max_message, max_unread=ns.max_unread,
-              handshake_timeout=ns.handshake_timeout)
+              handshake_timeout=ns.handshake_timeout, cluster=cluster,
+              cluster_lease_ttl=ns.cluster_lease_ttl, cluster_host=ns.cluster_host,
+              cluster_prefix=ns.cluster_prefix)
     except BaseException as exc:
         if not said:
             log.error("mppool: supervisor for %s could not start", ns.address, exc_info=True)

@@ -177,7 +177,9 @@ def conflict(rec: Record, kind: str, transfer: str, fp: Any,
                 what.append(f"{key} differs")
             else:
                 what.append(f"{key}={a!r}, not {b!r}")
-    if rec.kind == "token":
+    if rec.kind == "cluster":
+        attach = f"attach with client.token_pool({name!r}, scope=\"cluster\")"
+    elif rec.kind == "token":
         attach = f"attach with client.token_pool({name!r})"
     else:
         attach = f"attach with client.pool({name!r})"
@@ -206,6 +208,8 @@ class Registry:
         self.next_id = 1
         # Called with the holder of a lease killed with kill_holder=True (the watchdog's).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
+        # Makes the pool of a kind="cluster" record (set when the supervisor has a cluster).
+        self.make_cluster: Callable[[str, dict[str, Any]], Any] | None = None
 
     def create(self, name: str, kind: str, transfer: str, blob: bytes | None) -> Record:
         """The pool ``name``, created from the dill-shipped options in ``blob`` unless it
@@ -224,9 +228,17 @@ class Registry:
             raise ValueError(f"no pool named {name!r}: give fun and options to create it")
         # Built outside the supervisor's lock: filling min_size runs fun (a slow database
         # would otherwise stall every other create, drop and host).
+        pool: Any
+        if kind == "cluster":
+            if self.make_cluster is None:
+                raise ValueError(f"pool {name!r}: scope=\"cluster\" needs a supervisor started "
+                                 "with a cluster (Server(cluster=URL), mppool serve --cluster "
+                                 "URL or MPPOOL_CLUSTER)")
+            pool = self.make_cluster(name, options)
         executor = pool_executor(name)
-        pool = Pool._made_with(**options, name=name, scheduler=self.sched, clock=self.clock
-                    if self.clock is not REAL_CLOCK else None, runner=executor.run)
+        if kind != "cluster":
+            pool = Pool._made_with(**options, name=name, scheduler=self.sched, clock=self.clock
+                                    if self.clock is not REAL_CLOCK else None, runner=executor.run)
         pool.on_kill_holder = self.on_kill_holder
         with self.lock:
             try:
@@ -258,6 +270,12 @@ class Registry:
         rec = self.records.get(name)
         if rec is None:
             return None
+        if fp is not None and rec.kind == kind == "cluster":
+            # A cluster pool is one size everywhere; its other options come from whoever
+            # declared it (a config file), and attaching with its size is attaching.
+            if rec.plain_options.get("max_size") != options.get("max_size"):
+                raise conflict(rec, kind, transfer, fp, options)
+            return rec
         if fp is not None and (rec.kind != kind or rec.transfer != transfer or rec.fingerprint != fp):
             raise conflict(rec, kind, transfer, fp, options)
         return rec
