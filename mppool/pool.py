@@ -41,6 +41,7 @@ from .holder import Holder, current_holder
 from .housekeeping import Housekeeping
 from .lender import Lender
 from .lifetime import Lifetime
+from .proxypattern import ProxyPatternCompat
 from .sched import Scheduler
 from .state import (
     CREATE,
@@ -75,7 +76,7 @@ log = logging.getLogger("mppool")
 _ids = itertools.count(1)
 
 
-class Pool(Housekeeping, Budgeted, Lifetime, Lender):
+class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
     """Thread-safe pool of objects created on demand by ``fun(i)`` (ProxyPatternPool's API)."""
 
     def __init__(
@@ -178,10 +179,14 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         # terminates the process; in-process there is nobody else to kill).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
         self._runner = runner
-        self._start_housekeeping(hk_delay, scheduler, own_clock=clock is not None)
+        # PPP_WERKZEUG_WORKAROUND (see proxypattern.py); the supervisor passes its scheduler.
+        idle = self._idle_start(served=scheduler is not None)
+        self._start_housekeeping(None if idle else hk_delay, scheduler,
+                                 own_clock=clock is not None)
         self._start_recall(own_clock=clock is not None)
         self._register()
-        self._fill()
+        if not idle:
+            self._fill()
 
     # ------------------------------------------------------------------ public API
 
@@ -344,7 +349,8 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
         deadline = None if timeout is None else self._clock.now() + timeout
         got = self.acquire(holder, None if timeout == 0 else Waiter)
         if got is None:
-            raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
+            raise TimeOut(f"pool {self._name!r}: no object available, timeout after 0 s "
+                          "(timeout=0: do not wait)")
         if isinstance(got, Waiter):
             got = self._wait(got, timeout)
         if got is CREATE:
@@ -361,7 +367,7 @@ class Pool(Housekeeping, Budgeted, Lifetime, Lender):
             self.abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
             raise
         if self.cancel(waiter):
-            raise TimeOut(f"pool {self._name!r}: no object available within {timeout} s")
+            raise TimeOut(f"pool {self._name!r}: no object available, timeout after {timeout} s")
         got = waiter.result
         if isinstance(got, BaseException):
             raise got
