@@ -10,7 +10,8 @@ AttributeError instead of silently desynchronising the pool.
 Also here:
 
 - ``bool(pool)`` is always true, although ``len(pool)`` may be 0 (see `__bool__`).
-- ``__delete__()``: ProxyPatternPool's explicit destructor; here it is `shutdown()`.
+- ``__delete__()``: ProxyPatternPool's explicit destructor; here it is `shutdown()`
+  (served by ``__getattr__``, see there).
 - ``PPP_WERKZEUG_WORKAROUND``: under ``flask --debug`` the reloader's parent process imports
   the application, hence builds its pools, but never serves a request. With this variable in
   the environment and ``WERKZEUG_RUN_MAIN`` not ``"true"`` (the parent), a pool built in this
@@ -28,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .lifetime import Lifetime
 from .state import PoolState
@@ -93,10 +95,19 @@ class ProxyPatternCompat(Lifetime):
         and would otherwise bypass the pool while it is empty)."""
         return True
 
-    def __delete__(self) -> None:  # ProxyPatternPool's name; no descriptor use meant
-        """Close every object, in use ones too (ProxyPatternPool's destructor): `shutdown()`.
-        Later ``get()`` calls raise `mppool.PoolClosed`."""
-        self.shutdown()
+    # ``pool.__delete__()``: ProxyPatternPool's destructor, here `shutdown()` (later ``get()``
+    # calls raise `mppool.PoolClosed`). Served by __getattr__ rather than defined as a
+    # method: a class with a ``__delete__`` method makes its instances data descriptors, so
+    # a pool stored as a class attribute could no longer be shadowed on an instance
+    # (``obj.pool = other`` would raise AttributeError: __set__). The annotation types it;
+    # __getattr__ is hidden from type checkers so that they still catch misspelt attributes.
+    __delete__: Callable[[], None]
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            if name == "__delete__":
+                return self.shutdown
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _idle_start(self, served: bool) -> bool:
         """At construction: stay idle (no housekeeping, no ``min_size`` objects) because

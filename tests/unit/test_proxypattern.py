@@ -132,6 +132,22 @@ def test_delete_closes_every_object_and_ends_the_pool(caplog: pytest.LogCaptureF
     assert len(rec.closed) == 2
 
 
+def test_delete_does_not_make_pools_descriptors() -> None:
+    # ProxyPatternPool defines a __delete__ method, which makes a pool stored as a class
+    # attribute a data descriptor: an instance could not shadow it.
+    class Holder:
+        pool = Pool(lambda i: i, min_size=0)
+
+    h = Holder()
+    h.pool = "mine"  # type: ignore[assignment]
+    assert h.pool == "mine" and isinstance(Holder.pool, Pool)
+    Holder.pool.__delete__()
+    with pytest.raises(PoolClosed):
+        Holder.pool.get()
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        Holder.pool.nope  # noqa: B018
+
+
 def test_housekeeper_handle(sched: ManualScheduler) -> None:
     assert Pool(lambda i: i)._housekeeper is None  # nothing to keep: no round at all
     pool = Pool(lambda i: i, max_avail_delay=60.0)
