@@ -275,6 +275,15 @@ class Pool:
         with self._lock:
             self._idle = idle
 
+    def __del__(self) -> None:
+        # A pool dropped without close(): its idle managers are closed and their budget
+        # tokens go back, instead of being held until the process exits.
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass  # interpreter shutdown, or a supervisor already gone
+
     def free(self) -> int:
         """How many managers are idle in the pool."""
         with self._lock:

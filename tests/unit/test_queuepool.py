@@ -8,6 +8,7 @@ manager old. Blocking takes use real time, bounded by deadlines.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Iterator
@@ -345,3 +346,19 @@ def test_budget_recall_closes_idle_managers_for_a_waiter(threads: list[threading
     assert not r._isOpen and pool.free() == 1
     budget.put(box["result"])
     pool.close()
+
+
+def test_a_dropped_pool_gives_its_budget_tokens_back() -> None:
+    budget = TokenPool(max_size=2)
+    pool, managers = make(2, budget=budget)
+    pool.put(pool.take())
+    assert budget.free() == 1 and managers[1]._isOpen
+    pool.startRecycler(60)
+    thread = pool._recycler
+    events = managers[1].log
+    del pool, managers  # the managers point back at their pool: a cycle
+    gc.collect()
+    assert budget.free() == 2 and events[-1] == "close"
+    assert thread is not None
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
