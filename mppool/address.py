@@ -143,7 +143,7 @@ def fresh_address() -> str:
 def beside(address: Address, suffix: str) -> Path:
     """A file that belongs to the supervisor of ``address``: beside its socket, or for a TCP
     address in the runtime directory. The suffixes in use: ``.key`` (the key), ``.lease``
-    (the lease socket), ``.lock`` (autostart's lock), ``.log`` (a detached one's log)."""
+    (the lease socket), ``.lock`` (the start lock, see `mppool.addrlock`), ``.log`` (a detached one's log)."""
     if isinstance(address, str):
         return Path(address + suffix)
     host, port = address

@@ -1,6 +1,6 @@
 """``connect(autostart=True)``: exactly one supervisor per address, however many racers.
 
-Under a ``filelock`` beside the socket, a caller either finds a live supervisor (a control
+Under the lock beside the socket (`mppool.addrlock`), a caller either finds a live supervisor (a control
 connection succeeds) or removes what a crashed one left and starts a detached one. The
 socket's directory is created private (0700) if missing, and checked private in any case.
 The detached supervisor keeps none of the caller's descriptors and logs to ``<socket>.log``.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from filelock import FileLock
 from multiprocess.connection import Client as MPClient
 from multiprocess.context import AuthenticationError
 
@@ -24,6 +23,7 @@ from .address import (
     require_address_dir,
     server_authkey,
 )
+from .addrlock import AddressLock, remove_if_unused
 from .errors import ServerUnavailable
 from .launch import launch, take_over
 
@@ -35,19 +35,9 @@ def lock_path(address: Address) -> Path:
 
 
 def remove_lock_file(address: Address) -> None:
-    """Remove the lock file after a clean stop, unless somebody holds it or waits on it now
-    (it is taken without waiting and unlinked while held, so no holder loses it)."""
-    lock = FileLock(str(lock_path(address)), timeout=0)
-    try:
-        lock.acquire()
-    except Exception:
-        return  # in use: an autostart or another serve is on its way; it stays
-    try:
-        lock_path(address).unlink(missing_ok=True)
-    except OSError:
-        pass
-    finally:
-        lock.release()
+    """Remove the lock file after a clean stop, unless somebody holds it now (it is taken
+    without waiting and removed while held: see addrlock.py for why that is safe)."""
+    remove_if_unused(lock_path(address))
 
 
 def _alive(address: Address, key: bytes | None) -> bool:
@@ -69,7 +59,9 @@ def ensure_supervisor(address: Address, authkey: object, timeout: float) -> byte
     # Before the lock file is created in it. A missing directory is refused, not created:
     # a mistyped path would otherwise start a supervisor nobody else finds.
     require_address_dir(address)
-    with FileLock(str(lock_path(address)), timeout=max(timeout, 30.0)):
+    lock = AddressLock(lock_path(address))
+    lock.acquire(timeout=max(timeout, 30.0))
+    try:
         key = client_authkey(given, address)
         if _alive(address, key):
             return key  # type: ignore[return-value]
@@ -80,3 +72,5 @@ def ensure_supervisor(address: Address, authkey: object, timeout: float) -> byte
         started = launch(address, key, detach=True)
         log.info("mppool: started supervisor pid %s at %s", started.pid, display(started.address))
         return key
+    finally:
+        lock.release()

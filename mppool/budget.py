@@ -3,20 +3,41 @@
     a process: Pool(fun, budget=b)                        the budget b: a token pool, e.g.
                                                           client.token_pool(name, n)
       create (PoolState._create): draw_token() ── get ──▶ one token out per live object
-                              obj = fun(i), kept with its token in its Entry
-      close (PoolState._settle): closer(obj),
-                              give_back(token) ── put ──▶ the token is free for any process
-      recall, every RECALL_PERIOD:  b.waiting() ◀──────   another process blocks in b.get()
-                              idle objects above min_size are closed now (recall()); objects
-                              in use are closed at their return (_recall_n, _recall_on_return)
+                              obj = fun(i), kept with its token in its Entry  (FIFO queue of
+      close (PoolState._settle): closer(obj),             the processes waiting for one)
+                              give_back(token) ── put ──▶ the token goes to the oldest waiter
+      recall, a round every RECALL_PERIOD (sooner when an idle object falls due):
+                              b.waiting() ◀────────────── how many processes wait
+                              idle objects that are due are closed now; objects in use are
+                              closed at a return once due, if b.waiting() still says so
 
 A token is drawn before ``fun`` runs and given back after ``closer`` returned, so the objects
 alive across every process never exceed the budget, not even for a moment. Filling
 ``min_size`` never waits for a token (a constructor or a housekeeping round must not block on
 other processes): it tries again at the next round. The common path, get and ret of an idle
-object, never talks to the budget: the token stays with its object. Recall is what keeps that
-from starving the other processes: idle objects are given back within ``RECALL_PERIOD``.
-Recall needs the budget's optional ``waiting()``; a budget without it is only a cap.
+object, never talks to the budget: the token stays with its object.
+
+Recall keeps that from starving the other processes, without churning connections: a token
+moves only when keeping it costs somebody else, and then from the process that needs it least.
+
+- Only demand moves tokens: a pool gives nothing back unless ``waiting()`` says another process
+  waits, and never more objects than there are waiters.
+- Hysteresis: an object is due when its idle time plus the demand's age (counted from the
+  object's creation if later) reaches ``RECALL_PATIENCE`` (`recall_score`). An object idle
+  that long goes back at the first round that sees a waiter (within ``RECALL_PERIOD``); one
+  its process just used is kept a little longer; one in use is closed at the first return
+  after the patience, so a waiting process waits a short, bounded moment for a busy process
+  to finish before a close is forced; and a new object always serves its process for at
+  least the patience, so a token moves at most once per patience under continuous demand.
+- The process idle longest gives first: each pool runs its next round when its own next
+  object falls due and asks ``waiting()`` again then (and again at a return, before closing
+  an object in use), so once the longest idle process has fed the waiter, the others find
+  nobody waiting and keep their connections.
+
+The guarantees do not depend on this policy: the cap is the token pool's, the supervisor
+takes back the tokens of a process that dies, and waiters are served first come, first
+served by the token pool. Recall needs the budget's optional ``waiting()``; a budget without
+it is only a cap.
 """
 
 from __future__ import annotations
@@ -29,9 +50,15 @@ from .sched import Scheduler, default_scheduler
 
 log = logging.getLogger("mppool")
 
-# How often a pool with a shared budget asks whether another process waits for it; idle
-# objects are then given back within this period (the budget promise: 100 ms at the latest).
+# How often a pool with a shared budget asks whether another process waits for it.
 RECALL_PERIOD = 0.05
+# How long an object is kept for its process while others wait for the budget, counting its
+# idle time and the demand's age (see recall_score): an object idle this long goes back at
+# the first round that sees a waiter; one in use goes back at a return this long after the
+# demand was seen (or after its creation, if later). The hysteresis of recall.
+RECALL_PATIENCE = 0.1
+# The shortest wait between two rounds, when an idle object falls due sooner than a period.
+RECALL_MIN_DELAY = 0.005
 
 
 class Budget(Protocol):
@@ -70,9 +97,44 @@ def give_back(budget: Budget | None, token: Any, pool_name: str) -> None:
         log.warning("mppool: pool %r: could not return a budget token", pool_name, exc_info=True)
 
 
+def recall_score(now: float, idle_since: float | None, created: float,
+                 demand_since: float) -> float:
+    """How strongly an object is owed to the processes that wait for the budget, in seconds:
+    how long it has been idle (0 for one in use, ``idle_since`` None) plus how long the demand
+    has lasted since the object was made. It goes back once this reaches ``RECALL_PATIENCE``.
+
+    The idle time ranks processes: the one idle longest reaches the patience first and gives
+    its token back, and every other pool, asking the budget again when its own object gets
+    there, finds nobody left waiting and keeps its connection. Counting the demand from the
+    object's creation gives every new object the whole patience in its process: under
+    continuous demand a token then moves at most once per patience, not at every query.
+    """
+    idle = 0.0 if idle_since is None else max(0.0, now - idle_since)
+    return idle + max(0.0, now - max(demand_since, created))
+
+
+def plan_recall(now: float, wanted: int, idle: list[tuple[float, float]],
+                demand_since: float, patience: float) -> tuple[list[int], float | None]:
+    """The recall decision of one round, pure (a fake clock tests it): ``idle`` holds
+    (last return, creation) of the idle objects above min_size, and ``wanted`` processes
+    wait for the budget since ``demand_since`` (as this pool saw it).
+
+    Returns the indexes of the idle objects to close now, most owed first (see
+    `recall_score`; never more than ``wanted``), and in how many seconds the next one
+    falls due while demand is left over (None: none will, or nothing is left over).
+    """
+    scores = [recall_score(now, last_ret, created, demand_since) for last_ret, created in idle]
+    due = sorted((i for i, sc in enumerate(scores) if sc >= patience), key=lambda i: -scores[i])
+    close = due[:max(0, wanted)]
+    # An idle object's score grows twice as fast as the clock (idle time and demand age).
+    later = [(patience - sc) / 2 for sc in scores if sc < patience]
+    return close, (min(later) if later and len(close) < wanted else None)
+
+
 # state.py draws and gives back tokens with the functions above, so this module cannot
 # import it at run time: the mixin below is typed against PoolState, a plain class at run time.
 if TYPE_CHECKING:
+    from .state import Entry
     from .state import PoolState as _State
 else:
     _State = object
@@ -81,22 +143,52 @@ else:
 class Budgeted(_State):
     """Recall, the budget side of the core `mppool.Pool` (combined there with PoolState)."""
 
-    def _start_recall(self, own_clock: bool) -> None:
-        """Poll the budget every RECALL_PERIOD, if it can say whether anybody waits."""
-        self._recall_n = 0  # returns still to close for processes that wait (see recall())
+    def _start_recall(self, scheduler: Scheduler | None, own_clock: bool) -> None:
+        """Poll the budget every RECALL_PERIOD, if it can say whether anybody waits; on
+        ``scheduler`` if given (else housekeeping's, else one of its own)."""
+        self._recall_n = 0  # returns that may close their object (see _recall_wanted)
+        self._recall_since = None  # since when others wait, as this pool saw it
+        self._recall_rounds = 0  # rounds that asked the budget (tests wait on it)
         self._recall_task = None
         self._weak_recall = self._weak_task("_recall_tick")
         budget = self._budget
         if budget is not None and callable(getattr(budget, "waiting", None)):
             if self._sched is None:
-                self._sched = (Scheduler(self._clock, workers=1) if own_clock
-                               else default_scheduler())
-                self._own_sched = own_clock
+                if scheduler is not None:
+                    self._sched = scheduler
+                else:
+                    self._sched = (Scheduler(self._clock, workers=1) if own_clock
+                                   else default_scheduler())
+                    self._own_sched = own_clock
             self._recall_task = self._sched.enter(RECALL_PERIOD, self._weak_recall)
 
+    def _recall_due(self, entry: Entry, now: float) -> bool:
+        """Under the lock: may this object, in use until now, go back to the budget?"""
+        since = self._recall_since
+        return (self._recall_n > 0 and since is not None
+                and recall_score(now, None, entry.created, since) >= RECALL_PATIENCE)
+
+    def _recall_wanted(self, entry: Entry) -> bool:
+        """Outside the lock, for an object coming back while recall is armed: True if it
+        is due and somebody still waits for the budget, asked again now (a round trip only
+        on such returns: the demand seen by the last round may have been served since)."""
+        with self._lock:
+            if not self._recall_due(entry, self._clock.now()):
+                return False
+        try:
+            wanted = int(self._budget.waiting())  # type: ignore[union-attr]
+        except Exception:
+            log.debug("mppool: pool %r: budget.waiting() failed", self._name, exc_info=True)
+            return False
+        if wanted <= 0:
+            with self._lock:
+                self._recall_n = 0
+                self._recall_since = None
+        return wanted > 0
+
     def _recall_on_return(self) -> bool:
-        """Under the lock, for an object coming back: True if it must be closed instead of
-        kept, because another process waits for the budget (a demand seen by recall())."""
+        """Under the lock, for an object coming back that `_recall_wanted` found due: True if
+        it must be closed instead of kept (the pool keeps min_size without it)."""
         if self._recall_n > 0 and len(self._avail) + len(self._using) >= self._min_size:
             self._recall_n -= 1
             self._counts["nrecalled"] += 1
@@ -104,9 +196,13 @@ class Budgeted(_State):
         return False
 
     def _recall_tick(self) -> None:
+        delay = [RECALL_PERIOD]
+
         def job() -> None:
             try:
-                self.recall()  # asks the budget (a round trip), then runs closers
+                later = self._recall_round()[1]  # asks the budget (a round trip), closes
+                if later is not None:
+                    delay[0] = min(RECALL_PERIOD, max(RECALL_MIN_DELAY, later))
             except Exception:
                 log.exception("mppool: pool %r: budget recall failed", self._name)
 
@@ -117,32 +213,52 @@ class Budgeted(_State):
         with self._lock:
             if self._shutdown or self._sched is None:
                 return
-        self._recall_task = self._sched.enter(RECALL_PERIOD, self._weak_recall)
+        self._recall_task = self._sched.enter(delay[0], self._weak_recall)
 
     def recall(self) -> int:
-        """Give idle objects above min_size back to a budget that others wait for.
+        """One recall round now: give idle objects above min_size back to a budget that
+        other processes wait for, when they are due (see `recall_score`). Returns how many
+        were closed now; objects in use go back at a return once due."""
+        return self._recall_round()[0]
 
-        Only asks the budget (a round trip) when there is something to give; objects in
-        use are given back at their next ret instead. Returns how many were closed now.
-        """
+    def _recall_round(self) -> tuple[int, float | None]:
+        """Ask the budget whether anybody waits (only when this pool holds something above
+        min_size), close the idle objects that are due, arm the returns of objects in use.
+        Returns how many were closed, and in how many seconds the next idle object falls
+        due (None: none)."""
         with self._lock:
-            spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
-            if self._shutdown or (spare <= 0 and not self._using):
+            spare = len(self._avail) + len(self._using) - self._min_size
+            if self._shutdown or spare <= 0:
                 self._recall_n = 0
-                return 0
+                self._recall_since = None
+                return 0, None
         try:
             wanted = int(self._budget.waiting())  # type: ignore[union-attr]
         except Exception:
             log.debug("mppool: pool %r: budget.waiting() failed", self._name, exc_info=True)
-            return 0
+            return 0, None
         with self._lock:
+            self._recall_rounds += 1
+            if wanted <= 0:
+                self._recall_n = 0
+                self._recall_since = None
+                return 0, None
+            now = self._clock.now()
+            if self._recall_since is None:
+                self._recall_since = now
             spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
-            n = max(0, min(wanted, spare))
-            for _ in range(n):
-                self._to_close.append(self._avail.popleft())  # the longest idle first
+            idle = list(self._avail)[:max(0, spare)]  # the left end idles longest
+            close, later = plan_recall(now, wanted, [(e.last_ret, e.created) for e in idle],
+                                       self._recall_since, RECALL_PATIENCE)
+            n = len(close)
+            for i in close:
+                self._avail.remove(idle[i])
+                self._to_close.append(idle[i])
             self._counts["nrecalled"] += n
-            self._recall_n = max(0, wanted - n)
+            # The rest of the demand falls on objects in use: each may go back at a return
+            # once due (_recall_due), after asking the budget again (_recall_wanted).
+            self._recall_n = min(wanted - n, len(self._using))
         if n:
-            log.info("mppool: pool %r: gave %d idle object(s) back to the budget", self._name, n)
+            log.debug("mppool: pool %r: gave %d idle object(s) back to the budget", self._name, n)
             self._settle()
-        return n
+        return n, later

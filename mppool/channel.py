@@ -48,13 +48,11 @@ def set_socket_timeouts(sock: socket.socket, recv: float | None, send: float | N
 
 class _Slot:
     """A request's reply box. Its Event is made only if its thread has to wait for another
-    reader: most requests read their own reply and never need one."""
+    reader: most requests read their own reply and never need one. (Class-level defaults
+    and no ``__init__``: one fewer Python call per request.)"""
 
-    __slots__ = ("event", "reply")
-
-    def __init__(self) -> None:
-        self.event: threading.Event | None = None
-        self.reply: Any = None
+    event: threading.Event | None = None
+    reply: Any = None
 
 
 class Channel:
@@ -128,7 +126,9 @@ class Channel:
                 try:
                     self._read_until(slot, deadline)
                 finally:
-                    self._release_reader()
+                    self._read_lock.release()
+                    if self._pending:  # somebody else waits for a reply: hand the reading over
+                        self._hand_over()
             else:
                 if slot.event is None:
                     slot.event = threading.Event()
@@ -142,6 +142,9 @@ class Channel:
 
     def _release_reader(self) -> None:
         self._read_lock.release()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         for waiting in self._pending.values():  # hand the reading over to one waiter
             if waiting.event is not None:
                 waiting.event.set()
@@ -189,19 +192,21 @@ class Channel:
         pending, late = self._pending, self._late
         try:
             while (slot.reply is None) if slot is not None else late:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
-                if not self._frames:
+                frames = self._frames
+                if not frames:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
                     try:
                         data = self._sock.recv(P.RECV_SIZE)
                     except BlockingIOError:
                         continue  # a READ_SLICE passed: look at the deadline again
                     if not data:
                         raise EOFError("connection closed")
-                    self._frames = self._reader.feed(data)
-                    continue
-                # A frame is a view of immutable bytes: it stays valid after the next feed.
-                reply = P.decode_reply(self._frames.pop(0))
+                    frames = self._frames = self._reader.feed(data)
+                    if not frames:
+                        continue  # part of a frame: read on
+                # A frame (bytes, or a view of immutable bytes) stays valid after the next feed.
+                reply = P.decode_reply(frames.pop(0))
                 other = pending.pop(reply.rid, None)
                 if other is not None:
                     other.reply = reply

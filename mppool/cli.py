@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-from filelock import Timeout as LockTimeout
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -38,6 +36,7 @@ from .address import (
     require_address_dir,
     server_authkey,
 )
+from .addrlock import AddressLock, LockTimeout
 from .autostart import lock_path, remove_lock_file
 from .client import Client, connect
 from .config import ConfigError, load_config
@@ -387,6 +386,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         pools = load_config(ns.config) if ns.config is not None else {}
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # see serve(): the supervisor's own metrics
     if ns.metrics_port is not None:
         # Checked before anything is created: a configuration error leaves nothing behind.
         try:
@@ -410,7 +410,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
     old = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
            for s in (signal.SIGTERM, signal.SIGINT)}
     # The autostart lock: a connect(autostart=True) racing with us waits, then finds us.
-    lock = FileLock(str(lock_path(address)))
+    lock = AddressLock(lock_path(address))
 
     def ready(addr: str, lease: Any) -> None:
         lock.release()
@@ -427,7 +427,7 @@ def cmd_serve(ns: argparse.Namespace, out: Console, err: Console) -> int:
         try:
             lock.acquire(timeout=30)
         except LockTimeout:
-            raise CliError(f"cannot serve on {display(address)}: lock {lock.lock_file} is held "
+            raise CliError(f"cannot serve on {display(address)}: lock {lock.path} is held "
                            "by another process") from None
         try:
             if _listening(address):

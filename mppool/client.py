@@ -28,6 +28,7 @@ import pickle
 import threading
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -94,7 +95,7 @@ class Client:
         # the cyclic GC, which may finalize its socket before Client.__del__ closes it.
         self._pools: weakref.WeakValueDictionary[str, SharedPool] = weakref.WeakValueDictionary()
         # pool name -> obj -> (lease, channel, pool id): what this process holds.
-        self._held: dict[str, LeaseMap] = {}
+        self._held: defaultdict[str, LeaseMap] = defaultdict(LeaseMap)
         self._closed = False
         self._pid = os.getpid()
         self._info: dict[str, Any] = self._control.call("info")  # fail now, not at first use
@@ -102,8 +103,10 @@ class Client:
 
     # --------------------------------------------------------------- connections
 
-    def _call(self, method: str, *args: Any, timeout: float | None = -1.0) -> Any:
-        """A control-plane call, after every put this process sent has taken effect."""
+    def _call(self, method: str, *args: Any, timeout: float | None = -1.0,
+              start: bool = True) -> Any:
+        """A control-plane call, after every put this process sent has taken effect.
+        ``start=False``: never start a supervisor for it (a finalizer's call at exit)."""
         if self._closed:
             raise ServerUnavailable("client is closed")
         chan = self._chan
@@ -115,14 +118,14 @@ class Client:
         try:
             return self._control.call(method, *args, timeout=timeout)
         except ServerUnavailable:
-            if not self._autostart:
+            if not (self._autostart and start):
                 raise
         from .autostart import ensure_supervisor
 
         ensure_supervisor(self.address, self.authkey, self._timeout)
         return self._control.call(method, *args, timeout=timeout)
 
-    def channel(self) -> Channel:
+    def _channel(self) -> Channel:
         """This process's lease channel; a new one once the old one broke (a restart)."""
         chan = self._chan
         if chan is not None and not chan.broken:
@@ -140,7 +143,7 @@ class Client:
         self._chan = None
         self._control.forget()
         self._lock = threading.Lock()
-        self._held = {}
+        self._held = defaultdict(LeaseMap)
         self._pid = os.getpid()
 
     # --------------------------------------------------------------- public API
@@ -245,8 +248,20 @@ class Client:
 
     def host(self, obj: Any) -> HostedProxy:
         """Keep ``obj`` (shipped with dill) in the supervisor and return a proxy to it that
-        every process may call; it pickles, and reconnects wherever it is unpickled."""
+        every process may call; it pickles, and reconnects wherever it is unpickled.
+        Hosted objects live until ``unhost_all()`` (nothing counts proxies across processes).
+
+        This is what ``mppool.tpool`` did before it became eventlet's in-process thread pool.
+        """
         return HostedProxy(obj, self)
+
+    def set_num_threads(self, n: int) -> None:
+        """How many threads the supervisor may run ``execute`` and hosted calls on."""
+        self._call("set_num_threads", check_int("n", n, minimum=1))
+
+    def unhost_all(self) -> None:
+        """Forget every object hosted in the supervisor; their proxies fail from now on."""
+        self._call("killall")
 
     def close(self) -> None:
         """Close this client; leases it still holds go back to their pools."""
@@ -314,7 +329,7 @@ class SharedPool(Lender, PoolWhere):
         if chan is not None and chan.instance == self._instance and not chan._broken:
             return chan, self._id  # the common case, checked inline
         for _ in range(3):
-            chan = self._client.channel()
+            chan = self._client._channel()
             if chan.instance == self._instance:
                 return chan, self._id
             pool_id, _, timeout, instance = self._client._call(
@@ -326,13 +341,6 @@ class SharedPool(Lender, PoolWhere):
                 chan.close()
         raise ServerUnavailable(f"pool {self.name!r}: the supervisor at "
                                 f"{display(self._client.address)} keeps restarting")
-
-    @property
-    def _held(self) -> LeaseMap:
-        held = self._client._held.get(self.name)
-        if held is None:
-            held = self._client._held.setdefault(self.name, LeaseMap())
-        return held
 
     def _late_handler(self, chan: Channel, pool_id: int) -> Callable[[Any], None]:
         """What a grant that arrives after its get gave up does: go back at once (one per
@@ -381,7 +389,7 @@ class SharedPool(Lender, PoolWhere):
 
     def _received(self, reply: Any, chan: Channel, pool_id: int) -> Any:
         """The object a get's reply grants (recorded as held), or the error it carries."""
-        lease = granted(reply).lease
+        lease = (reply if type(reply) is P.Granted else granted(reply)).lease
         try:
             # The method cache of proxies is per kind of object: here, per pool.
             obj = ObjectProxy(self, lease, 0, f"pool {self.name}", chan, pool_id) \
@@ -393,14 +401,16 @@ class SharedPool(Lender, PoolWhere):
                                 f"({exc}); use transfer='proxy' to keep it in the supervisor") \
                     from exc
             raise
-        with self._client._lock:
-            self._held.add(obj, (lease, chan, pool_id))
+        client = self._client
+        with client._lock:
+            client._held[self.name].add(obj, (lease, chan, pool_id))
         return obj
 
     def ret(self, obj: Any, discard: bool = False) -> None:
         """Return an object; with ``discard=True`` the supervisor closes it instead."""
-        with self._client._lock:
-            held = self._held.take(obj)
+        client = self._client
+        with client._lock:
+            held = client._held[self.name].take(obj)
         if not held:
             log.warning("mppool: pool %r: ret() of an object this process does not hold "
                         "(returned twice?): ignored", self.name)
@@ -408,7 +418,7 @@ class SharedPool(Lender, PoolWhere):
         lease, chan, pool_id = held
         if isinstance(obj, ObjectProxy):
             object.__setattr__(obj, "_mp_lease", 0)  # further calls fail clearly
-        if chan.broken:
+        if chan._broken:
             log.info("mppool: pool %r: ret() of a lease from a supervisor connection that is "
                      "gone (%s): nothing to give back", self.name, chan.broken)
             return
@@ -488,7 +498,7 @@ class _Hosted:
         self._client = client
 
     def _mp_route(self) -> tuple[Channel, int]:
-        return self._client.channel(), 0
+        return self._client._channel(), 0
 
 
 class HostedProxy(ObjectProxy):

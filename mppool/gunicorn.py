@@ -2,7 +2,7 @@
 
 In ``gunicorn.conf.py``::
 
-    from mppool.gunicorn import on_starting, post_fork, on_exit
+    from mppool.gunicorn import on_starting, post_fork, child_exit, on_exit
 
 ``on_starting`` runs in the arbiter before any worker is forked: it starts a supervisor (or
 uses the one already serving ``MPPOOL_ADDRESS``) and exports ``MPPOOL_ADDRESS`` and
@@ -19,6 +19,10 @@ supervisor are void). The watcher probes the address with a plain connect every
 reaps every child itself (``waitpid(-1)``), so our ``Popen`` may never learn of the death. A
 supervisor that is merely frozen still accepts connections (the kernel queues them), so it is
 never replaced while it could come back.
+
+``child_exit`` matters with prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+set, see `mppool.poolmetrics`): the pools of a worker that died, however it died, leave the
+scraped gauges. Without that variable it does nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +74,10 @@ class _Watcher:
         old = _server
         if old is not None and old._proc is not None:
             old._proc.poll()  # settle our Popen if gunicorn has not reaped it already
-        new = Server(self.address, self.authkey).start()  # takes over the dead one's files
+        new = Server(self.address, self.authkey)
+        if old is not None and old._own_dir is not None:
+            new._own_directory(old._own_dir)  # Server(None)'s private directory: still ours
+        new.start()  # takes over the dead one's files
         _server = new
         self.restarts += 1
         _log(self.arbiter, "mppool: the supervisor (pid %s) at %s died: restarted it as pid %s",
@@ -108,6 +115,21 @@ def post_fork(server: Any, worker: Any) -> None:
     sockets); say where the worker will find its pools."""
     _log(server, "mppool: worker %s uses the supervisor at %s", worker.pid,
          os.environ.get("MPPOOL_ADDRESS"))
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Arbiter, after a worker exited (SIGKILL included): with prometheus_client's multiprocess
+    mode on, remove the worker's live gauges (``mark_process_dead``), so that the sizes and
+    waits of its pools no longer count in the sums."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+    except Exception as exc:  # a hook must not take the arbiter down
+        _log(server, "mppool: could not remove the metrics of worker %s: %s: %s", worker.pid,
+             type(exc).__name__, exc, level=logging.WARNING)
 
 
 def on_exit(server: Any) -> None:

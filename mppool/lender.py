@@ -20,6 +20,9 @@ class Lender:
 
     @contextmanager
     def obj(self, timeout: float | None = None) -> Iterator[Any]:
+        """``with pool.obj(timeout) as o:`` gets an object as ``get(timeout)`` does and
+        always gives it back at the end of the block, even when the block raises. ``item``
+        is another name for it."""
         o = self.get(timeout)
         try:
             yield o

@@ -103,6 +103,7 @@ class Lifetime(PoolState):
         for container in (self._avail, self._using, self._by_obj, self._waiters, self._to_close):
             container.clear()
         self._ncreating = self._nchecking = self._recall_n = 0
+        self._recall_since = None
         self._inflight.clear()  # jobs running in the parent are no concern of the child's
         if self._sched is None or self._shutdown:
             return

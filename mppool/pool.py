@@ -3,19 +3,19 @@
     in this process                                   in the supervisor (its lease loop)
     ───────────────                                   ──────────────────────────────────
     get() ─ fast path: an idle entry, nobody queued   a client's get
-          └ else checkout():
-              acquire(holder, Waiter) ◀─────────────── acquire(holder, its RemoteWaiter)
-                │ an idle entry  → hand_out(entry): the getter hook
-                │ CREATE         → create_for(holder): budget token, fun, opener
+          └ else _checkout():
+              _acquire(holder, Waiter) ◀────────────── _acquire(holder, its RemoteWaiter)
+                │ an idle entry  → _hand_out(entry): the getter hook
+                │ CREATE         → _create_for(holder): budget token, fun, opener
                 │ a waiter       → queued; later set(), under the lock, with an entry,
-                │                  CREATE or PoolClosed; cancel()/abandon() if it gives up
+                │                  CREATE or PoolClosed; _cancel()/_abandon() if it gives up
     ret(obj) ─ obj → lease (LeaseMap)                 a client's put
           └ fast path: back to the idle entries
-          └ else checkin(lease) ◀────────────────────  checkin(lease, holder=its connection)
+          └ else _checkin(lease) ◀───────────────────  _checkin(lease, holder=its connection)
               retter hook, then to the oldest waiter, kept idle, or closed (discarded,
               worn out, expired, recalled by the budget, above a shrunk max_size)
                                                       a client's process died or left:
-                                                      reclaim(pred, reset), drop_waiters(pred)
+                                                      _reclaim(pred, reset), _drop_waiters(pred)
 
 Every method decides under the one lock and does the slow work outside it; state.py says
 what the lock guards and where that work is done. The periodic round is in housekeeping.py,
@@ -24,6 +24,11 @@ tied to a client connection here, so a client that dies while waiting is dropped
 queue instead of blocking a server thread (a stock manager semaphore loses a unit for ever
 when a client dies blocked in acquire(): its server thread takes the unit later and fails to
 send it).
+
+The lease-level methods (``_checkout``, ``_acquire``, ``_checkin``, ...) are underscored: they
+are the supervisor's and the thin pools' (``pools.Pool``, ``db_pool``) way in, not the API.
+So are the ``clock``, ``scheduler`` and ``runner`` a pool may be made with: not parameters of
+``Pool()``, but of `Pool._made_with` (the supervisor's pools, tests with a fake clock).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +47,8 @@ from .holder import Holder, current_holder
 from .housekeeping import Housekeeping
 from .lender import Lender
 from .lifetime import Lifetime
+from .poolmetrics import enabled as metrics_enabled
+from .poolmetrics import instrument
 from .proxypattern import ProxyPatternCompat
 from .sched import Scheduler
 from .state import (
@@ -77,7 +85,82 @@ _ids = itertools.count(1)
 
 
 class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
-    """Thread-safe pool of objects created on demand by ``fun(i)`` (ProxyPatternPool's API)."""
+    """A thread-safe pool of objects made on demand by ``fun(i)``, with ProxyPatternPool's
+    API: ``get()``/``ret()`` (alias ``put``), ``with pool.obj() as o:`` (alias ``item``),
+    ``stats()``, ``shutdown()``, ``resize()``, ``free()``, ``waiting()``, ``len(pool)``.
+
+    Waiters are served first come, first served; an object returned goes to the oldest
+    waiter; a waiter that timed out never swallows an object. An exception in a hook is
+    logged and swallowed: the pool stays consistent.
+
+    Durations: ``None`` or ``math.inf`` mean forever (``timeout``) or never (the ``max_*``
+    delays, where 0 means never too); any finite number >= 0 is seconds; anything else
+    (NaN, negative, not a number) raises ValueError/TypeError naming the parameter.
+
+    **Sizes and waiting**
+
+    - ``fun``: ``fun(i)`` makes an object; it is given the creation number (0, 1, 2, ...).
+      Required. An exception it raises propagates out of ``get()`` and costs no slot; at
+      construction (for ``min_size``) it is logged, not raised.
+    - ``max_size``: the bound on objects (idle + in use); 0 or None: unbounded.
+    - ``min_size``: objects made at construction and whenever the count falls below it.
+    - ``timeout``: how long ``get()`` waits by default (None: forever; 0: not at all);
+      ``TimeOut`` when nothing came in time.
+    - ``burst_limit`` (keyword): None makes ``max_size`` a hard bound. An int makes it soft:
+      when nothing is idle, a get makes objects up to ``burst_limit`` instead of waiting; an
+      object returned while the pool holds more than ``max_size`` and nobody waits is closed
+      (``stats()["nburst_closed"]``). Needs ``max_size >= 1`` and ``burst_limit >=
+      max_size`` (ValueError otherwise). ``free()`` counts the room up to ``burst_limit``;
+      ``min_size`` and ``resize()`` work on ``max_size``.
+    - ``max_waiting`` (keyword): 0, no limit; otherwise a ``get()`` that would queue behind
+      ``max_waiting`` others raises ``TooManyRequests`` at once.
+
+    **Recycling and long use**
+
+    - ``max_use``: an object used this many times is closed (0: no limit).
+    - ``max_avail_delay``: an object idle this long is closed (never below ``min_size``).
+    - ``max_lifetime`` (keyword): an object this old is closed when next idle (up to 5%
+      random jitter, so that objects do not all expire together).
+    - ``max_using_delay``: an object held longer is reported (a warning naming its holder).
+    - ``max_using_delay_kill``: an object held longer is taken back: its lease is killed
+      (the object is closed and its slot freed; a later ``ret`` of it is ignored). Given
+      alone, it is the warning delay too.
+    - ``kill_holder`` (keyword): with a killed lease, terminate its holder process too
+      (SIGTERM, then SIGKILL); meaningful in shared pools, where holders are other processes.
+    - ``delay``: the housekeeping period (seconds). 0: derived, half the smallest non-zero of
+      ``max_avail_delay``/``max_using_delay``/``max_lifetime``, else 60 s when ``health`` is
+      set, else none; None or ``inf``: no housekeeping at all.
+
+    **Hooks** (each called with the object)
+
+    - ``opener`` after creation, ``getter`` on each get, ``retter`` on each return,
+      ``closer`` when the object is closed.
+    - ``health``: ``health(obj) -> bool`` runs on idle objects every ``health_freq``
+      housekeeping rounds; an unhealthy object is closed and replaced.
+    - ``check`` (keyword): ``check(obj) -> bool`` runs on an idle object just before
+      ``get()`` hands it out (a pre-ping); False or an exception closes it and ``get()`` goes
+      on to another or a new object within the same deadline. ``check_after`` (keyword):
+      only objects idle at least this many seconds are checked (0.0: all).
+    - ``stats``, ``tracer``: ``stats(obj)`` and ``tracer(obj)`` describe an object in
+      ``stats()`` and in warnings.
+
+    **Failing creations, lifecycle, naming**
+
+    - ``reconnect_timeout`` (keyword, 300.0), ``reconnect_failed`` (keyword): when making
+      objects for ``min_size`` fails, retries back off (1 s, doubling, +-10% jitter) for up
+      to ``reconnect_timeout`` seconds, then ``reconnect_failed(pool)`` is called, once per
+      outage.
+    - ``open`` (keyword, True): with False nothing is made until ``pool.open()``;
+      ``pool.wait(timeout)`` blocks until ``min_size`` objects exist; ``close()`` is
+      ``shutdown()``, and ``with Pool(...) as pool:`` closes on exit.
+    - ``budget`` (keyword): a shared token pool (``client.token_pool(...)``); every object
+      holds one token while it lives, so the objects of every process using that budget never
+      exceed its size. Idle objects above ``min_size`` are given back when another process
+      waits for the budget.
+    - ``name`` (keyword): how logs, errors, stats and metrics name the pool (default
+      ``"#<number>"``).
+    - ``log_level``: sets the level of the ``"mppool"`` logger.
+    """
 
     def __init__(
         self,
@@ -105,32 +188,10 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         budget: Budget | None = None,
         kill_holder: bool = False,
         name: str | None = None,
-        clock: Clock | None = None,
-        scheduler: Scheduler | None = None,
-        runner: Runner | None = None,
     ) -> None:
-        """Durations: None or ``math.inf`` mean forever (``timeout``, ``shutdown(delay)``)
-        or never (``max_avail_delay``, ``max_using_delay``, ``max_using_delay_kill``,
-        ``max_lifetime``, where 0 also means never; ``delay=None``/``inf``: no housekeeping
-        at all); any finite number >= 0 is seconds; anything else raises ValueError/TypeError.
-
-        ``burst_limit``: None (the default) makes ``max_size`` a hard bound. An int makes it
-        a soft one: when nothing is idle, a get creates objects up to ``burst_limit`` instead
-        of waiting; an object returned (or reclaimed, or put back after a health check)
-        while the pool holds ``max_size`` objects without it is handed to a waiter if one is
-        queued, else closed (counted in ``stats()["nburst_closed"]``). It must be
-        >= ``max_size``, and ``max_size`` must be bounded (>= 1): ValueError otherwise.
-        ``free()`` counts the room up to ``burst_limit``; ``min_size`` refills and
-        ``resize(max_size)`` work on ``max_size``. With a budget, burst objects hold a token
-        each, like any other.
-
-        ``runner``: how housekeeping runs the user's code (``fun`` to refill ``min_size``,
-        ``closer``, ``health``, ``tracer``). ``runner(job)`` must arrange for ``job()`` to be
-        called soon on a thread of its own, or raise if it cannot (the work is then retried
-        at the next round). With None (the default), housekeeping runs them itself, in the
-        scheduler's thread. With a runner, a housekeeping round only decides, under the
-        lock, and never blocks on a hook: a hook that hangs delays only this pool's runner.
-        """
+        """See the class: every parameter is described there."""
+        # Set only by _made_with(): not parameters, so that help(Pool) shows the API alone.
+        clock, scheduler, runner = self.__dict__.pop("_internals", (None, None, None))
         # Validate everything before touching any state: nothing is half-created on error.
         check_callable("fun", fun, required=True)
         min_size, max_size = check_sizes(min_size, 0 if max_size is None else max_size)
@@ -167,7 +228,8 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         self._budget = budget
         self._kill_holder = kill_holder
         self._clock = clock or REAL_CLOCK
-        self._now = self._clock.now
+        # The real clock is time.monotonic itself: no Python frame per get and put for it.
+        self._now = time.monotonic if type(self._clock) is Clock else self._clock.now
 
         self._id = next(_ids)
         # Errors and logs name the pool: by its name in the supervisor, else "#<id>".
@@ -183,10 +245,32 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         idle = self._idle_start(served=scheduler is not None)
         self._start_housekeeping(None if idle else hk_delay, scheduler,
                                  own_clock=clock is not None)
-        self._start_recall(own_clock=clock is not None)
+        self._start_recall(scheduler, own_clock=clock is not None)
+        if metrics_enabled():  # PROMETHEUS_MULTIPROC_DIR: see poolmetrics.py; else untouched
+            instrument(self)
         self._register()
         if not idle:
             self._fill()
+
+    @classmethod
+    def _made_with(cls, *args: Any, clock: Clock | None = None,
+                   scheduler: Scheduler | None = None, runner: Runner | None = None,
+                   **options: Any) -> Pool:
+        """``Pool(*args, **options)`` with internals of its own (the supervisor, tests).
+
+        ``clock``: time for every deadline and delay (a fake one in tests). ``scheduler``:
+        where housekeeping rounds run (the supervisor shares one). ``runner``: how
+        housekeeping runs the user's code (``fun`` to refill ``min_size``, ``closer``,
+        ``health``, ``tracer``): ``runner(job)`` must arrange for ``job()`` to be called soon
+        on a thread of its own, or raise if it cannot (the work is then retried at the next
+        round). Without one, housekeeping runs them itself, in the scheduler's thread. With
+        one, a round only decides, under the lock, and never blocks on a hook: a hook that
+        hangs delays only this pool's runner.
+        """
+        pool = cls.__new__(cls)
+        vars(pool)["_internals"] = (clock, scheduler, runner)  # read (and dropped) by __init__
+        pool.__init__(*args, **options)  # type: ignore[misc]
+        return pool
 
     # ------------------------------------------------------------------ public API
 
@@ -209,8 +293,8 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
                     self._by_obj.add(entry.obj, entry.lease)
                     got = entry
         if got is not None:
-            return self.hand_out(got).obj
-        entry = self.checkout(holder, timeout)
+            return self._hand_out(got).obj
+        entry = self._checkout(holder, timeout)
         with self._lock:
             self._by_obj.add(entry.obj, entry.lease)
         return entry.obj
@@ -228,7 +312,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             log.warning("mppool: pool %r: ret() of an object it does not lend: %.80s",
                         self._name, self._trace(obj))
             return
-        self.checkin(lease, discard)
+        self._checkin(lease, discard)
 
     def _fast_return(self, lease: int) -> bool:
         """Under the lock: return a lease in place if nothing needs doing (no hook to run,
@@ -264,6 +348,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             return len(self._avail) + max(0, limit - self._total())
 
     def waiting(self) -> int:
+        """How many ``get()`` calls are blocked waiting for an object now."""
         with self._lock:
             return sum(1 for w in self._waiters if not w.done)
 
@@ -343,11 +428,11 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         """The pool's default ``get()`` timeout (None: wait forever)."""
         return self._timeout
 
-    def checkout(self, holder: Holder, timeout: float | None = None) -> Entry:
+    def _checkout(self, holder: Holder, timeout: float | None = None) -> Entry:
         """Lease an entry to ``holder``, creating or waiting as needed (the blocking get)."""
         timeout = self._timeout if timeout is None else check_timeout("timeout", timeout)
         deadline = None if timeout is None else self._clock.now() + timeout
-        got = self.acquire(holder, None if timeout == 0 else Waiter)
+        got = self._acquire(holder, None if timeout == 0 else Waiter)
         if got is None:
             raise TimeOut(f"pool {self._name!r}: no object available, timeout after 0 s "
                           "(timeout=0: do not wait)")
@@ -356,29 +441,29 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         if got is CREATE:
             # What is left of the caller's timeout bounds the wait for a budget token too.
             left = None if deadline is None else max(0.0, deadline - self._clock.now())
-            return self.create_for(holder, left)
-        return self.hand_out(got)  # type: ignore[arg-type]
+            return self._create_for(holder, left)
+        return self._hand_out(got)  # type: ignore[arg-type]
 
     def _wait(self, waiter: Waiter, timeout: float | None) -> Entry | _Create:
         """Block until ``waiter`` is served; give up (and give back) on timeout or any error."""
         try:
             waiter.wait(timeout)
         except BaseException:
-            self.abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
+            self._abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
             raise
-        if self.cancel(waiter):
+        if self._cancel(waiter):
             raise TimeOut(f"pool {self._name!r}: no object available, timeout after {timeout} s")
         got = waiter.result
         if isinstance(got, BaseException):
             raise got
         return got
 
-    def acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
+    def _acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
                 *args: Any) -> Entry | _Create | Any | None:
         """The one decision of every get, for in-process and remote callers alike.
 
-        Returns an idle entry now leased to ``holder`` (run `hand_out` on it), ``CREATE`` (a
-        slot is reserved: call `create_for`, or `release_slot` if it will not be used), or
+        Returns an idle entry now leased to ``holder`` (run `_hand_out` on it), ``CREATE`` (a
+        slot is reserved: call `_create_for`, or `_release_slot` if it will not be used), or
         the waiter made by ``waiter(holder, *args)`` and queued (its ``set()`` is called later under
         the pool lock, with an entry, ``CREATE`` or an exception). None: nothing is
         available and no waiter was asked for. Newcomers never barge past queued waiters.
@@ -389,7 +474,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             got: Any = None
             if not self._paused and (not self._waiters
                                      or not any(not w.done for w in self._waiters)):
-                now = self._clock.now()
+                now = self._now()
                 while self._avail:
                     entry = self._avail.popleft() if self._fifo else self._avail.pop()
                     if entry.expires and now >= entry.expires:
@@ -413,7 +498,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             self._settle(offload=True)
         return got
 
-    def cancel(self, waiter: Any) -> bool:
+    def _cancel(self, waiter: Any) -> bool:
         """Withdraw a queued waiter that gave up (timed out); False if it was served first."""
         with self._lock:
             if not waiter.cancel():
@@ -424,24 +509,24 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
                 pass
             return True
 
-    def abandon(self, waiter: Any) -> None:
+    def _abandon(self, waiter: Any) -> None:
         """A waiter's caller is gone (interrupted, cancelled): withdraw it, or give back what
         it was handed meanwhile, so that nothing is stranded."""
-        if self.cancel(waiter):
+        if self._cancel(waiter):
             return
         got = waiter.result
         if got is CREATE:
-            self.release_slot()
+            self._release_slot()
         elif isinstance(got, Entry):
-            self.checkin(got.lease)
+            self._checkin(got.lease)
 
-    def hand_out(self, entry: Entry) -> Entry:
+    def _hand_out(self, entry: Entry) -> Entry:
         """Run the getter hook on an entry about to reach its holder (its one call site)."""
         if self._getter is not None:
             self._hook("getter", self._getter, entry.obj)
         return entry
 
-    def create_for(self, holder: Holder, timeout: float | None = None) -> Entry:
+    def _create_for(self, holder: Holder, timeout: float | None = None) -> Entry:
         """Create an object in a reserved slot and hand it out to ``holder``; an error frees
         the slot. ``timeout`` bounds the wait for a budget token (None: the pool's timeout).
         """
@@ -457,16 +542,16 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         if closed:
             self._settle()
             raise PoolClosed(f"pool {self._name!r} is shutting down")
-        return self.hand_out(entry)
+        return self._hand_out(entry)
 
-    def release_slot(self) -> None:
-        """Give back a slot reserved by acquire() that will not be used."""
+    def _release_slot(self) -> None:
+        """Give back a slot reserved by _acquire() that will not be used."""
         with self._lock:
             self._ncreating -= 1
             self._grant_slots()
         self._settle(offload=True)
 
-    def lent(self, lease: int, holder: Holder | None = None) -> Entry | None:
+    def _lent(self, lease: int, holder: Holder | None = None) -> Entry | None:
         """The entry of ``lease`` if it is lent (to ``holder``, when given), else None."""
         with self._lock:
             entry = self._using.get(lease)
@@ -474,7 +559,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
                 return None
             return entry
 
-    def checkin(self, lease: int, discard: bool = False, holder: Holder | None = None) -> bool:
+    def _checkin(self, lease: int, discard: bool = False, holder: Holder | None = None) -> bool:
         """Return a leased entry; False (and a warning) if the lease is unknown, killed, or
         (``holder`` given) lent to somebody else: a lease is returned only by its holder."""
         with self._lock:
@@ -491,6 +576,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
                         self._name, lease)
             return False
         self._hook("retter", self._retter, entry.obj)
+        recalled = bool(self._recall_n) and not discard and self._recall_wanted(entry)
         with self._lock:
             if self._using.get(lease) is not entry:
                 return False  # killed or reclaimed while the retter ran
@@ -498,7 +584,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             self._counts["nreturns"] += 1
             entry.holder = None
             entry.last_ret = now = self._clock.now()
-            if self._shutdown or discard or self._recall_on_return():  # recalled: see budget.py
+            if self._shutdown or discard or (recalled and self._recall_on_return()):  # budget.py
                 self._to_close.append(entry)
             elif self._max_use and entry.uses >= self._max_use:
                 self._counts["nwornout"] += 1
@@ -515,7 +601,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
         self._settle()
         return True
 
-    def reclaim(self, pred: Callable[[Holder], bool], reset: PoolHook | None = None) -> int:
+    def _reclaim(self, pred: Callable[[Holder], bool], reset: PoolHook | None = None) -> int:
         """Take back every lease whose holder matches ``pred`` (a holder that died).
 
         With ``reset``, each object is reset (e.g. rolled back) and reused; if the reset
@@ -548,7 +634,7 @@ class Pool(Housekeeping, Budgeted, ProxyPatternCompat, Lifetime, Lender):
             self._settle(offload=True)
         return len(entries)
 
-    def drop_waiters(self, pred: Callable[[Any], bool]) -> int:
+    def _drop_waiters(self, pred: Callable[[Any], bool]) -> int:
         """Forget queued waiters matching ``pred`` (their client went away)."""
         with self._lock:
             dropped = [w for w in self._waiters if pred(w) and w.cancel()]

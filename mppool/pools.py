@@ -5,8 +5,8 @@ counting, creating and waiting (first come, first served, a timed-out waiter nev
 an item):
 
     get() ── an idle foreign item, if one waits (_extra) ──▶ it
-          └ core.acquire(): an idle entry, CREATE (create() runs), or a queued waiter
-    put(item) ── LeaseMap.take(item) ──▶ core.checkin(lease)
+          └ core._acquire(): an idle entry, CREATE (create() runs), or a queued waiter
+    put(item) ── LeaseMap.take(item) ──▶ core._checkin(lease)
               └ no lease: an item the pool holds idle is ignored; any other (foreign)
                 goes to the oldest waiter, else joins the idle items (_extra)
     core pool ── fun = _make(): create()
@@ -48,7 +48,7 @@ from .leasemap import LeaseMap
 from .lender import Lender
 from .pool import Pool as _CorePool
 from .state import CREATE, Entry, Waiter
-from .validate import check_callable, check_size, check_sizes
+from .validate import check_callable, check_size, check_sizes, check_timeout
 
 __all__ = ["Pool", "Token", "TokenPool"]
 
@@ -109,12 +109,13 @@ class Pool(Lender, Generic[T]):
         came in time. An exception from `create` propagates and costs no room. An idle
         foreign item (see `put`) is handed out first, as eventlet's free list would.
         """
+        timeout = check_timeout("timeout", timeout)
         core = self._pool
         with core._lock:
             if self._extra and not any(not w.done for w in core._waiters):
                 return self._take_extra()
         holder = current_holder()
-        got = core.acquire(holder, None if timeout == 0 else self._waiter)
+        got = core._acquire(holder, None if timeout == 0 else self._waiter)
         if got is None:
             raise TimeOut(f"pool {core._name!r}: no object available, timeout after 0 s "
                           "(timeout=0: do not wait)")
@@ -122,7 +123,7 @@ class Pool(Lender, Generic[T]):
             got = self._wait(got, timeout)
         if isinstance(got, _Gift):
             return got.obj
-        entry = core.create_for(holder) if got is CREATE else core.hand_out(got)  # type: ignore[arg-type]
+        entry = core._create_for(holder) if got is CREATE else core._hand_out(got)  # type: ignore[arg-type]
         with self._lock:
             self._leases.add(entry.obj, entry.lease)
         return entry.obj
@@ -146,13 +147,13 @@ class Pool(Lender, Generic[T]):
         try:
             waiter.wait(timeout)
         except BaseException:  # KeyboardInterrupt and the like: nothing may be stranded
-            if not core.cancel(waiter):  # served meanwhile: give back what it was handed
+            if not core._cancel(waiter):  # served meanwhile: give back what it was handed
                 if isinstance(waiter.result, _Gift):
                     self._give_foreign(waiter.result.obj)
                 else:
-                    core.abandon(waiter)
+                    core._abandon(waiter)
             raise
-        if core.cancel(waiter):
+        if core._cancel(waiter):
             raise TimeOut(f"pool {core._name!r}: no object available, timeout after {timeout} s")
         got = waiter.result
         if isinstance(got, BaseException):
@@ -176,7 +177,7 @@ class Pool(Lender, Generic[T]):
             lease = self._leases.take(item)
             known = not lease and self._members[id(item)] > 0
         if lease:
-            self._pool.checkin(lease)
+            self._pool._checkin(lease)
             return
         if known or not self._give_foreign(item):
             log.warning("mppool: pools.Pool: put() of an item already idle in the pool, "

@@ -38,6 +38,8 @@ HEADER = struct.Struct("!I")
 # How much one recv() asks for. Above glibc's mmap threshold (128 KiB) every call would
 # mmap and munmap its buffer: recv(262144) measured 15 us against 1.9 us for 64 KiB.
 RECV_SIZE = 65536
+# Payloads up to this size are copied out of what was received; larger ones are views.
+COPY_MAX = 4096
 MAX_HANDSHAKE = 4096  # a frame before the key is proved: a hello is ~110 bytes
 # The supervisor's limits on a connection (each a Server option): the largest message, the
 # unread replies past which a client is cut off, the time to prove the key.
@@ -155,10 +157,11 @@ Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye
 class FrameReader:
     """Splits a byte stream into payloads, refusing any frame longer than ``limit``.
 
-    Whole frames are cut out of what was received in place, without a copy. Only the start
-    of an incomplete frame is kept, and the buffer then grows by appending until the frame is
-    complete, so a large frame arriving in many pieces costs linear time, never a copy of the
-    whole buffer per piece.
+    Small payloads are slices of what was received (copying a few dozen bytes costs less
+    than making a view of them); payloads over ``COPY_MAX`` are views, never copies. Only the
+    start of an incomplete frame is kept, and the buffer then grows by appending until the
+    frame is complete, so a large frame arriving in many pieces costs linear time, never a
+    copy of the whole buffer per piece.
     """
 
     __slots__ = ("_buf", "_need", "limit")
@@ -173,34 +176,37 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Any]:
-        """Payloads completed by ``data`` (views of immutable bytes: they stay valid)."""
+        """Payloads completed by ``data`` (bytes, or views of immutable bytes: both stay
+        valid)."""
         size = HEADER.size
         if self._buf:
             self._buf += data
             if len(self._buf) < self._need:
                 return []
             data, self._buf = bytes(self._buf), bytearray()
-        elif len(data) >= size:
+        end = len(data)
+        if end >= size:
             (n,) = HEADER.unpack_from(data)
-            if len(data) == size + n and n <= self.limit:  # exactly one whole frame
-                return [memoryview(data)[size:]]
-        # Usually whole frames (a put and a get in one recv): parsed in place, no copy.
-        view = memoryview(data)
-        end, pos = len(data), 0
+            if end == size + n and n <= self.limit:  # exactly one whole frame: the common case
+                return [data[size:] if n <= COPY_MAX else memoryview(data)[size:]]
+        # Usually whole frames (a put and a get in one recv).
+        limit = self.limit
         frames: list[Any] = []
+        pos = 0
         while end - pos >= size:
             (n,) = HEADER.unpack_from(data, pos)
-            if n > self.limit:
-                raise ProtocolError(f"a frame of {n} bytes is over the limit of {self.limit}")
-            if end - pos - size < n:
+            if n > limit:
+                raise ProtocolError(f"a frame of {n} bytes is over the limit of {limit}")
+            start = pos + size
+            if start + n > end:
                 self._need = size + n
                 break
-            frames.append(view[pos + size:pos + size + n])
-            pos += size + n
+            pos = start + n
+            frames.append(data[start:pos] if n <= COPY_MAX else memoryview(data)[start:pos])
         else:
             self._need = size
         if pos < end:
-            self._buf = bytearray(view[pos:])  # the start of a frame: wait for the rest
+            self._buf = bytearray(memoryview(data)[pos:])  # the start of a frame: wait for the rest
         return frames
 
 

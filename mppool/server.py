@@ -24,6 +24,7 @@ from multiprocess.managers import dispatch
 
 from .address import (
     Address,
+    beside,
     display,
     fresh_address,
     parse_address,
@@ -31,6 +32,7 @@ from .address import (
     server_authkey,
     socket_leftovers,
 )
+from .addrlock import remove_if_unused
 from .launch import launch, take_over, wait_gone
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from .validate import check_delay, check_int
@@ -60,22 +62,36 @@ class Server:
         fresh = fresh_address() if address is None else None
         addr: Address = fresh if fresh is not None else parse_address(address)
         # The private directory of a fresh address is ours to remove at shutdown.
-        self._own_dir = os.path.dirname(fresh) if fresh is not None else None
+        self._own_dir: str | None = None
+        if fresh is not None:
+            self._own_directory(os.path.dirname(fresh))
         self._authkey = key
         self._address: Address = addr
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
 
+    def _own_directory(self, directory: str) -> None:
+        """The socket's directory is ours (made for ``Server(address=None)``, or inherited
+        from such a supervisor this one replaces): removed at shutdown, and by the
+        supervisor itself when it stops, in case our process is killed first."""
+        self._own_dir = directory
+        self._options["remove_dir"] = 1
+
     @property
     def address(self) -> Address:
+        """Where the supervisor listens: a socket path, or ``(host, port)`` (a port 0 given
+        is the real port once started)."""
         return self._address
 
     @property
     def authkey(self) -> bytes:
+        """The key clients must present (also in the key file beside the socket)."""
         return bytes(self._authkey)
 
     @property
     def pid(self) -> int | None:
+        """The supervisor's pid while it runs (None before ``start()`` and after
+        ``shutdown()``)."""
         return self._pid
 
     def start(self, detach: bool = False) -> Server:
@@ -98,7 +114,9 @@ class Server:
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the supervisor: every pool is shut down, socket and key file removed."""
+        """Stop the supervisor: every pool is shut down; its sockets, key file, autostart lock
+        file (unless somebody holds it) and, for ``Server(address=None)``, private directory
+        are removed."""
         pid = self._pid
         if pid is None:
             return
@@ -125,6 +143,8 @@ class Server:
                 os.unlink(path)
             except OSError:
                 pass
+        # The autostart lock a connect(autostart=True) made here, unless one holds it now.
+        remove_if_unused(beside(self._address, ".lock"))
         if self._own_dir:
             try:
                 os.rmdir(self._own_dir)

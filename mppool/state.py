@@ -7,11 +7,11 @@ same two steps, so that no user code ever runs under the lock and the lock is he
 
     1. decide, under _lock                      2. the work that follows, outside it
        ─────────────────────                       ─────────────────────────────────
-       idle entry ──lease──▶ _using                the getter hook (Pool.hand_out)
-       returned entry ──▶ a waiter, or _avail      (the retter hook ran before: Pool.checkin)
+       idle entry ──lease──▶ _using                the getter hook (Pool._hand_out)
+       returned entry ──▶ a waiter, or _avail      (the retter hook ran before: Pool._checkin)
                      (or _to_close: a burst object above max_size, see burst_limit)
        free room ──▶ a creation right: CREATE      fun + opener, by whoever got the right
-                     to a waiter, or a fill        (Pool.create_for, Housekeeping._fill)
+                     to a waiter, or a fill        (Pool._create_for, Housekeeping._fill)
                      (room: up to burst_limit if set, else max_size)
        any entry ──▶ _to_close                     _settle(): closer, budget token back,
                                                    the freed room to the next waiter
@@ -239,6 +239,8 @@ class PoolState:
     _hk_last: float
     _weak_hk: Callable[[], None]
     _recall_n: int
+    _recall_since: float | None
+    _recall_rounds: int
     _recall_task: Task | None
     _weak_recall: Callable[[], None]
 

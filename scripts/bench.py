@@ -16,7 +16,11 @@ as medians over the reps:
 - supervisor CPU per lease (psutil cpu_times of the supervisor around a fixed number of
   cycles), against the stdlib manager's server process;
 - reclaim latency after SIGKILL (scripts/reclaim_latency.py's ``measure``);
-- supervisor memory with 256 connected clients (8 processes x 32 clients).
+- supervisor memory with 256 connected clients (8 processes x 32 clients);
+- connection churn under a budget against per-process pools, TpooledConnectionPool and
+  PgBouncer, on the local PostgreSQL (scripts/bench_churn.py's ``run``; skipped with a
+  message when PostgreSQL does not answer, its PgBouncer column when pgbouncer is not
+  installed; ``--no-churn`` leaves it out).
 
 Workers are forked (multiprocessing 'fork' context), warm up, then wait on a barrier so they
 start together; each records every cycle's latency with ``time.perf_counter_ns`` and sends a
@@ -498,12 +502,17 @@ def measure_memory(h: Harness, threaded: bool) -> dict[str, Any]:
             "fds_before": fds0, "fds_with_clients": fds1}
 
 
-def measure_reclaim(kills: int) -> dict[str, Any]:
-    path = Path(__file__).with_name("reclaim_latency.py")
-    spec = importlib.util.spec_from_file_location("reclaim_latency", path)
+def _load_script(name: str) -> Any:
+    """A sibling script of this one, imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def measure_reclaim(kills: int) -> dict[str, Any]:
+    mod = _load_script("reclaim_latency")
     # The supervisor it starts inherits our stderr and logs one warning per reclaim, which is
     # the expected outcome here: keep those out of the report, pass anything else through.
     with tempfile.TemporaryFile(mode="w+") as log:
@@ -518,7 +527,8 @@ def measure_reclaim(kills: int) -> dict[str, Any]:
             os.close(saved)
         log.seek(0)
         lines = log.read().splitlines()
-    other = [line for line in lines if "whose holder went away" not in line]
+    # The warnings the kills cause on purpose: "... whose holder (pid N) went away without closing".
+    other = [line for line in lines if "went away without closing" not in line]
     for line in other:
         print(line, file=sys.stderr)
     res["supervisor_reclaim_warnings"] = len(lines) - len(other)
@@ -1136,6 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results folder")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/img/")
     ap.add_argument("--only", choices=["async"], help="run only this section (results in bench-async.json)")
+    ap.add_argument("--no-churn", action="store_true", help="leave out the PostgreSQL churn section")
     ap.add_argument("--async-seconds", type=float,
                     help="seconds per cell of the async section (default 0.4, quick 0.3)")
     ns = ap.parse_args(argv)
@@ -1184,6 +1195,10 @@ def main(argv: list[str] | None = None) -> int:
         res["reclaim"] = measure_reclaim(kills)
         _say("  memory with 256 clients...")
         res["memory"] = [measure_memory(h, threaded=True), measure_memory(h, threaded=False)]
+        churn = _load_script("bench_churn") if not ns.no_churn else None
+        if churn is not None:
+            _say("  connection churn on PostgreSQL (scripts/bench_churn.py)...")
+            res["churn"] = churn.run(quick=ns.quick)
     finally:
         h.reap_all()
         if server is not None:
@@ -1205,6 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(res, lease, inproc, cpu, png_path)
     print_tables(res, lease, inproc, cpu, goals)
     print_async(res["async"])
+    if churn is not None:
+        churn.report(res["churn"])
     print(f"wrote {json_path} and {png_path}")
     if not ns.quick and not ns.no_docs:
         docs = ROOT / "docs" / "img"

@@ -7,8 +7,10 @@ and sit idle. The parent's own pool then needs a token: the time from its get() 
 object is the recall latency (the child's pool notices the waiter and closes an idle
 object, giving its token back). The promise: within 100 ms.
 
-The idle pool polls ``budget.waiting()`` every 50 ms (``mppool.pool.RECALL_PERIOD``), so the
-latency is the time to its next poll. Each round starts at a random moment (0-60 ms after the
+The idle pool polls ``budget.waiting()`` every 50 ms (``mppool.budget.RECALL_PERIOD``) and
+gives an object back once its idle time plus the demand's age reaches
+``mppool.budget.RECALL_PATIENCE`` (0.1 s), so the latency is the time to its next poll, or a
+little more for an object it used just before. Each round starts at a random moment (0-60 ms after the
 previous one): without that, every round would start just after the poll that ended the
 previous round and always wait a whole period, which real arrivals do not.
 """

@@ -3,10 +3,11 @@
 - Hang guard: a test still running shortly before pytest-timeout's limit gets every thread's
   stack dumped by ``faulthandler`` (a C-level watchdog thread, so it works even when the main
   thread is stuck in C code), written to the real stderr, not to pytest's capture.
-- Services: the ``postgres_dsn`` and ``redis_url`` fixtures, and the ``postgres``/``redis``
-  markers, check the real servers (TCP connect + a real query, 2 s timeout). A missing service
-  skips the test with the reason, or fails it when ``MPPOOL_REQUIRE_SERVICES=1`` (as in CI).
-  ``MPPOOL_PG_DSN`` and ``MPPOOL_REDIS_URL`` override where the servers are.
+- Services: the ``postgres_dsn``, ``mysql_dsn`` (MariaDB, through PyMySQL) and ``redis_url``
+  fixtures, and the ``postgres``/``mysql``/``redis`` markers, check the real servers (TCP
+  connect + a real query, 2 s timeout). A missing service skips the test with the reason, or
+  fails it when ``MPPOOL_REQUIRE_SERVICES=1`` (as in CI). ``MPPOOL_PG_DSN``,
+  ``MPPOOL_MYSQL_URL`` and ``MPPOOL_REDIS_URL`` override where the servers are.
 - ``reap``: kills the child processes a test started and left running (by pid, never by
   name) and fails that test.
 """
@@ -110,6 +111,7 @@ DEFAULT_PG_DSNS = (
     "postgresql://127.0.0.1:5432/test",
 )
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
 
 
 def services_required() -> bool:
@@ -189,8 +191,42 @@ def _probe_redis() -> _Probe:
     return _Probe(True, url)
 
 
+def mysql_connect_args(url: str) -> dict[str, Any]:
+    """PyMySQL's ``connect()`` keywords for a ``mysql://user:password@host:port/database`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "mysql":
+        raise ValueError(f"MPPOOL_MYSQL_URL must be a mysql:// URL, got {url!r}")
+    return {"host": parts.hostname or "127.0.0.1", "port": parts.port or 3306,
+            "user": parts.username or "root", "password": parts.password or "",
+            "database": parts.path.lstrip("/") or "test"}
+
+
+def _probe_mysql() -> _Probe:
+    url = os.environ.get("MPPOOL_MYSQL_URL") or DEFAULT_MYSQL_URL
+    try:
+        import pymysql
+    except ImportError as exc:
+        return _Probe(False, url, f"PyMySQL is not installed ({exc})")
+    try:
+        args = mysql_connect_args(url)
+        _tcp_check(args["host"], args["port"])
+        conn = pymysql.connect(**args, connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("select 1")
+                row = cur.fetchone()
+            if row != (1,):
+                raise RuntimeError(f"'select 1' returned {row!r}")
+        finally:
+            conn.close()
+    except Exception as exc:
+        return _Probe(False, url, f"{type(exc).__name__}: {str(exc).strip()}")
+    return _Probe(True, url)
+
+
 _SERVICES: dict[str, tuple[str, Callable[[], _Probe]]] = {
     "postgres": ("PostgreSQL", _probe_postgres),
+    "mysql": ("MariaDB", _probe_mysql),
     "redis": ("Redis", _probe_redis),
 }
 
@@ -226,13 +262,27 @@ def pytest_report_header(config: pytest.Config) -> str:
     required = "required (missing = failure)" if services_required() else "optional (missing = skip)"
     pg = os.environ.get("MPPOOL_PG_DSN") or " or ".join(DEFAULT_PG_DSNS)
     rd = os.environ.get("MPPOOL_REDIS_URL") or DEFAULT_REDIS_URL
-    return f"mppool services: {required}; postgres={pg}; redis={rd}"
+    my = os.environ.get("MPPOOL_MYSQL_URL") or DEFAULT_MYSQL_URL
+    return f"mppool services: {required}; postgres={pg}; mysql={my}; redis={rd}"
 
 
 @pytest.fixture
 def postgres_dsn() -> str:
     """A libpq URL (database ``test``) that answered ``select 1``; works with psycopg 3 and 2."""
     return require_service("postgres")
+
+
+@pytest.fixture
+def mysql_dsn() -> str:
+    """A ``mysql://`` URL (MariaDB, database ``test``) that answered ``select 1`` through
+    PyMySQL; ``mysql_connect_args(url)`` turns it into ``pymysql.connect`` keywords."""
+    return require_service("mysql")
+
+
+@pytest.fixture
+def mysql_kwargs(mysql_dsn: str) -> dict[str, Any]:
+    """``pymysql.connect`` keywords for the ``mysql_dsn`` server."""
+    return mysql_connect_args(mysql_dsn)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ class _ManualTask:
 class ManualScheduler:
     """A scheduler with no threads: due tasks run in the test's thread on ``advance()``.
 
-    Pass it as ``Pool(..., clock=sched.clock, scheduler=sched)``; ``sched.advance(s)`` moves
+    Pass it as ``Pool._made_with(..., clock=sched.clock, scheduler=sched)``; ``sched.advance(s)`` moves
     the fake clock and runs every housekeeping round that has become due, deterministically.
     """
 

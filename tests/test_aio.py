@@ -154,7 +154,7 @@ def test_grant_crossing_a_cancel_goes_back(server):
     async def main() -> None:
         async with await mppool.aio.connect(server.address, server.authkey) as client:
             pool = await client.pool("cross", make, max_size=1)
-            chan = await client.channel()
+            chan = await client._channel()
             for _ in range(20):
                 held = await pool.get()
                 task = asyncio.create_task(pool.get())
@@ -250,7 +250,7 @@ def test_cancellation_chaos(server):
             await check_balance(pool, units, max_size)
             for u in units:
                 await pool.ret(u)
-            counts["late_returned"] = (await client.channel()).late_returned
+            counts["late_returned"] = (await client._channel()).late_returned
             return counts
 
     counts = run(main())
@@ -504,7 +504,7 @@ def test_cancel_of_an_unknown_or_served_get_changes_nothing(server):
     async def main() -> None:
         async with await mppool.aio.connect(server.address, server.authkey) as client:
             pool = await client.pool("unk", make, max_size=1)
-            chan = await client.channel()
+            chan = await client._channel()
             held = await pool.get()
             chan.post(P.encode_cancel(987654))  # nobody's get
             chan.post(P.encode_cancel(chan.next_rid() - 1))  # a get already served

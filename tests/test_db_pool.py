@@ -547,27 +547,6 @@ def test_forgotten_raw_pool_closes_its_connections() -> None:
 # ------------------------------------------------------------------------ TpooledConnectionPool
 
 
-def test_tpooled_pools_with_the_same_arguments_share_connections(client: Any, db_path: str) -> None:
-    a = TpooledConnectionPool(sqlite3, max_size=1, client=client, database=db_path,
-                              check_same_thread=False)
-    b = TpooledConnectionPool("sqlite3", max_size=3, client=client, check_same_thread=False,
-                              database=db_path)
-    assert a.name == b.name and a.name.startswith("db_pool:sqlite3:")
-    assert db_path not in a.name  # hashed: arguments (passwords) never show
-    assert b.stats()["max_size"] == 1  # the first one's sizes apply
-    conn = a.get()
-    with pytest.raises(mppool.TimeOut):
-        b.get(timeout=0)
-    conn.close()
-    with b.item(timeout=5) as conn:
-        conn.execute("select 1")
-    other = TpooledConnectionPool(sqlite3, client=client, database=db_path + "-other",
-                                  check_same_thread=False)
-    assert other.name != a.name
-    a.shutdown()
-    other.shutdown()
-
-
 def test_tpooled_connection_of_a_killed_process_is_rolled_back(client: Any, db_path: str,
                                                                procs: list[Any]) -> None:
     pool = TpooledConnectionPool(sqlite3, max_size=1, client=client, database=db_path,

@@ -115,9 +115,10 @@ def test_raw_pools_on_a_budget_stay_under_it(server: Any, client: Any, procs: li
 def test_tpooled_pool_stays_under_max_size(server: Any, client: Any, procs: list[Any],
                                            postgres_dsn: str, record_property: Any) -> None:
     app = unique("mppool")
-    # Created here first, so that its sizes are the ones every process attaches to.
+    # Created here first, so that its sizes are the ones every process attaches to (by
+    # its share name: each worker builds its own pool object).
     pool = TpooledConnectionPool(psycopg, max_size=CAP, client=client, conninfo=postgres_dsn,
-                                 application_name=app)
+                                 application_name=app, share=app)
     ctx = fork_ctx()
     errors = ctx.Queue()
     try:
@@ -231,3 +232,64 @@ def test_psycopg2_works_too(kind: str, request: pytest.FixtureRequest, postgres_
             assert cur.fetchone() == (app,)
     finally:
         pool.shutdown()
+
+
+def _dsn_for(dsn: str, dbname: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def count_db(adm: psycopg.Connection[Any], dbname: str) -> int:
+    row = adm.execute("select count(*) from pg_stat_activity where datname = %s",
+                      (dbname,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("how", ["clear", "dropped"])
+def test_drop_database_after_its_pools(how: str, client: Any, postgres_dsn: str) -> None:
+    """PostgreSQL refuses DROP DATABASE while any connection to it exists: every pool kind
+    must have closed its connections, the supervisor's ones included, after clear() or once
+    the pools are gone (garbage collected, closed by their last user)."""
+    import gc
+
+    dbname = unique("mppool_drop")
+    with admin(postgres_dsn) as adm:
+        adm.execute(f"create database {dbname}")
+        try:
+            dsn = _dsn_for(postgres_dsn, dbname)
+            # min_size > 0 is refilled by housekeeping after a clear(): only when dropped.
+            warm = 1 if how == "dropped" else 0
+            pools: list[Any] = [
+                RawConnectionPool(psycopg, max_size=2, min_size=warm, conninfo=dsn),
+                TpooledConnectionPool(psycopg, max_size=2, min_size=warm, client=client,
+                                      conninfo=dsn),
+                TpooledConnectionPool(psycopg, max_size=1, client=client, conninfo=dsn,
+                                      share=dbname),
+                TpooledConnectionPool(psycopg, max_size=1, client=client, conninfo=dsn,
+                                      share=dbname),
+            ]
+            for pool in pools:
+                with pool.item(timeout=10) as conn:
+                    assert conn.execute("select current_database()").fetchone() == (dbname,)
+            assert count_db(adm, dbname) >= 3
+            with pytest.raises(psycopg.errors.ObjectInUse):
+                adm.execute(f"drop database {dbname}")  # the pools' connections hold it
+            if how == "clear":
+                for pool in pools:
+                    pool.clear()
+            else:
+                pools[2].close()
+                pools[3].close()
+                pools.clear()
+                gc.collect()
+            wait_until(lambda: count_db(adm, dbname) == 0, timeout=15,
+                       what=f"no connection to the database after {how}")
+            adm.execute(f"drop database {dbname}")
+        finally:
+            for pool in pools:
+                pool.shutdown()
+            adm.execute(f"drop database if exists {dbname} with (force)")

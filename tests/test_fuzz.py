@@ -102,14 +102,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         }
         one = pools[ONE].get(timeout=5)
         prox = pools[PROXY].get(timeout=5)
-        held = {name: {held[0] for _, held in p._held.items()} for name, p in pools.items()}
+        held = {name: {held[0] for _, held in c._held[name].items()} for name in pools}
         info = c.info()
         marker = str(tmp_path_factory.mktemp("fuzz") / "unpickled-marker")
         w = World(
             server=srv, client=c, pools=pools,
             ids={name: p._mp_route()[1] for name, p in pools.items()},
             lease_address=info["lease_address"], authkey=srv.authkey,
-            canary_conn=c.channel().conn_id,
+            canary_conn=c._channel().conn_id,
             held_one=one, held_one_lease=held[ONE].pop(),
             held_proxy=prox, held_proxy_lease=held[PROXY].pop(),
             marker=marker, sup_pid=info["pid"],
@@ -425,7 +425,7 @@ def canary_latency(w: World) -> dict[str, float]:
             obj = pool.get(timeout=2)
             pool.ret(obj)
             samples.append(time.perf_counter() - t0)
-        pool._client.channel().sync(time.monotonic() + 2)  # the rets have taken effect
+        pool._client._channel().sync(time.monotonic() + 2)  # the rets have taken effect
         out[name] = statistics.median(samples)
     return out
 

@@ -93,9 +93,9 @@ class Gate:
 def test_round_decides_now_and_runs_user_code_on_the_runner(sched: ManualScheduler,
                                                             pools: list[Pool]) -> None:
     rec, jobs, killed = Recorder(), JobQueue(), []
-    pool = Pool(rec.fun, max_size=3, min_size=1, max_lifetime=1, max_using_delay_kill=1,
-                closer=rec.closer, clock=sched.clock, scheduler=sched, runner=jobs,
-                kill_holder=True)
+    pool = Pool._made_with(rec.fun, max_size=3, min_size=1, max_lifetime=1, max_using_delay_kill=1,
+                           closer=rec.closer, clock=sched.clock, scheduler=sched, runner=jobs,
+                           kill_holder=True)
     pool.on_kill_holder = lambda holder, age: killed.append(holder)
     pools.append(pool)
     pool.get()  # held too long
@@ -115,8 +115,8 @@ def test_round_decides_now_and_runs_user_code_on_the_runner(sched: ManualSchedul
 def test_one_job_of_a_kind_at_a_time(sched: ManualScheduler, pools: list[Pool]) -> None:
     """A job that hangs (never run here) is not joined by one more each round."""
     jobs = JobQueue()
-    pool = Pool(lambda i: i, max_size=5, min_size=0, health=lambda o: True, delay=1,
-                clock=sched.clock, scheduler=sched, runner=jobs)
+    pool = Pool._made_with(lambda i: i, max_size=5, min_size=0, health=lambda o: True, delay=1,
+                           clock=sched.clock, scheduler=sched, runner=jobs)
     pools.append(pool)
     pool.ret(pool.get())
     for _ in range(5):
@@ -131,8 +131,8 @@ def test_one_job_of_a_kind_at_a_time(sched: ManualScheduler, pools: list[Pool]) 
 def test_a_runner_that_fails_is_retried_next_round(sched: ManualScheduler, pools: list[Pool],
                                                    caplog: pytest.LogCaptureFixture) -> None:
     rec, jobs = Recorder(), JobQueue()
-    pool = Pool(rec.fun, max_size=2, min_size=0, max_avail_delay=1, closer=rec.closer,
-                clock=sched.clock, scheduler=sched, runner=jobs)
+    pool = Pool._made_with(rec.fun, max_size=2, min_size=0, max_avail_delay=1, closer=rec.closer,
+                           clock=sched.clock, scheduler=sched, runner=jobs)
     pools.append(pool)
     pool.ret(pool.get())
     jobs.fail = RuntimeError("can't start new thread")
@@ -156,8 +156,8 @@ def test_long_use_warning_runs_the_tracer_on_the_runner(sched: ManualScheduler,
         traced.append(threading.current_thread().name)
         return "traced"
 
-    pool = Pool(lambda i: i, max_size=1, max_using_delay=1, tracer=tracer, clock=sched.clock,
-                scheduler=sched, runner=jobs)
+    pool = Pool._made_with(lambda i: i, max_size=1, max_using_delay=1, tracer=tracer, clock=sched.clock,
+                           scheduler=sched, runner=jobs)
     pools.append(pool)
     pool.get()
     sched.advance(1.0)
@@ -175,10 +175,10 @@ def test_hung_closer_holds_only_its_pool(pools: list[Pool],
     try:
         ex_a, ex_b = HookExecutor(2, "mppool-A"), HookExecutor(2, "mppool-B")
         executors += [ex_a, ex_b]
-        a = Pool(lambda i: i, max_size=4, min_size=0, max_avail_delay=0.05,
-                 closer=gate.block, scheduler=sched, runner=ex_a.run)
-        b = Pool(lambda i: i, max_size=1, max_using_delay_kill=0.3, scheduler=sched,
-                 runner=ex_b.run)
+        a = Pool._made_with(lambda i: i, max_size=4, min_size=0, max_avail_delay=0.05,
+                            closer=gate.block, scheduler=sched, runner=ex_a.run)
+        b = Pool._made_with(lambda i: i, max_size=1, max_using_delay_kill=0.3, scheduler=sched,
+                            runner=ex_b.run)
         pools += [a, b]
         objs = [a.get() for _ in range(4)]
         for o in objs:

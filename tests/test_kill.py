@@ -55,7 +55,7 @@ def test_sigkilled_holder_unit_comes_back_fast(client, procs):
 
 def _release_all(pool):
     """Return what this process holds in ``pool`` (test helper)."""
-    for obj, _ in pool._held.items():
+    for obj, _ in pool._client._held[pool.name].items():
         pool.ret(obj)
     wait_until(lambda: pool.stats()["nusing"] == 0, what="all returned")
 

@@ -116,7 +116,7 @@ def test_put_of_another_connections_lease_is_refused(client, server):
         with pytest.raises(mppool.TimeOut):
             other.pool("own").get(timeout=0.3)  # still held, by us alone
         s = pool.stats()
-        assert s["nusing"] == 1 and s["using"][0]["holder"]["conn"] == client.channel().conn_id
+        assert s["nusing"] == 1 and s["using"][0]["holder"]["conn"] == client._channel().conn_id
         # ... and our own return still works
         pool.ret(mine)
         assert other.pool("own").get(timeout=1) == mine

@@ -436,20 +436,14 @@ def test_handing_an_unpicklable_object_to_a_waiter_does_not_deadlock(client):
 def test_a_result_that_cannot_travel_fails_the_call_not_the_caller(client):
     import io
 
-    from mppool import tpool
-
-    tpool.use(client)
-    try:
-        buf = tpool.Proxy(io.BytesIO(b"abc"))
-        view = buf.getbuffer()  # a memoryview: not plain data, so it comes back as a proxy
-        assert bytes(view.tobytes()) == b"abc"
-    finally:
-        tpool.use(None)
+    buf = client.host(io.BytesIO(b"abc"))
+    view = buf.getbuffer()  # a memoryview: not plain data, so it comes back as a proxy
+    assert bytes(view.tobytes()) == b"abc"
 
 
 def test_request_ids_wrap_at_32_bits(client):
     tokens = client.token_pool("rid", 1)
-    chan = client.channel()
+    chan = client._channel()
     import itertools as _itertools
 
     chan._rids = _itertools.count(2**32 - 2)

@@ -239,7 +239,7 @@ def pg_tpooled_hammer(address: Any, authkey: bytes, dsn: str, app: str, n: int, 
 
     client = mppool.connect(address, authkey)
     pool = TpooledConnectionPool(psycopg, max_size=2, client=client, conninfo=dsn,
-                                 application_name=app)
+                                 application_name=app, share=app)
 
     def step() -> None:
         with pool.item(timeout=60) as conn:

@@ -113,7 +113,7 @@ class AsyncClient:
         await _ensure_supervisor(self.address, self.authkey, self._timeout)
         return await self._control.call(method, *args)
 
-    async def channel(self) -> AsyncChannel:
+    async def _channel(self) -> AsyncChannel:
         """This process's lease channel; a new one once the old one broke (a restart).
 
         The opening runs in a task of its own, shielded: a get cancelled while the channel
@@ -254,7 +254,7 @@ class AsyncSharedPool(PoolWhere):
         the pool is created again there from the options it was created with."""
         client = self._client
         for _ in range(3):
-            chan = await client.channel()
+            chan = await client._channel()
             if chan.instance == self._instance:
                 return chan, self._id
             pool_id, _, timeout, instance = await client._call(

@@ -15,9 +15,11 @@ Two pools, one API (``get``/``put``/``item``/``clear``/``free``/``waiting``):
   With ``budget=<token pool>`` every connection holds a token, so the total across processes
   is capped, and idle connections are given back when another process waits.
 - ``TpooledConnectionPool`` keeps connections in the supervisor, in a shared pool created
-  with ``transfer="proxy"``; every process uses them through proxies (cursors too). Its name
-  is derived from the module and the connection arguments, so every process passing the same
-  ones shares the same connections; the first one's sizes apply.
+  with ``transfer="proxy"``; every process uses them through proxies (cursors too). Each pool
+  object is its own pool (shared with the processes forked from its own); ``share="name"``
+  makes one pool for every process passing that name and the same connection arguments (the
+  first one's sizes apply). The last process to leave closes its connections (tpooled.py
+  says why and how).
 
 Differences from eventlet, all deliberate:
 
@@ -37,6 +39,10 @@ Differences from eventlet, all deliberate:
 - Connection-wrapper: every attribute not defined on the wrapper is forwarded to the
   connection (reads and writes), so driver-specific API (``conn.execute``, ``conn.autocommit
   = True``) works with any DB-API module, not only eventlet's MySQLdb list.
+- ``free_items`` is a snapshot, not the pool's own deque; a TpooledConnectionPool's items
+  carry None for the connection (it is in the supervisor).
+- ``clear()`` on a RawConnectionPool with ``min_size > 0``: housekeeping opens ``min_size``
+  connections again at its next round (eventlet: at the next ``get()``).
 
 The package, by concept (every name above is importable from ``mppool.db_pool``):
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..budget import Budget, check_budget
 from ..leasemap import LeaseMap
 from ..validate import check_callable, check_delay, check_size, check_sizes
-from .connecting import check_connect_timeout, check_db_module, module_name
+from .connecting import check_connect_timeout, check_db_module, module_name, safe_close
 from .wrappers import PooledConnectionWrapper
 
 if TYPE_CHECKING:
@@ -90,12 +91,13 @@ class BaseConnectionPool:
         *args: Any,
         budget: Budget | None = None,
         client: Client | None = None,
+        share: str | None = None,
         **kwargs: Any,
     ) -> None:
         # eventlet's signature, written once for every pool here: a subclass adapts to where
         # its connections live with _check_home() and _open(), not with an __init__ of its own.
         # Everything is checked before any state exists: nothing is half-created on error.
-        self._check_home(budget, client)
+        self._check_home(budget, client, share)
         check_db_module(db_module)
         min_size, max_size = check_sizes(min_size, max_size, bounded=True)
         max_idle = check_delay("max_idle", max_idle)
@@ -119,7 +121,7 @@ class BaseConnectionPool:
         self._out: dict[int, _Lease] = {}  # key -> lent connection, oldest first
         self._by_conn = LeaseMap()  # connection -> its key, for put() of a bare connection
         self._keys = itertools.count(1)
-        self._open(budget, client)
+        self._open(budget, client, share)
 
     # ------------------------------------------------------------------ eventlet's API
 
@@ -199,6 +201,29 @@ class BaseConnectionPool:
         raise NotImplementedError("Implement in subclass")
 
     @property
+    def free_items(self) -> deque[tuple[float, float, Any]]:
+        """eventlet's idle connections, most recently used first, as ``(last_used,
+        created_at, conn)`` with wall-clock times: a snapshot (changing it changes nothing)."""
+        return deque(self._free_items())
+
+    def _unwrap_connection(self, conn: Any) -> Any:
+        """eventlet's helper: the driver's connection of a live wrapper, which becomes
+        unusable; None for a spent wrapper or anything else."""
+        base = None
+        try:
+            if conn:
+                base = conn._base
+                conn._destroy()
+        except AttributeError:
+            pass  # no _base: None; no _destroy (a duck-typed wrapper): its _base all the same
+        return base
+
+    def _safe_close(self, conn: Any, quiet: bool = False) -> None:
+        """eventlet's helper: close a (driver) connection; what ``close()`` raises is logged
+        (unless ``quiet``), never raised, and None or junk is ignored."""
+        safe_close(conn, quiet=quiet)
+
+    @property
     def current_size(self) -> int:
         """Connections alive: idle plus lent out (eventlet's counter)."""
         return len(self._pool)
@@ -228,11 +253,15 @@ class BaseConnectionPool:
 
     # ------------------------------------------------------------------ subclass hooks
 
-    def _check_home(self, budget: Budget | None, client: Client | None) -> None:
+    def _check_home(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
         """Refuse, before anything else is checked, what makes no sense where this pool
-        keeps its connections. Here: nothing (``budget`` is checked with the rest)."""
+        keeps its connections. Here: ``share`` (``budget`` is checked with the rest)."""
+        if share is not None:
+            raise TypeError(f"share is for a TpooledConnectionPool (connections in the "
+                            f"supervisor); a {type(self).__name__} keeps its connections in "
+                            f"this process, got share={share!r}")
 
-    def _open(self, budget: Budget | None, client: Client | None) -> None:
+    def _open(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
         """Set up ``_pool`` once the arguments are checked and stored. Here: no supervisor,
         so a ``client`` keyword is one more argument for ``connect``, as in eventlet."""
         if client is not None:
@@ -240,6 +269,9 @@ class BaseConnectionPool:
 
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
         """Lease a connection: (the connection, a handle for _checkin)."""
+        raise NotImplementedError
+
+    def _free_items(self) -> list[tuple[float, float, Any]]:
         raise NotImplementedError
 
     def _checkin(self, handle: Any, discard: bool) -> None:

@@ -53,8 +53,8 @@ class RawConnectionPool(BaseConnectionPool):
     Do not carry a RawConnectionPool across ``fork()``: build one in each process.
     """
 
-    def _open(self, budget: Budget | None, client: Client | None) -> None:
-        super()._open(budget, client)
+    def _open(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
+        super()._open(budget, client, share)
         if isinstance(self._db_module, str):
             self._db_module = importlib.import_module(self._db_module)
         self._pool = _CorePool(
@@ -83,14 +83,21 @@ class RawConnectionPool(BaseConnectionPool):
         return made[2] if isinstance(made, tuple) and len(made) == 3 else made
 
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
-        entry = self._pool.checkout(current_holder(), timeout)
+        entry = self._pool._checkout(current_holder(), timeout)
         return entry.obj, entry.lease
 
     def _checkin(self, handle: Any, discard: bool) -> None:
-        self._pool.checkin(handle, discard)
+        self._pool._checkin(handle, discard)
 
     def clear(self) -> None:
         self._pool.clear()
+
+    def _free_items(self) -> list[tuple[float, float, Any]]:
+        pool = self._pool
+        with pool._lock:
+            # The core pool's times are on its monotonic clock; eventlet's are wall-clock.
+            shift = time.time() - pool._clock.now()
+            return [(e.last_ret + shift, e.created + shift, e.obj) for e in reversed(pool._avail)]
 
     def __del__(self) -> None:
         # eventlet closes its connections when the pool goes away; so do we, budget tokens too.

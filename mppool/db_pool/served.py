@@ -14,10 +14,14 @@ names travel by pickle (the pool's fun, closer and stats hooks), so they keep th
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+import time
 from typing import Any
 
 from .connecting import module_name, safe_close, timed_connect
+
+log = logging.getLogger("mppool")
 
 
 class _Connector:
@@ -55,12 +59,14 @@ class _ServedConnection:
         self._mppool_connector = connector
         self._mppool_lock = threading.Lock()
         self._mppool_conn: Any = None
+        self._mppool_since = time.time()  # when the connection was made (eventlet's created_at)
         self._mppool_conn = connector.connect()  # errors propagate to get(): no slot taken
 
     def _mppool_ensure(self) -> Any:
         with self._mppool_lock:
             if self._mppool_conn is None:
                 self._mppool_conn = self._mppool_connector.connect()
+                self._mppool_since = time.time()
             return self._mppool_conn
 
     def _mppool_discard(self) -> None:
@@ -103,4 +109,96 @@ def _close_served(slot: _ServedConnection) -> None:
 
 
 def _served_stats(slot: _ServedConnection) -> dict[str, Any]:
-    return {"connected": slot._mppool_connected()}
+    return {"connected": slot._mppool_connected(), "since": slot._mppool_since}
+
+
+# ---------------------------------------------------------------- who uses which pool
+#
+# A TpooledConnectionPool's shared pool must close its connections once nobody uses it any
+# more (so that, say, DROP DATABASE works after the pools are gone). Every process that uses
+# one registers here, by control call, as (pid, start time, host, instance token): leaving
+# (close(), the pool object garbage collected, the interpreter exiting) unregisters, and a
+# reaper thread unregisters processes that died without leaving. The last one out drops the
+# pool: the supervisor shuts it down and every slot's connection is closed.
+
+User = tuple[int, float, str, str]
+
+REAP_PERIOD = 0.5  # seconds between two scans for users that died without leaving
+
+_users_lock = threading.Lock()
+_users: dict[str, set[User]] = {}
+_reaper: threading.Thread | None = None
+
+
+def _join(name: str, user: User) -> bool:
+    """Runs in the supervisor: ``user`` now uses the shared pool ``name``. False if there is
+    no such pool (its last user left just before: the caller creates it again)."""
+    global _reaper
+    with _users_lock:
+        if not _served(name):
+            return False
+        _users.setdefault(name, set()).add(user)
+        if _reaper is None or not _reaper.is_alive():
+            _reaper = threading.Thread(target=_reap_forever, name="mppool-db_pool-users",
+                                       daemon=True)
+            _reaper.start()
+    return True
+
+
+def _leave(name: str, user: User) -> bool:
+    """Runs in the supervisor: ``user`` is done with ``name``; True if that dropped it.
+
+    The drop happens under the lock, so that a user joining at the same moment either
+    counts (and nothing is dropped) or finds the pool gone (and creates it again)."""
+    with _users_lock:
+        users = _users.get(name)
+        if users is None or user not in users:
+            return False
+        users.discard(user)
+        if users:
+            return False
+        del _users[name]
+        _drop(name)
+    return True
+
+
+def _users_of(name: str) -> int:
+    """Runs in the supervisor: how many users ``name`` has (for tests and stats)."""
+    with _users_lock:
+        return len(_users.get(name, ()))
+
+
+def _reap_forever() -> None:
+    from ..holder import Holder
+
+    while True:
+        time.sleep(REAP_PERIOD)
+        try:
+            with _users_lock:
+                snapshot = {name: set(users) for name, users in _users.items()}
+            for name, users in snapshot.items():
+                for user in users:
+                    if not Holder(user[0], user[1], user[2]).alive():
+                        log.info("mppool: db_pool: process %d died without leaving %s", user[0],
+                                 name)
+                        _leave(name, user)
+        except Exception:  # the reaper must outlive any surprise
+            log.warning("mppool: db_pool: scanning pool users failed", exc_info=True)
+
+
+def _served(name: str) -> bool:
+    from ..supervisor.control import get_control
+
+    return name in get_control()._sup.registry.records
+
+
+def _drop(name: str) -> None:
+    from ..supervisor.control import get_control
+
+    if not _served(name):
+        return  # shut down already (shutdown(), or the operator)
+    log.info("mppool: db_pool: the last user of %s left: closing its connections", name)
+    try:
+        get_control()._sup.drop(name)
+    except Exception:
+        log.warning("mppool: db_pool: dropping %s failed", name, exc_info=True)

@@ -1,30 +1,60 @@
-"""TpooledConnectionPool: connections kept in the supervisor, shared by every process.
+"""TpooledConnectionPool: connections kept in the supervisor, used through proxies.
 
     this process                                   supervisor
-    TpooledConnectionPool(db_module, ..., args)    shared pool "db_pool:<module>:<hash of args>"
-      _open(): attach by name, or create it  ───▶    fun = _Connector, closer/stats hooks
-                                                     (served.py); the first creator's sizes
+    TpooledConnectionPool(db_module, ..., args)    shared pool (transfer="proxy") named
+      _open(): create (private) or attach  ───▶      private: "db_pool:<module>:<hash>:<unique>"
+               (share="name"), then join              shared:  "db_pool:<name>:<module>:<hash>"
+                                                     fun = _Connector, closer/stats hooks
       get()  ── SharedPool.get ──────────────────▶   a slot, lent as an ObjectProxy
       put()  ── cleanup through the proxy,
                 SharedPool.ret (discard: the slot's connection is closed first) ──▶
+      close() / garbage collected / exit ── leave ─▶ the last user out drops the pool:
+                                                     every slot's connection is closed
 
-Every process passing the same module and connection arguments gets the same name, hence
-the same connections; the name is a hash, so passwords never show in stats or logs.
+Which pools share connections, and why:
+
+- By default each ``TpooledConnectionPool`` is its own pool, as in eventlet: its own sizes
+  and limits apply, and two pools built with the same arguments in one process never wait on
+  each other. It is still shared with the processes that inherit it through ``fork()`` (a
+  gunicorn app preloaded in the arbiter, a ``multiprocessing`` fork worker): they use the
+  same supervisor-side connections, so their total stays within ``max_size``.
+- ``share="name"`` shares one pool between every process (and every pool object) that names
+  it, with the same module and connection arguments, on the same supervisor: the first
+  one's sizes and limits apply, later ones attach. This is how independent programs, or
+  workers that each build their own pool after the fork, bound their connections together.
+  Sharing is explicit because sharing by arguments alone made two unrelated pools (a test's
+  second pool, a second tenant) silently block each other under the first one's sizes.
+  The connection arguments are part of the identity too (hashed), so one name can never
+  hand a connection to another database.
+
+When the connections close: ``clear()`` closes the idle ones (as in eventlet); every process
+using a pool is registered in the supervisor, and leaves when it calls ``close()``, when its
+pool object is garbage collected, when it exits, or (SIGKILL) when the supervisor notices it
+died; when the last one leaves, the supervisor drops the pool and closes every connection, so
+the database can be dropped after its pools. ``shutdown()`` drops it at once, for everyone.
+
+Names are hashes, so passwords in the arguments never show in stats or logs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import secrets
 import types
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import dill
+
 from ..budget import Budget
-from ..errors import TimeOut
+from ..errors import PoolClosed, TimeOut
+from ..holder import current_holder
 from .base import BaseConnectionPool
-from .connecting import module_name
-from .served import _close_served, _Connector, _served_stats
+from .connecting import module_name, timed_connect
+from .served import _close_served, _Connector, _join, _leave, _served_stats
 
 if TYPE_CHECKING:
     from ..client import Client, SharedPool
@@ -41,46 +71,85 @@ def _canonical(value: Any) -> Any:
     return repr(value)
 
 
-def shared_pool_name(db_module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    """The supervisor-side name of the TpooledConnectionPool for these connection arguments.
+def shared_pool_name(db_module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                     share: str | None = None) -> str:
+    """The supervisor-side name of a TpooledConnectionPool's pool.
 
+    With ``share``: the same for every process passing that name and these arguments.
+    Without: unique to one pool object (and the processes that inherit it by fork).
     Hashed, so that passwords in the arguments never show in stats or logs.
     """
     modname = module_name(db_module)
     digest = hashlib.sha256(repr((modname, _canonical(args), _canonical(kwargs))).encode())
-    return f"db_pool:{modname}:{digest.hexdigest()[:32]}"
+    if share is not None:
+        return f"db_pool:{share}:{modname}:{digest.hexdigest()[:16]}"
+    return f"db_pool:{modname}:{digest.hexdigest()[:16]}:{secrets.token_hex(6)}"
+
+
+def _check_share(share: Any) -> None:
+    if share is None:
+        return
+    if not isinstance(share, str):
+        raise TypeError(f"share must be a name (str) or None, got {share!r}")
+    if not share or not share.isprintable() or len(share) > 100:
+        raise ValueError(f"share must be a printable name of 1 to 100 characters, got {share!r}")
+
+
+def _in_supervisor(client: Client, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in the supervisor, within the client's timeout (client.execute waits
+    as long as its user code runs; these calls are ours and short)."""
+    return client._call("execute", dill.dumps((fn, args, {}), recurse=True))
+
+
+def _leave_from(client: Client, name: str, user: tuple[int, float, str, str]) -> None:
+    """A finalizer: may run at garbage collection or at exit, so it never raises. Only the
+    process that joined leaves (a fork child inherits the finalizer, not the membership).
+    It talks to the supervisor without the client's autostart: leaving must never start one."""
+    if user[0] != os.getpid() or client._closed:
+        return
+    try:
+        client._call("execute", dill.dumps((_leave, (name, user), {}), recurse=True), start=False)
+    except Exception as exc:  # the supervisor notices the process is gone soon enough
+        log.debug("mppool: db_pool: leaving %s failed: %r", name, exc)
 
 
 class TpooledConnectionPool(BaseConnectionPool):
-    """Connections kept in the supervisor, shared by every process (eventlet's default pool).
+    """Connections kept in the supervisor, used through proxies (eventlet's default pool).
 
-    Every process that builds one with the same ``db_module`` and connection arguments, on the
-    same supervisor, uses the same connections: at most ``max_size`` in total (the first
-    process's sizes and limits apply; later ones attach). Connections and cursors are used
-    through proxies; if a process dies holding one, the supervisor rolls it back and reuses it.
-    ``db_module`` may be a module or its import name: only the name travels, and the
-    supervisor imports it. ``client`` is the supervisor to use (``mppool.connect(...)``);
-    None means ``mppool.connect(autostart=True)``. ``budget`` must be None.
+    Its own pool by default: its ``max_size`` and limits apply, shared only with processes
+    forked from this one. ``share="name"`` shares the connections with every process passing
+    the same name and connection arguments (the first one's sizes apply). Connections and
+    cursors are used through proxies; if a process dies holding one, the supervisor rolls it
+    back and reuses it. ``db_module`` may be a module or its import name: only the name
+    travels, and the supervisor imports it. ``client`` is the supervisor to use
+    (``mppool.connect(...)``); None means ``mppool.connect(autostart=True)``. ``budget``
+    must be None.
 
-    ``free()``, ``stats()`` etc. read the shared pool; ``shutdown()`` and ``resize()`` change
-    it for every process. After a connection was closed for a failed cleanup or ``put(None)``,
-    its slot reconnects on first use, so a connect error then surfaces from that call.
+    ``clear()`` closes the idle connections; ``close()``, garbage collection or exit make this
+    process leave the pool, and the last one to leave closes every connection;
+    ``shutdown()`` closes them at once for every process. ``free()``, ``stats()`` read the
+    shared pool; ``resize()`` changes it for every process.
     """
 
-    def _check_home(self, budget: Budget | None, client: Client | None) -> None:
+    _finalizer: weakref.finalize | None = None
+    _closed = False
+
+    def _check_home(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
         if budget is not None:
             raise TypeError("budget must be None for a TpooledConnectionPool: its connections "
                             "are already bounded by max_size in the supervisor (use "
                             f"RawConnectionPool(budget=...) for local connections), got {budget!r}")
         if client is not None and not callable(getattr(client, "pool", None)):
             raise TypeError(f"client must be an mppool client (mppool.connect()), got {client!r}")
+        _check_share(share)
 
-    def _open(self, budget: Budget | None, client: Client | None) -> None:
+    def _open(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
         from ..client import default_client
 
         self._client = client if client is not None else default_client()
         db_module, args, kwargs = self._db_module, self._args, self._kwargs
-        self.name = shared_pool_name(db_module, args, kwargs)
+        self.share = share
+        self.name = shared_pool_name(db_module, args, kwargs, share)
         target = module_name(db_module) if isinstance(db_module, (str, types.ModuleType)) \
             else db_module
         options: dict[str, Any] = {
@@ -93,8 +162,23 @@ class TpooledConnectionPool(BaseConnectionPool):
             "closer": _close_served,
             "stats": _served_stats,
         }
-        self._pool = self._attach(_Connector(target, args, dict(kwargs), self.connect_timeout),
-                                  options)
+        fun = _Connector(target, args, dict(kwargs), self.connect_timeout)
+        if share is None:
+            self._pool = self._client.pool(self.name, fun, transfer="proxy", **options)
+            try:
+                joined = self._join()
+            except BaseException:
+                self._pool.shutdown()  # nothing half-created: nobody else knows this pool
+                raise
+            if not joined:
+                raise PoolClosed(f"the supervisor dropped {self.name} as it was being created")
+            return
+        for _ in range(3):
+            self._pool = self._attach(fun, options)
+            if self._join():
+                return
+            # Its last user left between our attach and our join: it is gone, create it again.
+        raise PoolClosed(f"{self.name} kept being dropped by its last user as it was attached")
 
     def _attach(self, fun: _Connector, options: dict[str, Any]) -> SharedPool:
         client = self._client
@@ -108,7 +192,38 @@ class TpooledConnectionPool(BaseConnectionPool):
             # Created meanwhile by another process with other sizes: its sizes apply.
             return client.pool(self.name)
 
+    # ------------------------------------------------------------ users
+
+    def _join(self) -> bool:
+        """Register this process as a user of the pool (again after a fork); False if the
+        supervisor has no such pool any more."""
+        me = current_holder()
+        user = (me.pid, me.start, me.host, secrets.token_hex(8))
+        if _in_supervisor(self._client, _join, self.name, user) is False:
+            return False  # (None: a supervisor of an older version, which counts no users)
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the parent's: never run it here
+        self._finalizer = weakref.finalize(self, _leave_from, self._client, self.name, user)
+        self._user_pid = me.pid
+        return True
+
+    def close(self) -> None:
+        """This pool object is done: this process leaves the pool, and if it was the last
+        user the supervisor closes every connection. Later ``get()`` raise PoolClosed."""
+        self._closed = True
+        finalizer = self._finalizer
+        if finalizer is not None and self._user_pid == os.getpid():
+            finalizer()
+
+    # ------------------------------------------------------------ pool hooks
+
     def _checkout(self, timeout: float | None) -> tuple[Any, Any]:
+        if self._closed:
+            raise PoolClosed(f"this TpooledConnectionPool ({self.name}) was closed: shutting down")
+        if self._user_pid != os.getpid():
+            with self._lock:  # a fork child: it uses the pool now, it counts as a user
+                if self._user_pid != os.getpid() and not self._join():
+                    raise PoolClosed(f"{self.name} was dropped by its last user: shutting down")
         proxy = self._pool.get(timeout)
         return proxy, proxy
 
@@ -137,6 +252,35 @@ class TpooledConnectionPool(BaseConnectionPool):
             for proxy in borrowed:
                 shared.ret(proxy)
 
+    def shutdown(self) -> None:
+        self._closed = True
+        try:
+            super().shutdown()
+        finally:
+            if self._finalizer is not None:
+                self._finalizer.detach()  # the pool is gone for everyone: nothing to leave
 
-# The default connection pool is the shared one, as eventlet's is the tpool one.
+    def _free_items(self) -> list[tuple[float, float, Any]]:
+        # The connections are in the supervisor: eventlet's tuples with None for the
+        # connection, for the idle slots that hold one, most recently used first.
+        s = self._pool.stats()
+        now = float(s["now"])
+        items = [(now + a["last_ret"], a["stats"].get("since", now), None) for a in s["avail"]
+                 if a.get("stats", {}).get("connected")]
+        items.sort(key=lambda item: -item[0])
+        return items
+
+    @classmethod
+    def connect(cls, db_module: Any, connect_timeout: float | None, *args: Any, **kw: Any) -> Any:
+        """eventlet's: a connection made *in this process* on a tpool thread, wrapped in a
+        ``tpool.Proxy`` that hands out proxied cursors (the pool's own connections are made
+        in the supervisor instead). ConnectTimeout after ``connect_timeout`` seconds."""
+        from .. import tpool
+
+        conn = timed_connect(lambda: tpool.execute(db_module.connect, *args, **kw),
+                             connect_timeout, module_name(db_module))
+        return tpool.Proxy(conn, autowrap_names=("cursor",))
+
+
+# The default connection pool is the supervisor one, as eventlet's is the tpool one.
 ConnectionPool = TpooledConnectionPool

@@ -98,7 +98,7 @@ class Console:
             holders[(h.pid, h.start)] = h
             return True
 
-        n = rec.pool.reclaim(match, reset=rec.reset)
+        n = rec.pool._reclaim(match, reset=rec.reset)
         self.sup.watchdog.nreclaimed += n
         terminated: list[int] = []
         if terminate:

@@ -2,12 +2,12 @@
 
     client process                        supervisor
     SharedPool.get() ── Get(rid) ──────▶  LeaseLoop (epoll, one thread)
-                                            pool.acquire(holder, RemoteWaiter)
+                                            pool._acquire(holder, RemoteWaiter)
                                               idle entry → reply at once
                                               CREATE     → fun() on the pool's own threads, then reply
                                               waiter     → queued in the Pool; a deadline here
                      ◀── Granted(rid, lease, blob)
-    SharedPool.ret() ── Put(lease) ────▶  pool.checkin(lease, holder=this connection)
+    SharedPool.ret() ── Put(lease) ────▶  pool._checkin(lease, holder=this connection)
 
 No thread ever blocks on behalf of a client: a waiter is an entry in the pool's queue tied to
 its connection. When a connection closes (exit, crash, SIGKILL) the loop drops its waiters
@@ -43,6 +43,7 @@ from .. import protocol as P
 from ..clock import Clock
 from ..errors import TimeOut
 from ..holder import peer_holder
+from ..protocol import KIND_DISCARD, KIND_GET, KIND_PUT, parse_get, parse_put
 from ..ratelog import RateLimitedLog
 from .acceptor import FdReserve
 from .conn import Conn, RemoteWaiter
@@ -272,25 +273,30 @@ class LeaseLoop(Requests):
             return
         try:
             frames = conn.reader.feed(data)
+            if conn.holder is None and frames:
+                # Nothing is unpickled before the client proved it has the key.
+                self.hello(conn, frames[0])
+                if conn.closed:
+                    return
+                del frames[0]
             for payload in frames:
-                if conn.holder is None:
-                    # Nothing is unpickled before the client proved it has the key.
-                    self.hello(conn, payload)
-                else:
-                    kind = payload[0] if len(payload) else 0
-                    try:
-                        # The two messages of every lease cycle, decoded in place.
-                        if kind == P.KIND_GET:
-                            self.get(conn, *P.parse_get(payload))
-                        elif kind == P.KIND_PUT or kind == P.KIND_DISCARD:
-                            self.put(conn, *P.parse_put(payload))
-                        else:
-                            self.dispatch(conn, P.decode_request(payload))
-                    except P.ProtocolError:
-                        raise
-                    except Exception:
-                        self.ratelog(logging.ERROR, "request", "mppool: conn %d: a request failed",
-                                     conn.id, exc_info=True)
+                kind = payload[0] if payload else 0
+                try:
+                    # The two messages of every lease cycle, decoded in place.
+                    # No *args: a call with a star goes the slow way through the interpreter.
+                    if kind == KIND_GET:
+                        rid, pool_id, timeout = parse_get(payload)
+                        self.get(conn, rid, pool_id, timeout)
+                    elif kind in (KIND_PUT, KIND_DISCARD):
+                        pool_id, lease, discard = parse_put(payload)
+                        self.put(conn, pool_id, lease, discard)
+                    else:
+                        self.dispatch(conn, P.decode_request(payload))
+                except P.ProtocolError:
+                    raise
+                except Exception:
+                    self.ratelog(logging.ERROR, "request", "mppool: conn %d: a request failed",
+                                 conn.id, exc_info=True)
                 if conn.closed:
                     return
         except P.ProtocolError as exc:
@@ -365,7 +371,7 @@ class LeaseLoop(Requests):
             _, _, kind, obj = heapq.heappop(timers)
             if kind == 0:
                 waiter: RemoteWaiter = obj
-                if not waiter.done and waiter.rec.pool.cancel(waiter):
+                if not waiter.done and waiter.rec.pool._cancel(waiter):
                     waiter.conn.waiters.pop(waiter.rid, None)
                     waiter.conn.fail(waiter.rid, TimeOut(
                         f"pool {waiter.rec.name!r}: no object available in time"))

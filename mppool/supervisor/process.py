@@ -25,7 +25,8 @@ from typing import Any
 import dill
 from multiprocess import process as mp_process
 
-from ..address import Address, display, parse_address, socket_leftovers, write_key
+from ..address import Address, beside, display, parse_address, socket_leftovers, write_key
+from ..addrlock import remove_if_unused
 from ..protocol import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_UNREAD
 from ..ratelog import RateLimitedLog
 from .control import Control, ControlManager, set_control
@@ -47,6 +48,9 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
     from ..address import check_address_dir
     from .acceptor import ControlAcceptor, serve_authenticated
 
+    # Its metrics are its own (--metrics-port), never files among a worker application's:
+    # see mppool/poolmetrics.py. Before anything imports prometheus_client.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     logging.basicConfig(level=os.environ.get("MPPOOL_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s mppool[%(process)d] %(levelname)s %(message)s")
     raise_nofile_limit()
@@ -140,6 +144,8 @@ def serve(address: Address, authkey: bytes, *, parent: int | None = None,
         server.listener.close()  # removes the control socket
         for path in socket_leftovers(address):
             _unlink(path)
+        # The autostart lock too, unless a starter holds it now (see addrlock.py).
+        remove_if_unused(beside(address, ".lock"))
         log.info("mppool: supervisor %d stopped", os.getpid())
 
 
@@ -199,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-message", type=int, default=DEFAULT_MAX_MESSAGE)
     ap.add_argument("--max-unread", type=int, default=DEFAULT_MAX_UNREAD)
     ap.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT)
+    # Server(address=None) made the socket's private directory: remove it (if empty) when
+    # we stop, for the starter may be gone (a SIGKILLed gunicorn arbiter) and cannot.
+    ap.add_argument("--remove-dir", type=int, default=0)
     ns = ap.parse_args(argv)
     key = os.environ.pop("MPPOOL_AUTHKEY", "")
     extra = json.loads(os.environ.pop("MPPOOL_SYS_PATH", "[]"))
@@ -233,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
             say(f"ERROR {type(exc).__name__}: {exc}")
             raise SystemExit(1) from None
         raise
+    finally:
+        if ns.remove_dir and "/" in ns.address:
+            try:
+                os.rmdir(os.path.dirname(os.path.abspath(ns.address)))
+            except OSError:
+                pass  # not empty (something of the user's), or already removed by the Server
 
 
 if __name__ == "__main__":

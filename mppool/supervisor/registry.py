@@ -224,7 +224,7 @@ class Registry:
         # Built outside the supervisor's lock: filling min_size runs fun (a slow database
         # would otherwise stall every other create, drop and host).
         executor = pool_executor(name)
-        pool = Pool(**options, name=name, scheduler=self.sched, clock=self.clock
+        pool = Pool._made_with(**options, name=name, scheduler=self.sched, clock=self.clock
                     if self.clock is not REAL_CLOCK else None, runner=executor.run)
         pool.on_kill_holder = self.on_kill_holder
         with self.lock:

@@ -3,7 +3,7 @@
 Runs on the loop's thread, never blocking: user code (``fun``, the getter hook, proxied
 methods, returns that run hooks) is handed to the pool's own threads (``Record.submit``),
 which answer the client themselves. A get takes one decision of the core pool
-(``pool.acquire``): an idle entry (answered at once), ``CREATE`` (``fun`` on the pool's
+(``pool._acquire``): an idle entry (answered at once), ``CREATE`` (``fun`` on the pool's
 threads), or a queued ``RemoteWaiter`` whose deadline the loop keeps. A put is honoured only
 from the connection that holds the lease.
 
@@ -91,7 +91,7 @@ class Requests(_Loop):
             timeout = pool.timeout
         try:
             # One decision; a waiter is made only if the get must queue.
-            got = pool.acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
+            got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
@@ -113,25 +113,25 @@ class Requests(_Loop):
         it is still queued. If it was served meanwhile, the grant is already on its way and
         the client gives it back."""
         waiter = conn.waiters.pop(rid, None)
-        if waiter is not None and waiter.rec.pool.cancel(waiter):
+        if waiter is not None and waiter.rec.pool._cancel(waiter):
             conn.fail(rid, TimeOut(f"pool {waiter.rec.name!r}: the get was withdrawn"))
 
     def create(self, waiter: RemoteWaiter) -> None:
         """Run fun for a waiter that was granted a slot, on the pool's own threads."""
         if self.submit(waiter.rec, waiter.conn, waiter.rid, self._create, waiter) is None:
-            waiter.rec.pool.release_slot()
+            waiter.rec.pool._release_slot()
 
     def _create(self, waiter: RemoteWaiter) -> None:
         rec, conn = waiter.rec, waiter.conn
         if conn.closed:
-            rec.pool.release_slot()
+            rec.pool._release_slot()
             return
         try:
-            entry = rec.pool.create_for(conn.holder)  # type: ignore[arg-type]
+            entry = rec.pool._create_for(conn.holder)  # type: ignore[arg-type]
         except BaseException as exc:
             conn.fail(waiter.rid, exc)
             return
-        # create_for() already handed it out (getter hook).
+        # _create_for() already handed it out (getter hook).
         self.reply_entry(conn, waiter.rid, rec, entry, waiter.since, handed=True)
 
     def submit(self, rec: Record, conn: Conn, rid: int, fn: Callable[..., Any],
@@ -148,26 +148,28 @@ class Requests(_Loop):
         if not handed and rec.has_getter and threading.get_ident() == self.thread.ident:
             # The getter hook is user code: on the pool's threads, never on the loop.
             if self.submit(rec, conn, rid, self.reply_entry, conn, rid, rec, entry, since) is None:
-                rec.pool.checkin(entry.lease)
+                rec.pool._checkin(entry.lease)
             return
         metrics = self.sup.metrics
         if metrics is not None:
             metrics.wait.labels(rec.name).observe(self.sup.clock.now() - since if since else 0.0)
-        if not handed:
-            rec.pool.hand_out(entry)
-        try:
-            blob = rec.blob(entry)
-        except Exception as exc:
-            rec.pool.checkin(entry.lease)
-            conn.fail(rid, exc)
-            return
+        if not handed and rec.has_getter:
+            rec.pool._hand_out(entry)
+        blob = entry.blob  # a cached copy (never set for proxy pools)
+        if blob is None:
+            try:
+                blob = rec.blob(entry)
+            except Exception as exc:
+                rec.pool._checkin(entry.lease)
+                conn.fail(rid, exc)
+                return
         if blob is None:
             conn.send_raw(P.encode_granted_proxy(rid, entry.lease))
         else:
             conn.send_raw(P.encode_granted(rid, entry.lease, blob))
         if conn.closed:
             # The connection went away while we were leasing: it never got the object.
-            rec.pool.reclaim(lambda h: h.conn == conn.id)
+            rec.pool._reclaim(lambda h: h.conn == conn.id)
 
     def put(self, conn: Conn, pool_id: int, lease: int, discard: bool = False) -> None:
         rec = self.records.get(pool_id)
@@ -180,7 +182,7 @@ class Requests(_Loop):
                 del conn.refs[ref]
         metrics = self.sup.metrics
         if metrics is not None:
-            entry = pool.lent(lease, conn.holder)
+            entry = pool._lent(lease, conn.holder)
             if entry is not None:
                 metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
         if rec.slow_ret or discard:  # hooks run: on the pool's threads, off the loop
@@ -188,11 +190,11 @@ class Requests(_Loop):
             if fut is not None:
                 conn.puts_running.add(fut)
                 fut.add_done_callback(conn.puts_running.discard)
-        elif not pool.checkin(lease, discard, conn.holder):
+        elif not pool._checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
 
     def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
-        if not rec.pool.checkin(lease, discard, conn.holder):
+        if not rec.pool._checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
 
     def _refused(self, conn: Conn, rec: Record, lease: int) -> None:
@@ -221,7 +223,7 @@ class Requests(_Loop):
             elif rec is None:  # an object hosted with client.host(), shared by every process
                 owner, target = 0, self.sup.hosted[msg.lease]
             else:
-                entry = rec.pool.lent(msg.lease, conn.holder)
+                entry = rec.pool._lent(msg.lease, conn.holder)
                 if entry is None:
                     raise PoolClosed(f"pool {rec.name!r}: lease {msg.lease} was killed, reclaimed "
                                      "or returned (pool shutting down or object no longer yours)")

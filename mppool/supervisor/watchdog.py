@@ -80,13 +80,13 @@ class Watchdog:
     def release_conn(self, conn: Conn) -> None:
         """A client connection closed: drop its waiters, reclaim its leases."""
         for rec in list(self.registry.records.values()):
-            rec.pool.drop_waiters(lambda w: getattr(w, "conn", None) is conn)
+            rec.pool._drop_waiters(lambda w: getattr(w, "conn", None) is conn)
             if rec.reset is None or rec.submit(self._reclaim, rec, conn) is None:
                 self._reclaim(rec, conn)
 
     def _reclaim(self, rec: Record, conn: Conn) -> None:
         cid = conn.id
-        n = rec.pool.reclaim(lambda h: h.conn == cid, reset=rec.reset)
+        n = rec.pool._reclaim(lambda h: h.conn == cid, reset=rec.reset)
         if n:
             self.nreclaimed += n
             pid = conn.holder.pid if conn.holder is not None else "?"

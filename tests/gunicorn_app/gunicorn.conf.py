@@ -1,5 +1,5 @@
 # The whole integration: one line.
-from mppool.gunicorn import on_exit, on_starting, post_fork  # noqa: F401
+from mppool.gunicorn import child_exit, on_exit, on_starting, post_fork  # noqa: F401
 
 workers = 4
 worker_class = "sync"

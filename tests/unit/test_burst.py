@@ -50,7 +50,7 @@ def make_pool(runner: Runner, sched: ManualScheduler, rec: Recorder) -> Iterator
         kw.setdefault("scheduler", sched)
         kw.setdefault("closer", rec.closer)
         kw.setdefault("min_size", 0)
-        pool = Pool(rec.fun, **kw)
+        pool = Pool._made_with(rec.fun, **kw)
         made.append(pool)
         return pool
 
@@ -193,8 +193,8 @@ def test_reclaimed_burst_objects_are_closed_when_nobody_waits(
     pool = make_pool(max_size=1, burst_limit=3)
     gone = Holder(pid=999_999, start=1.0, host="elsewhere", conn=7)
     for _ in range(3):
-        pool.checkout(gone)
-    assert pool.reclaim(lambda h: h == gone) == 3
+        pool._checkout(gone)
+    assert pool._reclaim(lambda h: h == gone) == 3
     s = check_bounds(pool)
     assert s["nburst_closed"] == 2 and len(rec.closed) == 2 and s["navail"] == 1
 
@@ -300,8 +300,8 @@ def test_get_and_ret_below_max_size_stay_on_the_fast_path(
         raise AssertionError("left the fast path")
 
     pool.ret(pool.get())  # warm: the min_size object exists
-    pool.checkout = general  # type: ignore[method-assign]
-    pool.checkin = general  # type: ignore[method-assign]
+    pool._checkout = general  # type: ignore[method-assign]
+    pool._checkin = general  # type: ignore[method-assign]
     for _ in range(3):
         pool.ret(pool.get())
     assert pool.stats()["nreturns"] == 4

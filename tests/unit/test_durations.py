@@ -210,11 +210,11 @@ def test_pools_with_huge_durations_do_not_stop_others(sched: Scheduler,
                                                       pools: list[Pool]) -> None:
     for kw in ({"max_lifetime": 1e308}, {"delay": math.inf}, {"delay": 1e300},
                {"max_avail_delay": math.inf}, {"max_using_delay_kill": 1e308}):
-        pool = Pool(lambda i: i, max_size=2, scheduler=sched, **kw)
+        pool = Pool._made_with(lambda i: i, max_size=2, scheduler=sched, **kw)
         pools.append(pool)
         pool.ret(pool.get())  # and the object is usable: no arithmetic went wrong
     assert _ran(sched).wait(5)  # the worker has since waited for those rounds
-    other = Pool(lambda i: i, max_size=2, max_avail_delay=0.1, scheduler=sched)
+    other = Pool._made_with(lambda i: i, max_size=2, max_avail_delay=0.1, scheduler=sched)
     pools.append(other)
     wait_until(lambda: other.stats()["hk_rounds"] >= 3, timeout=5, what="other pool's rounds")
     assert all(t.is_alive() for t in sched._threads)

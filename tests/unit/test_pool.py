@@ -69,7 +69,7 @@ def make_pool(runner: Runner, sched: ManualScheduler, rec: Recorder) -> Iterator
         kw.setdefault("clock", sched.clock)
         kw.setdefault("scheduler", sched)
         kw.setdefault("closer", rec.closer)
-        pool = Pool(rec.fun if fun is None else fun, **kw)
+        pool = Pool._made_with(rec.fun if fun is None else fun, **kw)
         made.append(pool)
         return pool
 
@@ -865,7 +865,8 @@ def test_no_housekeeping_without_a_reason(make_pool: Callable[..., Pool],
 def test_housekeeping_thread_on_a_fake_clock(rec: Recorder) -> None:
     clock = FakeClock()
     before = set(threading.enumerate())
-    pool = Pool(rec.fun, min_size=0, max_avail_delay=10.0, closer=rec.closer, clock=clock)
+    pool = Pool._made_with(rec.fun, min_size=0, max_avail_delay=10.0, closer=rec.closer,
+                           clock=clock)
     try:
         ours = [t for t in threading.enumerate() if t not in before]
         assert ours, "a pool on its own clock runs its own housekeeping thread"
@@ -1155,7 +1156,7 @@ def test_bad_arguments_name_the_parameter_and_value(
         kwargs: dict[str, Any], exc: type[Exception], words: list[str], rec: Recorder) -> None:
     before = set(threading.enumerate())
     with pytest.raises(exc) as info:
-        Pool(rec.fun, **{"max_avail_delay": 1.0, "clock": FakeClock(), **kwargs})
+        Pool._made_with(rec.fun, **{"max_avail_delay": 1.0, "clock": FakeClock(), **kwargs})
     message = str(info.value)
     for word in words:
         assert word in message, (word, message)
@@ -1242,9 +1243,9 @@ def test_property_bounded_pool_stays_consistent(max_size: int, min_size: int, ma
         return obj
 
     sched = ManualScheduler(FakeClock())
-    pool = Pool(fun, max_size=max_size, min_size=min_size, max_use=max_use,
-                max_avail_delay=3.0, max_using_delay_kill=10.0, closer=closed.append,
-                clock=sched.clock, scheduler=sched)
+    pool = Pool._made_with(fun, max_size=max_size, min_size=min_size, max_use=max_use,
+                           max_avail_delay=3.0, max_using_delay_kill=10.0,
+                           closer=closed.append, clock=sched.clock, scheduler=sched)
     held: list[tuple[Any, float]] = []  # (object, when it was got)
     old: list[Any] = []  # returned, killed or never ours: returning them again changes nothing
     try:
@@ -1305,14 +1306,14 @@ def test_an_object_under_reset_after_reclaim_still_holds_its_slot():
 
     pool = mppool.Pool(lambda i: i, max_size=1, min_size=0)
     dead = Holder(pid=999999, start=1.0, host="elsewhere", conn=7)
-    pool.checkout(dead, timeout=0)
+    pool._checkout(dead, timeout=0)
     in_reset, release = threading.Event(), threading.Event()
 
     def slow_reset(obj):
         in_reset.set()
         release.wait(5)
 
-    t = threading.Thread(target=pool.reclaim, args=(lambda h: h.conn == 7, slow_reset))
+    t = threading.Thread(target=pool._reclaim, args=(lambda h: h.conn == 7, slow_reset))
     t.start()
     try:
         assert in_reset.wait(5)

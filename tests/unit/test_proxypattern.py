@@ -89,8 +89,8 @@ def test_counters_agree_with_stats_and_are_read_only() -> None:
 
 
 def test_recycled_and_killed_counters(sched: ManualScheduler, caplog: pytest.LogCaptureFixture) -> None:
-    pool = Pool(lambda i: f"obj {i}", min_size=1, max_avail_delay=10.0,
-                max_using_delay_kill=30.0, clock=sched.clock, scheduler=sched)
+    pool = Pool._made_with(lambda i: f"obj {i}", min_size=1, max_avail_delay=10.0,
+                           max_using_delay_kill=30.0, clock=sched.clock, scheduler=sched)
     a, b = pool.get(), pool.get()
     pool.ret(b)
     sched.advance(20.0)  # b idled past max_avail_delay; a is still within its kill delay
@@ -105,8 +105,8 @@ def test_recycled_and_killed_counters(sched: ManualScheduler, caplog: pytest.Log
 
 def test_health_counters_and_replacement(sched: ManualScheduler) -> None:
     verdicts = iter([True, False, False, True] * 10)
-    pool = Pool(lambda i: i, min_size=4, health=lambda o: next(verdicts), delay=5.0,
-                clock=sched.clock, scheduler=sched)
+    pool = Pool._made_with(lambda i: i, min_size=4, health=lambda o: next(verdicts), delay=5.0,
+                           clock=sched.clock, scheduler=sched)
     assert pool._ncreated == 4
     sched.advance(5.0)
     assert pool._hc_rounds == 1 and pool._nhealth == 4 and pool._bad_health == 2
@@ -191,7 +191,7 @@ def test_werkzeug_workaround_ignored_by_pools_with_their_own_scheduler(
     # The supervisor builds its pools with its scheduler: one started from the reloader's
     # parent inherits the variable and must still fill and keep its pools.
     monkeypatch.setenv("PPP_WERKZEUG_WORKAROUND", "1")
-    pool = Pool(lambda i: i, min_size=2, clock=sched.clock, scheduler=sched)
+    pool = Pool._made_with(lambda i: i, min_size=2, clock=sched.clock, scheduler=sched)
     assert pool._nobjs == 2
     pool.shutdown()
 

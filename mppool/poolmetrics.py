@@ -1,0 +1,218 @@
+"""Prometheus metrics of the pools that live in a worker process (budget-backed pools,
+``db_pool.RawConnectionPool``, ``pools.Pool``, any in-process `mppool.Pool`).
+
+The supervisor's metrics (``mppool serve --metrics-port``) see only the pools it serves. A
+pool that lives in a worker (a budget-backed pool of psycopg connections, say) waits, creates
+and closes where the supervisor cannot see it, and those are the waits users feel. So each
+such pool exports them itself, through prometheus_client's *multiprocess mode*:
+
+- On when ``PROMETHEUS_MULTIPROC_DIR`` is set (the variable prometheus_client's multiprocess
+  mode itself requires) and prometheus_client is installed; checked once per pool, when it is
+  made. Otherwise nothing is imported and the pool's methods are the class's own: the hot
+  path is not touched at all.
+- Why multiprocess mode rather than sending the figures to the supervisor: the figures are
+  made in the worker, and the usual place to scrape a gunicorn application is the
+  application's own ``/metrics`` (prometheus_client's ``MultiProcessCollector``), which
+  already sums every worker's files. Going through the supervisor would add a message per
+  get to the lease channel, and would lose the figures exactly when they matter most (the
+  supervisor is down or busy). Multiprocess mode does not run custom collectors at scrape
+  time, so values are written when they change (file-backed, one mmap per process).
+- Names and the ``pool`` label are those of the supervisor's metrics: the histogram
+  ``mppool_acquire_wait_seconds`` (every get, including those served at once), and the
+  gauges ``mppool_pool_objects``, ``mppool_pool_in_use``, ``mppool_pool_idle``,
+  ``mppool_pool_waiting`` (``livesum``: summed over live workers) and
+  ``mppool_pool_max_size`` (``livemax``). ``live*`` gauges of a worker that died disappear
+  once ``prometheus_client.multiprocess.mark_process_dead(pid)`` is called for it: the
+  gunicorn hook ``mppool.gunicorn.child_exit`` does so, and a worker that exits normally does
+  it for itself (atexit). The histogram is a running total and stays, as it should.
+- The supervisor process never exports these (it has its own metrics): it drops
+  ``PROMETHEUS_MULTIPROC_DIR`` from its environment at start.
+
+With metrics on, a pool's class is swapped for a subclass of the same name (made once per
+class) whose ``get``, ``_checkout``, ``ret``/``put``, ``_checkin`` and the methods where objects
+are created or closed also time each get and, after each call, write those of the pool's
+five gauges that changed. Pools made while metrics are off keep their class as it is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import threading
+from typing import Any
+
+log = logging.getLogger("mppool")
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)  # as the supervisor's
+
+_metrics: _Metrics | None = None
+_made = threading.Lock()
+_disabled = False
+
+
+def enabled() -> bool:
+    """Are worker-side metrics on? (``PROMETHEUS_MULTIPROC_DIR`` set, not disabled.)"""
+    return not _disabled and bool(os.environ.get(ENV))
+
+
+def disable() -> None:
+    """Never instrument pools made in this process from now on (the supervisor calls it)."""
+    global _disabled
+    _disabled = True
+
+
+class _Metrics:
+    """The process's metric objects, made once (prometheus_client refuses duplicates)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Gauge, Histogram
+
+        # registry=None: multiprocess mode exports every metric made in any process through
+        # the files; MultiProcessCollector reads them at scrape time.
+        self.wait = Histogram("mppool_acquire_wait_seconds", "Time a get() waited for an object",
+                              ["pool"], buckets=BUCKETS, registry=None)
+        gauge = functools.partial(Gauge, labelnames=["pool"], registry=None)
+        self.objects = gauge("mppool_pool_objects", "Objects the pool manages (idle + in use)",
+                             multiprocess_mode="livesum")
+        self.in_use = gauge("mppool_pool_in_use", "Objects lent out", multiprocess_mode="livesum")
+        self.idle = gauge("mppool_pool_idle", "Objects idle in the pool",
+                          multiprocess_mode="livesum")
+        self.waiting = gauge("mppool_pool_waiting", "Blocked get() calls",
+                             multiprocess_mode="livesum")
+        self.max_size = gauge("mppool_pool_max_size", "The pool's bound (0: unbounded)",
+                              multiprocess_mode="livemax")
+        atexit.register(_mark_self_dead)
+
+
+def _mark_self_dead() -> None:
+    """A worker that exits normally takes its live gauges away itself."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())
+    except Exception:
+        pass  # the directory went away first: nothing of ours is left to remove
+
+
+def _get_metrics() -> _Metrics:
+    global _metrics
+    with _made:
+        if _metrics is None:
+            _metrics = _Metrics()
+        return _metrics
+
+
+def instrument(pool: Any) -> bool:
+    """Make ``pool`` export its waits and sizes; False (and nothing changed) if
+    prometheus_client cannot be used."""
+    try:
+        m = _get_metrics()
+    except Exception as exc:  # not installed, or a broken multiprocess directory
+        log.warning("mppool: %s is set but pool metrics are off: %s: %s", ENV,
+                    type(exc).__name__, exc)
+        disable()
+        return False
+    pool._metrics = _PoolMetrics(pool._name, m)
+    pool.__class__ = _instrumented_class(type(pool))
+    pool._metrics.refresh(pool)
+    return True
+
+
+class _PoolMetrics:
+    """One pool's labelled metrics. It holds no reference to the pool: the methods of the
+    instrumented class pass it, so a pool dropped by its owner is still shut down at once."""
+
+    def __init__(self, name: str, m: _Metrics) -> None:
+        self.wait = m.wait.labels(pool=name)
+        self.gauges = (m.objects.labels(pool=name), m.in_use.labels(pool=name),
+                       m.idle.labels(pool=name), m.waiting.labels(pool=name),
+                       m.max_size.labels(pool=name))
+        self.timing = threading.local()  # a get's _checkout is timed once, by the get
+        # The values last written: a gauge is written only when it changes (each write takes
+        # prometheus_client's process-wide lock and touches the mmap).
+        self.last: list[float | None] = [None] * len(self.gauges)
+        self.pid = os.getpid()  # a forked child writes its own files: everything, once
+        # Refreshes in turn, so that the last one to read the counts is the last to write.
+        self.lock = threading.Lock()
+
+    def refresh(self, p: Any) -> None:
+        """Write the pool's gauges. Read without the lock: a gauge is a sample anyway, and a
+        metric must never make a get wait."""
+        if self.pid != os.getpid():  # a forked child: a lock another thread held stays held
+            self.pid, self.lock = os.getpid(), threading.Lock()
+            self.last = [None] * len(self.gauges)
+        try:
+            with self.lock:
+                nidle, nusing = len(p._avail), len(p._using)
+                if p._shutdown:
+                    values: tuple[float, ...] = (0, 0, 0, 0, 0)
+                else:
+                    nwaiting = sum(1 for w in tuple(p._waiters) if not w.done)
+                    values = (nidle + nusing, nusing, nidle, nwaiting, p._max_size)
+                last = self.last
+                for i, value in enumerate(values):
+                    if last[i] != value:
+                        last[i] = value
+                        self.gauges[i].set(value)
+        except Exception:
+            log.debug("mppool: pool %r: metrics not written", p._name, exc_info=True)
+
+
+# Where the counts change besides a get: returns, a get that queues (waiting goes up while it
+# waits), closes, creations for min_size, housekeeping, shutdown, resizes, reclaims.
+_REFRESH_AFTER = ("ret", "put", "_checkin", "_acquire", "_settle", "_fill", "housekeep",
+                  "shutdown", "resize", "_reclaim", "_drop_waiters")
+_classes: dict[type, type] = {}
+
+
+def _instrumented_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name) that times gets and writes the gauges; the class
+    itself, and every pool made while metrics are off, are untouched."""
+    with _made:
+        sub = _classes.get(cls)
+        if sub is not None:
+            return sub
+
+    def get(self: Any, timeout: float | None = None) -> Any:
+        m = self._metrics
+        m.timing.on = True
+        start = self._clock.now()
+        try:
+            return cls.get(self, timeout)  # type: ignore[attr-defined]
+        finally:
+            m.timing.on = False
+            m.wait.observe(self._clock.now() - start)
+            m.refresh(self)
+
+    def _checkout(self: Any, holder: Any, timeout: float | None = None) -> Any:
+        m = self._metrics
+        if getattr(m.timing, "on", False):
+            return cls._checkout(self, holder, timeout)  # type: ignore[attr-defined]
+        start = self._clock.now()
+        try:
+            return cls._checkout(self, holder, timeout)  # type: ignore[attr-defined]
+        finally:
+            m.wait.observe(self._clock.now() - start)
+            m.refresh(self)
+
+    def after(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(self, *args, **kwargs)
+            finally:
+                self._metrics.refresh(self)
+        return wrapper
+
+    ns: dict[str, Any] = {"get": get, "_checkout": _checkout, "__module__": cls.__module__,
+                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    for method in _REFRESH_AFTER:
+        func = getattr(cls, method, None)
+        if func is not None:
+            ns[method] = after(func)
+    sub = type(cls.__name__, (cls,), ns)
+    with _made:
+        return _classes.setdefault(cls, sub)

@@ -1,0 +1,223 @@
+"""Worker-side Prometheus metrics (mppool/poolmetrics.py): pools that live in worker processes
+export their waits and sizes through prometheus_client's multiprocess mode, summed across
+workers at scrape time; a dead worker's gauges go away; off, nothing changes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import free_port, wait_until
+
+import mppool
+
+pytest.importorskip("prometheus_client")
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
+
+APP_DIR = Path(__file__).parent / "gunicorn_app"
+
+
+def samples(text: str, pool: str) -> dict[str, float]:
+    """{sample name: value} of one pool's series in a Prometheus exposition (no buckets)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("pool") == pool and "le" not in s.labels:
+                out[s.name] = s.value
+    return out
+
+
+def scrape(directory: str, pool: str) -> dict[str, float]:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return samples(generate_latest(registry).decode(), pool)
+
+
+# A worker: a pool of max_size 1 named "w", its one object held, one thread blocked in get().
+WORKER = textwrap.dedent("""
+    import sys, threading, time
+    import mppool
+    pool = mppool.Pool(lambda i: object(), max_size=1, min_size=0, name="w")
+    held = pool.get()
+    t = threading.Thread(target=lambda: pool.ret(pool.get()), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while pool.waiting() != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    pool.ret(held)
+    t.join(10)
+    pool.shutdown()
+""")
+
+
+def start_worker(directory: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=directory)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.kill
+def test_waits_and_sizes_summed_across_processes_and_a_dead_ones_gauges_go(tmp_path):
+    directory = str(tmp_path)
+    a, b = start_worker(directory), start_worker(directory)
+    try:
+        s = scrape(directory, "w")
+        assert s["mppool_pool_objects"] == 2  # one object in each worker
+        assert s["mppool_pool_in_use"] == 2
+        assert s["mppool_pool_idle"] == 0
+        assert s["mppool_pool_waiting"] == 2  # one blocked get in each
+        assert s["mppool_pool_max_size"] == 1  # livemax: the bound, not a sum
+        assert s["mppool_acquire_wait_seconds_count"] == 2  # the held gets (the waiters wait)
+
+        a.kill()  # SIGKILL: its atexit never runs; the parent says it is dead, as gunicorn's
+        a.wait(10)  # child_exit hook does
+        multiprocess.mark_process_dead(a.pid, directory)
+        s = scrape(directory, "w")
+        assert s["mppool_pool_objects"] == 1 and s["mppool_pool_waiting"] == 1
+        assert s["mppool_acquire_wait_seconds_count"] == 2  # a running total stays
+
+        assert b.stdin is not None
+        b.stdin.close()  # a clean exit: its waiter is served, then it takes its gauges away
+        assert b.wait(10) == 0
+        s = scrape(directory, "w")
+        assert s.get("mppool_pool_objects", 0) == 0 and s.get("mppool_pool_waiting", 0) == 0
+        assert s["mppool_acquire_wait_seconds_count"] == 3  # b's waiter got its object
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()  # a worker this test started
+                p.wait(5)
+            for f in (p.stdin, p.stdout):
+                if f is not None and not f.closed:
+                    f.close()
+
+
+def test_off_by_default_nothing_imported_nothing_wrapped():
+    code = textwrap.dedent("""
+        import sys, mppool
+        p = mppool.Pool(lambda i: object(), max_size=1)
+        p.ret(p.get())
+        assert type(p) is mppool.Pool, type(p)
+        assert "get" not in vars(p)
+        assert "prometheus_client" not in sys.modules
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_supervisor_never_writes_to_the_workers_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with mppool.Server() as server, server.client() as client:
+        pool = client.pool("shared", lambda i: i, max_size=1)
+        pool.ret(pool.get())
+        assert client.stats()["shared"]["nborrows"] == 1
+        assert not [f for f in os.listdir(tmp_path) if str(server.pid) in f]
+    assert scrape(str(tmp_path), "shared") == {}
+
+
+@pytest.mark.gunicorn
+@pytest.mark.slow
+@pytest.mark.kill
+@pytest.mark.timeout(120)
+def test_gunicorn_workers_local_pools_scraped_summed_dead_worker_removed(tmp_path):
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    assert gunicorn, "gunicorn is a test dependency"
+    port = free_port()
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    address = os.path.join(tempfile.mkdtemp(prefix="mpm"), "s.sock")
+    env = dict(os.environ, MPPOOL_ADDRESS=address, PROMETHEUS_MULTIPROC_DIR=str(prom),
+               PYTHONPATH=os.pathsep.join([str(APP_DIR), *sys.path]))
+    env.pop("MPPOOL_AUTHKEY", None)
+    with open(tmp_path / "gunicorn.log", "w") as log:
+        proc = subprocess.Popen([gunicorn, "-c", str(APP_DIR / "gunicorn.conf.py"), "-w", "3",
+                                 "-b", f"127.0.0.1:{port}", "metrics_app:app"],
+                                cwd=APP_DIR, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    arbiter = psutil.Process(proc.pid)
+    try:
+        workers = wait_until(lambda: _workers(arbiter, 3), timeout=30, interval=0.05,
+                             what="3 gunicorn workers")
+        used: set[int] = set()
+        nuses = 0
+
+        def use_all() -> bool:
+            nonlocal nuses
+            r = _request(port, "/use")
+            if r is not None:
+                nuses += 1
+                used.add(int(r))
+            return used >= workers
+
+        wait_until(use_all, timeout=60, interval=0.01, what="every worker to serve /use")
+        s = samples(_request(port, "/metrics") or "", "local")
+        assert s["mppool_pool_objects"] == 3  # one object kept idle in each worker's pool
+        assert s["mppool_pool_idle"] == 3 and s["mppool_pool_in_use"] == 0
+        assert s["mppool_pool_max_size"] == 2
+        assert s["mppool_acquire_wait_seconds_count"] == nuses
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)  # a worker of the gunicorn this test started
+        # child_exit (mppool.gunicorn) removes its live gauges; its replacement has no pool yet.
+        wait_until(lambda: samples(_request(port, "/metrics") or "", "local")
+                   .get("mppool_pool_objects") == 2, timeout=30, interval=0.05,
+                   what="the dead worker's gauges to go")
+        s = samples(_request(port, "/metrics") or "", "local")
+        assert s["mppool_pool_idle"] == 2
+        assert s["mppool_acquire_wait_seconds_count"] == nuses  # its gets still count
+    finally:
+        _stop(proc, arbiter)
+
+
+def _workers(arbiter: psutil.Process, n: int) -> set[int] | None:
+    # The supervisor is the arbiter's child too: workers are the gunicorn processes.
+    pids = {p.pid for p in arbiter.children() if "gunicorn" in " ".join(p.cmdline())}
+    return pids if len(pids) == n else None
+
+
+def _request(port: int, path: str) -> str | None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.read().decode() if r.status == 200 else None
+    except OSError:
+        time.sleep(0.05)  # not bound yet, or a worker restarting
+        return None
+    finally:
+        conn.close()
+
+
+def _stop(proc: Any, arbiter: psutil.Process) -> None:
+    children = arbiter.children(recursive=True) if arbiter.is_running() else []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for p in alive:  # processes this test started, by pid
+        p.kill()
+    assert not alive, f"left running after gunicorn stopped: {[p.pid for p in alive]}"
