@@ -505,6 +505,14 @@ def test_foreign_item_goes_to_a_blocked_getter() -> None:
     assert len(pool.free_items) == 0 and pool.channel.getting() == 0
 
 
+def test_get_rejects_bad_timeouts() -> None:
+    pool = IntPool(max_size=1)
+    for bad, exc in ((-1, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(exc, match="timeout"):
+            pool.get(timeout=bad)  # type: ignore[arg-type]
+    assert pool.get(timeout=float("inf")) == 1  # inf: wait for ever, and nothing to wait for
+
+
 def test_foreign_item_follows_order_as_stack() -> None:
     pool = IntPool(max_size=1, order_as_stack=True)
     pool.put("a")
