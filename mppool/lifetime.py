@@ -63,6 +63,7 @@ class Lifetime(PoolState):
     # Set by the constructor, for open().
     _hk_delay: float | None
     _own_clock: bool
+    _fill_at_open = True  # False in werkzeug's reloader parent (PPP_WERKZEUG_WORKAROUND)
 
     def open(self, wait: bool = False, timeout: float | None = 30.0) -> None:
         """Start the pool: housekeeping, recall, and ``min_size`` objects (creation errors
@@ -75,7 +76,8 @@ class Lifetime(PoolState):
         if not opened:
             self._start_housekeeping(self._hk_delay, self._sched_arg, own_clock=self._own_clock)
             self._start_recall(self._sched_arg, own_clock=self._own_clock)
-            self._fill()
+            if self._fill_at_open:
+                self._fill()
         if wait:
             self.wait(timeout)
 

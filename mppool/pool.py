@@ -54,6 +54,7 @@ from .lifetime import Lifetime
 from .poolmetrics import enabled as metrics_enabled
 from .poolmetrics import instrument
 from .precheck import Checking
+from .proxypattern import ProxyPatternCompat
 from .reconnect import Reconnecting
 from .sched import Scheduler
 from .state import (
@@ -88,7 +89,8 @@ log = logging.getLogger("mppool")
 _ids = itertools.count(1)
 
 
-class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, Views, Lender):
+class Pool(Housekeeping, Budgeted, Checking, Reconnecting, ProxyPatternCompat, Lifetime, Admin,
+           Views, Lender):
     """A thread-safe pool of objects made on demand by ``fun(i)``, with ProxyPatternPool's
     API: ``get()``/``ret()`` (alias ``put``), ``with pool.obj() as o:`` (alias ``item``),
     ``stats()``, ``shutdown()``, ``resize()``, ``free()``, ``waiting()``, ``len(pool)``.
@@ -255,7 +257,11 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         # terminates the process; in-process there is nobody else to kill).
         self.on_kill_holder: Callable[[Holder, float], None] | None = None
         self._runner = runner
-        self._hk_delay, self._sched_arg, self._own_clock = hk_delay, scheduler, clock is not None
+        # PPP_WERKZEUG_WORKAROUND (see proxypattern.py); the supervisor passes its scheduler.
+        idle = self._idle_start(served=scheduler is not None)
+        self._hk_delay = None if idle else hk_delay
+        self._sched_arg, self._own_clock = scheduler, clock is not None
+        self._fill_at_open = not idle
         if metrics_enabled():  # PROMETHEUS_MULTIPROC_DIR: see poolmetrics.py; else untouched
             instrument(self)
         self._register()
@@ -382,7 +388,8 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
         while True:
             got = self._acquire(holder, None if timeout == 0 else Waiter)
             if got is None:
-                raise TimeOut(f"pool {self._name!r}: no object available (timeout=0)")
+                raise TimeOut(f"pool {self._name!r}: no object available, timeout after 0 s "
+                              "(timeout=0: do not wait)")
             if isinstance(got, Waiter):
                 got = self._wait(got, timeout)
             # What is left of the caller's timeout bounds the wait for a budget token too,
@@ -402,7 +409,7 @@ class Pool(Housekeeping, Budgeted, Checking, Reconnecting, Lifetime, Admin, View
             self._abandon(waiter)  # KeyboardInterrupt and the like: nothing may be stranded
             raise
         if self._cancel(waiter):
-            raise TimeOut(f"pool {self._name!r}: no object available within {timeout} s")
+            raise TimeOut(f"pool {self._name!r}: no object available, timeout after {timeout} s")
         got = waiter.result
         if isinstance(got, BaseException):
             raise got

@@ -526,7 +526,7 @@ def test_raw_idle_and_old_connections_are_closed() -> None:
 
 
 def test_raw_budget_tokens_follow_connections() -> None:
-    budget = TokenPool(1)
+    budget = TokenPool(max_size=1)
     pool = RawConnectionPool(DummyDBModule(), max_size=2, budget=budget)
     conn = pool.get()
     assert budget.free() == 0
@@ -546,7 +546,7 @@ def test_raw_budget_tokens_follow_connections() -> None:
 
 
 def test_forgotten_raw_pool_closes_its_connections() -> None:
-    budget = TokenPool(1)
+    budget = TokenPool(max_size=1)
     pool = RawConnectionPool(DummyDBModule(), budget=budget)
     conn = pool.get()
     base = conn._base
@@ -668,7 +668,7 @@ def test_bad_budget_and_client(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match=r"budget.*object"):
         RawConnectionPool(DummyDBModule(), budget=object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"budget must be None.*TokenPool"):
-        TpooledConnectionPool(DummyDBModule(), budget=TokenPool(1))
+        TpooledConnectionPool(DummyDBModule(), budget=TokenPool(max_size=1))
     with pytest.raises(TypeError, match=r"client.*'nope'"):
         TpooledConnectionPool(DummyDBModule(), client="nope")  # type: ignore[arg-type]
 

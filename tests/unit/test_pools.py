@@ -1,5 +1,5 @@
 """mppool.pools: eventlet's pools tests (tests/pools_test.py) ported to native threads, plus the
-behaviours mppool adds (timeouts, adoption of foreign items, the TokenPool invariant).
+behaviours mppool adds (timeouts, foreign items put() in, the TokenPool invariant).
 
 Where eventlet yields to the hub (``eventlet.sleep(0)``) and relies on the other green thread
 having run, these tests wait, with a deadline, until the pool shows it (``waiting()``).
@@ -472,14 +472,57 @@ def test_resize_rejects_bad_sizes() -> None:
 # ---------------------------------------------------------------- put() of foreign items
 
 
-def test_foreign_item_replaces_the_next_create() -> None:
+def test_foreign_item_is_free_at_once_outside_the_bound() -> None:
+    # eventlet: a put() of an item the pool never lent joins the free items; it does not
+    # count in current_size, so the pool can lend max_size created items plus it.
     pool = IntPool(max_size=2)
     pool.put(100)
-    assert pool.free() == 2  # it holds no room until it is used
-    assert pool.get() == 100
-    assert pool.get() == 1  # now create() runs
+    assert pool.free() == 3 and list(pool.free_items) == [100] and pool.current_size == 0
+    assert pool.get() == 100  # the free list comes first
+    assert [pool.get(), pool.get()] == [1, 2]
     with pytest.raises(TimeOut):
-        pool.get(timeout=0)  # the adopted item counts against max_size
+        pool.get(timeout=0)
+    pool.put(100)  # lent foreign items come back as free items too
+    assert pool.free() == 1 and pool.current_size == 2
+
+
+def test_foreign_item_goes_to_a_blocked_getter() -> None:
+    # eventlet's test_put_with_timed_out_getters, then a live getter.
+    pool = IntPool(max_size=2)
+    pool.get()
+    pool.get()
+    for _ in range(3):
+        with pytest.raises(TimeOut):
+            pool.get(timeout=0.01)  # gave up: must not swallow what comes next
+    pool.put(0)
+    assert len(pool.free_items) == 1 and pool.waiting() == 0
+    assert pool.get(timeout=0) == 0
+    waiter = Worker(lambda: pool.get(timeout=DEADLINE))
+    wait_until(lambda: pool.waiting() == 1, DEADLINE, what="the getter to block")
+    assert pool.channel.getting() == 1 and pool.channel.putting() == 0
+    pool.put("foreign")
+    assert waiter.join() == "foreign"
+    assert len(pool.free_items) == 0 and pool.channel.getting() == 0
+
+
+def test_get_rejects_bad_timeouts() -> None:
+    pool = IntPool(max_size=1)
+    for bad, exc in ((-1, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(exc, match="timeout"):
+            pool.get(timeout=bad)  # type: ignore[arg-type]
+    assert pool.get(timeout=float("inf")) == 1  # inf: wait for ever, and nothing to wait for
+
+
+def test_foreign_item_follows_order_as_stack() -> None:
+    pool = IntPool(max_size=1, order_as_stack=True)
+    pool.put("a")
+    pool.put("b")
+    assert list(pool.free_items) == ["b", "a"]
+    assert [pool.get(), pool.get()] == ["b", "a"]
+    fifo = IntPool(max_size=1)
+    fifo.put("a")
+    fifo.put("b")
+    assert [fifo.get(), fifo.get()] == ["a", "b"]
 
 
 def test_pool_filled_by_hand_needs_no_create() -> None:
@@ -487,6 +530,18 @@ def test_pool_filled_by_hand_needs_no_create() -> None:
     pool.put("a")
     pool.put("b")
     assert {pool.get(), pool.get()} == {"a", "b"}
+    with pytest.raises(NotImplementedError):
+        pool.get()  # the free items are used up: now create() is needed
+
+
+def test_free_items_lists_idle_items_in_handout_order() -> None:
+    pool = IntPool(min_size=3, max_size=3)
+    assert list(pool.free_items) == [1, 2, 3]  # eventlet's TestIntPool2
+    assert pool.get() == 1
+    pool.put(1)
+    assert list(pool.free_items) == [2, 3, 1]
+    pool.free_items.clear()  # a snapshot: the pool is unchanged
+    assert pool.free() == 3
 
 
 def test_put_twice_is_ignored(pool: IntPool, caplog: pytest.LogCaptureFixture) -> None:
@@ -494,18 +549,18 @@ def test_put_twice_is_ignored(pool: IntPool, caplog: pytest.LogCaptureFixture) -
     pool.put(one)
     with caplog.at_level(logging.WARNING, logger="mppool"):
         pool.put(one)
-    assert "already in the pool" in caplog.text
+    assert "already idle" in caplog.text
     assert (pool.free(), pool.current_size) == (4, 1)
     assert [pool.get(), pool.get()] == [1, 2]  # never lent twice at once
 
 
-def test_adoption_queue_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+def test_foreign_item_put_twice_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
     pool = IntPool(max_size=2)
+    pool.put(100)
     with caplog.at_level(logging.WARNING, logger="mppool"):
-        for x in (100, 101, 102):
-            pool.put(x)
-    assert "dropped" in caplog.text
-    assert [pool.get(), pool.get()] == [100, 101]
+        pool.put(100)
+    assert "already idle" in caplog.text
+    assert list(pool.free_items) == [100]
 
 
 def test_identical_items_are_counted_per_lease() -> None:
@@ -536,7 +591,7 @@ def test_token_pool_hands_out_distinct_tokens() -> None:
 
 
 def test_token_pool_obj_and_waiting() -> None:
-    pool = TokenPool(2)
+    pool = TokenPool(max_size=2)
     with pool.obj() as t1, pool.item() as t2:
         assert t1 is not t2
         waiter = Worker(lambda: pool.get(timeout=DEADLINE))
@@ -546,11 +601,15 @@ def test_token_pool_obj_and_waiting() -> None:
     assert pool.waiting() == 0
 
 
-def test_token_pool_signature() -> None:
+def test_token_pool_signature_is_eventlets() -> None:
     assert TokenPool().max_size == 4
     assert TokenPool(max_size=3, min_size=3).current_size == 3
-    with pytest.raises(TypeError):
-        TokenPool(0, 10)  # type: ignore[call-arg]  # eventlet's positional order fails loudly
+    pool = TokenPool(2)  # eventlet's order: min_size first
+    assert (pool.min_size, pool.max_size, pool.current_size) == (2, 4, 2)
+    pool = TokenPool(0, 10, True)
+    assert (pool.max_size, pool.order_as_stack) == (10, True)
+    with pytest.raises(ValueError, match="min_size=5 must not exceed max_size=4"):
+        TokenPool(5)  # eventlet would make 5 tokens with a bound of 4
 
 
 def test_token_pool_invariant_under_threads() -> None:

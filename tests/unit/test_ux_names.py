@@ -45,7 +45,7 @@ def test_errors_name_the_pool() -> None:
 
 def test_tokens_are_numbered() -> None:
     assert repr(Token(3)) == "token #3"
-    tp = TokenPool(2)
+    tp = TokenPool(max_size=2)
     try:
         t = tp.get()
         assert "0x" not in repr(t) or repr(t).startswith("<Token")
