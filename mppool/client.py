@@ -159,29 +159,45 @@ class Client:
         blob = dill.dumps(options, recurse=True) if options else None
         return self._attach(name, "pool", transfer, blob)
 
-    def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS) -> SharedPool:
+    def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS, *,
+                   fast: bool | None = None) -> SharedPool:
         """The shared token pool ``name``: at most ``max_size`` tokens out at once.
 
         Without ``max_size`` an existing token pool is attached whatever its size (a new one
         gets 4); with it, an existing pool of another size raises ValueError.
+
+        ``fast=True`` (default: the ``MPPOOL_FAST`` environment variable) leases tokens in
+        shared memory where it can, without a message to the supervisor (`mppool.fastpath`).
         """
         check_int("max_size", max_size, minimum=1)
+        if fast is None:
+            from .fastpath import fast_default
+            fast = fast_default()
+        elif not isinstance(fast, bool):
+            raise TypeError(f"fast must be a bool or None, got {fast!r}")
+        cls: type[SharedPool] = SharedPool
+        if fast:
+            from .fastpath import FastTokenPool
+            cls = FastTokenPool
         if max_size is _DEFAULT_TOKENS:
             try:
-                return self._attach(name, "token", "copy", None)
+                return self._attach(name, "token", "copy", None, cls)
             except ValueError:
                 pass  # no such pool yet: create it with the default size
         blob = dill.dumps(token_pool_options(max_size))
-        return self._attach(name, "token", "copy", blob)
+        return self._attach(name, "token", "copy", blob, cls)
 
-    def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None) -> SharedPool:
+    def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None,
+                cls: type[SharedPool] | None = None) -> SharedPool:
         pool_id, transfer, timeout, instance = self._call("create", name, kind, transfer, blob)
         with self._lock:
             known = self._pools.get(name)
-            if known is not None and known.transfer == transfer:
+            if known is not None and known.transfer == transfer \
+                    and (cls is None or type(known) is cls):
                 known._learn(instance, pool_id, timeout, kind, blob)
                 return known
-            pool = SharedPool(self, name, (instance, pool_id), transfer, timeout, kind, blob)
+            pool = (cls or SharedPool)(self, name, (instance, pool_id), transfer, timeout, kind,
+                                       blob)
             self._pools[name] = pool
             return pool
 

@@ -59,7 +59,7 @@ GET_SIZE, PUT_SIZE = _GET.size, _PUT.size
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
-CALL, GETATTR, DROPREF, PING, WAITING, CANCEL, BYE = range(2, 9)
+CALL, GETATTR, DROPREF, PING, WAITING, CANCEL, BYE, FASTMAP, FASTPOKE = range(2, 11)
 OK, ERR, REF, GRANTED = range(4)  # GRANTED: a lease on an object that stays there (a proxy)
 
 
@@ -135,6 +135,24 @@ class Bye:
 
 
 @dataclass(slots=True)
+class FastMap:
+    """Ask for a token pool's shared-memory region (`mppool.fastpath`), on a connection of
+    its own: the reply carries the region's memfd (``SCM_RIGHTS``). ``conn`` is the asking
+    process's lease channel, which its fast leases are tied to (it must be the same process)."""
+
+    rid: int
+    pool_id: int
+    conn: int
+
+
+@dataclass(slots=True)
+class FastPoke:
+    """A fast lease was given back while the region is in slow mode: look at it. No reply."""
+
+    pool_id: int
+
+
+@dataclass(slots=True)
 class Granted:
     rid: int
     lease: int
@@ -148,7 +166,7 @@ class Reply:
     value: Any
 
 
-Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye
+Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye | FastMap | FastPoke
 
 
 # --------------------------------------------------------------------------- framing
@@ -247,6 +265,14 @@ def encode_cancel(rid: int) -> bytes:
     return frame(pickle.dumps((CANCEL, rid), protocol=5))
 
 
+def encode_fastmap(rid: int, pool_id: int, conn: int) -> bytes:
+    return frame(pickle.dumps((FASTMAP, rid, pool_id, conn), protocol=5))
+
+
+def encode_fastpoke(pool_id: int) -> bytes:
+    return frame(pickle.dumps((FASTPOKE, pool_id), protocol=5))
+
+
 BYE_FRAME = frame(pickle.dumps((BYE,), protocol=5))
 
 
@@ -297,6 +323,11 @@ def decode_request(payload: Any) -> Request:
         return Cancel(args[0])
     elif op == BYE and not args:
         return Bye()
+    elif op == FASTMAP and len(args) == 3 and _u32(args[0]) and args[0] and _u32(args[1]) \
+            and _u64(args[2]):
+        return FastMap(*args)
+    elif op == FASTPOKE and len(args) == 1 and _u32(args[0]):
+        return FastPoke(args[0])
     raise ProtocolError(f"a malformed request: op {op!r} with {len(args)} fields")
 
 
