@@ -32,8 +32,9 @@ from typing import Any
 
 from . import protocol as P
 from . import shm
+from .address import display
 from .channel import Channel
-from .client import SharedPool, granted
+from .client import SharedPool, _attach_client, granted
 from .errors import ServerUnavailable
 from .holder import current_holder
 
@@ -124,6 +125,15 @@ class FastTokenPool(SharedPool):
                         "(reclaimed, killed, or put twice): ignored", self.name, obj)
 
     put = ret
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach_fast, (display(self._client.address), self._client.authkey.hex(),
+                               self.name))
+
+
+def _attach_fast(address: str, authkey: str, name: str) -> SharedPool:
+    """Unpickle a fast token pool: it stays fast wherever it lands."""
+    return _attach_client(address, authkey).token_pool(name, fast=True)
 
 
 def map_region(chan: Channel, authkey: bytes, pool_id: int) -> shm.Region:

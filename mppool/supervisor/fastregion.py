@@ -401,6 +401,7 @@ def serve_fastmap(loop: LeaseLoop, conn: Any, msg: Any) -> None:
         return
     region: FastRegion = rec.fast
     region.clients.add(msg.conn)
+    region.settle()  # tokens parked before the client can look
     frame = P.encode_reply(msg.rid, P.OK, region.region.nslots)
     with conn.wlock:
         sent = 0
@@ -411,5 +412,3 @@ def serve_fastmap(loop: LeaseLoop, conn: Any, msg: Any) -> None:
                 sent = 0
     if sent != len(frame):
         loop.call_soon(lambda: loop.close(conn, "could not send the fast-path region"))
-        return
-    region.settle()  # tokens parked for the first client
