@@ -171,14 +171,10 @@ class Client:
         """
         check_int("max_size", max_size, minimum=1)
         if fast is None:
-            from .fastpath import fast_default
             fast = fast_default()
         elif not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool or None, got {fast!r}")
-        cls: type[SharedPool] = SharedPool
-        if fast:
-            from .fastpath import FastTokenPool
-            cls = FastTokenPool
+        cls = FAST_TOKEN_POOL[0] if fast and FAST_TOKEN_POOL else SharedPool
         if max_size is _DEFAULT_TOKENS:
             try:
                 return self._attach(name, "token", "copy", None, cls)
@@ -473,6 +469,16 @@ class SharedPool(Lender, PoolWhere):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach, (display(self._client.address), self._client.authkey.hex(), self.name))
+
+
+# The fast path's pool class, registered by mppool.fastpath when the package is imported
+# (it subclasses SharedPool, so this module cannot import it without an import circle).
+FAST_TOKEN_POOL: list[type[SharedPool]] = []
+
+
+def fast_default() -> bool:
+    """Whether token pools take the fast path when ``fast`` is not given (MPPOOL_FAST)."""
+    return os.environ.get("MPPOOL_FAST", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def granted(reply: Any) -> P.Granted:

@@ -34,16 +34,11 @@ from . import protocol as P
 from . import shm
 from .address import display
 from .channel import Channel
-from .client import SharedPool, _attach_client, granted
+from .client import FAST_TOKEN_POOL, SharedPool, _attach_client, granted
 from .errors import ServerUnavailable
 from .holder import current_holder
 
 log = logging.getLogger("mppool")
-
-
-def fast_default() -> bool:
-    """Whether token pools take the fast path when ``fast`` is not given (MPPOOL_FAST)."""
-    return os.environ.get("MPPOOL_FAST", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class FastToken:
@@ -129,6 +124,9 @@ class FastTokenPool(SharedPool):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach_fast, (display(self._client.address), self._client.authkey.hex(),
                                self.name))
+
+
+FAST_TOKEN_POOL.append(FastTokenPool)  # what client.token_pool(fast=True) makes
 
 
 def _attach_fast(address: str, authkey: str, name: str) -> SharedPool:

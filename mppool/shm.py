@@ -36,7 +36,6 @@ no-op.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -82,14 +81,21 @@ def libc() -> Any:
         return _libc
     if not sys.platform.startswith("linux") or not hasattr(os, "memfd_create"):
         raise Unavailable("the shared-memory fast path needs Linux (memfd, robust mutexes)")
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-        for fn in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent",
-                   "pthread_mutexattr_setrobust", "pthread_mutexattr_setpshared"):
-            getattr(lib, fn)
-    except (OSError, AttributeError) as exc:
-        raise Unavailable(f"no robust process-shared mutex in the C library: {exc}") from None
+    # The symbols already loaded in this process first: the interpreter links the C library,
+    # and ctypes.util.find_library would run a compiler or ldconfig in a subprocess.
+    lib = None
+    for name in (None, "libc.so.6", "libpthread.so.0"):
+        try:
+            cand = ctypes.CDLL(name, use_errno=True)
+            for fn in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent",
+                       "pthread_mutexattr_setrobust", "pthread_mutexattr_setpshared"):
+                getattr(cand, fn)
+        except (OSError, AttributeError):
+            continue
+        lib = cand
+        break
+    if lib is None:
+        raise Unavailable("no robust process-shared mutex in the C library")
     _libc = lib
     return lib
 
