@@ -79,7 +79,8 @@ def main() -> int:
     res = measure(ns.kills, ns.fast)
     what = "fast path: reclaim" if ns.fast else "reclaim"
     print(f"{what} after SIGKILL over {res['kills']} kills: p50 {res['p50_ms']:.2f} ms, "
-          f"p90 {res['p90_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, max {res['max_ms']:.2f} ms (target: 100 ms)")
+          f"p90 {res['p90_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, max {res['max_ms']:.2f} ms "
+          "(target: 100 ms)")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -129,8 +129,12 @@ def test_sigkilled_holder_units_come_back(client, procs):
         s = pool.stats()
         assert [u["pid"] for u in s["using"]] == [pid]  # stats name the real holder
         got: list[float] = []
-        waiter = threading.Thread(target=lambda: got.append((pool.get(timeout=10),
-                                                             time.monotonic())[1]))
+
+        def wait_for_token(got: list[float] = got) -> None:
+            pool.get(timeout=10)
+            got.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait_for_token)
         waiter.start()
         wait_until(lambda: pool.waiting() == 1, what="parent waiting")
         t0 = time.monotonic()
@@ -183,6 +187,7 @@ def test_late_put_is_a_noop(client, caplog):
 def test_late_put_after_reclaim_is_a_noop(client, procs):
     pool = fast_pool(client, "t-reclaim", 1)
     p, (pid, kind, slot, gen) = start_ready(procs, hold_forever, pool)
+    assert kind == "FastToken"
     os.kill(pid, signal.SIGKILL)
     p.join(5)
     mine = pool.get(timeout=5)  # the reclaimed unit
@@ -278,13 +283,13 @@ def test_resize_and_shutdown(client):
         pool.put(tok)  # after shutdown: ignored or closed, never raises
 
 
-def test_fallback_over_tcp(sockdir):
-    with mppool.Server(address="127.0.0.1:0") as srv:
-        with mppool.connect(srv.address, srv.authkey) as c:
-            pool = c.token_pool("tcp", 1, fast=True)
-            tok = pool.get(timeout=5)
-            assert type(tok) is not FastToken
-            pool.put(tok)
+def test_fallback_over_tcp():
+    with mppool.Server(address="127.0.0.1:0") as srv, \
+            mppool.connect(srv.address, srv.authkey) as c:
+        pool = c.token_pool("tcp", 1, fast=True)
+        tok = pool.get(timeout=5)
+        assert type(tok) is not FastToken
+        pool.put(tok)
 
 
 def test_bad_fast_argument(client):
