@@ -295,3 +295,60 @@ def test_fallback_over_tcp():
 def test_bad_fast_argument(client):
     with pytest.raises(TypeError, match="fast"):
         client.token_pool("x", 1, fast="yes")
+
+
+def test_pause_stops_fast_gets_and_resume_restores_them(client):
+    pool = fast_pool(client, "t-pause", 2)
+    assert client.pause("t-pause")
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0)  # tokens are free, but a paused pool hands out nothing
+    got: list[Any] = []
+    th = threading.Thread(target=lambda: got.append(pool.get(timeout=10)))
+    th.start()
+    wait_until(lambda: pool.waiting() == 1, what="a get queued while paused")
+    assert client.resume("t-pause")
+    th.join(10)
+    assert got, "the queued get was not served at resume"
+    pool.put(got[0])
+    wait_until(lambda: accounted(pool, 2), what="units back")
+    tok = pool.get(timeout=5)
+    assert type(tok) is FastToken, "fast again after resume"
+    pool.put(tok)
+
+
+def test_console_kill_holder_takes_back_fast_leases(client, procs):
+    pool = fast_pool(client, "t-console", 1)
+    _, (pid, kind, _, _) = start_ready(procs, hold_forever, pool)
+    assert kind == "FastToken"
+    assert client.kill_holder("t-console", pid)["reclaimed"] == 1
+    assert client.kill_holder("t-console", os.getpid())["reclaimed"] == 0
+    tok = pool.get(timeout=5)  # the unit is back while its old holder lives on
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0)
+    pool.put(tok)
+    wait_until(lambda: accounted(pool, 1), what="unit back")
+
+
+def test_kill_holder_of_the_supervisor_pid_frees_no_parked_token(client, server):
+    pool = fast_pool(client, "t-suppid", 2)
+    assert client.kill_holder("t-suppid", server.pid)["reclaimed"] == 0
+    held = [pool.get(timeout=5) for _ in range(2)]
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0)  # still 2 units, not 4
+    for tok in held:
+        pool.put(tok)
+
+
+def test_resize_down_with_fast_leases_out(client):
+    pool = fast_pool(client, "t-shrink", 3)
+    held = [pool.get(), pool.get(), pool.get()]
+    pool.resize(1)
+    for tok in held:
+        pool.put(tok)
+    wait_until(lambda: accounted(pool, 1), what="shrunk to 1")
+    tok = pool.get(timeout=5)
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0)
+    pool.put(tok)
+    s = pool.stats()
+    assert s["max_size"] == 1 and s["nusing"] == 0

@@ -95,7 +95,8 @@ class FastRegion:
         self.lock = threading.Lock()
         self.stale_pending = -1  # pending seen at the last check with nobody waiting
         self.nrepairs = 0
-        self.closed = False
+        self.closed = False  # for good: the pool is shutting down
+        self.off: set[str] = set()  # for a while: "pause", "resize"
 
     # ------------------------------------------------------------------ the lease loop
 
@@ -124,7 +125,15 @@ class FastRegion:
             finally:
                 r.unlock()
             self._checkin(back)  # shutting down: the Pool closes them
-            if self.closed or r.pending or r.flags & shm.CLOSED or pool.waiting() or self._over_size():
+            if self.closed or r.pending or r.flags & shm.CLOSED or pool.waiting():
+                return
+            if self._over_size():
+                # Shrunk below what is out: puts must reach the Pool, which closes the extra.
+                r = self._locked()
+                try:
+                    r.set_flags(r.flags | shm.WAITERS)
+                finally:
+                    r.unlock()
                 return
             self._park()
 
@@ -159,13 +168,26 @@ class FastRegion:
         """A lease connection closed (its process exited or was killed): its slots come back,
         each with a new generation."""
         self.clients.discard(conn_id)
+        n = self._release(1, conn_id)
+        if n:
+            log.warning("mppool: pool %r: reclaimed %d fast lease(s) of connection %d, which "
+                        "went away", self.rec.name, n, conn_id)
+
+    def release_pid(self, pid: int) -> int:
+        """The operator's kill_holder: every slot held by ``pid`` comes back; how many."""
+        return self._release(2, pid)
+
+    def _release(self, field: int, value: int) -> int:
+        """Free every HELD slot whose field ``field`` (1: conn, 2: pid) is ``value``."""
         back: list[int] = []
+        n = 0
         with self.lock:
             r = self._locked()
             try:
                 slow = r.flags
                 for i in range(r.nslots):
-                    if r.state(i) == shm.HELD and r.slot(i)[1] == conn_id:
+                    if r.state(i) == shm.HELD and r.slot(i)[field] == value:
+                        n += 1
                         r.bump(i)
                         if slow:
                             r.set_state(i, shm.ABSENT)
@@ -175,11 +197,9 @@ class FastRegion:
                             r.set_state(i, shm.FREE)
             finally:
                 r.unlock()
-        if back:
-            log.warning("mppool: pool %r: reclaimed %d fast lease(s) of connection %d, which "
-                        "went away", self.rec.name, len(back), conn_id)
         self._checkin(back)
         self.settle()
+        return n
 
     def _locked(self) -> shm.Region:
         """Take the region's mutex (under self.lock); a region left DIRTY by a process that
@@ -266,7 +286,7 @@ class FastRegion:
         flags = r.flags
         if flags & ~(shm.WAITERS | shm.CLOSED | shm.DIRTY):
             fixed.append(f"flags {flags:#x}")
-        want_closed = shm.CLOSED if self.closed else 0
+        want_closed = shm.CLOSED if self.closed or self.off else 0
         if flags & shm.CLOSED != want_closed:
             fixed.append("the CLOSED flag")
         if self.rec.pool.waiting() and not flags & shm.WAITERS:
@@ -291,10 +311,12 @@ class FastRegion:
 
     # ------------------------------------------------------------------ control plane
 
-    def pull_back(self, closed: bool) -> None:
-        """Before a shutdown or a resize: every FREE slot back to the Pool, the fast path
-        off (``closed``: for good)."""
+    def pull_back(self, closed: bool, why: str = "") -> None:
+        """Before a shutdown, a resize or a pause: every FREE slot back to the Pool, the fast
+        path off (``closed``: for good; else until `reopen` with the same ``why``)."""
         with self.lock:
+            if why:
+                self.off.add(why)
             r = self._locked()
             try:
                 r.set_flags(r.flags | shm.CLOSED)
@@ -304,12 +326,14 @@ class FastRegion:
             self.closed = self.closed or closed
         self._checkin(back)
 
-    def reopen(self) -> None:
-        """After a resize: fast mode again (once the Pool is within its new size)."""
+    def reopen(self, why: str) -> None:
+        """After a resize or a pause: fast mode again (once the Pool is within its size and
+        nothing else keeps the region off)."""
         with self.lock:
+            self.off.discard(why)
             r = self._locked()
             try:
-                if not self.closed:
+                if not self.closed and not self.off:
                     r.set_flags(r.flags & ~shm.CLOSED)
             finally:
                 r.unlock()
@@ -346,15 +370,27 @@ class FastRegion:
         return s
 
     def pool_call(self, method: str, *args: Any) -> Any:
-        """``resize``/``free`` of the control plane, with the region's tokens counted."""
+        """``resize``/``free``/``pause``/``resume`` of the control plane and the console,
+        with the region's tokens counted and the fast path off while they apply."""
         pool = self.rec.pool
         if method == "resize":
-            self.pull_back(closed=False)
+            self.pull_back(closed=False, why="resize")
             try:
                 pool.resize(*args)
             finally:
-                self.reopen()
+                self.reopen("resize")
             return None
+        if method == "pause":
+            self.pull_back(closed=False, why="pause")
+            try:
+                return pool.pause()
+            except BaseException:
+                self.reopen("pause")
+                raise
+        if method == "resume":
+            done = pool.resume()
+            self.reopen("pause")
+            return done
         if method == "free":
             with self.lock:
                 nfree = self.region.count(shm.FREE)
