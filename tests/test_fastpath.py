@@ -352,3 +352,21 @@ def test_resize_down_with_fast_leases_out(client):
     pool.put(tok)
     s = pool.stats()
     assert s["max_size"] == 1 and s["nusing"] == 0
+
+
+def test_fast_token_pool_as_a_budget(client):
+    budget = fast_pool(client, "t-budget", 1)
+    a = mppool.Pool(lambda i: object(), max_size=2, min_size=0, budget=budget)
+    b = mppool.Pool(lambda i: object(), max_size=2, min_size=0, budget=budget)
+    try:
+        obj = a.get()
+        assert budget.stats()["fast"]["held"] == 1  # the object's token is a fast one
+        with pytest.raises(TimeOut):
+            b.get(timeout=0.2)  # the cap holds across pools
+        a.ret(obj)  # idle while somebody waits for the budget: closed, its token back
+        other = b.get(timeout=10)
+        b.ret(other)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    wait_until(lambda: accounted(budget, 1), what="budget token back")

@@ -166,7 +166,7 @@ class Console:
                     continue
                 new, old = opts.get("max_size", 0), rec.pool.stats()["max_size"]
                 if new != old:
-                    rec.pool.resize(new)
+                    self.resize(name, new)  # through the fast path's region, if it has one
                     rec.fingerprint = fingerprint(opts)  # clients declaring the file's options attach
                     out["resized"][name] = [old, new]
             for name in sorted(self.config_pools - set(pools)):
