@@ -94,11 +94,21 @@ class FastTokenPool(SharedPool):
                 where = None  # the normal path below reconnects, or says what is wrong
         if where is not None:
             h = current_holder()
-            got = where[1].take(where[2], h.pid, h.start, time.monotonic())
-            if got != shm.QUEUE:
-                slot, gen = got  # type: ignore[misc]
-                return FastToken(slot, gen, where)
+            try:
+                got = where[1].take(where[2], h.pid, h.start, time.monotonic())
+            except OSError as exc:  # the mutex cannot be used any more: the normal path
+                self._give_up(where, exc)
+            else:
+                if got != shm.QUEUE:
+                    slot, gen = got  # type: ignore[misc]
+                    return FastToken(slot, gen, where)
         return SharedPool.get(self, timeout)
+
+    def _give_up(self, where: tuple[Channel, shm.Region, int, int], exc: OSError) -> None:
+        log.warning("mppool: token pool %r: the fast-path region is unusable (%s): using "
+                    "the normal path", self.name, exc)
+        self._refused_on = where[0]
+        self._where = None
 
     def ret(self, obj: Any, discard: bool = False) -> None:
         if type(obj) is not FastToken:
@@ -109,7 +119,11 @@ class FastTokenPool(SharedPool):
             log.info("mppool: token pool %r: put of a fast token from a supervisor connection "
                      "that is gone: nothing to give back", self.name)
             return
-        done = region.give(obj.slot, obj.gen, conn_id)
+        try:
+            done = region.give(obj.slot, obj.gen, conn_id)
+        except OSError as exc:
+            self._give_up(obj.where, exc)
+            done = shm.POKE  # the supervisor's check takes it back; make it look now
         if done == shm.POKE:
             try:
                 chan.post(P.encode_fastpoke(self._id))

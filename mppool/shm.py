@@ -173,10 +173,16 @@ class Region:
         rc = self._lock(self._mutex)
         if rc == 0:
             return True
+        self._lock_failed(rc)
+        return False
+
+    def _lock_failed(self, rc: int) -> None:
+        """pthread_mutex_lock said ``rc``: EOWNERDEAD (ours now, marked consistent, DIRTY
+        set), or an error (ENOTRECOVERABLE: the region can no longer be used), raised."""
         if rc == errno.EOWNERDEAD:
             self._consistent(self._mutex)
             self.set_flags(self.flags | DIRTY)
-            return False
+            return
         raise OSError(rc, f"pthread_mutex_lock: {os.strerror(rc)}")
 
     def unlock(self) -> None:
@@ -232,8 +238,12 @@ class Region:
         """A client's get: (slot, generation) of a FREE slot now HELD by it, or `QUEUE`
         (``pending`` counted: send the get to the supervisor, which un-counts it)."""
         mm = self.mm
-        self.lock()  # a dead owner sets DIRTY, and DIRTY sends us to the supervisor below
         try:
+            # Inside the try: a signal handler raising right after the lock is taken still
+            # unlocks (and unlocking a robust mutex we do not own is a harmless EPERM).
+            rc = self._lock(self._mutex)
+            if rc:
+                self._lock_failed(rc)  # a dead owner: DIRTY, which sends us to the supervisor
             if not U32.unpack_from(mm, FLAGS_AT)[0]:
                 i = mm.find(b"\x01", STATES_AT, STATES_AT + self.nslots)
                 if i >= 0:
@@ -256,8 +266,10 @@ class Region:
         mm = self.mm
         if not 0 <= i < self.nslots:
             return False
-        self.lock()
         try:
+            rc = self._lock(self._mutex)  # inside the try: see take()
+            if rc:
+                self._lock_failed(rc)
             at = self.slots_at + i * SLOT.size
             if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
                 return False

@@ -82,3 +82,28 @@ def test_bad_regions_are_refused():
             shm.Region(fd)  # all zeros: no magic
     finally:
         os.close(fd)
+
+
+def test_unlocking_a_mutex_held_by_another_thread_changes_nothing(region):
+    """take()/give() unlock in a finally that may run before the lock was taken (a signal
+    handler raising first): a robust mutex refuses an unlock by a non-owner (EPERM)."""
+    import errno
+
+    held, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        region.lock()
+        held.set()
+        release.wait(5)
+        region.unlock()
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert held.wait(5)
+    try:
+        assert region._unlock(region._mutex) == errno.EPERM
+        assert shm.libc().pthread_mutex_trylock(region._mutex) == errno.EBUSY  # still held
+    finally:
+        release.set()
+        t.join(5)
+    assert isinstance(region.take(7, 1, 1.0, 0.0), tuple)
