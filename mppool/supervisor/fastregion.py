@@ -36,13 +36,27 @@ token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``
   connection's, a pending count with nobody on the way: each is put right, and logged.
   A client that scribbles over the region can only hurt pools it could use anyway (it holds
   the key); it can never make the core Pool exceed its bound.
-- **Shutdown and resize** switch the region to CLOSED while they run (every get and put
-  through the supervisor, FREE slots pulled back), so the core Pool's own behaviour applies
-  unchanged; a resized pool goes back to fast mode once it holds no more than its new size.
+- **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
+  put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
+  applies unchanged: shutdown wakes waiters, a paused pool hands out nothing, a shrunk pool
+  stays slow until the extra tokens came back and were closed. The console's
+  ``kill_holder`` frees the fast slots of the pid it names (and never the region's own
+  leases, whose holder is the supervisor itself).
+- **Not here yet**: lease ages. The core Pool would see only the region's parked leases, so
+  pools with ``max_using_delay(_kill)``, ``max_use``, ``max_lifetime`` or ``burst_limit``
+  are refused the fast path (`refusal`) and keep the normal one. Hold-time and wait-time
+  histograms (metrics) see only the leases that went through the supervisor; the gauges
+  (in use, idle) come from `overlay` and count fast leases.
 
-Everything here runs on the lease loop's thread, but for stats/resize/shutdown, which come
-from the control plane: a Python lock orders them, and the region's mutex orders the moves
-with the clients.
+Pokes, gets, puts and closes run on the lease loop's thread; stats, resize, pause and
+shutdown come from the control plane: a Python lock orders them, and the region's mutex
+orders the moves with the clients. Lock order: ``self.lock``, then the region's mutex,
+then the core Pool's lock.
+
+A known limit: a get that decided to queue (``pending`` counted) and whose process is then
+stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is counted
+as lost: ``pending`` is reset (logged), and until that get arrives a fast get may take a
+unit before it.
 """
 
 from __future__ import annotations
