@@ -9,7 +9,9 @@ as medians over the reps:
 - lease cycles (get + put) through a server, N = 1, 2, 4, 8 worker processes and a budget
   of C = N and C = N/2 units: mppool's supervisor (a token pool) against the stdlib
   ``SyncManager().BoundedSemaphore(C)`` and, when Redis answers, a Redis semaphore (a list
-  of C tokens, BLPOP/RPUSH, under a fresh key per cell);
+  of C tokens, BLPOP/RPUSH, under a fresh key per cell); mppool's fast path
+  (``token_pool(..., fast=True)``, leases in shared memory), C ``filelock`` lock files, and
+  the in-kernel floor, a process-shared POSIX (futex) semaphore;
 - in-process get + ret: ``mppool.Pool`` against ProxyPatternPool's ``Pool``, queuepool's
   ``Pool`` and SQLAlchemy's ``QueuePool`` (when installed), and ``mppool.Pool`` with a shared
   budget whose token it already holds (min_size=1);
@@ -57,8 +59,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CTX = multiprocessing.get_context("fork")
 
 NS = (1, 2, 4, 8)
-# mppool-fast: a token pool with fast=True (leases in shared memory, mppool.fastpath).
-SERVER_PEERS = ("mppool", "mppool-fast", "stdlib", "redis")
+# mppool-fast: a token pool with fast=True (leases in shared memory, mppool.fastpath);
+# filelock: C lock files (the filelock package), tried in turn, then waited on one;
+# futex-sem: a process-shared POSIX semaphore (sem_t in shared memory, futex-based): the
+# in-kernel floor, which gives nothing back when a holder dies.
+SERVER_PEERS = ("mppool", "mppool-fast", "stdlib", "redis", "filelock", "futex-sem")
 INPROC_PEERS = ("mppool.Pool", "mppool.Pool+budget", "ProxyPatternPool", "queuepool",
                 "sqlalchemy.QueuePool")
 INPROC_SIZE = 4  # max_size of every in-process pool (one thread uses one object)
@@ -131,6 +136,40 @@ def _open_peer(kind: str, spec: dict[str, Any]) -> tuple[Acquire, Release, Close
             r.rpush(key, token)
 
         return blpop, rpush, r.close
+    if kind == "filelock":
+        from filelock import FileLock, Timeout
+
+        locks = [FileLock(path) for path in spec["paths"]]
+        mine = locks[os.getpid() % len(locks)]
+
+        def take_file() -> Any:
+            for lock in locks:
+                try:
+                    lock.acquire(timeout=0)
+                    return lock
+                except Timeout:
+                    continue
+            mine.acquire()
+            return mine
+
+        def release_file(lock: Any) -> None:
+            lock.release()
+
+        return take_file, release_file, _noop
+    if kind == "futex-sem":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        sem = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(spec["mem"])))
+        sem_wait, sem_post = libc.sem_wait, libc.sem_post
+
+        def down() -> None:
+            sem_wait(sem)
+
+        def up(_: Any) -> None:
+            sem_post(sem)
+
+        return down, up, _noop
     if kind == "mppool.Pool":
         pool = mppool.Pool(_make_obj, max_size=INPROC_SIZE, min_size=1)
         return pool.get, pool.ret, pool.shutdown
@@ -379,6 +418,18 @@ class Peers:
         if kind == "stdlib":
             sem = self.manager.BoundedSemaphore(size)
             return {"sem": sem}, _noop
+        if kind == "filelock":
+            tmp = tempfile.mkdtemp(prefix="mppool-bench-")
+            paths = [os.path.join(tmp, f"unit-{i}.lock") for i in range(size)]
+            return {"paths": paths}, lambda: shutil.rmtree(tmp, ignore_errors=True)
+        if kind == "futex-sem":
+            import ctypes
+            import mmap
+
+            mem = mmap.mmap(-1, 64)  # shared with the forked workers
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sem_init(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mem))), 1, size)
+            return {"mem": mem}, _noop
         if kind == "redis":
             import redis
 
@@ -752,8 +803,9 @@ def plot(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any]],
     import matplotlib.pyplot as plt
 
     colors = {"mppool": "tab:blue", "mppool-fast": "tab:green", "stdlib": "tab:orange",
-              "redis": "tab:red"}
+              "redis": "tab:red", "filelock": "tab:brown", "futex-sem": "tab:gray"}
     labels = {"mppool": "mppool supervisor", "mppool-fast": "mppool fast path (shared memory)",
+              "filelock": "filelock (C lock files)", "futex-sem": "futex semaphore (floor)",
               "stdlib": "stdlib SyncManager semaphore",
               "redis": "Redis list semaphore"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 10), layout="constrained")
