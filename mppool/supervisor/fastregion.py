@@ -44,7 +44,9 @@ token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``
   leases, whose holder is the supervisor itself).
 - **Not here yet**: lease ages. The core Pool would see only the region's parked leases, so
   pools with ``max_using_delay(_kill)``, ``max_use``, ``max_lifetime`` or ``burst_limit``
-  are refused the fast path (`refusal`) and keep the normal one. Hold-time and wait-time
+  are refused the fast path (`refusal`) and keep the normal one. The region has as many
+  slots as the pool had tokens when its first fast client came; tokens added later by a
+  resize are served through the supervisor. Hold-time and wait-time
   histograms (metrics) see only the leases that went through the supervisor; the gauges
   (in use, idle) come from `overlay` and count fast leases.
 
@@ -261,8 +263,12 @@ class FastRegion:
         return fixed
 
     def check_soon(self) -> None:
-        """`check`, as a callback of the lease loop (every watchdog scan)."""
+        """`check`, as a callback of the lease loop (every watchdog scan); a region whose
+        pool shut down is let go once every token it had came back."""
         self.check()
+        if self.closed and not any(self.parked):
+            regions_of(self.loop).pop(self.rec.id, None)
+            self.close()
 
     def _repair_locked(self, why: str | None) -> list[str]:
         """Under the region's mutex (and self.lock): put every slot and the header right."""
@@ -382,6 +388,15 @@ class FastRegion:
                      "held": states.count(shm.HELD), "clients": len(self.clients),
                      "repairs": self.nrepairs}
         return s
+
+    def close(self) -> None:
+        """Let the region's descriptor go. The mapping stays until this object is collected:
+        a call still on its way (another thread) must never touch unmapped memory."""
+        self.closed = True
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
     def pool_call(self, method: str, *args: Any) -> Any:
         """``resize``/``free``/``pause``/``resume`` of the control plane and the console,
