@@ -180,14 +180,16 @@ class FastRegion:
         finally:
             r.unlock()
 
-    def release(self, conn_id: int) -> None:
+    def release(self, conn_id: int, clean: bool = False) -> None:
         """A lease connection closed (its process exited or was killed): its slots come back,
-        each with a new generation."""
+        each with a new generation. ``clean``: it said Bye first (a routine exit)."""
         self.clients.discard(conn_id)
         n = self._release(1, conn_id)
         if n:
-            log.warning("mppool: pool %r: reclaimed %d fast lease(s) of connection %d, which "
-                        "went away", self.rec.name, n, conn_id)
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "mppool: pool %r: took back %d fast lease(s) of connection %d, which %s",
+                    self.rec.name, n, conn_id,
+                    "closed its client" if clean else "went away without closing")
 
     def release_pid(self, pid: int) -> int:
         """The operator's kill_holder: every slot held by ``pid`` comes back; how many."""
