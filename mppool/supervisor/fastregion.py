@@ -229,15 +229,19 @@ class FastRegion:
         return r
 
     def _unpark_locked(self, states: tuple[int, ...]) -> list[int]:
-        """Under both locks: slots in ``states`` become ABSENT; their Pool leases, to check in."""
+        """Under both locks: slots in ``states`` become ABSENT; their Pool leases, to check in.
+        (Found with the mapping's own search, not a Python loop over every slot: this runs
+        on every get and put in slow mode.)"""
         r, back = self.region, []
-        for i in range(r.nslots):
-            if r.state(i) in states:
+        for st in states:
+            i = r.find(st)
+            while i >= 0:
                 r.bump(i)
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
                     back.append(self.parked[i])
                 self.parked[i] = 0
+                i = r.find(st)
         return back
 
     def _checkin(self, leases: list[int]) -> None:
