@@ -117,6 +117,7 @@ class Requests(_Loop):
             conn.waiters[rid] = got  # the waiter made above
             if timeout is not None:
                 self.at(self.sup.clock.now() + timeout, 0, got)
+            return  # a queue: the region stays slow, nothing to park
         if fast is not None:
             fast.settle()
 
