@@ -11,7 +11,7 @@ Also here:
 
 - ``bool(pool)`` is always true, although ``len(pool)`` may be 0 (see `__bool__`).
 - ``__delete__()``: ProxyPatternPool's explicit destructor; here it is `shutdown()`
-  (served by ``__getattr__``, see there).
+  (an attribute each pool gets at construction, see there).
 - ``PPP_WERKZEUG_WORKAROUND``: under ``flask --debug`` the reloader's parent process imports
   the application, hence builds its pools, but never serves a request. With this variable in
   the environment and ``WERKZEUG_RUN_MAIN`` not ``"true"`` (the parent), a pool built in this
@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .lifetime import Lifetime
 from .state import PoolState
@@ -52,6 +53,21 @@ def _counter(name: str, doc: str) -> property:
         return self._counts[name]
 
     return property(read, doc=doc)
+
+
+class _Delete:
+    """``pool.__delete__``: calls ``pool.shutdown()``. Holds the pool weakly, so that the
+    pool and its own attribute make no reference cycle."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: Lifetime) -> None:
+        self._pool = weakref.ref(pool)
+
+    def __call__(self) -> None:
+        pool = self._pool()
+        if pool is not None:
+            pool.shutdown()
 
 
 class ProxyPatternCompat(Lifetime):
@@ -96,22 +112,18 @@ class ProxyPatternCompat(Lifetime):
         return True
 
     # ``pool.__delete__()``: ProxyPatternPool's destructor, here `shutdown()` (later ``get()``
-    # calls raise `mppool.PoolClosed`). Served by __getattr__ rather than defined as a
-    # method: a class with a ``__delete__`` method makes its instances data descriptors, so
-    # a pool stored as a class attribute could no longer be shadowed on an instance
-    # (``obj.pool = other`` would raise AttributeError: __set__). The annotation types it;
-    # __getattr__ is hidden from type checkers so that they still catch misspelt attributes.
+    # calls raise `mppool.PoolClosed`). An attribute of each instance, set at construction,
+    # not a method: a class with a ``__delete__`` makes its instances data descriptors (a
+    # pool stored as a class attribute could no longer be shadowed on an instance), and a
+    # class ``__getattr__`` would make every attribute access of the pool take the
+    # interpreter's slow path (no specialisation of LOAD_ATTR), the hot path included.
     __delete__: Callable[[], None]
-
-    if not TYPE_CHECKING:
-        def __getattr__(self, name: str) -> Any:
-            if name == "__delete__":
-                return self.shutdown
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _idle_start(self, served: bool) -> bool:
         """At construction: stay idle (no housekeeping, no ``min_size`` objects) because
-        this is the werkzeug reloader's parent? Never for pools the supervisor serves."""
+        this is the werkzeug reloader's parent? Never for pools the supervisor serves.
+        Also gives the pool its ``__delete__``."""
+        self.__delete__ = _Delete(self)
         if served or not werkzeug_reloader_parent():
             return False
         log.warning("mppool: pool %r: %s is set and this is not werkzeug's serving process: "
