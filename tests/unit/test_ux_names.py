@@ -78,7 +78,7 @@ STATS = {
 def test_pool_names_never_vanish(width: int) -> None:
     from rich.console import Console
 
-    from mppool.cli import _fitted_pools_table
+    from mppool.display import fitted_pools_table as _fitted_pools_table
 
     text = _render(_fitted_pools_table(Console(width=width), STATS), width)
     # The first column's cells, joined across lines (a long name folds onto the next line).
@@ -89,7 +89,7 @@ def test_pool_names_never_vanish(width: int) -> None:
 
 
 def test_top_lists_waiters_by_pid_and_wait() -> None:
-    from mppool.cli import _waiters_table
+    from mppool.display import waiters_table as _waiters_table
 
     text = _render(_waiters_table(STATS), 120)
     assert "4242" in text and "1.500 s" in text
