@@ -15,10 +15,18 @@ from __future__ import annotations
 import _posixsubprocess
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from mppool import Pool
+from mppool.clock import FakeClock
+
+try:
+    from helpers import ManualScheduler, Recorder, Runner
+except ImportError:  # tests/ became a package
+    from tests.helpers import ManualScheduler, Recorder, Runner
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +42,42 @@ def _no_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if hasattr(os, name):
             monkeypatch.setattr(os, name, refuse)
     yield
+
+
+# ------------------------------------------------ pools on a fake clock (the core's unit tests)
+
+
+@pytest.fixture
+def runner() -> Iterator[Runner]:
+    r = Runner()
+    yield r
+    r.join_all()
+
+
+@pytest.fixture
+def sched() -> ManualScheduler:
+    return ManualScheduler(FakeClock())
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_pool(runner: Runner, sched: ManualScheduler, rec: Recorder) -> Iterator[Callable[..., Pool]]:
+    """Build pools on the fake clock and manual scheduler; shut them down (before the runner
+    joins its threads, so that a getter still blocked is woken)."""
+    made: list[Pool] = []
+
+    def make(fun: Any = None, **kw: Any) -> Pool:
+        kw.setdefault("clock", sched.clock)
+        kw.setdefault("scheduler", sched)
+        kw.setdefault("closer", rec.closer)
+        pool = Pool._made_with(rec.fun if fun is None else fun, **kw)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.shutdown()

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from mppool import Pool, TimeOut
-from mppool.clock import FakeClock
 from mppool.holder import Holder
 from mppool.pools import TokenPool
 
@@ -22,23 +21,6 @@ try:
     from helpers import ManualScheduler, Recorder, Runner, wait_until
 except ImportError:  # tests/ became a package
     from tests.helpers import ManualScheduler, Recorder, Runner, wait_until
-
-
-@pytest.fixture
-def runner() -> Iterator[Runner]:
-    r = Runner()
-    yield r
-    r.join_all()
-
-
-@pytest.fixture
-def sched() -> ManualScheduler:
-    return ManualScheduler(FakeClock())
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
 
 
 @pytest.fixture

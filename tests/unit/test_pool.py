@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,42 +40,6 @@ PPP_STATS_KEYS = [
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture
-def runner() -> Iterator[Runner]:
-    r = Runner()
-    yield r
-    r.join_all()
-
-
-@pytest.fixture
-def sched() -> ManualScheduler:
-    return ManualScheduler(FakeClock())
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def make_pool(runner: Runner, sched: ManualScheduler, rec: Recorder) -> Iterator[Callable[..., Pool]]:
-    """Build pools on the fake clock and manual scheduler; shut them down (before the runner
-    joins its threads, so that a getter still blocked is woken)."""
-    made: list[Pool] = []
-
-    def make(fun: Any = None, **kw: Any) -> Pool:
-        kw.setdefault("clock", sched.clock)
-        kw.setdefault("scheduler", sched)
-        kw.setdefault("closer", rec.closer)
-        pool = Pool._made_with(rec.fun if fun is None else fun, **kw)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.shutdown()
 
 
 @pytest.fixture

@@ -9,52 +9,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from mppool import Pool, PoolClosed, TimeOut, TooManyRequests
-from mppool.clock import FakeClock
 
 try:
     from helpers import ManualScheduler, Recorder, Runner, wait_until
 except ImportError:  # tests/ became a package
     from tests.helpers import ManualScheduler, Recorder, Runner, wait_until
-
-
-@pytest.fixture
-def runner() -> Iterator[Runner]:
-    r = Runner()
-    yield r
-    r.join_all()
-
-
-@pytest.fixture
-def sched() -> ManualScheduler:
-    return ManualScheduler(FakeClock())
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def make_pool(runner: Runner, sched: ManualScheduler, rec: Recorder) -> Iterator[Callable[..., Pool]]:
-    made: list[Pool] = []
-
-    def make(fun: Any = None, **kw: Any) -> Pool:
-        kw.setdefault("clock", sched.clock)
-        kw.setdefault("scheduler", sched)
-        kw.setdefault("closer", rec.closer)
-        pool = Pool._made_with(rec.fun if fun is None else fun, **kw)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.shutdown()
 
 
 # ------------------------------------------------------------------------------ check

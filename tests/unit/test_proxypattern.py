@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import ProxyPatternPool as ppp
@@ -19,7 +18,6 @@ import pytest
 
 import mppool
 from mppool import Pool, PoolClosed, PoolException, TimeOut
-from mppool.clock import FakeClock
 
 try:
     from helpers import ManualScheduler, Recorder, Runner, wait_until
@@ -29,18 +27,6 @@ except ImportError:  # tests/ became a package
 COUNTERS = ["_nobjs", "_nuses", "_ncreated", "_nhealth", "_bad_health", "_nborrows", "_nreturns",
             "_nkilled", "_nrecycled", "_nwornout", "_ndestroys", "_hk_rounds", "_hk_errors",
             "_hc_rounds", "_hc_errors"]
-
-
-@pytest.fixture
-def sched() -> ManualScheduler:
-    return ManualScheduler(FakeClock())
-
-
-@pytest.fixture
-def runner() -> Iterator[Runner]:
-    r = Runner()
-    yield r
-    r.join_all()
 
 
 @pytest.fixture
