@@ -98,7 +98,8 @@ class Chaos:
     def settle(self) -> None:
         """Two lease-loop round trips: everything any client sent before is handled."""
         try:
-            tokens = self.client.token_pool("chaos-t")
+            # With its size: after a restart this may be the call that creates the pool again.
+            tokens = self.client.token_pool("chaos-t", SIZES["chaos-t"])
             tokens.waiting()
             tokens.waiting()
         except mppool.PoolException:
