@@ -462,6 +462,17 @@ class PoolState:
     def _fill(self) -> None:
         raise NotImplementedError
 
+    # The pre-ping (precheck.py) and the budget's recall at a return (budget.py), for the
+    # lease-level methods (leasing.py).
+    def _verify(self, entry: Entry) -> bool:
+        raise NotImplementedError
+
+    def _recall_wanted(self, entry: Entry) -> bool:
+        raise NotImplementedError
+
+    def _recall_on_return(self) -> bool:
+        raise NotImplementedError
+
     def _offload(self, kind: str, job: Callable[[], None]) -> bool:
         """Run ``job`` (which runs user code): inline without a runner, else on the runner,
         at most one job of each ``kind`` at a time.
