@@ -99,10 +99,9 @@ class Leasing(PoolState):
         """
         refused = None
         with self._lock:
-            if self._shutdown:
-                raise PoolClosed(f"pool {self._name!r} is shutting down")
-            if not self._opened:
-                raise PoolClosed(f"pool {self._name!r} is not open yet (open=False): call "
+            if self._shutdown or not self._opened:
+                raise PoolClosed(f"pool {self._name!r} is shutting down" if self._shutdown else
+                                 f"pool {self._name!r} is not open yet (open=False): call "
                                  "open() first")
             got: Any = None
             if not self._paused and (not self._waiters
@@ -115,6 +114,8 @@ class Leasing(PoolState):
                         self._to_close.append(entry)
                         continue
                     self._lease(entry, holder, now)
+                    if not self._to_close:
+                        return entry  # the common case, in as few steps as can be
                     got = entry
                     break
                 else:
