@@ -112,6 +112,7 @@ class ConnectionPool(Generic[Conn]):
     included, holds one token: taken before ``make_connection`` runs, given back once the
     connection is closed. When another process waits for the budget, idle connections are
     closed to give their tokens back (checked every 50 ms while this pool holds any).
+    ``check``, ``check_after``, ``max_waiting``: see the module docstring.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
