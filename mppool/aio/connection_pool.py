@@ -240,7 +240,13 @@ class ConnectionPool(Generic[Conn]):
                         slot, fresh = await self._make(), True
                     else:
                         slot = got
-                if await self._usable(slot, fresh):
+                try:
+                    closed = self.strategy.connection_is_closed(slot.conn)
+                except BaseException:
+                    await self._discard(slot)
+                    raise
+                if (not closed and (fresh or self.check is None)) or await self._usable(
+                        slot, closed):
                     self._pcounts["nuses"] += 1
                     slot.stamp = _now()
                     return slot
@@ -249,38 +255,40 @@ class ConnectionPool(Generic[Conn]):
             self._pcounts["requests_adj"] += 1  # an acquire that failed: no use counted
             raise
 
-    async def _usable(self, slot: _Slot[Conn], fresh: bool) -> bool:
-        """May ``slot`` (now counted in use) be handed out? ``connection_is_closed``, then
-        ``check`` for a connection that was not just made; False: it was closed instead."""
+    async def _usable(self, slot: _Slot[Conn], closed: bool) -> bool:
+        """May ``slot`` (now counted in use, not just made) be handed out? ``check`` runs if
+        it is due and ``connection_is_closed`` said no; False: it was closed instead."""
         why = "connection_is_closed() is true"
-        try:
-            closed = self.strategy.connection_is_closed(slot.conn)
-            if closed:
-                self._counts["stale"] += 1
-            elif not fresh and self.check is not None and (
-                    not self.check_after or _now() - slot.stamp >= self.check_after):
-                why = "check returned False"
-                try:
-                    result = self.check(slot.conn)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    closed = not result
-                except Exception as exc:
-                    closed, why = True, f"check raised {type(exc).__name__}: {exc}"
-        except BaseException:  # cancelled mid-check: the connection may be mid-query
-            self.in_use -= 1
-            self.currently_deallocating += 1
-            await self._close(slot, quiet=True)
-            raise
-        if not closed:
+        if closed:
+            self._counts["stale"] += 1
+        elif self.check is None or (self.check_after
+                                    and _now() - slot.stamp < self.check_after):
             return True
+        else:
+            why = "check returned False"
+            try:
+                result = self.check(slot.conn)
+                if inspect.isawaitable(result):
+                    result = await result
+                closed = not result
+            except Exception as exc:
+                closed, why = True, f"check raised {type(exc).__name__}: {exc}"
+            except BaseException:  # cancelled mid-check: the connection may be mid-query
+                await self._discard(slot)
+                raise
+            if not closed:
+                return True
         self._pcounts["connections_lost"] += 1
         log.info("mppool.aio: closing a connection found broken before it was handed out "
                  "(%.200s)", why)
+        await self._discard(slot)
+        return False
+
+    async def _discard(self, slot: _Slot[Conn]) -> None:
+        """Close a connection counted in use that is not handed out after all."""
         self.in_use -= 1
         self.currently_deallocating += 1
         await self._close(slot, quiet=True)
-        return False
 
     async def _wait(self) -> Any:
         """Queue until a connection is handed over or a slot is reserved for us."""

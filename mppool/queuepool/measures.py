@@ -21,8 +21,10 @@ The counters, as queuepool's pool sees them:
     connections_lost    managers closed because ``check`` failed
     returns_bad         puts whose putRepair() raised (the manager is closed)
 
-A take of an idle manager takes the pool lock once more than queuepool's would (to count
-it); everything else is counted on paths that wait, open or fail anyway.
+A take of an idle manager takes no lock to be counted: it adds its manager to ``_out`` (one
+atomic set operation), and the put that brings it back, which takes the pool lock anyway,
+counts it (``nuses``) with its ``usage``; the reports add the takes still out. Everything
+else is counted on paths that wait, open or fail anyway.
 """
 
 from __future__ import annotations
@@ -65,9 +67,18 @@ class Measures:
                 self._counts[k] += v
 
     def _check_due(self, r: Any, now: float) -> bool:
-        """Must the resource of ``r`` (open, just taken) be checked before take returns it?"""
-        return self._check is not None and (
-            not self._check_after or now - (r._lastUsed or now) >= self._check_after)
+        """With a ``check``: must the resource of ``r`` (open, just taken) be checked?"""
+        return not self._check_after or now - (r._lastUsed or now) >= self._check_after
+
+    def _report(self, pop: bool) -> dict[str, int]:
+        """Under the lock: the counters, the takes still out counted as served (their put
+        will count them in ``nuses``; see the module docstring)."""
+        out = len(self._out)
+        self._counts["nuses"] += out
+        try:
+            return counters.pop(self._counts) if pop else counters.report(self._counts)
+        finally:
+            self._counts["nuses"] -= out
 
     def _broken(self, r: Any) -> str | None:
         """Run ``check`` on the resource of ``r``: None if it passed, else why it failed
@@ -94,7 +105,7 @@ class Measures:
                     "waiting": sum(1 for w in self._waiters if not w.done),
                     "max_waiting": self._max_waiting,
                     "check_after": self._check_after if self._check is not None else None,
-                    "closed": self._closed, **counters.report(self._counts)}
+                    "closed": self._closed, **self._report(pop=False)}
 
     def pop_stats(self) -> dict[str, int]:
         """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
@@ -102,4 +113,4 @@ class Measures:
         with self._lock:
             return {**counters.gauges(0, self.capacity, len(self._members), len(self._idle),
                                       sum(1 for w in self._waiters if not w.done)),
-                    **counters.pop(self._counts)}
+                    **self._report(pop=True)}

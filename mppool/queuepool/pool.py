@@ -179,9 +179,7 @@ class Pool(Measures):
         except BaseException:
             self._count(requests_errors=1, requests_adj=1)  # a take that failed
             raise
-        with self._lock:
-            self._counts["nuses"] += 1
-            self._out.add(id(r))
+        self._out.add(id(r))  # atomic: counted under the lock at its put (see measures.py)
         return r
 
     def _take(self, timeout: float | None) -> ResourceManager:
@@ -209,7 +207,7 @@ class Pool(Measures):
             self._recycle(r)
             r.takeRepair()
             self._sync_token(r)
-            if r._isOpen and self._check_due(r, _now()):
+            if self._check is not None and r._isOpen and self._check_due(r, _now()):
                 why = self._broken(r)
                 if why is not None:  # closed, then opened again below
                     self._close(r, why)
@@ -241,6 +239,7 @@ class Pool(Measures):
             now = _now()
             if id(r) in self._out:  # a manager coming back from a take
                 self._out.discard(id(r))
+                self._counts["nuses"] += 1
                 self._counts["usage_s"] += now - (r._lastUsed or now)
         r._pool = self
         r._lastUsed = now
