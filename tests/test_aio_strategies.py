@@ -151,6 +151,59 @@ def test_psycopg_connection_killed_server_side_is_never_handed_out(postgres_dsn:
 
 
 @pytest.mark.postgres
+def test_psycopg_check_keeps_live_connections_and_replaces_a_terminated_one(
+        postgres_dsn: str) -> None:
+    """check= pre-pings for real: a live connection is kept (the same backend serves every
+    get), one terminated server-side fails its ping, is closed, and the get is served by a
+    new connection without an error. The strategy here looks at psycopg's flags only (as
+    asyncio-connection-pool users' strategies do), so it is the check that finds it."""
+    import psycopg
+
+    class Naive(PsycopgStrategy):
+        def connection_is_closed(self, conn: Any) -> bool:
+            return bool(conn.closed or conn.broken)
+
+    pings: list[int] = []
+
+    async def ping(conn: Any) -> bool:
+        pings.append(conn.info.backend_pid)
+        await conn.execute("select 1")
+        return True
+
+    async def backend(pool: ConnectionPool[Any]) -> int:
+        async with pool.get_connection() as conn:
+            cur = await conn.execute("select pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as mon:
+            pool = ConnectionPool(strategy=Naive(postgres_dsn, autocommit=True), max_size=1,
+                                  check=ping)
+            first = await backend(pool)
+            assert [await backend(pool) for _ in range(3)] == [first] * 3
+            assert pings == [first] * 3  # the new connection was not pinged
+            await mon.execute("select pg_terminate_backend(%s)", (first,))
+
+            async def gone() -> bool:
+                cur = await mon.execute("select count(*) from pg_stat_activity where pid = %s",
+                                        (first,))
+                row = await cur.fetchone()
+                return row is not None and row[0] == 0
+
+            await until(gone, "the backend gone")
+            second = await backend(pool)
+            assert second != first
+            stats = pool.stats()
+            assert (stats["connections_lost"], stats["connections_num"], stats["requests_errors"],
+                    stats["stale"]) == (1, 2, 0, 0), stats
+            await pool.close()
+
+    run(main())
+
+
+@pytest.mark.postgres
 def test_psycopg_connection_broken_in_use_is_not_handed_out_again(postgres_dsn: str) -> None:
     import psycopg
 

@@ -5,8 +5,9 @@
   (`mppool.aio.client`), over an asyncio end of the lease channel (`mppool.aio.channel`) and
   of the control plane (`mppool.aio.control`).
 - ``mppool.aio.ConnectionPool``: asyncio-connection-pool's pool, drop-in, with an optional
-  cross-process ``budget=`` (an async token pool) (`mppool.aio.connection_pool`); ready
-  strategies in `mppool.aio.strategies`.
+  cross-process ``budget=`` (an async token pool) and psycopg_pool's ``check=``,
+  ``max_waiting=`` and counters (`mppool.aio.connection_pool`); ready strategies in
+  `mppool.aio.strategies`.
 """
 
 from .client import AsyncClient, AsyncSharedPool, connect

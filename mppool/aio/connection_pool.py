@@ -9,6 +9,22 @@ await that suspends: the caller does not yield to the event loop.
 Nothing here binds an event loop when the pool is built: waiters' futures and the budget's
 recall task are created in the running loop when they are needed, so a pool built at import
 time works in whichever loop uses it.
+
+mppool's options, keyword-only and off by default, so asyncio-connection-pool code behaves
+as before:
+
+- ``check=`` (a plain or ``async`` callable, ``check(conn) -> bool``) pre-pings a connection
+  that was idle (or handed over by another task) before it is handed out, after
+  ``connection_is_closed``; False or an exception closes it and the acquire goes on (another
+  idle connection, a new one, or the queue), within the caller's own deadline
+  (``asyncio.timeout()``). ``check_after=`` seconds: only connections idle at least that long
+  are checked. A check interrupted (the caller cancelled) closes its connection: it may be
+  left in the middle of a query.
+- ``max_waiting=``: a caller that would queue behind ``max_waiting`` others raises
+  ``mppool.TooManyRequests`` at once.
+- psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
+  reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
+  paths only.
 """
 
 from __future__ import annotations
@@ -16,63 +32,38 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from abc import ABC, abstractmethod
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic
 
-from ..errors import PoolClosed
+from .. import counters
+from ..errors import PoolClosed, TooManyRequests
+from ..validate import check_callable, check_int, check_period
+from .strategy import AsyncBudget, Conn, ConnectionStrategy
 
 __all__ = ["AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
 
 log = logging.getLogger("mppool")
 
-Conn = TypeVar("Conn")
-
 # How often a pool with a budget asks whether another process waits for it (at most).
 RECALL_PERIOD = 0.05
 
-
-class AsyncBudget(Protocol):
-    """An async token pool capping live connections across processes (``await
-    client.token_pool(...)`` of an ``mppool.aio`` client). ``waiting()`` is optional: without
-    it, idle connections are never given back early."""
-
-    async def get(self, timeout: float | None = None) -> Any: ...
-    async def put(self, token: Any) -> None: ...
-
-
-class ConnectionStrategy(ABC, Generic[Conn]):
-    """How to make, check and close one kind of connection.
-
-    ``close_connection`` may be a plain or an ``async`` method; the pool awaits its result
-    when it is awaitable. It is also called on connections found stale, so it must accept a
-    connection that is already closed or broken.
-    """
-
-    @abstractmethod
-    async def make_connection(self) -> Conn:
-        """Open a new connection."""
-
-    @abstractmethod
-    def connection_is_closed(self, conn: Conn) -> bool:
-        """True if ``conn`` can no longer be used; checked (without awaiting) before every
-        hand-out."""
-
-    @abstractmethod
-    def close_connection(self, conn: Conn) -> Awaitable[None] | None:
-        """Close ``conn``."""
+# The clock of check_after and of the counters' durations (tests replace it).
+_now = time.monotonic
 
 
 class _Slot(Generic[Conn]):
-    """A live connection and the budget token it holds (None without a budget)."""
+    """A live connection, the budget token it holds (None without a budget), and when it
+    was last handed out or returned (`_now`)."""
 
-    __slots__ = ("conn", "token")
+    __slots__ = ("conn", "stamp", "token")
 
     def __init__(self, conn: Conn, token: Any) -> None:
         self.conn = conn
         self.token = token
+        self.stamp = 0.0
 
 
 class _Create:
@@ -121,6 +112,7 @@ class ConnectionPool(Generic[Conn]):
     included, holds one token: taken before ``make_connection`` runs, given back once the
     connection is closed. When another process waits for the budget, idle connections are
     closed to give their tokens back (checked every 50 ms while this pool holds any).
+    ``check``, ``check_after``, ``max_waiting``: see the module docstring.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
@@ -132,6 +124,9 @@ class ConnectionPool(Generic[Conn]):
         max_size: int,
         burst_limit: int | None = None,
         budget: AsyncBudget | None = None,
+        check: Callable[[Conn], bool | Awaitable[bool]] | None = None,
+        check_after: float = 0.0,
+        max_waiting: int = 0,
     ) -> None:
         _check_size("max_size", max_size)
         if burst_limit is not None:
@@ -146,6 +141,10 @@ class ConnectionPool(Generic[Conn]):
         if budget is not None and not (callable(getattr(budget, "get", None))
                                        and callable(getattr(budget, "put", None))):
             raise TypeError(f"budget must be an async token pool (get/put), got {budget!r}")
+        check_callable("check", check)
+        self.check = check
+        self.check_after = check_period("check_after", check_after)
+        self.max_waiting = check_int("max_waiting", max_waiting)
         self.strategy = strategy
         self.max_size = max_size
         self.burst_limit = burst_limit
@@ -162,6 +161,8 @@ class ConnectionPool(Generic[Conn]):
         self._counts = dict.fromkeys(
             ("made", "make_errors", "closed", "close_errors", "stale", "burst_closed",
              "recalled"), 0)
+        # psycopg_pool's counters as mppool.counters keeps them (nuses: acquires served).
+        self._pcounts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
 
     # ---------------------------------------------------------------- counters
 
@@ -184,11 +185,19 @@ class ConnectionPool(Generic[Conn]):
         return self.max_size if self.burst_limit is None else max(self.burst_limit, self.max_size)
 
     def stats(self) -> dict[str, int]:
-        """Current counts and totals since the pool was built."""
+        """Current counts, totals since the pool was built, and psycopg_pool's counters
+        (since the last `pop_stats`)."""
         return {"in_use": self.in_use, "idle": len(self._idle),
                 "allocating": self.currently_allocating,
                 "deallocating": self.currently_deallocating, "waiting": self._waiters,
-                **self._counts}
+                **self._counts, **counters.report(self._pcounts)}
+
+    def pop_stats(self) -> dict[str, int]:
+        """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
+        at 0. ``pool_min`` is 0 (nothing is kept open ahead), ``pool_max`` the limit
+        (``burst_limit`` if given)."""
+        return {**counters.gauges(0, self._limit(), self._total, len(self._idle), self._waiters),
+                **counters.pop(self._pcounts)}
 
     # ---------------------------------------------------------------- getting
 
@@ -209,37 +218,84 @@ class ConnectionPool(Generic[Conn]):
     async def _acquire(self) -> _Slot[Conn]:
         if self.budget is not None:
             self._ensure_recall()
-        while True:
-            if self._closed:
-                raise PoolClosed("mppool.aio.ConnectionPool is shutting down")
-            slot: _Slot[Conn]
-            if self._idle:
-                slot = self._idle.popleft()  # no await on this path
-                self.in_use += 1
-            elif self._total < self._limit():
-                self.currently_allocating += 1
-                slot = await self._make()
-            else:
-                got = await self._wait()
-                slot = await self._make() if got is _CREATE else got
+        try:
+            while True:
+                if self._closed:
+                    raise PoolClosed("mppool.aio.ConnectionPool is shutting down")
+                slot: _Slot[Conn]
+                fresh = False
+                if self._idle:
+                    slot = self._idle.popleft()  # no await on this path
+                    self.in_use += 1
+                elif self._total < self._limit():
+                    self.currently_allocating += 1
+                    slot, fresh = await self._make(), True
+                else:
+                    if self.max_waiting and self._waiters >= self.max_waiting:
+                        raise TooManyRequests(
+                            f"mppool.aio.ConnectionPool: {self.max_waiting} tasks wait already "
+                            f"(max_waiting={self.max_waiting})")
+                    got = await self._wait()
+                    if got is _CREATE:
+                        slot, fresh = await self._make(), True
+                    else:
+                        slot = got
+                try:
+                    closed = self.strategy.connection_is_closed(slot.conn)
+                except BaseException:
+                    await self._discard(slot)
+                    raise
+                if (not closed and (fresh or self.check is None)) or await self._usable(
+                        slot, closed):
+                    self._pcounts["nuses"] += 1
+                    slot.stamp = _now()
+                    return slot
+        except BaseException:
+            self._pcounts["requests_errors"] += 1
+            self._pcounts["requests_adj"] += 1  # an acquire that failed: no use counted
+            raise
+
+    async def _usable(self, slot: _Slot[Conn], closed: bool) -> bool:
+        """May ``slot`` (now counted in use, not just made) be handed out? ``check`` runs if
+        it is due and ``connection_is_closed`` said no; False: it was closed instead."""
+        why = "connection_is_closed() is true"
+        if closed:
+            self._counts["stale"] += 1
+        elif self.check is None or (self.check_after
+                                    and _now() - slot.stamp < self.check_after):
+            return True
+        else:
+            why = "check returned False"
             try:
-                closed = self.strategy.connection_is_closed(slot.conn)
-            except BaseException:
-                self.in_use -= 1
-                self.currently_deallocating += 1
-                await self._close(slot, quiet=True)
+                result = self.check(slot.conn)
+                if inspect.isawaitable(result):
+                    result = await result
+                closed = not result
+            except Exception as exc:
+                closed, why = True, f"check raised {type(exc).__name__}: {exc}"
+            except BaseException:  # cancelled mid-check: the connection may be mid-query
+                await self._discard(slot)
                 raise
             if not closed:
-                return slot
-            self._counts["stale"] += 1
-            self.in_use -= 1
-            self.currently_deallocating += 1
-            await self._close(slot, quiet=True)
+                return True
+        self._pcounts["connections_lost"] += 1
+        log.info("mppool.aio: closing a connection found broken before it was handed out "
+                 "(%.200s)", why)
+        await self._discard(slot)
+        return False
+
+    async def _discard(self, slot: _Slot[Conn]) -> None:
+        """Close a connection counted in use that is not handed out after all."""
+        self.in_use -= 1
+        self.currently_deallocating += 1
+        await self._close(slot, quiet=True)
 
     async def _wait(self) -> Any:
         """Queue until a connection is handed over or a slot is reserved for us."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waitq.append(fut)
+        self._pcounts["requests_queued"] += 1
+        since = _now()
         try:
             return await fut
         except BaseException:
@@ -257,6 +313,8 @@ class ConnectionPool(Generic[Conn]):
                 except ValueError:
                     pass
             raise
+        finally:
+            self._pcounts["requests_wait_s"] += _now() - since
 
     async def _make(self) -> _Slot[Conn]:
         """Make a connection in a slot counted in ``currently_allocating``."""
@@ -264,7 +322,15 @@ class ConnectionPool(Generic[Conn]):
         try:
             if self.budget is not None:
                 token = await self.budget.get()  # before make_connection: the cap holds
-            conn = await self.strategy.make_connection()
+            self._pcounts["connections_num"] += 1
+            since = _now()
+            try:
+                conn = await self.strategy.make_connection()
+            except BaseException:
+                self._pcounts["connections_errors"] += 1
+                raise
+            finally:
+                self._pcounts["connections_s"] += _now() - since
         except BaseException:
             self._counts["make_errors"] += 1
             try:
@@ -293,6 +359,9 @@ class ConnectionPool(Generic[Conn]):
     def _put_back(self, slot: _Slot[Conn]) -> bool:
         """Give a returned connection to a waiter or keep it idle; False: close it instead."""
         self.in_use -= 1
+        now = _now()
+        self._pcounts["usage_s"] += now - slot.stamp
+        slot.stamp = now  # idle (or handed over) since
         if self._closed:
             return False
         if self._recall_n > 0:

@@ -24,6 +24,11 @@ Differences from queuepool, each so that nothing is lost or blocks for ever: a m
 full queue); putting a manager that is already idle is ignored with a warning; durations use
 the monotonic clock (``_lastOpened``/``_lastUsed`` are ``time.monotonic()`` values, not
 datetimes); arguments are validated.
+
+mppool's options, keyword-only and off by default (see measures.py): ``check=`` (a pre-ping
+of an open manager's resource at take; a failure closes the manager and the same take opens
+it again), ``check_after=``, ``max_waiting=`` (`mppool.TooManyRequests`), and psycopg_pool's
+counters in ``stats()`` and ``pop_stats()``.
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
 from ..budget import RECALL_PERIOD, Budget, check_budget, draw_token, give_back
-from ..errors import PoolClosed, TimeOut
+from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
 from ..sched import Task, default_scheduler
 from ..state import Waiter
-from ..validate import check_delay, check_duration, check_int, check_timeout
+from ..validate import check_callable, check_delay, check_duration, check_int, check_period, check_timeout
+from .measures import Measures
 
 __all__ = ["Pool", "ResourceManager"]
 
@@ -107,15 +114,22 @@ class ResourceManager:
         return False
 
 
-class Pool:
+class Pool(Measures):
     """A LIFO pool of the `ResourceManager` objects ``put()`` in it (queuepool's API)."""
 
     def __init__(self, name: str, capacity: int, maxIdleTime: float | None = 300.0,
                  maxOpenTime: float | None = 300.0, maxUsageCount: int | None = 1000,
-                 closeOnException: bool = True, *, budget: Budget | None = None) -> None:
+                 closeOnException: bool = True, *, budget: Budget | None = None,
+                 check: Callable[[Any], Any] | None = None, check_after: float = 0.0,
+                 max_waiting: int = 0) -> None:
         """``maxIdleTime``/``maxOpenTime``: seconds, None for no limit; ``maxUsageCount``: takes
         per opening, None for no limit; ``budget``: a token pool (``client.token_pool(...)``)
-        capping the managers open at once across every process that uses it."""
+        capping the managers open at once across every process that uses it.
+
+        ``check(resource) -> bool``: run at take on the resource of a manager that is open
+        (and idle at least ``check_after`` seconds); False or an exception closes the
+        manager, and the take opens it again. ``max_waiting``: 0, no limit; otherwise a
+        take that would queue behind that many others raises `mppool.TooManyRequests`."""
         self.capacity = check_int("capacity", capacity, minimum=1)
         self._maxIdleTime = None if maxIdleTime is None else check_delay("maxIdleTime", maxIdleTime)
         self._maxOpenTime = None if maxOpenTime is None else check_delay("maxOpenTime", maxOpenTime)
@@ -124,6 +138,9 @@ class Pool:
         if not isinstance(closeOnException, bool):
             raise TypeError(f"closeOnException must be a bool, got {closeOnException!r}")
         check_budget(budget)
+        check_callable("check", check)
+        self._init_measures(check, check_period("check_after", check_after),
+                            check_int("max_waiting", max_waiting))
         self.name = name
         self.closeOnException = closeOnException
         self._budget = budget
@@ -157,6 +174,15 @@ class Pool:
         With a budget, what is left of it also bounds the wait for a token to open one.
         """
         timeout = check_timeout("timeout", timeout)
+        try:
+            r = self._take(timeout)
+        except BaseException:
+            self._count(requests_errors=1, requests_adj=1)  # a take that failed
+            raise
+        self._out.add(id(r))  # atomic: counted under the lock at its put (see measures.py)
+        return r
+
+    def _take(self, timeout: float | None) -> ResourceManager:
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = None
         with self._lock:
@@ -166,9 +192,14 @@ class Pool:
                 r = self._idle.pop()
             elif timeout == 0:
                 raise TimeOut(f"queuepool {self.name!r}: no resource free, timeout after 0 s")
+            elif self._max_waiting and (sum(1 for w in self._waiters if not w.done)
+                                        >= self._max_waiting):
+                raise TooManyRequests(f"queuepool {self.name!r}: {self._max_waiting} takes "
+                                      f"wait already (max_waiting={self._max_waiting})")
             else:
                 waiter = Waiter(current_holder())
                 self._waiters.append(waiter)
+                self._counts["requests_queued"] += 1
         if waiter is not None:
             r = self._wait(waiter, timeout)
         try:
@@ -176,6 +207,10 @@ class Pool:
             self._recycle(r)
             r.takeRepair()
             self._sync_token(r)
+            if self._check is not None and r._isOpen and self._check_due(r, _now()):
+                why = self._broken(r)
+                if why is not None:  # closed, then opened again below
+                    self._close(r, why)
             if not r._isOpen:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 self._open(r, left)
@@ -201,8 +236,13 @@ class Pool:
                     raise ValueError(f"queuepool {self.name!r} is full: capacity={self.capacity} "
                                      f"managers were put in already, cannot add {r}")
                 self._members.add(id(r))
+            now = _now()
+            if id(r) in self._out:  # a manager coming back from a take
+                self._out.discard(id(r))
+                self._counts["nuses"] += 1
+                self._counts["usage_s"] += now - (r._lastUsed or now)
         r._pool = self
-        r._lastUsed = _now()
+        r._lastUsed = now
         try:
             self._recycle(r)
             r.putRepair()
@@ -214,6 +254,7 @@ class Pool:
         except Exception:
             log.warning("mppool: queuepool %r: repair of %s failed, closing it", self.name, r,
                         exc_info=True)
+            self._count(returns_bad=1)
             self._close(r, "its repair failed")
         finally:
             self._sync_token(r)
@@ -297,12 +338,15 @@ class Pool:
     # ------------------------------------------------------------------ internals
 
     def _wait(self, waiter: Waiter, timeout: float | None) -> ResourceManager:
+        since = time.monotonic()
         try:
             waiter.wait(timeout)
         except BaseException:  # interrupted: withdraw, or pass on what it was handed
             if not self._cancel(waiter) and isinstance(waiter.result, ResourceManager):
                 self._give(waiter.result)
             raise
+        finally:
+            self._count(requests_wait_s=time.monotonic() - since)
         if self._cancel(waiter):
             raise TimeOut(f"queuepool {self.name!r}: no resource free, timeout after {timeout} s")
         got = waiter.result
@@ -369,12 +413,15 @@ class Pool:
 
     def _open(self, r: ResourceManager, timeout: float | None) -> None:
         token = draw_token(self._budget, False, timeout)  # TimeOut: no token in time
+        since = _now()
         try:
             r.open()
         except BaseException:
+            self._count(connections_num=1, connections_errors=1, connections_s=_now() - since)
             give_back(self._budget, token, str(self.name))
             r._isOpen = False
             raise
+        self._count(connections_num=1, connections_s=_now() - since)
         if token is not None:
             with self._lock:
                 self._tokens[id(r)] = token
