@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import PoolClosed, TimeOut, TooManyRequests
 from .holder import Holder
-from .state import CREATE, Entry, PoolHook, PoolState, Waiter, _Create
+from .state import CREATE, Entry, PoolHook, PoolState, Waiter, _Create, withdraw
 from .validate import check_timeout
 
 log = logging.getLogger("mppool")
@@ -145,12 +145,8 @@ class Leasing(PoolState):
     def _cancel(self, waiter: Any) -> bool:
         """Withdraw a queued waiter that gave up (timed out); False if it was served first."""
         with self._lock:
-            if not waiter.cancel():
+            if not withdraw(self._waiters, waiter):
                 return False
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                pass
             self._request_failed()
             self._served(waiter, self._clock.now())
             return True

@@ -163,6 +163,18 @@ class WaiterBase:
         raise NotImplementedError
 
 
+def withdraw(queue: Any, waiter: WaiterBase) -> bool:
+    """Under the caller's lock: take a waiter that gave up out of ``queue``; False if it was
+    served first (its result is then the caller's to give back)."""
+    if not waiter.cancel():
+        return False
+    try:
+        queue.remove(waiter)
+    except ValueError:
+        pass
+    return True
+
+
 class Waiter(WaiterBase):
     """A getter blocked in this process."""
 

@@ -46,7 +46,7 @@ from ..budget import RECALL_PERIOD, Budget, check_budget, draw_token, give_back
 from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
 from ..sched import Task, default_scheduler
-from ..state import Waiter
+from ..state import Waiter, withdraw
 from ..validate import check_callable, check_delay, check_duration, check_int, check_period, check_timeout
 from .measures import Measures
 
@@ -356,13 +356,7 @@ class Pool(Measures):
 
     def _cancel(self, waiter: Waiter) -> bool:
         with self._lock:
-            if not waiter.cancel():
-                return False
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                pass
-            return True
+            return withdraw(self._waiters, waiter)
 
     def _give(self, r: ResourceManager) -> None:
         """To the oldest live waiter, else the top of the stack (closed first if the pool
