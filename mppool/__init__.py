@@ -3,6 +3,7 @@
 The public names live in private modules and are re-exported here.
 """
 
+from . import fastpath as _fastpath  # noqa: F401  (registers token_pool(fast=True))
 from .client import Client, SharedPool, connect
 from .errors import (
     ConnectTimeout,

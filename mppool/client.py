@@ -162,26 +162,38 @@ class Client:
         return self._attach(name, "pool", transfer, blob)
 
     def token_pool(self, name: str, max_size: int = _DEFAULT_TOKENS,
-                   scope: str = "host") -> SharedPool:
+                   scope: str = "host", *, fast: bool | None = None) -> SharedPool:
         """The shared token pool ``name``: at most ``max_size`` tokens out at once.
 
         Without ``max_size`` an existing token pool is attached whatever its size (a new one
         gets 4); with it, an existing pool of another size raises ValueError.
         ``scope="cluster"``: one pool for every supervisor started with the same cluster
         (see docs/cluster.md); its ``max_size`` must be the cluster's.
+
+        ``fast=True`` (default: the ``MPPOOL_FAST`` environment variable) leases tokens of a
+        host pool in shared memory where it can, without a message to the supervisor
+        (`mppool.fastpath`).
         """
         check_int("max_size", max_size, minimum=1)
+        if fast is not None and not isinstance(fast, bool):
+            raise TypeError(f"fast must be a bool or None, got {fast!r}")
         if scope == "cluster":
+            if fast:
+                raise ValueError("fast=True is for host token pools: a cluster pool's "
+                                 "leases are decided in Redis (scope=\"cluster\")")
             return self._cluster_token_pool(name, max_size)
         if scope != "host":
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if fast is None:
+            fast = fast_default()
+        cls = FAST_TOKEN_POOL[0] if fast and FAST_TOKEN_POOL else SharedPool
         if max_size is _DEFAULT_TOKENS:
             try:
-                return self._attach(name, "token", "copy", None)
+                return self._attach(name, "token", "copy", None, cls)
             except ValueError:
                 pass  # no such pool yet: create it with the default size
         blob = dill.dumps(token_pool_options(max_size))
-        return self._attach(name, "token", "copy", blob)
+        return self._attach(name, "token", "copy", blob, cls)
 
     def _cluster_token_pool(self, name: str, max_size: int) -> SharedPool:
         if max_size is _DEFAULT_TOKENS:
@@ -191,14 +203,17 @@ class Client:
                 pass
         return self._attach(name, "cluster", "copy", dill.dumps(cluster_token_options(max_size)))
 
-    def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None) -> SharedPool:
+    def _attach(self, name: str, kind: str, transfer: str, blob: bytes | None,
+                cls: type[SharedPool] | None = None) -> SharedPool:
         pool_id, transfer, timeout, instance = self._call("create", name, kind, transfer, blob)
         with self._lock:
             known = self._pools.get(name)
-            if known is not None and known.transfer == transfer:
+            if known is not None and known.transfer == transfer \
+                    and (cls is None or type(known) is cls):
                 known._learn(instance, pool_id, timeout, kind, blob)
                 return known
-            pool = SharedPool(self, name, (instance, pool_id), transfer, timeout, kind, blob)
+            pool = (cls or SharedPool)(self, name, (instance, pool_id), transfer, timeout, kind,
+                                       blob)
             self._pools[name] = pool
             return pool
 
@@ -497,6 +512,16 @@ class SharedPool(Lender, PoolWhere):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach, (display(self._client.address), self._client.authkey.hex(), self.name))
+
+
+# The fast path's pool class, registered by mppool.fastpath when the package is imported
+# (it subclasses SharedPool, so this module cannot import it without an import circle).
+FAST_TOKEN_POOL: list[type[SharedPool]] = []
+
+
+def fast_default() -> bool:
+    """Whether token pools take the fast path when ``fast`` is not given (MPPOOL_FAST)."""
+    return os.environ.get("MPPOOL_FAST", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def granted(reply: Any) -> P.Granted:

@@ -16,6 +16,7 @@ stdlib pickle of a tuple (pickle always starts with 0x80), and dill never travel
     b"P" pool_id lease            Put          (no reply; order is kept per connection)
     b"D" pool_id lease            Put(discard=True)
     b"O" rid lease <blob>         Granted      (the pickled object follows as is)
+    b"K" pool_id                  FastPoke     (a fast lease given back in slow mode)
 
 Nothing is unpickled before the peer proved it holds the key (the handshake below is raw
 structs). After that, every field of every request is still checked as strictly as the API
@@ -54,12 +55,14 @@ _GET = struct.Struct("!BIId")
 _PUT = struct.Struct("!BIQ")
 _OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
 _OK_BODY = struct.Struct("!IQ")
+_POKE = struct.Struct("!BI")  # b"K" pool_id: FastPoke, a fixed struct (it comes per put)
 KIND_GET, KIND_PUT, KIND_DISCARD, KIND_OK = b"G"[0], b"P"[0], b"D"[0], b"O"[0]
-GET_SIZE, PUT_SIZE = _GET.size, _PUT.size
+KIND_POKE = b"K"[0]
+GET_SIZE, PUT_SIZE, POKE_SIZE = _GET.size, _PUT.size, _POKE.size
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
-CALL, GETATTR, DROPREF, PING, WAITING, CANCEL, BYE = range(2, 9)
+CALL, GETATTR, DROPREF, PING, WAITING, CANCEL, BYE, FASTMAP = range(2, 10)
 OK, ERR, REF, GRANTED = range(4)  # GRANTED: a lease on an object that stays there (a proxy)
 
 
@@ -135,6 +138,24 @@ class Bye:
 
 
 @dataclass(slots=True)
+class FastMap:
+    """Ask for a token pool's shared-memory region (`mppool.fastpath`), on a connection of
+    its own: the reply carries the region's memfd (``SCM_RIGHTS``). ``conn`` is the asking
+    process's lease channel, which its fast leases are tied to (it must be the same process)."""
+
+    rid: int
+    pool_id: int
+    conn: int
+
+
+@dataclass(slots=True)
+class FastPoke:
+    """A fast lease was given back while the region is in slow mode: look at it. No reply."""
+
+    pool_id: int
+
+
+@dataclass(slots=True)
 class Granted:
     rid: int
     lease: int
@@ -148,7 +169,7 @@ class Reply:
     value: Any
 
 
-Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye
+Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye | FastMap | FastPoke
 
 
 # --------------------------------------------------------------------------- framing
@@ -247,6 +268,14 @@ def encode_cancel(rid: int) -> bytes:
     return frame(pickle.dumps((CANCEL, rid), protocol=5))
 
 
+def encode_fastmap(rid: int, pool_id: int, conn: int) -> bytes:
+    return frame(pickle.dumps((FASTMAP, rid, pool_id, conn), protocol=5))
+
+
+def encode_fastpoke(pool_id: int) -> bytes:
+    return HEADER.pack(POKE_SIZE) + _POKE.pack(KIND_POKE, pool_id)
+
+
 BYE_FRAME = frame(pickle.dumps((BYE,), protocol=5))
 
 
@@ -272,6 +301,10 @@ def decode_request(payload: Any) -> Request:
         return Get(*parse_get(payload))
     if kind in (KIND_PUT, KIND_DISCARD):
         return Put(*parse_put(payload))
+    if kind == KIND_POKE:
+        if len(payload) != POKE_SIZE:
+            raise ProtocolError(f"a poke frame of {len(payload)} bytes")
+        return FastPoke(_POKE.unpack_from(payload)[1])
     if kind != 0x80:
         raise ProtocolError(f"unknown frame kind {kind:#x}")
     try:
@@ -297,6 +330,9 @@ def decode_request(payload: Any) -> Request:
         return Cancel(args[0])
     elif op == BYE and not args:
         return Bye()
+    elif op == FASTMAP and len(args) == 3 and _u32(args[0]) and args[0] and _u32(args[1]) \
+            and _u64(args[2]):
+        return FastMap(*args)
     raise ProtocolError(f"a malformed request: op {op!r} with {len(args)} fields")
 
 

@@ -9,7 +9,9 @@ as medians over the reps:
 - lease cycles (get + put) through a server, N = 1, 2, 4, 8 worker processes and a budget
   of C = N and C = N/2 units: mppool's supervisor (a token pool) against the stdlib
   ``SyncManager().BoundedSemaphore(C)`` and, when Redis answers, a Redis semaphore (a list
-  of C tokens, BLPOP/RPUSH, under a fresh key per cell);
+  of C tokens, BLPOP/RPUSH, under a fresh key per cell); mppool's fast path
+  (``token_pool(..., fast=True)``, leases in shared memory), C ``filelock`` lock files, and
+  the in-kernel floor, a process-shared POSIX (futex) semaphore;
 - in-process get + ret: ``mppool.Pool`` against ProxyPatternPool's ``Pool``, queuepool's
   ``Pool`` and SQLAlchemy's ``QueuePool`` (when installed), and ``mppool.Pool`` with a shared
   budget whose token it already holds (min_size=1);
@@ -64,7 +66,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CTX = multiprocessing.get_context("fork")
 
 NS = (1, 2, 4, 8)
-SERVER_PEERS = ("mppool", "stdlib", "redis")
+# mppool-fast: a token pool with fast=True (leases in shared memory, mppool.fastpath);
+# filelock: C lock files (the filelock package), tried in turn, then waited on one;
+# futex-sem: a process-shared POSIX semaphore (sem_t in shared memory, futex-based): the
+# in-kernel floor, which gives nothing back when a holder dies.
+SERVER_PEERS = ("mppool", "mppool-fast", "stdlib", "redis", "filelock", "futex-sem")
 INPROC_PEERS = ("mppool.Pool", "mppool.Pool+budget", "ProxyPatternPool", "queuepool",
                 "sqlalchemy.QueuePool")
 INPROC_SIZE = 4  # max_size of every in-process pool (one thread uses one object)
@@ -110,9 +116,9 @@ def _noop() -> None:
 
 def _open_peer(kind: str, spec: dict[str, Any]) -> tuple[Acquire, Release, Close]:
     """Open one peer in a worker: (acquire, release, close)."""
-    if kind == "mppool":
+    if kind in ("mppool", "mppool-fast"):
         client = mppool.connect(spec["address"], spec["authkey"])
-        tokens = client.token_pool(spec["name"], spec["size"])
+        tokens = client.token_pool(spec["name"], spec["size"], fast=kind == "mppool-fast")
         return tokens.get, tokens.put, client.close
     if kind == "stdlib":
         sem = spec["sem"]  # a SyncManager proxy inherited through fork: reconnects here
@@ -137,6 +143,40 @@ def _open_peer(kind: str, spec: dict[str, Any]) -> tuple[Acquire, Release, Close
             r.rpush(key, token)
 
         return blpop, rpush, r.close
+    if kind == "filelock":
+        from filelock import FileLock, Timeout
+
+        locks = [FileLock(path) for path in spec["paths"]]
+        mine = locks[os.getpid() % len(locks)]
+
+        def take_file() -> Any:
+            for lock in locks:
+                try:
+                    lock.acquire(timeout=0)
+                    return lock
+                except Timeout:
+                    continue
+            mine.acquire()
+            return mine
+
+        def release_file(lock: Any) -> None:
+            lock.release()
+
+        return take_file, release_file, _noop
+    if kind == "futex-sem":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        sem = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(spec["mem"])))
+        sem_wait, sem_post = libc.sem_wait, libc.sem_post
+
+        def down() -> None:
+            sem_wait(sem)
+
+        def up(_: Any) -> None:
+            sem_post(sem)
+
+        return down, up, _noop
     if kind == "mppool.Pool":
         pool = mppool.Pool(_make_obj, max_size=INPROC_SIZE, min_size=1)
         return pool.get, pool.ret, pool.shutdown
@@ -376,7 +416,7 @@ class Peers:
 
     def spec(self, kind: str, size: int) -> tuple[dict[str, Any], Callable[[], None]]:
         """A fresh primitive of ``size`` units for one cell, and how to dispose of it."""
-        if kind in ("mppool", "mppool.Pool+budget"):
+        if kind in ("mppool", "mppool-fast", "mppool.Pool+budget"):
             name = f"bench-{uuid.uuid4().hex[:12]}"
             tokens = self.client.token_pool(name, size)
             spec = {"address": self.server.address, "authkey": self.server.authkey,
@@ -385,6 +425,18 @@ class Peers:
         if kind == "stdlib":
             sem = self.manager.BoundedSemaphore(size)
             return {"sem": sem}, _noop
+        if kind == "filelock":
+            tmp = tempfile.mkdtemp(prefix="mppool-bench-")
+            paths = [os.path.join(tmp, f"unit-{i}.lock") for i in range(size)]
+            return {"paths": paths}, lambda: shutil.rmtree(tmp, ignore_errors=True)
+        if kind == "futex-sem":
+            import ctypes
+            import mmap
+
+            mem = mmap.mmap(-1, 64)  # shared with the forked workers
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sem_init(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mem))), 1, size)
+            return {"mem": mem}, _noop
         if kind == "redis":
             import redis
 
@@ -401,7 +453,7 @@ class Peers:
         return {}, _noop
 
     def cpu_pid(self, kind: str) -> int | None:
-        if kind == "mppool":
+        if kind in ("mppool", "mppool-fast"):
             return self.server.pid
         if kind == "stdlib":
             return self.manager._process.pid  # type: ignore[attr-defined]
@@ -449,7 +501,7 @@ def run_reps(h: Harness, peers: Peers, reps: int, seconds: float, cpu_cycles: in
             cell.update(rep=rep, c=INPROC_SIZE)
             cells["inproc"].append(cell)
         for n in (1, 8):
-            for kind in _rotate(["mppool", "stdlib"], rep + n):
+            for kind in _rotate(["mppool", "mppool-fast", "stdlib"], rep + n):
                 spec, dispose = peers.spec(kind, n)
                 try:
                     cell = run_cell(h, kind, spec, n, cycles=cpu_cycles, cpu_pid=peers.cpu_pid(kind))
@@ -651,6 +703,21 @@ def evaluate(lease: dict[tuple[Any, ...], dict[str, Any]], inproc: dict[tuple[An
                       r, ">= 0.80x", r >= 0.8))
     v = get(cpu, (8, "mppool"), "server_cpu_us_per_cycle")
     goals.append(Goal("supervisor CPU per lease, N=8 (us)", v, "<= 10 us", v <= 10.0))
+    # The fast path (opt-in, token_pool(fast=True)): the goals of its issue.
+    r = _ratio(get(lease, (8, 8, "mppool-fast"), "rate"), get(lease, (8, 8, "stdlib"), "rate"))
+    goals.append(Goal("fast path lease cycles/s, N=8 C=8 vs stdlib SyncManager", r, ">= 10.00x",
+                      r >= 10.0))
+    v = get(lease, (1, 1, "mppool-fast"), "p50_us")
+    goals.append(Goal("fast path p50 per cycle, N=1 (us)", v, "<= 5 us", v <= 5.0))
+    v = get(lease, (8, 8, "mppool-fast"), "p99_us")
+    goals.append(Goal("fast path p99 per cycle, N=8 C=8 uncontended (us)", v, "<= 50 us", v <= 50.0))
+    for n in (2, 4, 8):
+        r = _ratio(get(lease, (n, n // 2, "mppool-fast"), "rate"),
+                   get(lease, (n, n // 2, "mppool"), "rate"))
+        goals.append(Goal(f"fast path contended N={n} C={n // 2} vs the supervisor path", r,
+                          ">= 1.00x", r >= 1.0))
+    v = get(cpu, (8, "mppool-fast"), "server_cpu_us_per_cycle")
+    goals.append(Goal("supervisor CPU per fast-path lease, N=8 (us)", v, "~0 (<= 1 us)", v <= 1.0))
     v = reclaim.get("max_ms", float("nan"))
     goals.append(Goal("reclaim after SIGKILL, max over kills (ms, target)", v, "< 100 ms",
                       v < 100.0))
@@ -694,6 +761,9 @@ def print_tables(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any
     t.add_column("p99 us " + " / ".join(peers), justify="right")
     t.add_column("p99 x stdlib", justify="right")
     t.add_column("CPU us mppool / stdlib", justify="right")
+    fast = "mppool-fast" in peers
+    if fast:
+        t.add_column("fast x mppool", justify="right")
     for n, c in lease_configs():
         rows = {p: lease.get((n, c, p)) for p in peers}
         rate = {p: (rows[p] or {}).get("rate", float("nan")) for p in peers}
@@ -702,8 +772,10 @@ def print_tables(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any
         p99x = _ratio((rows["mppool"] or {}).get("p99_us"), (rows["stdlib"] or {}).get("p99_us"))
         cpus = " / ".join(_f((rows[p] or {}).get("server_cpu_us_per_cycle", float("nan")))
                           for p in ("mppool", "stdlib"))
+        extra = [_x(_ratio(rate["mppool-fast"], rate["mppool"]))] if fast else []
         t.add_row(str(n), str(c), *[_k(rate[p]) for p in peers],
-                  *[_x(_ratio(rate["mppool"], rate[p])) for p in peers[1:]], p50, p99, _x(p99x), cpus)
+                  *[_x(_ratio(rate["mppool"], rate[p])) for p in peers[1:]], p50, p99, _x(p99x), cpus,
+                  *extra)
     console.print(t)
 
     t = Table(title="In-process get+ret, one thread (max_size=4, min_size=1) — medians")
@@ -728,6 +800,9 @@ def print_tables(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any
         s = cpu.get((n, "stdlib"), {}).get("server_cpu_us_per_cycle", float("nan"))
         t.add_row(f"server CPU per lease, N={n}, {meta['cpu_cycles']} cycles (us)", _f(m, 2),
                   f"stdlib manager {_f(s, 2)}", _x(_ratio(m, s)))
+        f = cpu.get((n, "mppool-fast"), {}).get("server_cpu_us_per_cycle")
+        if f is not None:
+            t.add_row(f"server CPU per fast-path lease, N={n} (us)", _f(f, 2), "", "")
     t.add_row("supervisor idle CPU (% of a core)", _f(res["idle_cpu_percent"], 2), "", "")
     rec = res["reclaim"]
     if rec:
@@ -767,8 +842,11 @@ def plot(res: dict[str, Any], lease: dict[tuple[Any, ...], dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"mppool": "tab:blue", "stdlib": "tab:orange", "redis": "tab:red"}
-    labels = {"mppool": "mppool supervisor", "stdlib": "stdlib SyncManager semaphore",
+    colors = {"mppool": "tab:blue", "mppool-fast": "tab:green", "stdlib": "tab:orange",
+              "redis": "tab:red", "filelock": "tab:brown", "futex-sem": "tab:gray"}
+    labels = {"mppool": "mppool supervisor", "mppool-fast": "mppool fast path (shared memory)",
+              "filelock": "filelock (C lock files)", "futex-sem": "futex semaphore (floor)",
+              "stdlib": "stdlib SyncManager semaphore",
               "redis": "Redis list semaphore"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 10), layout="constrained")
     ax_rate, ax_p99, ax_in, ax_cpu = axes.flat

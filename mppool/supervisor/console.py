@@ -25,6 +25,7 @@ import dill
 from ..errors import PoolClosed
 from ..holder import Holder
 from ..validate import check_int
+from .fastregion import REGION_CONN
 from .registry import fingerprint
 
 if TYPE_CHECKING:
@@ -71,13 +72,23 @@ class Console:
         self._reload_lock = threading.Lock()
 
     def pause(self, name: str) -> bool:
-        return self.sup.get_record(name).pool.pause()
+        rec = self.sup.get_record(name)
+        if rec.fast is not None:  # fast leases off: every get queues in the Pool
+            return bool(rec.fast.pool_call("pause"))
+        return rec.pool.pause()
 
     def resume(self, name: str) -> bool:
-        return self.sup.get_record(name).pool.resume()
+        rec = self.sup.get_record(name)
+        if rec.fast is not None:
+            return bool(rec.fast.pool_call("resume"))
+        return rec.pool.resume()
 
     def resize(self, name: str, max_size: int) -> None:
-        self.sup.get_record(name).pool.resize(max_size)
+        rec = self.sup.get_record(name)
+        if rec.fast is not None:
+            rec.fast.pool_call("resize", max_size)
+        else:
+            rec.pool.resize(max_size)
 
     def drain(self, name: str) -> int:
         return self.sup.get_record(name).pool.drain()
@@ -93,12 +104,14 @@ class Console:
         holders: dict[tuple[int, float], Holder] = {}
 
         def match(h: Holder) -> bool:
-            if h.pid != pid:
+            if h.pid != pid or h.conn == REGION_CONN:  # the fast path's parked tokens
                 return False
             holders[(h.pid, h.start)] = h
             return True
 
         n = rec.pool._reclaim(match, reset=rec.reset)
+        if rec.fast is not None:
+            n += rec.fast.release_pid(pid)
         self.sup.watchdog.nreclaimed += n
         terminated: list[int] = []
         if terminate:
@@ -154,7 +167,7 @@ class Console:
                     continue
                 new, old = opts.get("max_size", 0), rec.pool.stats()["max_size"]
                 if new != old:
-                    rec.pool.resize(new)
+                    self.resize(name, new)  # through the fast path's region, if it has one
                     rec.fingerprint = fingerprint(opts)  # clients declaring the file's options attach
                     out["resized"][name] = [old, new]
             for name in sorted(self.config_pools - set(pools)):

@@ -54,6 +54,8 @@ class Control:
             return self._sup.stats()
         rec = self._sup.get_record(name)
         s = rec.pool.stats()
+        if rec.fast is not None:
+            s = rec.fast.overlay(s)
         s.update(name=name, kind=rec.kind, transfer=rec.transfer)
         return s
 
@@ -65,7 +67,10 @@ class Control:
         if method == "shutdown":
             self._sup.drop(name, *args)
             return None
-        return getattr(self._sup.get_record(name).pool, method)(*args)
+        rec = self._sup.get_record(name)
+        if rec.fast is not None and method in ("resize", "free", "__len__"):
+            return rec.fast.pool_call(method, *args)
+        return getattr(rec.pool, method)(*args)
 
     @pack_errors
     def console(self, verb: str, claimed_pid: int, *args: Any) -> Any:

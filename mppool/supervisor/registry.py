@@ -58,6 +58,8 @@ class Record:
     executor first, since the pool needs it as its runner.
     """
 
+    fast: Any = None  # its fastregion.FastRegion once a client asked for the fast path
+
     def __init__(self, name: str, pool_id: int, pool: Pool, transfer: str, kind: str,
                  fingerprint: Any, options: dict[str, Any],
                  executor: HookExecutor | None = None) -> None:
@@ -312,6 +314,8 @@ class Registry:
     def shut(rec: Record, delay: float | None = 0.0) -> None:
         """Shut a detached pool down, leases given ``delay`` seconds to come back."""
         try:
+            if rec.fast is not None:  # its fast path off: every get and put via the Pool
+                rec.fast.pull_back(closed=True)
             rec.pool.shutdown(delay)
         finally:
             rec.close()
@@ -320,6 +324,8 @@ class Registry:
         out = {}
         for name, rec in list(self.records.items()):
             s = rec.pool.stats()
+            if rec.fast is not None:
+                s = rec.fast.overlay(s)
             s.update(name=name, kind=rec.kind, transfer=rec.transfer)
             out[name] = s
         return out
@@ -347,6 +353,8 @@ class Registry:
 
 def _shutdown_pool(rec: Record) -> None:
     try:
+        if rec.fast is not None:
+            rec.fast.pull_back(closed=True)
         rec.pool.shutdown()
     except Exception:
         log.warning("mppool: shutting down pool %r failed", rec.name, exc_info=True)

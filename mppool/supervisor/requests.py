@@ -26,6 +26,7 @@ from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, ad
 from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
+from .fastregion import regions_of, serve_fastmap
 
 if TYPE_CHECKING:
     from .registry import Record
@@ -63,6 +64,12 @@ class Requests(_Loop):
             self.cancel_get(conn, msg.rid)
         elif isinstance(msg, P.Bye):
             conn.bye = True  # its EOF, next, is a clean exit: leases still held are logged at INFO
+        elif isinstance(msg, P.FastPoke):
+            region = regions_of(self).get(msg.pool_id)  # a pool shutting down too
+            if region is not None:
+                region.settle()
+        elif isinstance(msg, P.FastMap):
+            serve_fastmap(self, conn, msg)
         # Get and Put never get here: read() decodes them in place, before anything else.
 
     def ping(self, conn: Conn, rid: int) -> None:
@@ -96,6 +103,9 @@ class Requests(_Loop):
         pool = rec.pool
         if timeout is None:
             timeout = pool.timeout
+        fast = rec.fast
+        if fast is not None:  # the region goes slow; its FREE tokens back to the Pool
+            fast.on_get(conn.id)
         try:
             # One decision; a waiter is made only if the get must queue.
             got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
@@ -122,6 +132,9 @@ class Requests(_Loop):
             if timeout is not None:
                 got.deadline = deadline = self.sup.clock.now() + timeout
                 self.at(deadline, 0, got)
+            return  # a queue: the region stays slow, nothing to park
+        if fast is not None:
+            fast.settle()
 
     def cancel_get(self, conn: Conn, rid: int) -> None:
         """The client gave up on its get ``rid`` (an asyncio task cancelled): withdraw it if
@@ -218,6 +231,8 @@ class Requests(_Loop):
                 fut.add_done_callback(conn.puts_running.discard)
         elif not pool._checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
+        if rec.fast is not None:
+            rec.fast.settle()
 
     def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
         if not rec.pool._checkin(lease, discard, conn.holder):

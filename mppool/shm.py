@@ -1,0 +1,283 @@
+"""A token pool's slots in shared memory, guarded by a robust process-shared mutex.
+
+This module is the memory layout and the moves on it, without any I/O: the client side
+(`mppool.fastpath`) and the supervisor side (`mppool.supervisor.fastregion`) both go through
+it. Why this primitive: docs/performance.md, "Token leases in shared memory".
+
+Layout (native byte order; the region is a memfd made by the supervisor and mapped by
+clients that proved the key)::
+
+    0    magic u32, version u32, nslots u32, flags u32, pending u32, pad
+    64   pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST), 64 bytes reserved
+    128  states: one byte per slot
+    ...  slots, 40 bytes each: generation u64, conn u64, pid u32, pad u32, start f64, since f64
+
+A slot's state is one byte, written last, so a process that dies in the middle of a move
+leaves either the old state or the new one, never half of it:
+
+    ABSENT    the token is in the supervisor's core Pool (not in this region)
+    FREE      the supervisor parked the token here: a client may take it without a message
+    HELD      a client holds it: conn (its lease channel), pid, start time, since (monotonic)
+    RETURNED  given back while the region is in slow mode: the supervisor takes it into its
+              core Pool, which hands it to the oldest waiter
+
+``flags``: WAITERS (somebody waits at the supervisor: every get and put goes through it, so
+the oldest waiter is served first), CLOSED (the pool is shutting down or being resized: the
+fast path is off), DIRTY (a process died holding the mutex: the supervisor must check the
+region before anyone uses it fast again). ``pending`` counts gets that decided to go to the
+supervisor and have not reached it yet; the supervisor does not leave slow mode while it is
+nonzero, so a get on its way cannot be overtaken.
+
+The generation of a slot grows with every take and every give-back, so a token names its slot
+*and* generation: a put of a token whose slot was reclaimed, killed or repaired since is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+import sys
+from typing import Any
+
+MAGIC = 0x4D505446  # "MPTF"
+VERSION = 1
+ABSENT, FREE, HELD, RETURNED = 0, 1, 2, 3
+STATES = (ABSENT, FREE, HELD, RETURNED)
+WAITERS, CLOSED, DIRTY = 1, 2, 4
+SLOW = WAITERS | CLOSED | DIRTY
+
+HEADER = struct.Struct("=IIIII")
+FLAGS_AT, PENDING_AT = 12, 16
+MUTEX_AT, MUTEX_SIZE = 64, 64
+STATES_AT = 128
+SLOT = struct.Struct("=QQIIdd")
+GEN_CONN = struct.Struct("=QQ")
+PID_AT = 16
+U32 = struct.Struct("=I")
+U64 = struct.Struct("=Q")
+MAX_SLOTS = 1 << 16
+
+# What a take() that does not get a slot says: go to the supervisor (``pending`` counted).
+QUEUE = -1
+# What give() says besides True/False: the token went back in slow mode; poke the supervisor.
+POKE = 2
+
+
+class Unavailable(Exception):
+    """No robust process-shared mutex here (not Linux with glibc/musl): use the normal path."""
+
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    """The C library with the robust-mutex calls, or Unavailable."""
+    global _libc
+    if _libc is not None:
+        return _libc
+    if not sys.platform.startswith("linux") or not hasattr(os, "memfd_create"):
+        raise Unavailable("the shared-memory fast path needs Linux (memfd, robust mutexes)")
+    # The symbols already loaded in this process first: the interpreter links the C library,
+    # and ctypes.util.find_library would run a compiler or ldconfig in a subprocess.
+    lib = None
+    for name in (None, "libc.so.6", "libpthread.so.0"):
+        try:
+            cand = ctypes.CDLL(name, use_errno=True)
+            for fn in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent",
+                       "pthread_mutexattr_setrobust", "pthread_mutexattr_setpshared"):
+                getattr(cand, fn)
+        except (OSError, AttributeError):
+            continue
+        lib = cand
+        break
+    if lib is None:
+        raise Unavailable("no robust process-shared mutex in the C library")
+    _libc = lib
+    return lib
+
+
+def region_size(nslots: int) -> int:
+    return STATES_AT + _pad8(nslots) + nslots * SLOT.size
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class Region:
+    """One mapping of a token pool's region (the supervisor's, or a client's)."""
+
+    def __init__(self, fd: int, nslots: int | None = None) -> None:
+        lib = libc()
+        size = os.fstat(fd).st_size
+        if size < STATES_AT or size > region_size(MAX_SLOTS):
+            raise ValueError(f"a fast-path region of {size} bytes")
+        self.mm = mmap.mmap(fd, size)
+        self._buf = ctypes.c_char.from_buffer(self.mm)
+        self._mutex = ctypes.c_void_p(ctypes.addressof(self._buf) + MUTEX_AT)
+        if nslots is not None:  # the supervisor, creating it
+            self._init(lib, nslots)
+        magic, version, n, _, _ = HEADER.unpack_from(self.mm)
+        if magic != MAGIC or version != VERSION or region_size(n) != size:
+            self.close()
+            raise ValueError("not a fast-path region of this version")
+        self.nslots = n
+        self.slots_at = STATES_AT + _pad8(n)
+        self._lock = lib.pthread_mutex_lock
+        self._unlock = lib.pthread_mutex_unlock
+        self._consistent = lib.pthread_mutex_consistent
+
+    @classmethod
+    def create(cls, nslots: int, name: str = "mppool") -> tuple[Region, int]:
+        """A new region of ``nslots`` ABSENT slots and the memfd behind it (the caller owns
+        the descriptor)."""
+        if not 1 <= nslots <= MAX_SLOTS:
+            raise ValueError(f"nslots must be between 1 and {MAX_SLOTS}, got {nslots!r}")
+        libc()
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, region_size(nslots))
+            return cls(fd, nslots), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _init(self, lib: Any, nslots: int) -> None:
+        HEADER.pack_into(self.mm, 0, MAGIC, VERSION, nslots, 0, 0)
+        attr = ctypes.create_string_buffer(64)
+        lib.pthread_mutexattr_init(attr)
+        lib.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED
+        lib.pthread_mutexattr_setrobust(attr, 1)  # PTHREAD_MUTEX_ROBUST
+        rc = lib.pthread_mutex_init(self._mutex, attr)
+        lib.pthread_mutexattr_destroy(attr)
+        if rc:
+            raise OSError(rc, f"pthread_mutex_init: {os.strerror(rc)}")
+
+    def close(self) -> None:
+        del self._buf
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere: the mapping goes with the process
+
+    # ------------------------------------------------------------------ the mutex
+
+    def lock(self) -> bool:
+        """Take the mutex; False if its previous owner died holding it (the state may be
+        half-changed): the mutex is ours and marked consistent, and the DIRTY flag is set
+        so that the supervisor checks the region before anyone uses it fast again."""
+        rc = self._lock(self._mutex)
+        if rc == 0:
+            return True
+        self._lock_failed(rc)
+        return False
+
+    def _lock_failed(self, rc: int) -> None:
+        """pthread_mutex_lock said ``rc``: EOWNERDEAD (ours now, marked consistent, DIRTY
+        set), or an error (ENOTRECOVERABLE: the region can no longer be used), raised."""
+        if rc == errno.EOWNERDEAD:
+            self._consistent(self._mutex)
+            self.set_flags(self.flags | DIRTY)
+            return
+        raise OSError(rc, f"pthread_mutex_lock: {os.strerror(rc)}")
+
+    def unlock(self) -> None:
+        self._unlock(self._mutex)
+
+    # ------------------------------------------------------------------ fields
+
+    @property
+    def flags(self) -> int:
+        return U32.unpack_from(self.mm, FLAGS_AT)[0]
+
+    def set_flags(self, value: int) -> None:
+        U32.pack_into(self.mm, FLAGS_AT, value)
+
+    @property
+    def pending(self) -> int:
+        return U32.unpack_from(self.mm, PENDING_AT)[0]
+
+    def set_pending(self, value: int) -> None:
+        U32.pack_into(self.mm, PENDING_AT, max(0, min(value, 0xFFFFFFFF)))
+
+    def state(self, i: int) -> int:
+        return self.mm[STATES_AT + i]
+
+    def set_state(self, i: int, st: int) -> None:
+        self.mm[STATES_AT + i] = st
+
+    def slot(self, i: int) -> tuple[int, int, int, int, float, float]:
+        """(generation, conn, pid, pad, start, since) of slot ``i``."""
+        return SLOT.unpack_from(self.mm, self.slots_at + i * SLOT.size)
+
+    def bump(self, i: int) -> int:
+        """Next generation of slot ``i`` (a late put of the old one is then a no-op)."""
+        at = self.slots_at + i * SLOT.size
+        gen = (U64.unpack_from(self.mm, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF
+        U64.pack_into(self.mm, at, gen)
+        return gen
+
+    def write_holder(self, i: int, gen: int, conn: int, pid: int, start: float,
+                     since: float) -> None:
+        SLOT.pack_into(self.mm, self.slots_at + i * SLOT.size, gen, conn, pid, 0, start, since)
+
+    def count(self, st: int) -> int:
+        return self.mm[STATES_AT:STATES_AT + self.nslots].count(st)
+
+    def find(self, st: int) -> int:
+        return self.mm.find(bytes((st,)), STATES_AT, STATES_AT + self.nslots) - STATES_AT \
+            if st in STATES else -1
+
+    # ------------------------------------------------------------------ client moves
+
+    def take(self, conn: int, pid: int, start: float, now: float) -> tuple[int, int] | int:
+        """A client's get: (slot, generation) of a FREE slot now HELD by it, or `QUEUE`
+        (``pending`` counted: send the get to the supervisor, which un-counts it)."""
+        mm = self.mm
+        try:
+            # Inside the try: a signal handler raising right after the lock is taken still
+            # unlocks (and unlocking a robust mutex we do not own is a harmless EPERM).
+            rc = self._lock(self._mutex)
+            if rc:
+                self._lock_failed(rc)  # a dead owner: DIRTY, which sends us to the supervisor
+            if not U32.unpack_from(mm, FLAGS_AT)[0]:
+                i = mm.find(b"\x01", STATES_AT, STATES_AT + self.nslots)
+                if i >= 0:
+                    i -= STATES_AT
+                    at = self.slots_at + i * SLOT.size
+                    gen = (U64.unpack_from(mm, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF
+                    SLOT.pack_into(mm, at, gen, conn, pid, 0, start, now)
+                    mm[STATES_AT + i] = HELD  # last: the move is done
+                    return i, gen
+                U32.pack_into(mm, FLAGS_AT, WAITERS)  # from now on, everyone queues
+            U32.pack_into(mm, PENDING_AT, min(U32.unpack_from(mm, PENDING_AT)[0] + 1, 0xFFFFFFFF))
+            return QUEUE
+        finally:
+            self._unlock(self._mutex)
+
+    def give(self, i: int, gen: int, conn: int) -> bool | int:
+        """A client's put of (slot, generation): True (FREE again), `POKE` (RETURNED: the
+        supervisor must hand it on), or False: not this holder's any more (reclaimed,
+        killed, repaired, or put twice), and nothing changed."""
+        mm = self.mm
+        if not 0 <= i < self.nslots:
+            return False
+        try:
+            rc = self._lock(self._mutex)  # inside the try: see take()
+            if rc:
+                self._lock_failed(rc)
+            at = self.slots_at + i * SLOT.size
+            if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
+                return False
+            U64.pack_into(mm, at, (gen + 1) & 0xFFFFFFFFFFFFFFFF)
+            if U32.unpack_from(mm, FLAGS_AT)[0]:
+                mm[STATES_AT + i] = RETURNED
+                return POKE
+            mm[STATES_AT + i] = FREE
+            return True
+        finally:
+            self._unlock(self._mutex)

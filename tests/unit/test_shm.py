@@ -1,0 +1,109 @@
+"""The fast path's shared-memory moves (mppool.shm), on one region in this process."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from mppool import shm
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
+
+
+@pytest.fixture
+def region():
+    r, fd = shm.Region.create(3)
+    try:
+        for i in range(2):  # two tokens parked, one slot ABSENT
+            r.set_state(i, shm.FREE)
+        yield r
+    finally:
+        os.close(fd)
+
+
+def test_take_and_give(region):
+    a = region.take(7, 100, 1.0, 5.0)
+    b = region.take(7, 100, 1.0, 5.0)
+    assert isinstance(a, tuple) and isinstance(b, tuple) and a[0] != b[0]
+    gen, conn, pid, _, start, since = region.slot(a[0])
+    assert (gen, conn, pid, start, since) == (a[1], 7, 100, 1.0, 5.0)
+    assert region.state(a[0]) == shm.HELD
+    assert region.take(7, 100, 1.0, 5.0) == shm.QUEUE  # nothing FREE: go to the supervisor
+    assert region.flags == shm.WAITERS and region.pending == 1
+    assert region.give(*a, 7) == shm.POKE  # slow mode: RETURNED, the supervisor hands it on
+    assert region.state(a[0]) == shm.RETURNED
+    region.set_flags(0)
+    assert region.give(*b, 7) is True
+    assert region.state(b[0]) == shm.FREE
+
+
+def test_generation_makes_late_and_foreign_puts_noops(region):
+    i, gen = region.take(7, 100, 1.0, 0.0)
+    assert region.give(i, gen, 8) is False  # another connection's
+    assert region.give(i, gen + 1, 7) is False  # a generation that is not the holder's
+    assert region.give(i, gen, 7) is True
+    assert region.give(i, gen, 7) is False  # twice
+    j, gen2 = region.take(7, 100, 1.0, 0.0)
+    assert gen2 > gen
+    assert region.give(i if j == i else j, gen, 7) is False  # the old lease, late
+    assert region.give(-1, 0, 7) is False and region.give(99, 0, 7) is False
+
+
+def test_flags_send_everyone_to_the_supervisor(region):
+    for flag in (shm.WAITERS, shm.CLOSED, shm.DIRTY):
+        region.set_flags(flag)
+        before = region.pending
+        assert region.take(7, 100, 1.0, 0.0) == shm.QUEUE
+        assert region.pending == before + 1
+        assert region.count(shm.FREE) == 2  # nothing taken
+
+
+def test_the_mutex_excludes_other_threads(region):
+    region.lock()
+    got = []
+    t = threading.Thread(target=lambda: got.append(region.take(7, 1, 1.0, 0.0)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got  # blocked on the mutex (ctypes drops the GIL)
+    region.unlock()
+    t.join(5)
+    assert got and isinstance(got[0], tuple)
+
+
+def test_bad_regions_are_refused():
+    with pytest.raises(ValueError, match="nslots"):
+        shm.Region.create(0)
+    fd = os.memfd_create("x")
+    try:
+        os.ftruncate(fd, shm.region_size(2))
+        with pytest.raises(ValueError, match="not a fast-path region"):
+            shm.Region(fd)  # all zeros: no magic
+    finally:
+        os.close(fd)
+
+
+def test_unlocking_a_mutex_held_by_another_thread_changes_nothing(region):
+    """take()/give() unlock in a finally that may run before the lock was taken (a signal
+    handler raising first): a robust mutex refuses an unlock by a non-owner (EPERM)."""
+    import errno
+
+    held, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        region.lock()
+        held.set()
+        release.wait(5)
+        region.unlock()
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert held.wait(5)
+    try:
+        assert region._unlock(region._mutex) == errno.EPERM
+        assert shm.libc().pthread_mutex_trylock(region._mutex) == errno.EBUSY  # still held
+    finally:
+        release.set()
+        t.join(5)
+    assert isinstance(region.take(7, 1, 1.0, 0.0), tuple)
