@@ -5,9 +5,11 @@
       ├ region mapped?  no ── FastMap on a connection of its own ──▶ the region's memfd
       │                                                              (SCM_RIGHTS, once)
       ├ take a FREE slot (robust mutex, no message) ──▶ FastToken(slot, generation)
-      └ nothing FREE / slow mode: the normal get (SharedPool.get) ──▶ queued, FIFO
+      └ nothing FREE / slow mode / the mutex not had within 2 ms:
+          the normal get (SharedPool.get) ──────────────────────────▶ queued, FIFO
     FastTokenPool.put(token)
-      ├ FastToken: give the slot back (no message); in slow mode, a FastPoke (one way)
+      ├ FastToken: give the slot back (no message); in slow mode, a FastPoke (one way);
+      │ the mutex held by a stopped process for 2 ms: a FastGive (the supervisor gives it)
       └ a token from the normal path: the normal put
 
 The region, its states and why each guarantee holds are described in `mppool.shm` and
@@ -99,8 +101,8 @@ class FastTokenPool(SharedPool):
             except OSError as exc:  # the mutex cannot be used any more: the normal path
                 self._give_up(where, exc)
             else:
-                if got != shm.QUEUE:
-                    slot, gen = got  # type: ignore[misc]
+                if got.__class__ is tuple:  # else QUEUE or BUSY: through the supervisor
+                    slot, gen = got
                     return FastToken(slot, gen, where)
         return SharedPool.get(self, timeout)
 
@@ -123,10 +125,16 @@ class FastTokenPool(SharedPool):
             done = region.give(obj.slot, obj.gen, conn_id)
         except OSError as exc:
             self._give_up(obj.where, exc)
-            done = shm.POKE  # the supervisor's check takes it back; make it look now
-        if done == shm.POKE:
+            done = shm.BUSY
+        if done is True:
+            return
+        if done == shm.POKE or done == shm.BUSY:
+            # POKE: given back in slow mode, the supervisor hands it on. BUSY: the mutex's
+            # holder is stopped; the supervisor gives it back for us when it can.
+            msg = P.encode_fastpoke(self._id) if done == shm.POKE else \
+                P.encode_fastgive(self._id, obj.slot, obj.gen)
             try:
-                chan.post(P.encode_fastpoke(self._id))
+                chan.post(msg)
             except ServerUnavailable:
                 pass  # the supervisor is gone, and the lease with it
         elif done is False:

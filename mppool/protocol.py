@@ -17,6 +17,7 @@ stdlib pickle of a tuple (pickle always starts with 0x80), and dill never travel
     b"D" pool_id lease            Put(discard=True)
     b"O" rid lease <blob>         Granted      (the pickled object follows as is)
     b"K" pool_id                  FastPoke     (a fast lease given back in slow mode)
+    b"k" pool_id slot generation  FastGive     (a fast lease given back through the supervisor)
 
 Nothing is unpickled before the peer proved it holds the key (the handshake below is raw
 structs). After that, every field of every request is still checked as strictly as the API
@@ -56,9 +57,10 @@ _PUT = struct.Struct("!BIQ")
 _OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
 _OK_BODY = struct.Struct("!IQ")
 _POKE = struct.Struct("!BI")  # b"K" pool_id: FastPoke, a fixed struct (it comes per put)
+_GIVE = struct.Struct("!BIIQ")  # b"k" pool_id slot generation: FastGive
 KIND_GET, KIND_PUT, KIND_DISCARD, KIND_OK = b"G"[0], b"P"[0], b"D"[0], b"O"[0]
-KIND_POKE = b"K"[0]
-GET_SIZE, PUT_SIZE, POKE_SIZE = _GET.size, _PUT.size, _POKE.size
+KIND_POKE, KIND_GIVE = b"K"[0], b"k"[0]
+GET_SIZE, PUT_SIZE, POKE_SIZE, GIVE_SIZE = _GET.size, _PUT.size, _POKE.size, _GIVE.size
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
@@ -156,6 +158,17 @@ class FastPoke:
 
 
 @dataclass(slots=True)
+class FastGive:
+    """Give back the fast lease (slot, generation) through the supervisor: the region's
+    mutex could not be had in time (its holder is stopped). The supervisor applies it under
+    the mutex as soon as it can, if the slot is still this connection's. No reply."""
+
+    pool_id: int
+    slot: int
+    gen: int
+
+
+@dataclass(slots=True)
 class Granted:
     rid: int
     lease: int
@@ -169,7 +182,8 @@ class Reply:
     value: Any
 
 
-Request = Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye | FastMap | FastPoke
+Request = (Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye | FastMap | FastPoke
+           | FastGive)
 
 
 # --------------------------------------------------------------------------- framing
@@ -276,6 +290,10 @@ def encode_fastpoke(pool_id: int) -> bytes:
     return HEADER.pack(POKE_SIZE) + _POKE.pack(KIND_POKE, pool_id)
 
 
+def encode_fastgive(pool_id: int, slot: int, gen: int) -> bytes:
+    return HEADER.pack(GIVE_SIZE) + _GIVE.pack(KIND_GIVE, pool_id, slot, gen)
+
+
 BYE_FRAME = frame(pickle.dumps((BYE,), protocol=5))
 
 
@@ -305,6 +323,10 @@ def decode_request(payload: Any) -> Request:
         if len(payload) != POKE_SIZE:
             raise ProtocolError(f"a poke frame of {len(payload)} bytes")
         return FastPoke(_POKE.unpack_from(payload)[1])
+    if kind == KIND_GIVE:
+        if len(payload) != GIVE_SIZE:
+            raise ProtocolError(f"a give frame of {len(payload)} bytes")
+        return FastGive(*_GIVE.unpack_from(payload)[1:])
     if kind != 0x80:
         raise ProtocolError(f"unknown frame kind {kind:#x}")
     try:

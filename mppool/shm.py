@@ -41,6 +41,7 @@ import mmap
 import os
 import struct
 import sys
+import time
 from typing import Any
 
 MAGIC = 0x4D505446  # "MPTF"
@@ -65,6 +66,17 @@ MAX_SLOTS = 1 << 16
 QUEUE = -1
 # What give() says besides True/False: the token went back in slow mode; poke the supervisor.
 POKE = 2
+# What take() and give() say when the mutex could not be had within their wait (its holder
+# is stopped or descheduled): take the normal path (a get) or send the give as a message.
+BUSY = -2
+# How long a client waits for the mutex before it goes through the supervisor instead. The
+# critical sections are a few hundred nanoseconds; a holder that takes longer was preempted
+# or stopped (SIGSTOP, a debugger), and waiting on it would stall this process for as long.
+CLIENT_WAIT = 0.002
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
 class Unavailable(Exception):
@@ -87,7 +99,8 @@ def libc() -> Any:
     for name in (None, "libc.so.6", "libpthread.so.0"):
         try:
             cand = ctypes.CDLL(name, use_errno=True)
-            for fn in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent",
+            for fn in ("pthread_mutex_lock", "pthread_mutex_trylock", "pthread_mutex_unlock",
+                       "pthread_mutex_timedlock", "pthread_mutex_consistent",
                        "pthread_mutexattr_setrobust", "pthread_mutexattr_setpshared"):
                 getattr(cand, fn)
         except (OSError, AttributeError):
@@ -128,8 +141,14 @@ class Region:
         self.nslots = n
         self.slots_at = STATES_AT + _pad8(n)
         self._lock = lib.pthread_mutex_lock
+        self._trylock = lib.pthread_mutex_trylock
         self._unlock = lib.pthread_mutex_unlock
         self._consistent = lib.pthread_mutex_consistent
+        # pthread_mutex_clocklock (glibc 2.30) waits on the monotonic clock, so a wall-clock
+        # jump cannot stretch a wait; timedlock (the realtime clock) where it is missing.
+        clocklock = getattr(lib, "pthread_mutex_clocklock", None)
+        self._clocklock = clocklock
+        self._timedlock = lib.pthread_mutex_timedlock
 
     @classmethod
     def create(cls, nslots: int, name: str = "mppool") -> tuple[Region, int]:
@@ -167,14 +186,42 @@ class Region:
     # ------------------------------------------------------------------ the mutex
 
     def lock(self) -> bool:
-        """Take the mutex; False if its previous owner died holding it (the state may be
-        half-changed): the mutex is ours and marked consistent, and the DIRTY flag is set
-        so that the supervisor checks the region before anyone uses it fast again."""
+        """Take the mutex, waiting as long as it takes (tests and tools only: the supervisor
+        and the clients use `try_lock` with a bounded wait). False if its previous owner died
+        holding it (see `try_lock`)."""
         rc = self._lock(self._mutex)
         if rc == 0:
             return True
         self._lock_failed(rc)
         return False
+
+    def try_lock(self, wait: float = 0.0) -> bool | None:
+        """Take the mutex within ``wait`` seconds: True; False if its previous owner died
+        holding it (the state may be half-changed: the mutex is ours, marked consistent, and
+        the DIRTY flag is set so that the supervisor checks the region before anyone uses it
+        fast again); None if it could not be had in time (nothing changed)."""
+        rc = self._acquire(wait)
+        if rc == 0:
+            return True
+        if rc in (errno.EBUSY, errno.ETIMEDOUT):
+            return None
+        self._lock_failed(rc)
+        return False
+
+    def _acquire(self, wait: float) -> int:
+        """pthread_mutex_trylock, then a wait of at most ``wait`` seconds; the C status."""
+        rc = self._trylock(self._mutex)
+        if rc != errno.EBUSY or wait <= 0.0:
+            return int(rc)
+        if self._clocklock is not None:
+            clock, now = time.CLOCK_MONOTONIC, time.monotonic()
+        else:
+            clock, now = time.CLOCK_REALTIME, time.time()
+        at = now + wait
+        ts = _Timespec(int(at), int((at % 1.0) * 1e9))
+        if self._clocklock is not None:
+            return int(self._clocklock(self._mutex, clock, ctypes.byref(ts)))
+        return int(self._timedlock(self._mutex, ctypes.byref(ts)))
 
     def _lock_failed(self, rc: int) -> None:
         """pthread_mutex_lock said ``rc``: EOWNERDEAD (ours now, marked consistent, DIRTY
@@ -234,16 +281,23 @@ class Region:
 
     # ------------------------------------------------------------------ client moves
 
-    def take(self, conn: int, pid: int, start: float, now: float) -> tuple[int, int] | int:
-        """A client's get: (slot, generation) of a FREE slot now HELD by it, or `QUEUE`
-        (``pending`` counted: send the get to the supervisor, which un-counts it)."""
+    def take(self, conn: int, pid: int, start: float, now: float,
+             wait: float = CLIENT_WAIT) -> tuple[int, int] | int:
+        """A client's get: (slot, generation) of a FREE slot now HELD by it; `QUEUE`
+        (``pending`` counted: send the get to the supervisor, which un-counts it); or `BUSY`:
+        the mutex was not had within ``wait`` (send a normal get, nothing counted)."""
         mm = self.mm
         try:
             # Inside the try: a signal handler raising right after the lock is taken still
             # unlocks (and unlocking a robust mutex we do not own is a harmless EPERM).
-            rc = self._lock(self._mutex)
+            rc = self._trylock(self._mutex)
             if rc:
-                self._lock_failed(rc)  # a dead owner: DIRTY, which sends us to the supervisor
+                if rc == errno.EBUSY:
+                    rc = self._acquire(wait)
+                    if rc in (errno.EBUSY, errno.ETIMEDOUT):
+                        return BUSY
+                if rc:
+                    self._lock_failed(rc)  # a dead owner: DIRTY, which sends us to the supervisor
             if not U32.unpack_from(mm, FLAGS_AT)[0]:
                 i = mm.find(b"\x01", STATES_AT, STATES_AT + self.nslots)
                 if i >= 0:
@@ -259,25 +313,34 @@ class Region:
         finally:
             self._unlock(self._mutex)
 
-    def give(self, i: int, gen: int, conn: int) -> bool | int:
+    def give(self, i: int, gen: int, conn: int, wait: float = CLIENT_WAIT) -> bool | int:
         """A client's put of (slot, generation): True (FREE again), `POKE` (RETURNED: the
-        supervisor must hand it on), or False: not this holder's any more (reclaimed,
-        killed, repaired, or put twice), and nothing changed."""
-        mm = self.mm
+        supervisor must hand it on), `BUSY` (the mutex was not had within ``wait``: send the
+        give to the supervisor as a message), or False: not this holder's any more
+        (reclaimed, killed, repaired, or put twice), and nothing changed."""
         if not 0 <= i < self.nslots:
             return False
         try:
-            rc = self._lock(self._mutex)  # inside the try: see take()
+            rc = self._trylock(self._mutex)  # inside the try: see take()
             if rc:
-                self._lock_failed(rc)
-            at = self.slots_at + i * SLOT.size
-            if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
-                return False
-            U64.pack_into(mm, at, (gen + 1) & 0xFFFFFFFFFFFFFFFF)
-            if U32.unpack_from(mm, FLAGS_AT)[0]:
-                mm[STATES_AT + i] = RETURNED
-                return POKE
-            mm[STATES_AT + i] = FREE
-            return True
+                if rc == errno.EBUSY:
+                    rc = self._acquire(wait)
+                    if rc in (errno.EBUSY, errno.ETIMEDOUT):
+                        return BUSY
+                if rc:
+                    self._lock_failed(rc)
+            return self._give_locked(i, gen, conn)
         finally:
             self._unlock(self._mutex)
+
+    def _give_locked(self, i: int, gen: int, conn: int) -> bool | int:
+        mm = self.mm
+        at = self.slots_at + i * SLOT.size
+        if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
+            return False
+        U64.pack_into(mm, at, (gen + 1) & 0xFFFFFFFFFFFFFFFF)
+        if U32.unpack_from(mm, FLAGS_AT)[0]:
+            mm[STATES_AT + i] = RETURNED
+            return POKE
+        mm[STATES_AT + i] = FREE
+        return True

@@ -50,31 +50,46 @@ token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``
   histograms (metrics) see only the leases that went through the supervisor; the gauges
   (in use, idle) come from `overlay` and count fast leases.
 
-Pokes, gets, puts and closes run on the lease loop's thread; stats, resize, pause and
-shutdown come from the control plane: a Python lock orders them, and the region's mutex
-orders the moves with the clients. Lock order: ``self.lock``, then the region's mutex,
-then the core Pool's lock.
+**The supervisor never waits on a client.** A client can stop (SIGSTOP, a debugger) while
+it holds the region's mutex; a supervisor that blocked on it would freeze every pool and
+client. So every change the supervisor wants in the region is first written down as an
+intent (a get arrived, a connection closed, a give-back came by message, the pool closes or
+pauses, a check is due), and `sync` applies them all, in one pass, under the mutex taken
+with a bounded wait (`shm.Region.try_lock`: 200 µs on the lease loop). When the mutex
+cannot be had, the intents stay owed and the lease loop retries from a timer (1 ms, then
+doubling to 20 ms): the core Pool goes on serving the pool's other tokens and queueing its
+waiters, every other pool and `stats()` (which then says ``"stale": true``) are untouched,
+and the owed work lands as soon as the stopped process runs again or dies (its robust mutex
+then reports ``EOWNERDEAD``). Clients wait at most 2 ms for the mutex too: a get then goes
+to the supervisor as a normal get, and a give-back travels as a message (``FastGive``),
+applied by `sync` like any other intent.
 
-A known limit: a get that decided to queue (``pending`` counted) and whose process is then
+Pokes, gets, puts and closes run on the lease loop's thread; stats, resize, pause and
+shutdown come from the control plane: ``self.lock`` (a Python lock, never held while
+waiting on anything else) orders them, and the region's mutex orders the moves with the
+clients. Lock order: ``self.lock``, then the region's mutex, then the core Pool's lock.
+
+Known limits: a get that decided to queue (``pending`` counted) and whose process is then
 stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is counted
 as lost: ``pending`` is reset (logged), and until that get arrives a fast get may take a
-unit before it.
+unit before it. While a stopped process holds the mutex, the tokens parked in the region
+wait for it (the pool's other tokens are served), and in the moment between its release and
+the supervisor's retry a fast get may pass a waiter that queued meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import protocol as P
 from .. import shm
 from ..errors import PoolClosed
 from ..holder import HOSTNAME, Holder, process_start
 from ..pool import CREATE, Entry
+from .fastrepair import repair
 
 if TYPE_CHECKING:
     from .leases import LeaseLoop
@@ -87,6 +102,12 @@ REGION_CONN = -1  # the pseudo connection id the core Pool sees the region's lea
 # fast lease's age (not done yet), so such pools keep the normal path.
 UNSUPPORTED = ("max_using_delay", "max_using_delay_kill", "max_use", "max_lifetime",
                "burst_limit")
+# How long the lease loop waits for the region's mutex before leaving the work owed, the
+# retry timer's first and longest period, and how long a control-plane call (its own thread)
+# keeps trying before it leaves the work to the loop.
+LOOP_WAIT = 0.0002
+RETRY_FIRST, RETRY_MAX = 0.001, 0.02
+CONTROL_WAIT = 0.05
 
 
 def refusal(rec: Record) -> str | None:
@@ -113,52 +134,180 @@ class FastRegion:
         self.nrepairs = 0
         self.closed = False  # for good: the pool is shutting down
         self.off: set[str] = set()  # for a while: "pause", "resize"
+        # Intents, applied by sync() under the region's mutex (see the module docstring).
+        self.arrived = 0  # gets of mapped clients that reached us (each counted ``pending``)
+        self.slow = False  # a get reached us: WAITERS, and the FREE tokens back to the Pool
+        self.gone: dict[int, bool] = {}  # closed connection -> it said Bye (clean)
+        self.gone_pids: set[int] = set()  # kill_holder
+        self.gives: dict[tuple[int, int], int] = {}  # (slot, conn) -> generation (FastGive)
+        self.check_due: str | None = None  # a repair is due ("" when nothing went wrong)
+        self.owed = False  # the intents above wait for the mutex; a retry is scheduled
+        self.retry = RETRY_FIRST
+        self.retry_timer = False
 
-    # ------------------------------------------------------------------ the lease loop
+    # ------------------------------------------------------------------ intents
 
     def on_get(self, conn_id: int) -> None:
         """A get reached the supervisor: slow mode, and the FREE tokens back to the Pool so
         that it serves the oldest waiter first."""
         with self.lock:
-            r = self._locked()
-            try:
-                if conn_id in self.clients and r.pending:
-                    r.set_pending(r.pending - 1)  # that get has arrived
-                r.set_flags(r.flags | shm.WAITERS)
-                back = self._unpark_locked((shm.FREE, shm.RETURNED))
-            finally:
-                r.unlock()
-        self._checkin(back)
+            if conn_id in self.clients:
+                self.arrived += 1
+            self.slow = True
+        # No parking here: the get is about to queue in the Pool, which cannot see it yet.
+        self.sync(park=False)
 
     def settle(self) -> None:
         """After a get, a put or a poke: RETURNED slots to the Pool; back to fast mode when
         nobody waits and nothing is on its way."""
-        pool = self.rec.pool
+        self.sync()
+
+    def give(self, conn_id: int, slot: int, gen: int) -> None:
+        """A FastGive: the client could not take the mutex in time to give (slot, gen) back.
+        At most one entry per (slot, connection), so a flood of them takes no memory."""
+        if not 0 <= slot < self.region.nslots or conn_id not in self.clients:
+            return
         with self.lock:
-            r = self._locked()
+            self.gives[(slot, conn_id)] = gen
+        self.sync()
+
+    def release(self, conn_id: int, clean: bool = False) -> None:
+        """A lease connection closed (its process exited or was killed): its slots come back,
+        each with a new generation. ``clean``: it said Bye first (a routine exit)."""
+        with self.lock:
+            if conn_id not in self.clients:
+                return
+            self.clients.discard(conn_id)
+            self.gone[conn_id] = clean
+        self.sync()
+
+    def release_pid(self, pid: int) -> int:
+        """The operator's kill_holder: every slot held by ``pid`` comes back; how many (as
+        seen now: if a stopped process holds the mutex, they come back when it lets go)."""
+        r = self.region
+        n = sum(1 for i in range(r.nslots) if r.state(i) == shm.HELD and r.slot(i)[2] == pid)
+        with self.lock:
+            self.gone_pids.add(pid)
+        self._sync_control()
+        return n
+
+    def check(self) -> None:
+        """Compare the region with the supervisor's records and repair it (every watchdog
+        scan; also whenever a process died holding the mutex)."""
+        with self.lock:
+            if self.check_due is None:
+                self.check_due = ""
+        self.sync()
+
+    def check_soon(self) -> None:
+        """`check`, as a callback of the lease loop (every watchdog scan); a region whose
+        pool shut down is let go once every token it had came back."""
+        self.check()
+        if self.closed and not self.owed and not any(self.parked):
+            regions_of(self.loop).pop(self.rec.id, None)
+            self.close()
+
+    def pull_back(self, closed: bool, why: str = "") -> None:
+        """Before a shutdown, a resize or a pause: every FREE slot back to the Pool, the fast
+        path off (``closed``: for good; else until `reopen` with the same ``why``)."""
+        with self.lock:
+            if why:
+                self.off.add(why)
+            self.closed = self.closed or closed
+        self._sync_control()
+
+    def reopen(self, why: str) -> None:
+        """After a resize or a pause: fast mode again (once the Pool is within its size and
+        nothing else keeps the region off)."""
+        with self.lock:
+            self.off.discard(why)
+        self._sync_control()
+
+    # ------------------------------------------------------------------ applying them
+
+    def sync(self, wait: float = LOOP_WAIT, park: bool = True) -> bool:
+        """Apply every intent under the region's mutex, hand the tokens that came back to the
+        Pool, and park the idle ones when nobody waits. False: the mutex was not had within
+        ``wait`` (none if work is already owed: the retry timer waits instead); the
+        intents stay owed and the lease loop retries."""
+        with self.lock:
+            r = self.region
+            got = r.try_lock(0.0 if self.owed else wait)
+            if got is None:
+                self._owe()
+                return False
             try:
-                back = self._unpark_locked((shm.RETURNED,))
+                if not got or r.flags & shm.DIRTY:
+                    self.check_due = "a process died holding the region's lock"
+                if self.check_due is not None:
+                    why, self.check_due = self.check_due, None
+                    repair(self, why or None)
+                back, released = self._apply_locked()
             finally:
                 r.unlock()
-            self._checkin(back)  # shutting down: the Pool closes them
-            if self.closed or r.pending or r.flags & shm.CLOSED or pool.waiting():
-                return
-            if self._over_size():
-                # Shrunk below what is out: puts must reach the Pool, which closes the extra.
-                r = self._locked()
-                try:
-                    r.set_flags(r.flags | shm.WAITERS)
-                finally:
-                    r.unlock()
-                return
-            self._park()
+            self.owed, self.retry = False, RETRY_FIRST
+            self._checkin(back)
+            if park and self._may_park():
+                self._park()
+        for conn_id, (n, clean) in released.items():
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "mppool: pool %r: took back %d fast lease(s) of connection %d, which %s",
+                    self.rec.name, n, conn_id,
+                    "closed its client" if clean else "went away without closing")
+        return not self.owed
+
+    def _apply_locked(self) -> tuple[list[int], dict[int, tuple[int, bool]]]:
+        """Under both locks: the intents, applied. Returns the Pool leases to check in and,
+        per closed connection, how many of its slots came back."""
+        r = self.region
+        if self.arrived:
+            r.set_pending(r.pending - self.arrived)  # those gets have arrived
+            self.arrived = 0
+        flags = r.flags & (shm.WAITERS | shm.DIRTY)
+        pull_free = self.slow or self.closed or bool(self.off)
+        if self.slow:
+            flags |= shm.WAITERS
+            self.slow = False
+        if self.closed or self.off:
+            flags |= shm.CLOSED
+        r.set_flags(flags & ~shm.DIRTY)
+        released: dict[int, tuple[int, bool]] = {}
+        if self.gone or self.gone_pids:
+            for i in range(r.nslots):
+                if r.state(i) != shm.HELD:
+                    continue
+                _, conn_id, pid, _, _, _ = r.slot(i)
+                if conn_id in self.gone or pid in self.gone_pids:
+                    r.bump(i)  # a late put of the old generation is a no-op
+                    r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
+                    if conn_id in self.gone:
+                        n, _ = released.get(conn_id, (0, False))
+                        released[conn_id] = (n + 1, self.gone[conn_id])
+            self.gone.clear()
+            self.gone_pids.clear()
+        for (slot, conn_id), gen in self.gives.items():
+            r._give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
+        self.gives.clear()
+        back = self._unpark_locked((shm.FREE, shm.RETURNED) if pull_free else (shm.RETURNED,))
+        if self._over_size():
+            # Shrunk below what is out: puts must reach the Pool, which closes the extra.
+            r.set_flags(r.flags | shm.WAITERS)
+        return back, released
+
+    def _may_park(self) -> bool:
+        r = self.region
+        return not (self.closed or self.off or r.pending or r.flags & shm.CLOSED
+                    or self.rec.pool.waiting() or self._over_size())
 
     def _park(self) -> None:
         """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
         mode, all under the region's mutex (no client sees a half-done park)."""
-        r, pool = self._locked(), self.rec.pool
+        r, pool = self.region, self.rec.pool
+        if r.try_lock(LOOP_WAIT) is None:
+            self._owe()
+            return
         try:
-            if r.pending or r.flags & shm.CLOSED:
+            if r.pending or r.flags & (shm.CLOSED | shm.DIRTY):
                 return
             while True:
                 i = r.find(shm.ABSENT)
@@ -180,53 +329,36 @@ class FastRegion:
         finally:
             r.unlock()
 
-    def release(self, conn_id: int, clean: bool = False) -> None:
-        """A lease connection closed (its process exited or was killed): its slots come back,
-        each with a new generation. ``clean``: it said Bye first (a routine exit)."""
-        self.clients.discard(conn_id)
-        n = self._release(1, conn_id)
-        if n:
-            log.log(logging.INFO if clean else logging.WARNING,
-                    "mppool: pool %r: took back %d fast lease(s) of connection %d, which %s",
-                    self.rec.name, n, conn_id,
-                    "closed its client" if clean else "went away without closing")
+    def _owe(self) -> None:
+        """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""
+        self.owed = True
+        if threading.get_ident() == self.loop.thread.ident:
+            self._schedule()
+        else:
+            self.loop.call_soon(self._schedule)
 
-    def release_pid(self, pid: int) -> int:
-        """The operator's kill_holder: every slot held by ``pid`` comes back; how many."""
-        return self._release(2, pid)
+    def _schedule(self) -> None:
+        """On the loop's thread: one retry timer at a time, backing off to RETRY_MAX."""
+        if self.retry_timer or not self.owed:
+            return
+        self.retry_timer = True
+        self.loop.at(self.loop.sup.clock.now() + self.retry, 3, self._retry)
 
-    def _release(self, field: int, value: int) -> int:
-        """Free every HELD slot whose field ``field`` (1: conn, 2: pid) is ``value``."""
-        back: list[int] = []
-        n = 0
+    def _retry(self) -> None:
+        self.retry_timer = False
+        self.retry = min(self.retry * 2, RETRY_MAX)
         with self.lock:
-            r = self._locked()
-            try:
-                slow = r.flags
-                for i in range(r.nslots):
-                    if r.state(i) == shm.HELD and r.slot(i)[field] == value:
-                        n += 1
-                        r.bump(i)
-                        if slow:
-                            r.set_state(i, shm.ABSENT)
-                            back.append(self.parked[i])
-                            self.parked[i] = 0
-                        else:
-                            r.set_state(i, shm.FREE)
-            finally:
-                r.unlock()
-        self._checkin(back)
-        self.settle()
-        return n
+            self.owed = False  # this attempt may wait LOOP_WAIT
+        self.sync()
 
-    def _locked(self) -> shm.Region:
-        """Take the region's mutex (under self.lock); a region left DIRTY by a process that
-        died holding it is repaired first."""
-        r = self.region
-        r.lock()
-        if r.flags & shm.DIRTY:
-            self._repair_locked("a process died holding the region's lock")
-        return r
+    def _sync_control(self) -> None:
+        """From the control plane (its own thread): apply the intents, trying for up to
+        CONTROL_WAIT; past that they stay owed and the lease loop applies them."""
+        deadline = time.monotonic() + CONTROL_WAIT
+        while not self.sync(LOOP_WAIT):
+            if threading.get_ident() == self.loop.thread.ident or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
 
     def _unpark_locked(self, states: tuple[int, ...]) -> list[int]:
         """Under both locks: slots in ``states`` become ABSENT; their Pool leases, to check in.
@@ -252,128 +384,19 @@ class FastRegion:
         pool = self.rec.pool
         return bool(pool._max_size) and len(pool) > pool._max_size
 
-    # ------------------------------------------------------------------ checks and repair
-
-    def check(self) -> list[str]:
-        """Compare the region with the supervisor's records and repair it (every watchdog
-        scan, and whenever a process died holding the mutex). Returns what was repaired."""
-        with self.lock:
-            r = self.region
-            r.lock()  # a dead owner sets DIRTY: the repair below says so
-            try:
-                fixed = self._repair_locked(None)
-            finally:
-                r.unlock()
-        if not self.closed:
-            self.settle()
-        return fixed
-
-    def check_soon(self) -> None:
-        """`check`, as a callback of the lease loop (every watchdog scan); a region whose
-        pool shut down is let go once every token it had came back."""
-        self.check()
-        if self.closed and not any(self.parked):
-            regions_of(self.loop).pop(self.rec.id, None)
-            self.close()
-
-    def _repair_locked(self, why: str | None) -> list[str]:
-        """Under the region's mutex (and self.lock): put every slot and the header right."""
-        r, fixed = self.region, []
-        back: list[int] = []
-        conns = self.loop.conns
-        if why:
-            fixed.append(why)
-        magic, version, nslots, flags, pending = shm.HEADER.unpack_from(r.mm)
-        if (magic, version, nslots) != (shm.MAGIC, shm.VERSION, r.nslots):
-            shm.HEADER.pack_into(r.mm, 0, shm.MAGIC, shm.VERSION, r.nslots, flags, pending)
-            fixed.append("header overwritten")
-        for i in range(r.nslots):
-            st = r.state(i)
-            if not self.parked[i]:
-                if st != shm.ABSENT:
-                    fixed.append(f"slot {i}: state {st} for a token never parked there")
-                    r.bump(i)
-                    r.set_state(i, shm.ABSENT)
-                continue
-            if st == shm.HELD:
-                _, conn_id, pid, _, _, _ = r.slot(i)
-                conn = conns.get(conn_id)
-                if conn is None or conn.closed or conn.holder is None or conn.holder.pid != pid \
-                        or conn_id not in self.clients:
-                    fixed.append(f"slot {i}: held by connection {conn_id} (pid {pid}), which "
-                                 "is gone or not that process")
-                    st = shm.RETURNED if r.flags else shm.FREE
-                    r.bump(i)
-                    r.set_state(i, st)
-            elif st not in (shm.FREE, shm.RETURNED):
-                fixed.append(f"slot {i}: state {st} is not a state")
-                r.bump(i)
-                r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
-        flags = r.flags
-        if flags & ~(shm.WAITERS | shm.CLOSED | shm.DIRTY):
-            fixed.append(f"flags {flags:#x}")
-        want_closed = shm.CLOSED if self.closed or self.off else 0
-        if flags & shm.CLOSED != want_closed:
-            fixed.append("the CLOSED flag")
-        if self.rec.pool.waiting() and not flags & shm.WAITERS:
-            fixed.append("WAITERS cleared while gets wait")
-        r.set_flags((flags & shm.WAITERS) | want_closed
-                    | (shm.WAITERS if self.rec.pool.waiting() else 0))
-        pending = r.pending
-        if pending and not self.rec.pool.waiting() and pending == self.stale_pending:
-            # Counted by a get that never reached us (its process died before sending).
-            fixed.append(f"{pending} pending get(s) that never arrived")
-            r.set_pending(0)
-            pending = 0
-        self.stale_pending = pending
-        if why is None and flags & shm.DIRTY:
-            fixed.insert(0, "a process died holding the region's lock")
-        if fixed:
-            self.nrepairs += 1
-            log.warning("mppool: pool %r: fast-path region repaired from the supervisor's "
-                        "records: %s", self.rec.name, "; ".join(fixed))
-        self._checkin(back)
-        return fixed
-
     # ------------------------------------------------------------------ control plane
-
-    def pull_back(self, closed: bool, why: str = "") -> None:
-        """Before a shutdown, a resize or a pause: every FREE slot back to the Pool, the fast
-        path off (``closed``: for good; else until `reopen` with the same ``why``)."""
-        with self.lock:
-            if why:
-                self.off.add(why)
-            r = self._locked()
-            try:
-                r.set_flags(r.flags | shm.CLOSED)
-                back = self._unpark_locked((shm.FREE, shm.RETURNED))
-            finally:
-                r.unlock()
-            self.closed = self.closed or closed
-        self._checkin(back)
-
-    def reopen(self, why: str) -> None:
-        """After a resize or a pause: fast mode again (once the Pool is within its size and
-        nothing else keeps the region off)."""
-        with self.lock:
-            self.off.discard(why)
-            r = self._locked()
-            try:
-                if not self.closed and not self.off:
-                    r.set_flags(r.flags & ~shm.CLOSED)
-            finally:
-                r.unlock()
-        self.settle()
 
     def overlay(self, s: dict[str, Any]) -> dict[str, Any]:
         """The Pool's stats with the region's tokens shown as what they are: FREE ones idle,
         HELD ones lent to their real holders (pid from the slot, checked against the
-        connection at every scan)."""
+        connection at every scan). Read without the region's mutex: stats never wait on a
+        client; ``"stale": true`` says that work is owed to a region whose mutex is held."""
         with self.lock:
             r = self.region
             states = [r.state(i) for i in range(r.nslots)]
             slots = [r.slot(i) for i in range(r.nslots)]
             parked = {lease: i for i, lease in enumerate(self.parked) if lease}
+            owed = self.owed
         now = time.monotonic()
         using, nfree = [], 0
         for u in s.get("using", []):
@@ -392,7 +415,7 @@ class FastRegion:
             s["sem"] = dict(s["sem"], value=s["sem"]["value"] + nfree)
         s["fast"] = {"slots": len(states), "free": states.count(shm.FREE),
                      "held": states.count(shm.HELD), "clients": len(self.clients),
-                     "repairs": self.nrepairs}
+                     "repairs": self.nrepairs, "stale": owed}
         return s
 
     def close(self) -> None:
@@ -440,46 +463,3 @@ def regions_of(loop: Any) -> dict[int, FastRegion]:
     if regions is None:
         regions = loop.__dict__.setdefault("fast_regions", {})
     return regions
-
-
-def serve_fastmap(loop: LeaseLoop, conn: Any, msg: Any) -> None:
-    """Hand a token pool's region to a client that proved the key, on a connection of its
-    own, over a unix socket (the fd travels with SCM_RIGHTS), for a lease channel of that
-    same process. Anything else is refused with a reason, and the client keeps the normal
-    path."""
-    from ..remote import PackedException
-
-    rec = loop.records.get(msg.pool_id)
-    main = loop.conns.get(msg.conn)
-    why: str | None = None
-    if rec is None:
-        why = f"no pool with id {msg.pool_id}"
-    elif conn.sock.family != socket.AF_UNIX or conn.holder is None or not conn.holder.verified:
-        why = "the fast path is for processes on the supervisor's host (unix socket)"
-    elif main is None or main.closed or main.holder is None or main.holder.pid != conn.holder.pid:
-        why = f"lease connection {msg.conn} is not one of this process"
-    else:
-        why = refusal(rec)
-    if why is None and rec is not None and rec.fast is None:
-        try:
-            rec.fast = FastRegion(rec, loop, max(1, rec.pool._max_size))
-        except (shm.Unavailable, OSError, ValueError) as exc:
-            why = f"no shared memory here: {exc}"
-        else:
-            regions_of(loop)[rec.id] = rec.fast
-    if why is not None or rec is None:
-        conn.send_raw(P.encode_reply(msg.rid, P.ERR, PackedException(ValueError(why))))
-        return
-    region: FastRegion = rec.fast
-    region.clients.add(msg.conn)
-    region.settle()  # tokens parked before the client can look
-    frame = P.encode_reply(msg.rid, P.OK, region.region.nslots)
-    with conn.wlock:
-        sent = 0
-        if not conn.wbuf and not conn.closed:
-            try:
-                sent = socket.send_fds(conn.sock, [frame], [region.fd])
-            except OSError:
-                sent = 0
-    if sent != len(frame):
-        loop.call_soon(lambda: loop.close(conn, "could not send the fast-path region"))

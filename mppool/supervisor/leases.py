@@ -378,6 +378,12 @@ class LeaseLoop(Requests):
             elif kind == 1:
                 if obj.holder is None and not obj.closed:
                     self.close(obj, f"no handshake within {self.handshake_timeout:g} s")
+            elif kind == 3:  # a callback at a time (the fast path's retries)
+                try:
+                    obj()
+                except Exception:
+                    self.ratelog(logging.ERROR, "timer", "mppool: a timed callback failed",
+                                 exc_info=True)
             elif not self.listening and not self.stopping:
                 self.listening = True
                 self.poller.register(self.lsock.fileno(), _READ)

@@ -26,7 +26,8 @@ from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, ad
 from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
-from .fastregion import regions_of, serve_fastmap
+from .fastmap import serve_fastmap
+from .fastregion import regions_of
 
 if TYPE_CHECKING:
     from .registry import Record
@@ -68,6 +69,10 @@ class Requests(_Loop):
             region = regions_of(self).get(msg.pool_id)  # a pool shutting down too
             if region is not None:
                 region.settle()
+        elif isinstance(msg, P.FastGive):
+            region = regions_of(self).get(msg.pool_id)
+            if region is not None:
+                region.give(conn.id, msg.slot, msg.gen)
         elif isinstance(msg, P.FastMap):
             serve_fastmap(self, conn, msg)
         # Get and Put never get here: read() decodes them in place, before anything else.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -63,13 +64,61 @@ def test_flags_send_everyone_to_the_supervisor(region):
 def test_the_mutex_excludes_other_threads(region):
     region.lock()
     got = []
-    t = threading.Thread(target=lambda: got.append(region.take(7, 1, 1.0, 0.0)))
+    t = threading.Thread(target=lambda: got.append(region.take(7, 1, 1.0, 0.0, wait=30.0)))
     t.start()
     t.join(0.2)
     assert t.is_alive() and not got  # blocked on the mutex (ctypes drops the GIL)
     region.unlock()
     t.join(5)
     assert got and isinstance(got[0], tuple)
+
+
+def test_a_held_mutex_sends_take_and_give_elsewhere_within_their_wait(region):
+    """A process stopped inside the critical section must not stall the others: after their
+    short wait, take() says BUSY (a normal get) and give() says BUSY (a FastGive), and
+    neither changed anything."""
+    i, gen = region.take(7, 1, 1.0, 0.0)
+    def state() -> bytes:  # everything but the mutex itself
+        mm = region.mm
+        return bytes(mm[:shm.MUTEX_AT]) + bytes(mm[shm.MUTEX_AT + shm.MUTEX_SIZE:])
+
+    before = state()
+    held, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        region.lock()
+        held.set()
+        release.wait(5)
+        region.unlock()
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert held.wait(5)
+    try:
+        t0 = time.monotonic()
+        assert region.take(8, 1, 1.0, 0.0, wait=0.05) == shm.BUSY
+        assert region.give(i, gen, 7, wait=0.05) == shm.BUSY
+        took = time.monotonic() - t0
+        assert region.try_lock(0.0) is None and region.try_lock(0.01) is None
+        assert state() == before  # nothing changed, pending not counted
+    finally:
+        release.set()
+        t.join(5)
+    assert 0.1 <= took < 2.0, took  # each waited its 50 ms, no longer
+    assert region.give(i, gen, 7) is True
+
+
+def test_try_lock_reports_an_owner_that_died_holding_it(region):
+    """A robust mutex whose owner (here a thread) ended holding it: the next try_lock gets
+    it, marked consistent, says False, and the region is flagged DIRTY."""
+    t = threading.Thread(target=region.lock)
+    t.start()
+    t.join(5)
+    assert region.try_lock(1.0) is False
+    assert region.flags & shm.DIRTY
+    region.unlock()
+    assert region.try_lock(0.0) is True  # consistent again: usable
+    region.unlock()
 
 
 def test_bad_regions_are_refused():
