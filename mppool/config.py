@@ -37,7 +37,11 @@ from .options import (
 from .pool import Pool
 from .validate import check_int
 
-TOKEN_KEYS = frozenset(("kind", "max_size", "scope"))
+# A host token pool's lease limits, as for any pool: warn about a token held past
+# max_using_delay, take it back past max_using_delay_kill (and terminate its holder with
+# kill_holder). Clients attach with its size alone (client.token_pool(name, max_size)).
+TOKEN_LIMITS = ("max_using_delay", "max_using_delay_kill", "kill_holder")
+TOKEN_KEYS = frozenset(("kind", "max_size", "scope", *TOKEN_LIMITS))
 CLUSTER_KEYS = frozenset(("url", "lease_ttl", "host", "prefix"))
 
 
@@ -86,10 +90,13 @@ def _pool_options(where: str, spec: Any) -> dict[str, Any]:
         _check_keys(where, spec, TOKEN_KEYS, "a token pool")
         try:
             max_size = check_int("max_size", spec.get("max_size", 4), minimum=1)
+            # What client.token_pool() sends, plus the limits (checked by a trial Pool).
+            opts = {**token_pool_options(max_size),
+                    **{k: spec[k] for k in TOKEN_LIMITS if spec.get(k)}}
+            Pool(**opts).shutdown()
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        # Exactly what client.token_pool() sends, so that clients can attach to it by name.
-        return {"kind": "token", **token_pool_options(max_size)}
+        return {"kind": "token", **opts}
     _check_keys(where, spec, POOL_OPTIONS | {"kind", "transfer", "fun"}, "a pool")
     transfer = spec.get("transfer", "copy")
     if transfer not in TRANSFERS:

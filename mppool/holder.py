@@ -55,6 +55,12 @@ def _same_start(a: float, b: float) -> bool:
     return abs(a - b) <= 1.5 / _TICKS
 
 
+# The connection id of the leases the supervisor's fast-path region holds on behalf of its
+# clients (mppool.supervisor.fastregion): who holds each of those tokens, and for how long,
+# is tracked in the region, so the core Pool's lease limits (max_using_delay...) skip them.
+REGION_CONN = -1
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     pid: int

@@ -26,7 +26,7 @@ from collections import deque
 from typing import Any
 
 from .errors import TimeOut
-from .holder import Holder
+from .holder import REGION_CONN, Holder
 from .sched import Scheduler, default_scheduler
 from .state import Entry, PoolState
 
@@ -136,6 +136,8 @@ class Housekeeping(PoolState):
         for lease, entry in list(self._using.items()):
             age = now - entry.last_get
             holder = entry.holder
+            if holder is not None and holder.conn == REGION_CONN:
+                continue  # parked in the fast path's region, which ages its own leases
             if age >= self._max_using_delay_warn and not entry.warned:
                 entry.warned = True
                 long_uses.append((age, holder, entry.obj))

@@ -199,6 +199,12 @@ class Leasing(PoolState):
             self._grant_slots()
         self._settle(offload=True)
 
+    def _count(self, name: str, n: int = 1) -> None:
+        """Count ``n`` events decided outside the Pool's books (the fast path's lease kills,
+        whose tokens the Pool sees lent to the region)."""
+        with self._lock:
+            self._counts[name] += n
+
     def _lent(self, lease: int, holder: Holder | None = None) -> Entry | None:
         """The entry of ``lease`` if it is lent (to ``holder``, when given), else None."""
         with self._lock:

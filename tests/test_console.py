@@ -48,7 +48,8 @@ def _toml(pools: dict[str, dict[str, Any]]) -> str:
     lines = []
     for name, opts in pools.items():
         lines.append(f"[pools.{name}]")
-        lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in opts.items()]
+        lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower()}"
+                  if isinstance(v, bool) else f"{k} = {v}" for k, v in opts.items()]
     return "\n".join(lines).replace("'", '"') + "\n"
 
 

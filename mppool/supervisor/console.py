@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 import dill
 
 from ..errors import PoolClosed
-from ..holder import Holder
+from ..holder import REGION_CONN, Holder
 from ..validate import check_int
-from .fastregion import REGION_CONN
 from .registry import fingerprint
 
 if TYPE_CHECKING:

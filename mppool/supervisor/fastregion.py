@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import shm
 from ..errors import PoolClosed
-from ..holder import HOSTNAME, Holder, process_start
+from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
 from ..pool import CREATE, Entry
 from .fastrepair import repair
 
@@ -97,11 +97,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mppool")
 
-REGION_CONN = -1  # the pseudo connection id the core Pool sees the region's leases under
-# Options under which the fast path is refused: the supervisor would have to watch every
-# fast lease's age (not done yet), so such pools keep the normal path.
-UNSUPPORTED = ("max_using_delay", "max_using_delay_kill", "max_use", "max_lifetime",
-               "burst_limit")
+# Options under which the fast path is refused (they count or age the tokens themselves,
+# which the region does not track), so such pools keep the normal path.
+UNSUPPORTED = ("max_use", "max_lifetime", "burst_limit")
 # How long the lease loop waits for the region's mutex before leaving the work owed, the
 # retry timer's first and longest period, and how long a control-plane call (its own thread)
 # keeps trying before it leaves the work to the loop.
@@ -144,6 +142,18 @@ class FastRegion:
         self.owed = False  # the intents above wait for the mutex; a retry is scheduled
         self.retry = RETRY_FIRST
         self.retry_timer = False
+        self.killed: list[tuple[int, int, float]] = []  # (conn, pid, age), by the last sync
+        # Lease ages (max_using_delay, max_using_delay_kill): read from the slots' ``since``
+        # (the holder's CLOCK_MONOTONIC, the same clock system-wide) every `age_period`.
+        pool = rec.pool
+        self.warn_after = pool._max_using_delay_warn
+        self.kill_after = pool._max_using_delay_kill
+        self.warned: set[tuple[int, int]] = set()  # (slot, generation) already warned about
+        self.kills: dict[int, int] = {}  # intent: slot -> the generation to kill
+        if self.warn_after:
+            smallest = min(d for d in (self.warn_after, self.kill_after) if d)
+            self.age_period = min(1.0, max(0.02, smallest / 4))
+            loop.call_soon(self._age_timer)
 
     # ------------------------------------------------------------------ intents
 
@@ -245,6 +255,7 @@ class FastRegion:
                 back, released = self._apply_locked()
             finally:
                 r.unlock()
+            killed, self.killed = self.killed, []
             self.owed, self.retry = False, RETRY_FIRST
             self._checkin(back)
             if park and self._may_park():
@@ -254,6 +265,8 @@ class FastRegion:
                     "mppool: pool %r: took back %d fast lease(s) of connection %d, which %s",
                     self.rec.name, n, conn_id,
                     "closed its client" if clean else "went away without closing")
+        if killed:
+            self._killed(killed)
         return not self.owed
 
     def _apply_locked(self) -> tuple[list[int], dict[int, tuple[int, bool]]]:
@@ -285,6 +298,16 @@ class FastRegion:
                         released[conn_id] = (n + 1, self.gone[conn_id])
             self.gone.clear()
             self.gone_pids.clear()
+        killed: list[tuple[int, int, float]] = []
+        now = time.monotonic()
+        for i, gen in self.kills.items():
+            if r.state(i) == shm.HELD and r.slot(i)[0] == gen:
+                _, conn_id, pid, _, _, since = r.slot(i)
+                r.bump(i)  # the holder's late put is a no-op
+                r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
+                killed.append((conn_id, pid, now - since))
+        self.kills.clear()
+        self.killed = killed
         for (slot, conn_id), gen in self.gives.items():
             r._give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
         self.gives.clear()
@@ -328,6 +351,64 @@ class FastRegion:
             r.set_flags(r.flags & ~shm.WAITERS)
         finally:
             r.unlock()
+
+    # ------------------------------------------------------------------ lease ages
+
+    def _age_timer(self) -> None:
+        """On the loop's thread, every age_period while the region lives."""
+        if self.closed:
+            return
+        try:
+            self.scan_ages(time.monotonic())
+        finally:
+            self.loop.at(self.loop.sup.clock.now() + self.age_period, 3, self._age_timer)
+
+    def scan_ages(self, now: float) -> None:
+        """Warn once about each fast lease held past max_using_delay, and kill those past
+        max_using_delay_kill, as the core Pool's housekeeping does for its own leases. The
+        slots are read without the mutex; a kill is an intent that `sync` applies only if
+        the slot still holds the same generation (a lease given back meanwhile is spared)."""
+        r, warn, kill = self.region, self.warn_after, self.kill_after
+        warnings: list[tuple[float, int]] = []
+        live: set[tuple[int, int]] = set()
+        with self.lock:
+            for i in range(r.nslots):
+                if r.state(i) != shm.HELD:
+                    continue
+                gen, _, pid, _, _, since = r.slot(i)
+                age = now - since
+                if age < warn:
+                    continue
+                live.add((i, gen))
+                if kill and age >= kill:
+                    self.kills[i] = gen
+                elif (i, gen) not in self.warned:
+                    warnings.append((age, pid))
+            self.warned = live  # forget leases that ended: at most one entry per slot
+            kills = bool(self.kills)
+        for age, pid in warnings:
+            log.warning("mppool: pool %r: object held for %.1f s by pid %s: <fast token>",
+                        self.rec.name, age, pid)
+        if kills:
+            self.sync()
+
+    def _killed(self, killed: list[tuple[int, int, float]]) -> None:
+        """After `sync` killed fast leases: counted, logged, and their holders terminated
+        when the pool says so (``kill_holder``), by the connection's kernel-verified pid."""
+        pool = self.rec.pool
+        pool._count("nkilled", len(killed))
+        for conn_id, pid, age in killed:
+            log.warning("mppool: pool %r: killing fast lease held for %.1f s by pid %s",
+                        self.rec.name, age, pid)
+            conn = self.loop.conns.get(conn_id)
+            holder = conn.holder if conn is not None else None
+            if holder is None or holder.pid != pid or not pool._kill_holder \
+                    or pool.on_kill_holder is None:
+                continue
+            try:
+                pool.on_kill_holder(holder, age)
+            except Exception:
+                log.exception("mppool: pool %r: could not terminate pid %s", self.rec.name, pid)
 
     def _owe(self) -> None:
         """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""

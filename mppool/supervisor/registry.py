@@ -272,8 +272,8 @@ class Registry:
         rec = self.records.get(name)
         if rec is None:
             return None
-        if fp is not None and rec.kind == kind == "cluster":
-            # A cluster pool is one size everywhere; its other options come from whoever
+        if fp is not None and rec.kind == kind and kind in ("cluster", "token"):
+            # A token pool is its size; its other options (lease limits) come from whoever
             # declared it (a config file), and attaching with its size is attaching.
             if rec.plain_options.get("max_size") != options.get("max_size"):
                 raise conflict(rec, kind, transfer, fp, options)
