@@ -53,7 +53,7 @@ def test_kill_delay_takes_a_fast_token_back(tmp_path: Path, sockdir: Path, procs
         p = fork_ctx().Process(target=hold, args=(srv.address, "api", ready))
         procs.append(p)
         p.start()
-        pid, kind = ready.get(timeout=10)
+        _, kind = ready.get(timeout=10)
         assert kind == "FastToken"
         t0 = time.monotonic()
         got = pool.get(timeout=10)  # served once the holder's lease is killed
@@ -88,8 +88,8 @@ def test_kill_holder_terminates_the_fast_holder(tmp_path: Path, sockdir: Path,
         p.join(10)
         assert p.exitcode == -signal.SIGTERM, p.exitcode  # terminated, by its verified pid
         text = srv.text()
-        assert f"object held for" in text and f"by pid {pid}" in text  # warned first
-        assert text.count(f"object held for") == 1, "warned once per lease"
+        assert "object held for" in text and f"by pid {pid}" in text  # warned first
+        assert text.count("object held for") == 1, "warned once per lease"
         pool.put(got)
         client.close()
     finally:
