@@ -391,8 +391,12 @@ def test_chaos_kills_stops_restarts_and_garbage_lose_nothing(reap: None, tmp_pat
               f"waiters), {c['stops']} stops, {c['restarts']} restarts, {c['hostile frames']} "
               f"hostile frames, {cycles} cycles, {c['samples']} samples, units lost {lost}, "
               f"units held twice {twice}")
+        path = "normal" if os.environ.get("MPPOOL_FAST") == "0" else "fast"
+        print(f"chaos ({path} path): fast clients now {s['chaos-t'].get('fast')}")
         assert lost == 0
         assert not chaos.failures, _grouped(chaos.failures)
+        # The path the run meant to exercise is the one its workers took.
+        assert ("fast" in s["chaos-t"]) == (path == "fast"), s["chaos-t"].get("fast")
         assert c["kills"] > 10 and c["stops"] > 2 and c["restarts"] >= 1, c
         assert c["hostile frames"] > 10 and cycles > 100, (c, cycles)
     finally:

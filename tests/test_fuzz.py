@@ -95,10 +95,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         c = mppool.connect(srv.address, srv.authkey)
         pools = {
-            TOKENS: c.token_pool(TOKENS, SIZES[TOKENS]),
+            TOKENS: c.token_pool(TOKENS, SIZES[TOKENS], fast=False),  # the lease channel's
             OBJS: c.pool(OBJS, _make_obj, max_size=SIZES[OBJS]),
             PROXY: c.pool(PROXY, _make_dict, transfer="proxy", max_size=SIZES[PROXY]),
-            ONE: c.token_pool(ONE, SIZES[ONE]),
+            ONE: c.token_pool(ONE, SIZES[ONE], fast=False),
         }
         one = pools[ONE].get(timeout=5)
         prox = pools[PROXY].get(timeout=5)

@@ -136,6 +136,7 @@ class FastRegion:
         self.arrived = 0  # gets of mapped clients that reached us (each counted ``pending``)
         self.slow = False  # a get reached us: WAITERS, and the FREE tokens back to the Pool
         self.gone: dict[int, bool] = {}  # closed connection -> it said Bye (clean)
+        self.gone_pid: dict[int, int | None] = {}  # closed connection -> its pid (logs)
         self.gone_pids: set[int] = set()  # kill_holder
         self.gives: dict[tuple[int, int], int] = {}  # (slot, conn) -> generation (FastGive)
         self.check_due: str | None = None  # a repair is due ("" when nothing went wrong)
@@ -143,6 +144,8 @@ class FastRegion:
         self.retry = RETRY_FIRST
         self.retry_timer = False
         self.killed: list[tuple[int, int, float]] = []  # (conn, pid, age), by the last sync
+        # For stats: generations the supervisor bumped, tokens it parked and took back.
+        self.sup_bumps = self.nparks = self.nunparks = 0
         # Lease ages (max_using_delay, max_using_delay_kill): read from the slots' ``since``
         # (the holder's CLOCK_MONOTONIC, the same clock system-wide) every `age_period`.
         pool = rec.pool
@@ -181,14 +184,16 @@ class FastRegion:
             self.gives[(slot, conn_id)] = gen
         self.sync()
 
-    def release(self, conn_id: int, clean: bool = False) -> None:
+    def release(self, conn_id: int, clean: bool = False, pid: int | None = None) -> None:
         """A lease connection closed (its process exited or was killed): its slots come back,
-        each with a new generation. ``clean``: it said Bye first (a routine exit)."""
+        each with a new generation. ``clean``: it said Bye first (a routine exit); ``pid``:
+        its kernel-verified process, for the log."""
         with self.lock:
             if conn_id not in self.clients:
                 return
             self.clients.discard(conn_id)
             self.gone[conn_id] = clean
+            self.gone_pid[conn_id] = pid
         self.sync()
 
     def release_pid(self, pid: int) -> int:
@@ -261,10 +266,15 @@ class FastRegion:
             if park and self._may_park():
                 self._park()
         for conn_id, (n, clean) in released.items():
-            log.log(logging.INFO if clean else logging.WARNING,
-                    "mppool: pool %r: took back %d fast lease(s) of connection %d, which %s",
-                    self.rec.name, n, conn_id,
-                    "closed its client" if clean else "went away without closing")
+            pid = self.gone_pid.pop(conn_id, "?")
+            if clean:  # the words of the normal path's reclaim, so one grep finds both
+                log.info("mppool: pool %r: took back %d lease(s) still held by pid %s "
+                         "(connection %d, fast path), which closed its client",
+                         self.rec.name, n, pid, conn_id)
+            else:
+                log.warning("mppool: pool %r: reclaimed %d lease(s) of connection %d whose "
+                            "holder (pid %s) went away without closing (crash, kill, lost "
+                            "connection; fast path)", self.rec.name, n, conn_id, pid)
         if killed:
             self._killed(killed)
         return not self.owed
@@ -291,7 +301,7 @@ class FastRegion:
                     continue
                 _, conn_id, pid, _, _, _ = r.slot(i)
                 if conn_id in self.gone or pid in self.gone_pids:
-                    r.bump(i)  # a late put of the old generation is a no-op
+                    self._bump(i)  # a late put of the old generation is a no-op
                     r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                     if conn_id in self.gone:
                         n, _ = released.get(conn_id, (0, False))
@@ -303,7 +313,7 @@ class FastRegion:
         for i, gen in self.kills.items():
             if r.state(i) == shm.HELD and r.slot(i)[0] == gen:
                 _, conn_id, pid, _, _, since = r.slot(i)
-                r.bump(i)  # the holder's late put is a no-op
+                self._bump(i)  # the holder's late put is a no-op
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                 killed.append((conn_id, pid, now - since))
         self.kills.clear()
@@ -346,7 +356,8 @@ class FastRegion:
                 if type(got) is not Entry:
                     break
                 self.parked[i] = got.lease
-                r.bump(i)
+                self.nparks += 1
+                self._bump(i)
                 r.set_state(i, shm.FREE)
             r.set_flags(r.flags & ~shm.WAITERS)
         finally:
@@ -449,7 +460,7 @@ class FastRegion:
         for st in states:
             i = r.find(st)
             while i >= 0:
-                r.bump(i)
+                self._bump(i)
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
                     back.append(self.parked[i])
@@ -457,7 +468,14 @@ class FastRegion:
                 i = r.find(st)
         return back
 
+    def _bump(self, i: int) -> None:
+        """A new generation for slot ``i``, by the supervisor (counted: the rest of the
+        generations, the clients' takes and gives, are how `overlay` counts fast leases)."""
+        self.region.bump(i)
+        self.sup_bumps += 1
+
     def _checkin(self, leases: list[int]) -> None:
+        self.nunparks += len(leases)
         for lease in leases:
             self.rec.pool._checkin(lease, holder=self.holder)
 
@@ -478,6 +496,7 @@ class FastRegion:
             slots = [r.slot(i) for i in range(r.nslots)]
             parked = {lease: i for i, lease in enumerate(self.parked) if lease}
             owed = self.owed
+            sup_bumps, nparks, nunparks = self.sup_bumps, self.nparks, self.nunparks
         now = time.monotonic()
         using, nfree = [], 0
         for u in s.get("using", []):
@@ -494,6 +513,15 @@ class FastRegion:
         s = dict(s, using=using, nusing=len(using), navail=s.get("navail", 0) + nfree)
         if s.get("sem"):
             s["sem"] = dict(s["sem"], value=s["sem"]["value"] + nfree)
+        # Fast leases in the lease counters: clients bump a slot's generation once per take
+        # and once per give; the supervisor's own bumps, parks and take-backs are its.
+        held = states.count(shm.HELD)
+        takes = max(0, (sum(sl[0] for sl in slots) - sup_bumps + held) // 2)
+        for k, v in (("nuses", takes - nparks), ("nborrows", takes - nparks),
+                     ("requests_num", takes - nparks),
+                     ("nreturns", takes - held - nunparks)):
+            if k in s:
+                s[k] = max(0, s[k] + v)
         s["fast"] = {"slots": len(states), "free": states.count(shm.FREE),
                      "held": states.count(shm.HELD), "clients": len(self.clients),
                      "repairs": self.nrepairs, "stale": owed}

@@ -44,7 +44,7 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
         if not fr.parked[i]:
             if st != shm.ABSENT:
                 fixed.append(f"slot {i}: state {st} for a token never parked there")
-                r.bump(i)
+                fr._bump(i)
                 r.set_state(i, shm.ABSENT)
             continue
         if st == shm.HELD:
@@ -54,11 +54,11 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
                     or conn_id not in fr.clients:
                 fixed.append(f"slot {i}: held by connection {conn_id} (pid {pid}), which "
                              "is gone or not that process")
-                r.bump(i)
+                fr._bump(i)
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
         elif st not in (shm.FREE, shm.RETURNED):
             fixed.append(f"slot {i}: state {st} is not a state")
-            r.bump(i)
+            fr._bump(i)
             r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
     flags = r.flags
     if flags & ~(shm.WAITERS | shm.CLOSED | shm.DIRTY):

@@ -85,7 +85,7 @@ class Watchdog:
             if rec.reset is None or rec.submit(self._reclaim, rec, conn) is None:
                 self._reclaim(rec, conn)
         for region in list(regions_of(self.loop).values()):  # fast leases (fastregion.py)
-            region.release(conn.id, conn.bye)
+            region.release(conn.id, conn.bye, conn.holder.pid if conn.holder else None)
 
     def _reclaim(self, rec: Record, conn: Conn) -> None:
         cid = conn.id
