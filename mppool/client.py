@@ -1,8 +1,11 @@
-"""The client side: ``connect()``, ``Client`` and shared pools.
+"""The client side, in a worker process: ``connect()``, ``Client``, hosted objects, and
+attaching again where a pickled pool or proxy is unpickled.
 
     this process                                    supervisor
     Client ─ ControlConnection (one per thread) ──▶ Control: create, stats, pool calls (dill)
            └ Channel (one per process) ──────────▶ lease loop: get, put, proxied calls
+    SharedPool (mppool.shared_pool) leases through its client's Channel; made by
+    Client.pool() / token_pool(), unpickled by _attach() (a client per process and address)
 
 The lease channel *is* this process's identity at the supervisor: its leases and waiters are
 tied to it, and when it closes they are reclaimed. Leases are tracked per client and pool
@@ -20,38 +23,31 @@ After a bare ``os.fork()`` (gunicorn) the child must not touch the parent's sock
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import os
-import pickle
 import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import dill
 
-from . import protocol as P
 from .address import Address, client_authkey, default_address, display, parse_address
 from .channel import Channel
 from .control import ControlConnection
 from .errors import ServerUnavailable, TimeOut
 from .launch import no_key
 from .leasemap import LeaseMap
-from .lender import Lender
 from .options import POOL_OPTIONS, SCOPES, cluster_token_options, token_pool_options
 from .proxy import ObjectProxy
+from .shared_pool import GRACE as GRACE  # the `X as X` names: re-exported (aio, fastpath)
+from .shared_pool import PoolWhere as PoolWhere
+from .shared_pool import SharedPool
+from .shared_pool import check_timeout_arg as check_timeout_arg
+from .shared_pool import granted as granted
 from .validate import check_delay, check_int
-
-log = logging.getLogger("mppool")
-
-# A get(timeout=t) waits for the supervisor's answer up to t plus this: past it, the
-# supervisor is taken to be frozen and the get raises TimeOut.
-GRACE = 1.0
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -69,14 +65,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def check_timeout_arg(timeout: Any) -> float | None:
-    """A get timeout: None or inf wait forever; NaN, negatives and non-numbers are refused."""
-    if timeout is None:
-        return None
-    t = check_delay("timeout", timeout)
-    return None if math.isinf(t) else t
 
 
 class Client:
@@ -319,199 +307,11 @@ class Client:
     def __repr__(self) -> str:
         return f"<mppool.Client {display(self.address)}>"
 
-
-class PoolWhere:
-    """Where a shared pool is (its id on one run of the supervisor) and how to create it
-    again after a restart: the part the sync and the async shared pools share."""
-
-    _blob: bytes | None = None  # the dill-shipped options; None: attached by name only
-
-    def _learn(self, instance: int, pool_id: int, timeout: float | None, kind: str,
-               blob: bytes | None) -> None:
-        self._instance = instance
-        self._id = pool_id
-        self._timeout = timeout
-        self._kind = kind
-        if blob is not None:
-            self._blob = blob
-
-
-class SharedPool(Lender, PoolWhere):
-    """A pool served by the supervisor, with the API of ``mppool.Pool``.
-
-    It pickles as (address, key, name) and reconnects wherever it is unpickled.
-    """
-
-    def __init__(self, client: Client, name: str, where: tuple[int, int], transfer: str,
-                 timeout: float | None, kind: str, blob: bytes | None) -> None:
-        self._client = client
-        self.name = name
-        self.transfer = transfer
-        self._lock = threading.Lock()
-        self._late: tuple[Channel, int, Callable[[Any], None]] | None = None
-        self._learn(*where, timeout, kind, blob)
-
-
-    def _mp_route(self) -> tuple[Channel, int]:
-        """The channel to use and this pool's id on the supervisor it reaches: after a
-        restart, the pool is created again there from the options it was created with."""
-        chan = self._client._chan
-        if chan is not None and chan.instance == self._instance and not chan._broken:
-            return chan, self._id  # the common case, checked inline
-        for _ in range(3):
-            chan = self._client._channel()
-            if chan.instance == self._instance:
-                return chan, self._id
-            pool_id, _, timeout, instance = self._client._call(
-                "create", self.name, self._kind, self.transfer, self._blob)
-            self._learn(instance, pool_id, timeout, self._kind, None)
-            if instance != chan.instance:
-                # The control plane reached a newer run than our channel: that channel's
-                # supervisor is gone. Open a new one and look again.
-                chan.close()
-        raise ServerUnavailable(f"pool {self.name!r}: the supervisor at "
-                                f"{display(self._client.address)} keeps restarting")
-
-    def _late_handler(self, chan: Channel, pool_id: int) -> Callable[[Any], None]:
-        """What a grant that arrives after its get gave up does: go back at once (one per
-        route, made once)."""
-        late = self._late
-        if late is None or late[0] is not chan or late[1] != pool_id:
-            late = self._late = (chan, pool_id, functools.partial(_give_back, chan, pool_id))
-        return late[2]
-
-    def get(self, timeout: float | None = None) -> Any:
-        """Get an object (a copy, or a proxy for ``transfer="proxy"``); ``timeout=None``
-        uses the pool's, 0 means do not wait, ``math.inf`` waits forever."""
-        if timeout is None and self._timeout is None:
-            # The common case, inline: no deadline, and the channel reaches the supervisor
-            # run this pool's id belongs to. Anything else takes the general path below.
-            fast = self._client._chan
-            if fast is not None and fast.instance == self._instance and not fast._broken:
-                rid = fast.next_rid()
-                try:
-                    reply = fast.request(rid, P.encode_get(rid, self._id, None))
-                except ServerUnavailable:
-                    pass  # the channel died: the general path reconnects and tries again
-                else:
-                    return self._received(reply, fast, self._id)
-        t = check_timeout_arg(timeout)
-        wait = t if timeout is not None else self._timeout
-        deadline = None if wait is None else time.monotonic() + wait + GRACE
-        # None: the pool's own timeout (-1 on the wire); inf: for ever (the longest wait).
-        wire_timeout = None if timeout is None else P.MAX_TIMEOUT if t is None else t
-        for attempt in (1, 2):
-            chan, pool_id = self._mp_route()
-            rid = chan.next_rid()
-            try:
-                reply = chan.request(rid, P.encode_get(rid, pool_id, wire_timeout), deadline,
-                                     self._late_handler(chan, pool_id))
-                break
-            except TimeOut:
-                raise TimeOut(f"pool {self.name!r}: the supervisor did not answer within "
-                              f"{(wait or 0.0) + GRACE:g} s (frozen?)") from None
-            except ServerUnavailable:
-                # A channel found dead only now (the supervisor died since we last talked):
-                # whatever it granted is void, and a restarted one may be there. Once more.
-                if attempt == 2:
-                    raise
-        return self._received(reply, chan, pool_id)
-
-    def _received(self, reply: Any, chan: Channel, pool_id: int) -> Any:
-        """The object a get's reply grants (recorded as held), or the error it carries."""
-        lease = (reply if type(reply) is P.Granted else granted(reply)).lease
-        try:
-            # The method cache of proxies is per kind of object: here, per pool.
-            obj = ObjectProxy(self, lease, 0, f"pool {self.name}", chan, pool_id) \
-                if reply.blob is None else pickle.loads(reply.blob)
-        except Exception as exc:
-            chan.post(P.encode_put(pool_id, lease, discard=True))  # not usable: discard
-            if "pickle" in type(exc).__name__.lower() or isinstance(exc, AttributeError):
-                raise TypeError(f"pool {self.name!r}: the object cannot be rebuilt here "
-                                f"({exc}); use transfer='proxy' to keep it in the supervisor") \
-                    from exc
-            raise
-        client = self._client
-        with client._lock:
-            client._held[self.name].add(obj, (lease, chan, pool_id))
-        return obj
-
-    def ret(self, obj: Any, discard: bool = False) -> None:
-        """Return an object; with ``discard=True`` the supervisor closes it instead."""
-        client = self._client
-        with client._lock:
-            held = client._held[self.name].take(obj)
-        if not held:
-            log.warning("mppool: pool %r: ret() of an object this process does not hold "
-                        "(returned twice?): ignored", self.name)
-            return
-        lease, chan, pool_id = held
-        if isinstance(obj, ObjectProxy):
-            object.__setattr__(obj, "_mp_lease", 0)  # further calls fail clearly
-        if chan._broken:
-            log.info("mppool: pool %r: ret() of a lease from a supervisor connection that is "
-                     "gone (%s): nothing to give back", self.name, chan.broken)
-            return
-        try:
-            chan.post(P.encode_put(pool_id, lease, discard))
-        except ServerUnavailable as exc:
-            log.info("mppool: pool %r: the supervisor is gone, the lease with it: %s",
-                     self.name, exc)
-
-    put = ret
-
-    def stats(self) -> dict[str, Any]:
-        """The pool's stats (those of ``mppool.Pool``, plus name, kind and transfer)."""
-        return self._client._call("stats", self.name)
-
-    def free(self) -> int:
-        """How many gets would succeed now without waiting."""
-        return self._client._call("pool_call", self.name, "free")
-
-    def pop_stats(self) -> dict[str, int]:
-        """psycopg_pool's counters and gauges; the counters restart at 0 (for every process)."""
-        return self._client._call("pool_call", self.name, "pop_stats")
-
-    def wait(self, timeout: float | None = 30.0) -> None:
-        """Block until the pool has ``min_size`` objects in the supervisor; TimeOut after
-        ``timeout`` seconds (None: as long as it takes)."""
-        t = check_timeout_arg(timeout)
-        self._client._call("pool_call", self.name, "wait", t,
-                           timeout=None if t is None else t + GRACE + self._client._timeout)
-
-    def waiting(self) -> int:
-        """How many gets are queued (from every process)."""
-        # On the lease channel, not the dill control plane: budgets poll it (Pool.recall()).
-        chan, pool_id = self._mp_route()
-        rid = chan.next_rid()
-        reply = chan.request(rid, P.encode_waiting(rid, pool_id),
-                             time.monotonic() + self._client._timeout)
-        return reply.value
-
-    def resize(self, max_size: int) -> None:
-        """Change the bound; new room goes to waiters at once."""
-        self._client._call("pool_call", self.name, "resize", max_size)
-
-    def clear(self) -> int:
-        """Close every idle object in the supervisor; returns how many."""
-        return self._client._call("pool_call", self.name, "clear")
-
-    def shutdown(self, delay: float = 0.0) -> None:
-        """Shut the pool down in the supervisor (for every process)."""
-        self._client._call("pool_call", self.name, "shutdown", check_delay("delay", delay))
-
-    def __len__(self) -> int:
-        return self._client._call("pool_call", self.name, "__len__")
-
-    def __str__(self) -> str:
-        import json
-        return json.dumps(self.stats())
-
-    def __repr__(self) -> str:
-        return f"<mppool.SharedPool {self.name!r} at {display(self._client.address)}>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_attach, (display(self._client.address), self._client.authkey.hex(), self.name))
+    def _pool_reducer(self, name: str) -> tuple[Any, ...]:
+        """How a shared pool of this client pickles (``SharedPool.__reduce__``): as
+        (address, key, name), attached again wherever it is unpickled (`_attach`). Here and
+        not in mppool.shared_pool, which cannot import the client that makes its pools."""
+        return (_attach, (display(self.address), self.authkey.hex(), name))
 
 
 # The fast path's pool class, registered by mppool.fastpath when the package is imported
@@ -523,24 +323,6 @@ def fast_default() -> bool:
     """Whether token pools take the fast path when ``fast`` is not given: yes, unless the
     environment says ``MPPOOL_FAST=0`` (or false/no/off)."""
     return os.environ.get("MPPOOL_FAST", "").strip().lower() not in ("0", "false", "no", "off")
-
-
-def granted(reply: Any) -> P.Granted:
-    """The grant a get's reply is, or the error it carries, raised as its own class."""
-    if type(reply) is P.Granted:
-        return reply
-    if isinstance(reply, P.Reply) and reply.status == P.ERR:
-        raise reply.value.unpack()
-    raise ServerUnavailable(f"unexpected reply {reply!r}")
-
-
-def _give_back(chan: Channel, pool_id: int, reply: Any) -> None:
-    """A grant that arrived after its get gave up (timeout, interrupt): return it at once."""
-    if isinstance(reply, P.Granted):
-        try:
-            chan.post(P.encode_put(pool_id, reply.lease))
-        except ServerUnavailable:
-            pass  # the connection is gone, and the lease with it
 
 
 class _Hosted:

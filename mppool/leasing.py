@@ -20,8 +20,9 @@ from typing import Any
 
 from .errors import PoolClosed, TimeOut, TooManyRequests
 from .holder import Holder
-from .state import CREATE, Entry, PoolHook, PoolState, Waiter, _Create, withdraw
+from .state import Entry, PoolHook, PoolState
 from .validate import check_timeout
+from .waiters import CREATE, Waiter, _Create, withdraw
 
 log = logging.getLogger("mppool")
 

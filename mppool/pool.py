@@ -58,16 +58,7 @@ from .precheck import Checking
 from .proxypattern import ProxyPatternCompat
 from .reconnect import Reconnecting
 from .sched import Scheduler
-from .state import (
-    CREATE,
-    LIFETIME_JITTER,
-    Entry,
-    FunHook,
-    HealthHook,
-    PoolHook,
-    Runner,
-    Waiter,
-)
+from .state import LIFETIME_JITTER, Entry, FunHook, HealthHook, PoolHook, Runner
 from .validate import (
     check_burst,
     check_callable,
@@ -78,6 +69,7 @@ from .validate import (
     check_timeout,
 )
 from .views import Views
+from .waiters import CREATE, Waiter
 
 __all__ = [
     "CREATE", "LIFETIME_JITTER", "RECALL_PERIOD", "Budget", "Entry", "FunHook", "HealthHook",

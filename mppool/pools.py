@@ -47,8 +47,9 @@ from .holder import Holder, current_holder
 from .leasemap import LeaseMap
 from .lender import Lender
 from .pool import Pool as _CorePool
-from .state import CREATE, Entry, Waiter
+from .state import Entry
 from .validate import check_callable, check_size, check_sizes, check_timeout
+from .waiters import CREATE, Waiter
 
 __all__ = ["Pool", "Token", "TokenPool"]
 

@@ -50,12 +50,16 @@ from typing import TYPE_CHECKING, Any
 
 from . import counters
 from .budget import Budget, draw_token, give_back
-from .clock import Clock, wait_event
+from .clock import Clock
 from .holder import Holder
 from .leasemap import LeaseMap
 from .outage import REFUSED, fail_fast_error
 from .ratelog import RateLimitedLog
 from .sched import Scheduler, Task
+from .waiters import CREATE as CREATE  # the `X as X` names: re-exported
+from .waiters import Waiter as Waiter
+from .waiters import WaiterBase as WaiterBase
+from .waiters import withdraw as withdraw
 
 if TYPE_CHECKING:
     from .outage import Outage
@@ -77,16 +81,6 @@ COUNTERS = (
     "ndestroys", "nhealth", "bad_health", "hk_rounds", "hk_errors", "hc_rounds", "hc_errors",
     "nexpired", "nrecalled", "nburst_closed",
 )
-
-
-class _Create:
-    """Handed to a waiter instead of an object: a slot is reserved, create one."""
-
-    def __repr__(self) -> str:
-        return "CREATE"
-
-
-CREATE = _Create()
 
 
 class Entry:
@@ -121,74 +115,6 @@ class Entry:
         self.warned = False
         self.token = token  # its budget token, given back when it is closed
         self.blob: bytes | None = None  # the supervisor's cached pickle of obj
-
-
-class WaiterBase:
-    """The waiter protocol, one for every queued get: a thread blocked here (`Waiter`) or a
-    client's get queued in the supervisor (``supervisor.conn.RemoteWaiter``).
-
-    ``holder``; ``set(result)`` and ``cancel()``, called under the pool lock, so they must
-    not block; ``set`` returns False once the waiter gave up (``done``) or can no longer take
-    anything (``_can_take``: its client went away), so that an object is never handed to a
-    waiter that timed out or whose process died; ``result`` is what it was handed: an entry,
-    ``CREATE``, or an exception to raise. ``_wake`` tells the waiter, without blocking.
-    """
-
-    __slots__ = ("done", "holder", "result", "since")
-
-    def __init__(self, holder: Holder) -> None:
-        self.holder = holder
-        self.result: Any = None
-        self.done = False
-        self.since: float | None = None  # when it was queued (the pool's clock), for stats()
-
-    def set(self, result: Any) -> bool:
-        if self.done or not self._can_take():
-            return False
-        self.result = result
-        self.done = True
-        self._wake(result)
-        return True
-
-    def cancel(self) -> bool:
-        if self.done:
-            return False
-        self.done = True
-        return True
-
-    def _can_take(self) -> bool:
-        return True
-
-    def _wake(self, result: Any) -> None:
-        raise NotImplementedError
-
-
-def withdraw(queue: Any, waiter: WaiterBase) -> bool:
-    """Under the caller's lock: take a waiter that gave up out of ``queue``; False if it was
-    served first (its result is then the caller's to give back)."""
-    if not waiter.cancel():
-        return False
-    try:
-        queue.remove(waiter)
-    except ValueError:
-        pass
-    return True
-
-
-class Waiter(WaiterBase):
-    """A getter blocked in this process."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self, holder: Holder) -> None:
-        super().__init__(holder)
-        self._event = threading.Event()
-
-    def _wake(self, result: Any) -> None:
-        self._event.set()
-
-    def wait(self, timeout: float | None) -> bool:
-        return wait_event(self._event, timeout)  # any timeout, however large
 
 
 # Lease ids are random 63-bit numbers, not a counter: a client cannot guess another's lease

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import counters
-from ..state import Waiter
+from ..waiters import Waiter
 
 log = logging.getLogger("mppool")
 

@@ -11,7 +11,7 @@ open or was used too long. The pool never creates managers; it is a stack of the
     recycle() ── every idle manager over a limit is closed (startRecycler: periodically)
 
 Waiters are served first come, first served, and one that timed out never swallows a
-manager (the core pool's `mppool.state.Waiter` protocol). With ``budget=`` (a shared token
+manager (the core pool's `mppool.waiters.Waiter` protocol). With ``budget=`` (a shared token
 pool) every *open* manager holds one token, drawn before ``open()`` and given back when it is
 seen closed, whoever closed it (the pool, a repair, the user): so the resources open across
 all processes never exceed the budget. When another process waits for the budget, idle open
@@ -46,8 +46,8 @@ from ..budget import RECALL_PERIOD, Budget, check_budget, draw_token, give_back
 from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
 from ..sched import Task, default_scheduler
-from ..state import Waiter, withdraw
 from ..validate import check_callable, check_delay, check_duration, check_int, check_period, check_timeout
+from ..waiters import Waiter, withdraw
 from .measures import Measures
 
 __all__ = ["Pool", "ResourceManager"]

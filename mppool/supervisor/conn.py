@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as P
 from ..holder import Holder
 from ..remote import PackedException
-from ..state import WaiterBase
+from ..waiters import WaiterBase
 
 if TYPE_CHECKING:
     import socket
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class RemoteWaiter(WaiterBase):
-    """A get() from a client, queued in a Pool (the waiter protocol of `mppool.state`)."""
+    """A get() from a client, queued in a Pool (the waiter protocol of `mppool.waiters`)."""
 
     __slots__ = ("conn", "deadline", "rec", "rid")
 
