@@ -24,9 +24,11 @@ leaves either the old state or the new one, never half of it:
 ``flags``: WAITERS (somebody waits at the supervisor: every get and put goes through it, so
 the oldest waiter is served first), CLOSED (the pool is shutting down or being resized: the
 fast path is off), DIRTY (a process died holding the mutex: the supervisor must check the
-region before anyone uses it fast again). ``pending`` counts gets that decided to go to the
-supervisor and have not reached it yet; the supervisor does not leave slow mode while it is
-nonzero, so a get on its way cannot be overtaken.
+region before anyone uses it fast again). ``pending`` counts (modulo 2**32) the gets that
+decided to go to the supervisor; only clients write it. The supervisor counts the ones that
+reached it, in its own memory, so the difference is what is on its way: it does not leave
+slow mode while that is nonzero, so a get on its way cannot be overtaken, and counting an
+arrival costs it no lock.
 
 The generation of a slot grows with every take and every give-back, so a token names its slot
 *and* generation: a put of a token whose slot was reclaimed, killed or repaired since is a
@@ -131,6 +133,10 @@ class Region:
             raise ValueError(f"a fast-path region of {size} bytes")
         self.mm = mmap.mmap(fd, size)
         self._buf = ctypes.c_char.from_buffer(self.mm)
+        # ``pending`` is read by the supervisor without the mutex, so it is accessed as one
+        # aligned 32-bit load/store: struct's "=I" writes byte by byte, and a reader could
+        # see a torn value (0x0100 read as 0x0000 half-way through an increment).
+        self._pend = ctypes.c_uint32.from_buffer(self.mm, PENDING_AT)
         self._mutex = ctypes.c_void_p(ctypes.addressof(self._buf) + MUTEX_AT)
         if nslots is not None:  # the supervisor, creating it
             self._init(lib, nslots)
@@ -177,7 +183,7 @@ class Region:
             raise OSError(rc, f"pthread_mutex_init: {os.strerror(rc)}")
 
     def close(self) -> None:
-        del self._buf
+        del self._buf, self._pend
         try:
             self.mm.close()
         except BufferError:
@@ -246,10 +252,10 @@ class Region:
 
     @property
     def pending(self) -> int:
-        return U32.unpack_from(self.mm, PENDING_AT)[0]
+        return int(self._pend.value)
 
     def set_pending(self, value: int) -> None:
-        U32.pack_into(self.mm, PENDING_AT, max(0, min(value, 0xFFFFFFFF)))
+        self._pend.value = value & 0xFFFFFFFF
 
     def state(self, i: int) -> int:
         return self.mm[STATES_AT + i]
@@ -284,7 +290,7 @@ class Region:
     def take(self, conn: int, pid: int, start: float, now: float,
              wait: float = CLIENT_WAIT) -> tuple[int, int] | int:
         """A client's get: (slot, generation) of a FREE slot now HELD by it; `QUEUE`
-        (``pending`` counted: send the get to the supervisor, which un-counts it); or `BUSY`:
+        (``pending`` counted: send the get to the supervisor, which counts its arrival); or `BUSY`:
         the mutex was not had within ``wait`` (send a normal get, nothing counted)."""
         mm = self.mm
         try:
@@ -308,7 +314,7 @@ class Region:
                     mm[STATES_AT + i] = HELD  # last: the move is done
                     return i, gen
                 U32.pack_into(mm, FLAGS_AT, WAITERS)  # from now on, everyone queues
-            U32.pack_into(mm, PENDING_AT, min(U32.unpack_from(mm, PENDING_AT)[0] + 1, 0xFFFFFFFF))
+            self._pend.value += 1  # one 32-bit store (see __init__); wraps at 2**32
             return QUEUE
         finally:
             self._unlock(self._mutex)

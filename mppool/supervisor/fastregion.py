@@ -128,13 +128,14 @@ class FastRegion:
         self.holder = Holder(pid, process_start(pid), HOSTNAME, REGION_CONN, verified=True)
         self.clients: set[int] = set()  # lease connections that mapped the region
         self.lock = threading.Lock()
-        self.stale_pending = -1  # pending seen at the last check with nobody waiting
+        self.stale: tuple[int, int, int] | None = None  # see fastrepair: (pending, arrived, n)
         self.nrepairs = 0
         self.closed = False  # for good: the pool is shutting down
         self.off: set[str] = set()  # for a while: "pause", "resize"
         # Intents, applied by sync() under the region's mutex (see the module docstring).
-        self.arrived = 0  # gets of mapped clients that reached us (each counted ``pending``)
-        self.slow = False  # a get reached us: WAITERS, and the FREE tokens back to the Pool
+        self.arrived = 0  # gets of mapped clients that reached us, modulo 2**32 (`outstanding`)
+        self.need = 0  # gets that reached us and want a FREE token back in the Pool
+        self.slow = False  # slow mode wanted: WAITERS, and the FREE tokens back to the Pool
         self.gone: dict[int, bool] = {}  # closed connection -> it said Bye (clean)
         self.gone_pid: dict[int, int | None] = {}  # closed connection -> its pid (logs)
         self.gone_pids: set[int] = set()  # kill_holder
@@ -161,19 +162,48 @@ class FastRegion:
     # ------------------------------------------------------------------ intents
 
     def on_get(self, conn_id: int) -> None:
-        """A get reached the supervisor: slow mode, and the FREE tokens back to the Pool so
-        that it serves the oldest waiter first."""
+        """A get reached the supervisor: the Pool serves it if it has a token; else a token
+        parked FREE comes back to the Pool for it; else the region goes slow (WAITERS, every
+        FREE token back) and the get queues, first in line."""
+        r = self.region
         with self.lock:
             if conn_id in self.clients:
-                self.arrived += 1
-            self.slow = True
+                self.arrived = (self.arrived + 1) & 0xFFFFFFFF
+            if self._quiet():
+                # Already slow with nothing parked to pull back: no mutex needed. (With
+                # WAITERS set, only the supervisor makes slots FREE, under self.lock.)
+                if r.flags & shm.WAITERS and r.find(shm.FREE) < 0:
+                    return
+                # The Pool has a token for it (kept there for gets on their way): no mutex.
+                if not r.flags & shm.WAITERS and self.rec.pool.free() > 0:
+                    return
+            self.need += 1
         # No parking here: the get is about to queue in the Pool, which cannot see it yet.
         self.sync(park=False)
 
     def settle(self) -> None:
         """After a get, a put or a poke: RETURNED slots to the Pool; back to fast mode when
         nobody waits and nothing is on its way."""
+        with self.lock:
+            if self._quiet() and not self._may_park():
+                return  # nothing given back, nothing to park: no mutex needed
         self.sync()
+
+    def _quiet(self) -> bool:
+        """Under self.lock: nothing owed, no intent, no RETURNED slot to hand on."""
+        return not (self.owed or self.slow or self.need or self.gone or self.gone_pids or self.gives
+                    or self.kills or self.check_due is not None) \
+            and self.region.find(shm.RETURNED) < 0
+
+    def outstanding(self) -> int:
+        """Gets counted in the region's ``pending`` that have not reached us yet. More
+        arrivals than counts (a get sent because the mutex was busy counts none; a client
+        may scribble) resynchronize the two counts."""
+        gap = (self.region.pending - self.arrived) & 0xFFFFFFFF
+        if gap >= 1 << 31:
+            self.arrived = self.region.pending
+            return 0
+        return gap
 
     def give(self, conn_id: int, slot: int, gen: int) -> None:
         """A FastGive: the client could not take the mutex in time to give (slot, gen) back.
@@ -283,9 +313,15 @@ class FastRegion:
         """Under both locks: the intents, applied. Returns the Pool leases to check in and,
         per closed connection, how many of its slots came back."""
         r = self.region
-        if self.arrived:
-            r.set_pending(r.pending - self.arrived)  # those gets have arrived
-            self.arrived = 0
+        back: list[int] = []
+        if self.need:
+            # A token per get that reached us, from the FREE slots; short of them, the gets
+            # queue and the region goes slow (FIFO from here on).
+            need, self.need = self.need, 0
+            if not r.flags & shm.WAITERS:
+                back = self._unpark_locked((shm.FREE,), need)
+            if len(back) < need or r.flags & shm.WAITERS:
+                self.slow = True
         flags = r.flags & (shm.WAITERS | shm.DIRTY)
         pull_free = self.slow or self.closed or bool(self.off)
         if self.slow:
@@ -311,8 +347,10 @@ class FastRegion:
         killed: list[tuple[int, int, float]] = []
         now = time.monotonic()
         for i, gen in self.kills.items():
-            if r.state(i) == shm.HELD and r.slot(i)[0] == gen:
-                _, conn_id, pid, _, _, since = r.slot(i)
+            # Decided from slots read without the mutex (a torn read is possible): checked
+            # again here, the generation and the age.
+            _, conn_id, pid, _, _, since = r.slot(i)
+            if r.state(i) == shm.HELD and r.slot(i)[0] == gen and now - since >= self.kill_after:
                 self._bump(i)  # the holder's late put is a no-op
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                 killed.append((conn_id, pid, now - since))
@@ -321,16 +359,21 @@ class FastRegion:
         for (slot, conn_id), gen in self.gives.items():
             r._give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
         self.gives.clear()
-        back = self._unpark_locked((shm.FREE, shm.RETURNED) if pull_free else (shm.RETURNED,))
+        back += self._unpark_locked((shm.FREE, shm.RETURNED) if pull_free else (shm.RETURNED,))
         if self._over_size():
             # Shrunk below what is out: puts must reach the Pool, which closes the extra.
             r.set_flags(r.flags | shm.WAITERS)
         return back, released
 
     def _may_park(self) -> bool:
-        r = self.region
-        return not (self.closed or self.off or r.pending or r.flags & shm.CLOSED
-                    or self.rec.pool.waiting() or self._over_size())
+        """Under self.lock: whether `_park` has something to do (leave slow mode, or park an
+        idle token of the Pool beyond those kept for gets on their way)."""
+        r, pool = self.region, self.rec.pool
+        if self.closed or self.off or r.flags & shm.CLOSED or pool.waiting() \
+                or self._over_size():
+            return False
+        return bool(r.flags & shm.WAITERS) or (r.find(shm.ABSENT) >= 0
+                                                and pool.free() > self.outstanding())
 
     def _park(self) -> None:
         """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
@@ -340,11 +383,14 @@ class FastRegion:
             self._owe()
             return
         try:
-            if r.pending or r.flags & (shm.CLOSED | shm.DIRTY):
+            if r.flags & (shm.CLOSED | shm.DIRTY):
                 return
+            # Gets counted on their way keep a token each in the Pool, where no fast get can
+            # take it: they are served when they arrive, and nobody overtakes them.
+            keep = self.outstanding()
             while True:
                 i = r.find(shm.ABSENT)
-                if i < 0:
+                if i < 0 or (keep and pool.free() <= keep):
                     break
                 try:
                     got = pool._acquire(self.holder)
@@ -452,14 +498,15 @@ class FastRegion:
                 return
             time.sleep(0.001)
 
-    def _unpark_locked(self, states: tuple[int, ...]) -> list[int]:
-        """Under both locks: slots in ``states`` become ABSENT; their Pool leases, to check in.
-        (Found with the mapping's own search, not a Python loop over every slot: this runs
-        on every get and put in slow mode.)"""
-        r, back = self.region, []
+    def _unpark_locked(self, states: tuple[int, ...], most: int = 1 << 30) -> list[int]:
+        """Under both locks: slots in ``states`` (``most`` of them) become ABSENT; their Pool
+        leases, to check in. (Found with the mapping's own search, not a Python loop over
+        every slot: this runs on every get and put in slow mode.)"""
+        r = self.region
+        back: list[int] = []
         for st in states:
             i = r.find(st)
-            while i >= 0:
+            while i >= 0 and len(back) < most:
                 self._bump(i)
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
@@ -496,6 +543,7 @@ class FastRegion:
             slots = [r.slot(i) for i in range(r.nslots)]
             parked = {lease: i for i, lease in enumerate(self.parked) if lease}
             owed = self.owed
+            on_way = self.outstanding()
             sup_bumps, nparks, nunparks = self.sup_bumps, self.nparks, self.nunparks
         now = time.monotonic()
         using, nfree = [], 0
@@ -524,7 +572,7 @@ class FastRegion:
                 s[k] = max(0, s[k] + v)
         s["fast"] = {"slots": len(states), "free": states.count(shm.FREE),
                      "held": states.count(shm.HELD), "clients": len(self.clients),
-                     "repairs": self.nrepairs, "stale": owed}
+                     "repairs": self.nrepairs, "stale": owed, "on_way": on_way}
         return s
 
     def close(self) -> None:

@@ -7,8 +7,8 @@ nothing in it is trusted. What the supervisor knows for sure is its own: which t
 parked in which slot (``parked``), which lease connections mapped the region
 (``clients``), and the kernel-verified pid behind each connection. A state byte that is
 not a state, a slot the supervisor never parked, a HELD slot of a connection that is gone or
-whose pid is not the connection's, a header overwritten, a ``pending`` count with nobody on
-the way: each is put right, and the whole repair is logged once (WARNING).
+whose pid is not the connection's, a header overwritten, gets counted on their way that
+stopped coming: each is put right, and the whole repair is logged once (WARNING).
 
 A client that scribbles over the region can only hurt pools it could use anyway (it holds
 the key); it can never make the core Pool exceed its bound, since every token in the region
@@ -67,16 +67,19 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
     if flags & shm.CLOSED != want_closed:
         fixed.append("the CLOSED flag")
     waiting = fr.rec.pool.waiting()
-    if waiting and not flags & shm.WAITERS:
+    if waiting and not flags & shm.WAITERS and not fr.slow:  # (slow: about to be set)
         fixed.append("WAITERS cleared while gets wait")
     r.set_flags((flags & shm.WAITERS) | want_closed | (shm.WAITERS if waiting else 0))
-    pending = r.pending
-    if pending and not waiting and pending == fr.stale_pending:
-        # Counted by a get that never reached us (its process died before sending).
-        fixed.append(f"{pending} pending get(s) that never arrived")
-        r.set_pending(0)
-        pending = 0
-    fr.stale_pending = pending
+    # Gets counted on their way that made no progress for two checks in a row (no count, no
+    # arrival, nobody waiting): their process died (or stopped) before sending.
+    pending, arrived, out = r.pending, fr.arrived, fr.outstanding()
+    seen = fr.stale
+    n = seen[2] + 1 if seen is not None and seen[:2] == (pending, arrived) else 1
+    if out and not waiting and n >= 3:
+        fixed.append(f"{out} pending get(s) that never arrived")
+        fr.arrived = pending
+        n = 0
+    fr.stale = (pending, fr.arrived, n) if out else None
     if why is None and flags & shm.DIRTY:
         fixed.insert(0, "a process died holding the region's lock")
     if fixed:
