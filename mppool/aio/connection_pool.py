@@ -25,6 +25,15 @@ as before:
 - psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
   reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
   paths only.
+- psycopg_pool's lifecycle and reconnect options (`mppool.aio.lifecycle`): ``open=True``
+  (False: acquires raise ``PoolClosed`` until ``await pool.open()``), ``await
+  pool.wait(timeout=30.0)``, ``async with pool:``, ``reconnect_timeout=300.0`` and
+  ``reconnect_failed=`` (a plain or async ``hook(pool)``): a failing ``make_connection`` is
+  retried with backoff (1 s, doubling, +-10% jitter), acquires fail fast with its error
+  meanwhile, and ``reconnect_failed`` is called once per outage after ``reconnect_timeout``.
+  There is no ``min_size`` (nothing is kept open ahead, as in asyncio-connection-pool), so
+  ``wait()`` has the meaning psycopg_pool gives it for ``AsyncNullConnectionPool``: it
+  returns once a connection can be made (one exists, or it makes one and keeps it idle).
 """
 
 from __future__ import annotations
@@ -40,7 +49,9 @@ from typing import Any, Generic
 
 from .. import counters
 from ..errors import PoolClosed, TooManyRequests
+from ..outage import REFUSED
 from ..validate import check_callable, check_int, check_period
+from .lifecycle import Lifecycle, ReconnectFailed
 from .strategy import AsyncBudget, Conn, ConnectionStrategy
 
 __all__ = ["AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
@@ -102,7 +113,7 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
-class ConnectionPool(Generic[Conn]):
+class ConnectionPool(Lifecycle, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
 
@@ -112,7 +123,8 @@ class ConnectionPool(Generic[Conn]):
     included, holds one token: taken before ``make_connection`` runs, given back once the
     connection is closed. When another process waits for the budget, idle connections are
     closed to give their tokens back (checked every 50 ms while this pool holds any).
-    ``check``, ``check_after``, ``max_waiting``: see the module docstring.
+    ``check``, ``check_after``, ``max_waiting``, ``reconnect_timeout``,
+    ``reconnect_failed``, ``open``: see the module docstring.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
@@ -127,6 +139,9 @@ class ConnectionPool(Generic[Conn]):
         check: Callable[[Conn], bool | Awaitable[bool]] | None = None,
         check_after: float = 0.0,
         max_waiting: int = 0,
+        reconnect_timeout: float | None = 300.0,
+        reconnect_failed: ReconnectFailed | None = None,
+        open: bool = True,
     ) -> None:
         _check_size("max_size", max_size)
         if burst_limit is not None:
@@ -145,6 +160,7 @@ class ConnectionPool(Generic[Conn]):
         self.check = check
         self.check_after = check_period("check_after", check_after)
         self.max_waiting = check_int("max_waiting", max_waiting)
+        self._init_lifecycle(reconnect_timeout, reconnect_failed, open)
         self.strategy = strategy
         self.max_size = max_size
         self.burst_limit = burst_limit
@@ -157,7 +173,6 @@ class ConnectionPool(Generic[Conn]):
         self._recall_n = 0  # connections to close at their return: other processes wait
         self._recall_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._closed = False
         self._counts = dict.fromkeys(
             ("made", "make_errors", "closed", "close_errors", "stale", "burst_closed",
              "recalled"), 0)
@@ -183,6 +198,12 @@ class ConnectionPool(Generic[Conn]):
 
     def _limit(self) -> int:
         return self.max_size if self.burst_limit is None else max(self.burst_limit, self.max_size)
+
+    def _room(self) -> bool:
+        return self._total < self._limit()
+
+    def _now(self) -> float:
+        return _now()
 
     def stats(self) -> dict[str, int]:
         """Current counts, totals since the pool was built, and psycopg_pool's counters
@@ -221,7 +242,7 @@ class ConnectionPool(Generic[Conn]):
         try:
             while True:
                 if self._closed:
-                    raise PoolClosed("mppool.aio.ConnectionPool is shutting down")
+                    raise self._refusal()
                 slot: _Slot[Conn]
                 fresh = False
                 if self._idle:
@@ -317,17 +338,28 @@ class ConnectionPool(Generic[Conn]):
             self._pcounts["requests_wait_s"] += _now() - since
 
     async def _make(self) -> _Slot[Conn]:
-        """Make a connection in a slot counted in ``currently_allocating``."""
+        """Make a connection in a slot counted in ``currently_allocating``; during an outage
+        (lifecycle.py) only the attempt that is due calls make_connection, the others raise
+        its last error at once."""
         token = None
+        ticket = REFUSED
+        due = False
         try:
+            ticket = self._admit()
             if self.budget is not None:
-                token = await self.budget.get()  # before make_connection: the cap holds
+                try:
+                    token = await self.budget.get()  # before make_connection: the cap holds
+                except BaseException:
+                    self._outage.abort(ticket)  # not an attempt: make_connection not called
+                    ticket = REFUSED
+                    raise
             self._pcounts["connections_num"] += 1
             since = _now()
             try:
                 conn = await self.strategy.make_connection()
-            except BaseException:
+            except BaseException as exc:
                 self._pcounts["connections_errors"] += 1
+                due = self._make_failed(exc, ticket)
                 raise
             finally:
                 self._pcounts["connections_s"] += _now() - since
@@ -339,7 +371,10 @@ class ConnectionPool(Generic[Conn]):
             finally:
                 self.currently_allocating -= 1
                 self._wake()
+                if due:
+                    await self._report_outage()
             raise
+        self._make_succeeded()
         self.currently_allocating -= 1
         self.in_use += 1
         self._counts["made"] += 1
@@ -491,7 +526,7 @@ class ConnectionPool(Generic[Conn]):
     async def close(self) -> None:
         """Close idle connections now and the others when they are returned; waiters and
         later ``get_connection()`` calls raise ``PoolClosed``."""
-        self._closed = True
+        self._closed = self._shut = True
         while self._waitq:
             fut = self._waitq.popleft()
             if not fut.done():

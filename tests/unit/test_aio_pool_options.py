@@ -239,6 +239,7 @@ def test_counters_and_pop_stats(clock: FakeClock) -> None:
         with pytest.raises(ConnectionRefusedError):
             async with pool.get_connection(), pool.get_connection():  # 0, then a failed make
                 pass
+        clock.t += 2.0  # past the backoff (1 s +-10%): the next make is the attempt due
         cm1, cm2 = pool.get_connection(), pool.get_connection()
         await cm1.__aenter__()  # connection 0
         await cm2.__aenter__()  # connection 1 is made: 0.25 s
