@@ -109,7 +109,7 @@ class Outage:
                 "error": f"{type(self.error).__name__}: {self.error}"[:200]}
 
 
-def fail_fast_error(exc: BaseException, next_in: float) -> BaseException:
+def fail_fast_error(exc: BaseException, next_in: float, creator: str = "fun") -> BaseException:
     """A copy of the last creation error to raise from a get during an outage (the same
     class and message; the original, which other threads may be raising, is not touched)."""
     try:
@@ -117,8 +117,8 @@ def fail_fast_error(exc: BaseException, next_in: float) -> BaseException:
     except Exception:
         return exc
     notes = list(getattr(exc, "__notes__", ()))
-    notes.append(f"mppool: raised again without calling fun: creating objects fails; next "
-                 f"attempt in {next_in:.1f} s")
+    notes.append(f"mppool: raised again without calling {creator}: creating objects fails; "
+                 f"next attempt in {next_in:.1f} s")
     try:
         again.__notes__ = notes
     except Exception:
@@ -129,18 +129,24 @@ def fail_fast_error(exc: BaseException, next_in: float) -> BaseException:
 # What every pool that creates things does with its Outage, under its own lock (the core pool,
 # mppool.aio.ConnectionPool, mppool.queuepool.Pool); ``who`` names the pool in the logs.
 
-def admit(outage: Outage, now: float) -> int:
+def admit(outage: Outage, now: float, creator: str = "fun") -> int:
     """``outage.begin(now)``, raising a fail-fast copy of the last creation error when the
-    creation may not start (REFUSED): the ticket to give to `failed`/``abort``."""
+    creation may not start (REFUSED): the ticket to give to `failed`/``abort``. ``creator``
+    names what was not called, in the copy's note."""
     ticket = outage.begin(now)
     if ticket == REFUSED:
-        raise fail_fast_error(outage.error, outage.next_at - now)  # type: ignore[arg-type]
+        raise fail_fast_error(outage.error, outage.next_at - now,  # type: ignore[arg-type]
+                              creator)
     return ticket
 
 
 def failed(outage: Outage, now: float, exc: BaseException, ticket: int, who: str) -> bool:
     """A creation raised: ``outage.failed()``, with a warning at the start of an outage.
-    True when ``reconnect_failed`` is due (see `gave_up`)."""
+    True when ``reconnect_failed`` is due (see `gave_up`). Not an Exception (cancelled,
+    interrupted): no verdict on the server, the attempt is only given back."""
+    if not isinstance(exc, Exception):
+        outage.abort(ticket)
+        return False
     first = not outage.active
     due = outage.failed(now, exc, ticket)
     if first:

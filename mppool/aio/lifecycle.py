@@ -128,13 +128,10 @@ class Lifecycle:
 
     def _admit(self) -> int:
         """May make_connection run? A ticket, or a fail-fast copy of the last error."""
-        return admit(self._outage, self._now())
+        return admit(self._outage, self._now(), "make_connection()")
 
     def _make_failed(self, exc: BaseException, ticket: int) -> bool:
         """make_connection raised; True if reconnect_failed is due."""
-        if not isinstance(exc, Exception):  # cancelled, interrupted: no verdict on the server
-            self._outage.abort(ticket)
-            return False
         return failed(self._outage, self._now(), exc, ticket, WHO)
 
     def _make_succeeded(self) -> None:

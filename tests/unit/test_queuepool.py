@@ -247,7 +247,7 @@ def test_take_timeout_and_a_timed_out_taker_swallows_nothing() -> None:
     assert pool.free() == 1 and pool.take(timeout=0) is held
 
 
-def test_open_failure_keeps_the_manager() -> None:
+def test_open_failure_keeps_the_manager(clock: FakeClock) -> None:
     pool = Pool("fail", 1)
     r = Res("r", fail_open=True)
     pool.put(r)
@@ -255,6 +255,7 @@ def test_open_failure_keeps_the_manager() -> None:
         pool.take()
     assert pool.free() == 1  # queuepool would have lost it
     r.fail_open = False
+    clock.t += 2.0  # past the backoff (1 s +-10%) that follows a failed open()
     assert pool.take() is r and r._isOpen
 
 

@@ -125,6 +125,7 @@ def test_a_broken_manager_whose_reopen_fails_goes_back_closed(clock: FakeClock) 
         pool.take()
     assert pool.free() == 1 and not r0._isOpen  # nothing lost
     r0.fail_open = False
+    clock.t += 2.0  # past the backoff (1 s +-10%) that follows a failed open()
     assert pool.take() is r0 and r0._isOpen
 
 
@@ -182,6 +183,7 @@ def test_counters_and_pop_stats(clock: FakeClock, spawn: Any) -> None:
     with pytest.raises(ConnectionError):
         pool.take()  # b again: its open fails (a failed take, a failed open)
     b.fail_open = False
+    clock.t += 2.0  # past the backoff that follows a failed open(); nothing is out
     held = [pool.take(), pool.take()]  # b then a, each opened: 0.25 s
     box = spawn(lambda: pool.take(timeout=DEADLINE))
     wait_until(lambda: pool.waiting() == 1)

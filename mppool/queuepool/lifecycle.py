@@ -1,0 +1,173 @@
+"""psycopg_pool's lifecycle and reconnect options on queuepool's `Pool`: ``open=``,
+``pool.open()``, ``pool.wait()``, ``with Pool(...) as pool:``, ``reconnect_timeout=`` and
+``reconnect_failed=``.
+
+    Pool(..., open=False)     managers may be put in, but takes raise PoolClosed until
+                              ``pool.open()`` (and the budget recall starts only then);
+                              nothing is opened before (nothing is anyway: managers open
+                              their resource at their first take)
+    pool.wait(timeout=30.0)   returns once a manager's resource is open (idle or taken),
+                              else takes a manager, opens it and puts it back: the resource
+                              can be opened now; TimeOut (naming the last open() error) if
+                              that did not work in time (no manager put in, all taken, or
+                              every open() failing)
+    with Pool(...) as pool:   opened on entry if it was not, closed on exit (`Pool.close`)
+
+queuepool's pool has no ``min_size`` (it opens nothing ahead), so ``wait()`` means what it
+means for psycopg_pool's ``NullConnectionPool``, whose minimum is 0 too: a resource can be
+opened now. The one opened is kept open in its manager, for the next take.
+
+A manager's ``open()`` raising is an *outage*, with the core pool's rules (`mppool.outage`):
+the next attempt is allowed after 1 s, then 2, 4, 8... (x2, +-10% jitter); meanwhile a take
+that would open a manager raises a copy of the last error at once without calling ``open()``
+(the manager goes back to the pool, closed), and takes of managers that are open go on as
+usual. The first take (or ``wait()``) after the delay makes the one attempt that is due. When
+an attempt fails ``reconnect_timeout`` seconds after the first failure,
+``reconnect_failed(pool)`` is called, once per outage. An ``open()`` that works ends the
+outage. Attempts are made by takes and ``wait()`` only (no background task).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ..clock import clamp_wait
+from ..errors import PoolClosed, TimeOut
+from ..outage import Outage, admit, failed, gave_up, succeeded
+from ..validate import check_callable, check_duration, check_timeout
+
+if TYPE_CHECKING:
+    from .pool import ResourceManager
+
+log = logging.getLogger("mppool")
+
+
+class Lifecycle:
+    """The lifecycle and outage side of queuepool's `Pool` (see the module docstring)."""
+
+    # The pool's, read here.
+    name: str
+    _lock: threading.Lock
+    _closed: bool
+    _idle: list[ResourceManager]
+    _out: set[int]
+
+    def _init_lifecycle(self, reconnect_timeout: float | None,
+                        reconnect_failed: Callable[[Any], Any] | None, open: bool) -> None:
+        if not isinstance(open, bool):
+            raise TypeError(f"open must be a bool, got {open!r}")
+        check_callable("reconnect_failed", reconnect_failed)
+        self._outage = Outage(check_duration("reconnect_timeout", reconnect_timeout))
+        self.reconnect_failed = reconnect_failed
+        # Why takes are refused (None: they are not); take() reads this one attribute.
+        self._refused: str | None = (None if open else
+                                     f"queuepool {self.name!r} is not open (open=False): "
+                                     "call pool.open() first")
+
+    def open(self) -> None:
+        """Open a pool made with ``open=False`` (a no-op if it is open); PoolClosed once it
+        was closed."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"queuepool {self.name!r} was closed: it cannot be opened again")
+            opened, self._refused = self._refused is not None, None
+        if opened:
+            self._start_recall()
+
+    def wait(self, timeout: float | None = 30.0) -> None:
+        """Return once a manager's resource is open (idle or taken); if none is, take a
+        manager, open it and put it back. ``TimeOut`` if that did not work within ``timeout``
+        seconds (None: as long as it takes): open() failures are retried on the backoff's
+        schedule meanwhile. PoolClosed if the pool is not open."""
+        limit = check_timeout("timeout", timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            with self._lock:
+                if self._refused is not None:
+                    raise PoolClosed(self._refused)
+                if self._out or any(r._isOpen for r in self._idle):
+                    return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                r = self._take(left)  # not take(): not a request for the counters
+            except TimeOut:
+                error = self._outage.error
+                raise TimeOut(f"queuepool {self.name!r}: no resource could be opened in "
+                              f"{timeout} s" + (f": {type(error).__name__}: {error}"
+                                                if error is not None else "")) from None
+            except Exception:  # open() failed, or failed fast: wait for the next attempt
+                with self._lock:
+                    pause = self._outage.next_at - self._now()
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                time.sleep(clamp_wait(max(0.0, pause)) or 0.0)
+                if deadline is not None and time.monotonic() >= deadline:
+                    error = self._outage.error
+                    raise TimeOut(f"queuepool {self.name!r}: no resource could be opened in "
+                                  f"{timeout} s: {type(error).__name__}: {error}") from None
+                continue
+            self.put(r)
+            return
+
+    def __enter__(self) -> Any:
+        self.open()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- the outage, for _open
+
+    def _gated_open(self, r: ResourceManager, draw: Callable[[], Any],
+                    undraw: Callable[[Any], None]) -> Any:
+        """``r.open()`` through the outage: fail fast during one (raising a copy of the last
+        error), one attempt when it is due; ``draw()`` takes the budget token first (given
+        back by ``undraw(token)`` if open() raises). Returns the token."""
+        who = f"queuepool {self.name!r}"
+        with self._lock:
+            ticket = admit(self._outage, self._now(), "open()")
+        try:
+            token = draw()
+        except BaseException:
+            with self._lock:
+                self._outage.abort(ticket)  # not an attempt: open() was not called
+            raise
+        try:
+            r.open()
+        except BaseException as exc:
+            undraw(token)
+            with self._lock:
+                due = failed(self._outage, self._now(), exc, ticket, who)
+            if due:
+                gave_up(self._outage, who)
+                if self.reconnect_failed is not None:
+                    try:
+                        self.reconnect_failed(self)
+                    except Exception:
+                        log.exception("mppool: %s: reconnect_failed raised", who)
+            raise
+        with self._lock:
+            succeeded(self._outage, self._now(), who)
+        return token
+
+    # The pool's.
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _start_recall(self) -> None:
+        raise NotImplementedError
+
+    def _take(self, timeout: float | None) -> ResourceManager:
+        raise NotImplementedError
+
+    def put(self, r: ResourceManager) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
