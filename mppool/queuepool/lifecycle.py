@@ -36,6 +36,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ..budget import Budget, draw_token, give_back
 from ..clock import clamp_wait
 from ..errors import PoolClosed, TimeOut
 from ..outage import Outage, admit, failed, gave_up, succeeded
@@ -52,6 +53,8 @@ class Lifecycle:
 
     # The pool's, read here.
     name: str
+    _budget: Budget | None
+    _tokens: dict[int, Any]
     _lock: threading.Lock
     _closed: bool
     _idle: list[ResourceManager]
@@ -124,24 +127,27 @@ class Lifecycle:
 
     # ---------------------------------------------------------------- the outage, for _open
 
-    def _gated_open(self, r: ResourceManager, draw: Callable[[], Any],
-                    undraw: Callable[[Any], None]) -> Any:
-        """``r.open()`` through the outage: fail fast during one (raising a copy of the last
-        error), one attempt when it is due; ``draw()`` takes the budget token first (given
-        back by ``undraw(token)`` if open() raises). Returns the token."""
+    def _open(self, r: ResourceManager, timeout: float | None) -> None:
+        """Open a closed manager through the outage: fail fast during one (a copy of the
+        last error, open() not called), one attempt when it is due. Its budget token is
+        drawn first, within ``timeout`` (TimeOut: no token in time)."""
         who = f"queuepool {self.name!r}"
         with self._lock:
             ticket = admit(self._outage, self._now(), "open()")
         try:
-            token = draw()
+            token = draw_token(self._budget, False, timeout)
         except BaseException:
             with self._lock:
                 self._outage.abort(ticket)  # not an attempt: open() was not called
             raise
+        since = self._now()
         try:
             r.open()
         except BaseException as exc:
-            undraw(token)
+            self._count(connections_num=1, connections_errors=1,
+                        connections_s=self._now() - since)
+            give_back(self._budget, token, str(self.name))
+            r._isOpen = False
             with self._lock:
                 due = failed(self._outage, self._now(), exc, ticket, who)
             if due:
@@ -152,12 +158,29 @@ class Lifecycle:
                     except Exception:
                         log.exception("mppool: %s: reconnect_failed raised", who)
             raise
+        now = self._now()
+        self._count(connections_num=1, connections_s=now - since)
         with self._lock:
-            succeeded(self._outage, self._now(), who)
-        return token
+            succeeded(self._outage, now, who)
+            if token is not None:
+                self._tokens[id(r)] = token
+
+    def _prefer_open(self, top: ResourceManager) -> ResourceManager:
+        """Under the lock, during an outage: ``top`` (just popped) is closed and opening it
+        would fail fast; take the open manager nearest the top instead, if there is one
+        (``top`` keeps its place)."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            if self._idle[i]._isOpen:
+                r = self._idle.pop(i)
+                self._idle.append(top)
+                return r
+        return top
 
     # The pool's.
     def _now(self) -> float:
+        raise NotImplementedError
+
+    def _count(self, **amounts: float) -> None:
         raise NotImplementedError
 
     def _start_recall(self) -> None:

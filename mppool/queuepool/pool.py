@@ -45,7 +45,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
-from ..budget import RECALL_PERIOD, Budget, check_budget, draw_token, give_back
+from ..budget import RECALL_PERIOD, Budget, check_budget, give_back
 from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
 from ..sched import Task, default_scheduler
@@ -210,6 +210,8 @@ class Pool(Measures, Lifecycle):
                 raise PoolClosed(self._refused)
             if self._idle and not any(not w.done for w in self._waiters):
                 r = self._idle.pop()
+                if not r._isOpen and self._outage.active:
+                    r = self._prefer_open(r)  # it would fail fast: an open one, if any
             elif timeout == 0:
                 raise TimeOut(f"queuepool {self.name!r}: no resource free, timeout after 0 s")
             elif self._max_waiting and (sum(1 for w in self._waiters if not w.done)
@@ -425,26 +427,6 @@ class Pool(Measures, Lifecycle):
                         exc_info=True)
             r._isOpen = False  # its resource is unusable either way
         self._sync_token(r)
-
-    def _open(self, r: ResourceManager, timeout: float | None) -> None:
-        since = 0.0
-
-        def draw() -> Any:
-            nonlocal since
-            token = draw_token(self._budget, False, timeout)  # TimeOut: no token in time
-            since = _now()
-            return token
-
-        def undraw(token: Any) -> None:
-            self._count(connections_num=1, connections_errors=1, connections_s=_now() - since)
-            give_back(self._budget, token, str(self.name))
-            r._isOpen = False
-
-        token = self._gated_open(r, draw, undraw)  # fails fast during an outage
-        self._count(connections_num=1, connections_s=_now() - since)
-        if token is not None:
-            with self._lock:
-                self._tokens[id(r)] = token
 
     def _sync_token(self, r: ResourceManager) -> None:
         """A manager seen closed gives its budget token back, whoever closed it."""
