@@ -212,7 +212,7 @@ def test_wait_raises_timeout_on_a_failing_open() -> None:
 
 def test_wait_raises_timeout_with_no_manager() -> None:
     pool = Pool("empty", 1)
-    with pytest.raises(TimeOut, match="no resource could be opened in 0.05 s"):
+    with pytest.raises(TimeOut, match=r"no resource could be opened in 0\.05 s"):
         pool.wait(0.05)
 
 
