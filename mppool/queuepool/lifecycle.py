@@ -33,12 +33,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..budget import Budget, draw_token, give_back
 from ..clock import clamp_wait
 from ..errors import PoolClosed, TimeOut
+from ..lifetime import OpenClose
 from ..outage import Outage, admit, failed, gave_up, succeeded
 from ..validate import check_callable, check_duration, check_timeout
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mppool")
 
 
-class Lifecycle:
+class Lifecycle(OpenClose):
     """The lifecycle and outage side of queuepool's `Pool` (see the module docstring)."""
 
     # The pool's, read here.
@@ -117,14 +117,6 @@ class Lifecycle:
             self.put(r)
             return
 
-    def __enter__(self) -> Any:
-        self.open()
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     # ---------------------------------------------------------------- the outage, for _open
 
     def _open(self, r: ResourceManager, timeout: float | None) -> None:
@@ -192,5 +184,3 @@ class Lifecycle:
     def put(self, r: ResourceManager) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError

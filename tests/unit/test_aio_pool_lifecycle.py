@@ -9,11 +9,11 @@ real, every scenario bounded by a deadline.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+from helpers import BAD_LIFECYCLE_OPTIONS, ModuleClock, patch_now, run_bounded
 
 import mppool.aio.connection_pool as cp
 from mppool import PoolClosed, TimeOut
@@ -23,26 +23,12 @@ DEADLINE = 5.0
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(DEADLINE):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+    return run_bounded(coro, DEADLINE)
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(cp, "_now", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> ModuleClock:
+    return patch_now(monkeypatch, cp, 100.0)
 
 
 class Flaky(ConnectionStrategy[dict[str, Any]]):
@@ -76,7 +62,7 @@ async def use(pool: ConnectionPool[Any]) -> int:
 # ------------------------------------------------------------------------------ backoff
 
 
-def test_a_failing_make_connection_backs_off_and_acquires_fail_fast(clock: FakeClock) -> None:
+def test_a_failing_make_connection_backs_off_and_acquires_fail_fast(clock: ModuleClock) -> None:
     async def scenario() -> None:
         s = Flaky(down=True)
         pool = ConnectionPool(strategy=s, max_size=2)
@@ -112,7 +98,7 @@ def test_a_failing_make_connection_backs_off_and_acquires_fail_fast(clock: FakeC
     run(scenario())
 
 
-def test_waiters_given_a_slot_during_an_outage_fail_fast(clock: FakeClock) -> None:
+def test_waiters_given_a_slot_during_an_outage_fail_fast(clock: ModuleClock) -> None:
     async def scenario() -> None:
         s = Flaky()
         pool = ConnectionPool(strategy=s, max_size=1)
@@ -131,7 +117,7 @@ def test_waiters_given_a_slot_during_an_outage_fail_fast(clock: FakeClock) -> No
     run(scenario())
 
 
-def test_reconnect_failed_once_per_outage(clock: FakeClock) -> None:
+def test_reconnect_failed_once_per_outage(clock: ModuleClock) -> None:
     told: list[Any] = []
 
     async def hook(pool: ConnectionPool[Any]) -> None:  # an async hook is awaited
@@ -169,7 +155,7 @@ def test_reconnect_failed_once_per_outage(clock: FakeClock) -> None:
 
 
 def test_a_plain_reconnect_failed_that_raises_is_logged(
-        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+        clock: ModuleClock, caplog: pytest.LogCaptureFixture) -> None:
     calls: list[int] = []
 
     def hook(pool: ConnectionPool[Any]) -> None:
@@ -269,15 +255,7 @@ def test_async_with_opens_and_closes() -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"reconnect_timeout": math.nan}, ValueError, "reconnect_timeout.*nan"),
-        ({"reconnect_timeout": -1}, ValueError, "reconnect_timeout.*-1"),
-        ({"reconnect_failed": "log"}, TypeError, "reconnect_failed must be callable"),
-        ({"open": 1}, TypeError, "open must be a bool"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_LIFECYCLE_OPTIONS)
 def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         ConnectionPool(strategy=Flaky(), max_size=1, **kwargs)

@@ -8,12 +8,12 @@ blocking waits use real time, bounded by deadlines.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any
 
 import pytest
+from helpers import BAD_LIFECYCLE_OPTIONS, ModuleClock, patch_now
 
 import mppool.queuepool.pool as qpool
 from mppool import PoolClosed, TimeOut
@@ -22,19 +22,9 @@ from mppool.queuepool import Pool, ResourceManager
 DEADLINE = 10.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(qpool, "_now", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> ModuleClock:
+    return patch_now(monkeypatch, qpool, 1000.0)
 
 
 class Database:
@@ -78,7 +68,7 @@ def use(pool: Pool) -> str:
 # ------------------------------------------------------------------------------ backoff
 
 
-def test_a_failing_open_backs_off_and_takes_fail_fast(clock: FakeClock) -> None:
+def test_a_failing_open_backs_off_and_takes_fail_fast(clock: ModuleClock) -> None:
     db = Database(down=True)
     pool = make(db)
     with pytest.raises(ConnectionRefusedError):
@@ -109,7 +99,7 @@ def test_a_failing_open_backs_off_and_takes_fail_fast(clock: FakeClock) -> None:
     pool.close()
 
 
-def test_a_take_of_an_open_manager_is_served_during_an_outage(clock: FakeClock) -> None:
+def test_a_take_of_an_open_manager_is_served_during_an_outage(clock: ModuleClock) -> None:
     db = Database()
     pool = Pool("test", 2, maxUsageCount=None)
     warm, cold = Res("warm", db), Res("cold", db)
@@ -134,7 +124,7 @@ def test_a_take_of_an_open_manager_is_served_during_an_outage(clock: FakeClock) 
     pool.close()
 
 
-def test_reconnect_failed_once_per_outage(clock: FakeClock) -> None:
+def test_reconnect_failed_once_per_outage(clock: ModuleClock) -> None:
     db = Database(down=True)
     told: list[Pool] = []
     pool = make(db, reconnect_timeout=5.0, reconnect_failed=told.append)
@@ -248,15 +238,7 @@ def test_with_pool_opens_and_closes() -> None:
         pool.take()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"reconnect_timeout": math.nan}, ValueError, "reconnect_timeout.*nan"),
-        ({"reconnect_timeout": -1}, ValueError, "reconnect_timeout.*-1"),
-        ({"reconnect_failed": "log"}, TypeError, "reconnect_failed must be callable"),
-        ({"open": 1}, TypeError, "open must be a bool"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_LIFECYCLE_OPTIONS)
 def test_bad_options(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         Pool("bad", 1, **kwargs)
