@@ -52,14 +52,12 @@ from ..errors import PoolClosed, TooManyRequests
 from ..outage import REFUSED
 from ..validate import check_callable, check_int, check_period
 from .lifecycle import Lifecycle, ReconnectFailed
+from .recall import RECALL_PERIOD, Recall
 from .strategy import AsyncBudget, Conn, ConnectionStrategy
 
-__all__ = ["AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
+__all__ = ["RECALL_PERIOD", "AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
 
 log = logging.getLogger("mppool")
-
-# How often a pool with a budget asks whether another process waits for it (at most).
-RECALL_PERIOD = 0.05
 
 # The clock of check_after and of the counters' durations (tests replace it).
 _now = time.monotonic
@@ -113,7 +111,7 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
-class ConnectionPool(Lifecycle, Generic[Conn]):
+class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
 
@@ -471,55 +469,6 @@ class ConnectionPool(Lifecycle, Generic[Conn]):
         self._background.discard(task)
         if not task.cancelled():
             task.exception()  # seen by the caller, or by nobody if it was cancelled
-
-    # ---------------------------------------------------------------- budget recall
-
-    def _ensure_recall(self) -> None:
-        """Start the recall task in the running loop (at most one per pool)."""
-        if not callable(getattr(self.budget, "waiting", None)) or self._closed:
-            return
-        task = self._recall_task
-        loop = asyncio.get_running_loop()
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._recall_task = loop.create_task(self._recall_loop(),
-                                             name="mppool.aio.ConnectionPool recall")
-
-    async def _recall_loop(self) -> None:
-        """Runs while the pool holds connections; the next get_connection() restarts it."""
-        while not self._closed:
-            await asyncio.sleep(RECALL_PERIOD)
-            if not self._total:
-                self._recall_n = 0
-                return
-            try:
-                await self.recall()
-            except Exception:
-                log.exception("mppool.aio: budget recall failed")
-
-    async def recall(self) -> int:
-        """Close idle connections that other processes wait for; the budget's ``waiting()``
-        says how many. Only asks it when this pool holds connections; those in use are
-        given back at their return instead. Returns how many were closed now."""
-        waiting = getattr(self.budget, "waiting", None)
-        if waiting is None or not (self._idle or self.in_use):
-            self._recall_n = 0
-            return 0
-        try:
-            wanted = int(await waiting())
-        except Exception:
-            log.debug("mppool.aio: budget.waiting() failed", exc_info=True)
-            return 0
-        n = max(0, min(wanted, len(self._idle)))
-        slots = [self._idle.popleft() for _ in range(n)]  # the longest idle first
-        self.currently_deallocating += n
-        self._counts["recalled"] += n
-        self._recall_n = max(0, min(wanted - n, self.in_use))
-        for slot in slots:
-            await self._close(slot, quiet=True)
-        if n:
-            log.info("mppool.aio: gave %d idle connection(s) back to the budget", n)
-        return n
 
     # ---------------------------------------------------------------- closing
 
