@@ -172,7 +172,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self._recall_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._counts = dict.fromkeys(
-            ("made", "make_errors", "closed", "close_errors", "stale", "burst_closed",
+            ("made", "make_errors", "make_refused", "closed", "close_errors", "stale", "burst_closed",
              "recalled"), 0)
         # psycopg_pool's counters as mppool.counters keeps them (nuses: acquires served).
         self._pcounts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
@@ -341,9 +341,13 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         its last error at once."""
         token = None
         ticket = REFUSED
-        due = False
+        due = refused = False
         try:
-            ticket = self._admit()
+            try:
+                ticket = self._admit()
+            except Exception:
+                refused = True  # failed fast: make_connection was not called
+                raise
             if self.budget is not None:
                 try:
                     token = await self.budget.get()  # before make_connection: the cap holds
@@ -362,7 +366,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
             finally:
                 self._pcounts["connections_s"] += _now() - since
         except BaseException:
-            self._counts["make_errors"] += 1
+            self._counts["make_refused" if refused else "make_errors"] += 1
             try:
                 if token is not None:
                     await self._give_token(token)

@@ -91,8 +91,9 @@ def test_a_failing_make_connection_backs_off_and_acquires_fail_fast(clock: Modul
         assert await use(pool) == 0 and s.calls == 3
         assert await use(pool) == 0 and s.calls == 3  # idle: reused
         st = pool.stats()
-        assert (st["connections_num"], st["connections_errors"], st["in_use"],
-                st["allocating"], st["idle"]) == (3, 2, 0, 0, 1)
+        assert (st["connections_num"], st["connections_errors"], st["make_errors"],
+                st["make_refused"], st["in_use"], st["allocating"], st["idle"]) == (
+                    3, 2, 2, 5, 0, 0, 1)  # 5 acquires failed fast
         await pool.close()
 
     run(scenario())
