@@ -95,10 +95,12 @@ class Lifecycle:
             if left is not None and left <= 0:
                 error = self._outage.error
                 raise TimeOut(f"{WHO}: no connection could be made in {timeout} s"
-                              + (f": {type(error).__name__}: {error}" if error else ""))
+                              + (f": {type(error).__name__}: {error}"
+                                 if error is not None else ""))
             pause = await self._try_make(deadline) if self._room() else POLL
-            if pause is not None:
-                await asyncio.sleep(max(0.0, pause if left is None else min(pause, left)))
+            if pause is None:
+                return  # made: even if it was closed at once (max_size=0 with a burst_limit)
+            await asyncio.sleep(max(0.0, pause if left is None else min(pause, left)))
 
     async def _try_make(self, deadline: float | None) -> float | None:
         """For wait(): make a connection and keep it idle. None when made, else how long to

@@ -213,6 +213,17 @@ def test_wait_makes_one_connection_and_keeps_it_idle() -> None:
     run(scenario())
 
 
+def test_wait_returns_once_a_connection_was_made_even_if_not_kept() -> None:
+    async def scenario() -> None:
+        s = Flaky()
+        pool = ConnectionPool(strategy=s, max_size=0, burst_limit=1)  # keeps nothing idle
+        await pool.wait(1.0)
+        assert s.calls == 1 and s.made[0]["closed"]
+        await pool.close()
+
+    run(scenario())
+
+
 def test_wait_raises_timeout_on_a_failing_make_connection() -> None:
     async def scenario() -> None:
         s = Flaky(down=True)
