@@ -99,23 +99,25 @@ class Lifecycle(OpenClose):
             try:
                 r = self._take(left)  # not take(): not a request for the counters
             except TimeOut:
-                error = self._outage.error
-                raise TimeOut(f"queuepool {self.name!r}: no resource could be opened in "
-                              f"{timeout} s" + (f": {type(error).__name__}: {error}"
-                                                if error is not None else "")) from None
+                raise self._not_ready(timeout) from None
             except Exception:  # open() failed, or failed fast: wait for the next attempt
                 with self._lock:
+                    if not self._outage.active:
+                        raise  # not opening (a repair, a check): not for wait() to retry
                     pause = self._outage.next_at - self._now()
                 if deadline is not None:
                     pause = min(pause, deadline - time.monotonic())
                 time.sleep(clamp_wait(max(0.0, pause)) or 0.0)
                 if deadline is not None and time.monotonic() >= deadline:
-                    error = self._outage.error
-                    raise TimeOut(f"queuepool {self.name!r}: no resource could be opened in "
-                                  f"{timeout} s: {type(error).__name__}: {error}") from None
+                    raise self._not_ready(timeout) from None
                 continue
             self.put(r)
             return
+
+    def _not_ready(self, timeout: float | None) -> TimeOut:
+        error = self._outage.error
+        return TimeOut(f"queuepool {self.name!r}: no resource could be opened in {timeout} s"
+                       + (f": {type(error).__name__}: {error}" if error is not None else ""))
 
     # ---------------------------------------------------------------- the outage, for _open
 

@@ -200,6 +200,20 @@ def test_wait_raises_timeout_on_a_failing_open() -> None:
     pool.close()
 
 
+def test_wait_raises_an_error_that_is_not_opening() -> None:
+    class BadRepair(Res):
+        def takeRepair(self) -> None:
+            raise RuntimeError("repair bug")
+
+    db = Database()
+    pool = Pool("test", 1)
+    pool.put(BadRepair("r", db))
+    with pytest.raises(RuntimeError, match="repair bug"):  # at once, not after 5 s of retries
+        pool.wait(5.0)
+    assert db.calls == 0 and pool.free() == 1
+    pool.close()
+
+
 def test_wait_raises_timeout_with_no_manager() -> None:
     pool = Pool("empty", 1)
     with pytest.raises(TimeOut, match=r"no resource could be opened in 0\.05 s"):
