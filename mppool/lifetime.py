@@ -53,7 +53,26 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Lifetime(PoolState):
+class OpenClose:
+    """``with pool:`` opens the pool on entry (if it was not) and closes it on exit; the
+    sync pools with psycopg_pool's lifecycle (the core pool, queuepool's) share it."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.open()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Lifetime(OpenClose, PoolState):
     """The end of a core `mppool.Pool` (see the module docstring)."""
 
     def _register(self) -> None:
@@ -106,14 +125,6 @@ class Lifetime(PoolState):
     def close(self, delay: float | None = 0.0) -> None:
         """`shutdown` (psycopg_pool's name)."""
         self.shutdown(delay)
-
-    def __enter__(self) -> Any:
-        self.open()
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def shutdown(self, delay: float | None = 0.0) -> None:
         """Close every object, wake every waiter with PoolClosed; later gets raise it.

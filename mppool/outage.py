@@ -15,6 +15,7 @@ rules are unit-tested by feeding it times.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ JITTER = 0.1
 MAX_DELAY = 60.0
 
 REFUSED, NORMAL, PROBE = 0, 1, 2  # what Outage.begin() allows
+
+log = logging.getLogger("mppool")
 
 
 class Outage:
@@ -106,7 +109,7 @@ class Outage:
                 "error": f"{type(self.error).__name__}: {self.error}"[:200]}
 
 
-def fail_fast_error(exc: BaseException, next_in: float) -> BaseException:
+def fail_fast_error(exc: BaseException, next_in: float, creator: str = "fun") -> BaseException:
     """A copy of the last creation error to raise from a get during an outage (the same
     class and message; the original, which other threads may be raising, is not touched)."""
     try:
@@ -114,10 +117,53 @@ def fail_fast_error(exc: BaseException, next_in: float) -> BaseException:
     except Exception:
         return exc
     notes = list(getattr(exc, "__notes__", ()))
-    notes.append(f"mppool: raised again without calling fun: creating objects fails; next "
-                 f"attempt in {next_in:.1f} s")
+    notes.append(f"mppool: raised again without calling {creator}: creating objects fails; "
+                 f"next attempt in {next_in:.1f} s")
     try:
         again.__notes__ = notes
     except Exception:
         pass
     return again
+
+
+# What every pool that creates things does with its Outage, under its own lock (the core pool,
+# mppool.aio.ConnectionPool, mppool.queuepool.Pool); ``who`` names the pool in the logs.
+
+def admit(outage: Outage, now: float, creator: str = "fun") -> int:
+    """``outage.begin(now)``, raising a fail-fast copy of the last creation error when the
+    creation may not start (REFUSED): the ticket to give to `failed`/``abort``. ``creator``
+    names what was not called, in the copy's note."""
+    ticket = outage.begin(now)
+    if ticket == REFUSED:
+        raise fail_fast_error(outage.error, outage.next_at - now,  # type: ignore[arg-type]
+                              creator)
+    return ticket
+
+
+def failed(outage: Outage, now: float, exc: BaseException, ticket: int, who: str) -> bool:
+    """A creation raised: ``outage.failed()``, with a warning at the start of an outage.
+    True when ``reconnect_failed`` is due (see `gave_up`). Not an Exception (cancelled,
+    interrupted): no verdict on the server, the attempt is only given back."""
+    if not isinstance(exc, Exception):
+        outage.abort(ticket)
+        return False
+    first = not outage.active
+    due = outage.failed(now, exc, ticket)
+    if first:
+        log.warning("mppool: %s: creating an object failed (%s: %s): retrying with "
+                    "backoff, gets fail fast meanwhile", who, type(exc).__name__, exc,
+                    exc_info=exc)
+    return due
+
+
+def succeeded(outage: Outage, now: float, who: str) -> None:
+    """A creation worked: the outage, if any, is over (logged)."""
+    since = outage.succeeded()
+    if since is not None:
+        log.warning("mppool: %s: creating objects works again after %.1f s", who, now - since)
+
+
+def gave_up(outage: Outage, who: str) -> None:
+    """Log that the outage lasted ``reconnect_timeout``; the caller then calls the hook."""
+    log.error("mppool: %s: could not create objects for %s s (reconnect_timeout)",
+              who, outage.timeout)

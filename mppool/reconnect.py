@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from .clock import REAL_CLOCK
-from .outage import INITIAL_DELAY, Outage
+from .outage import INITIAL_DELAY, Outage, failed, gave_up, succeeded
 from .sched import Scheduler, Task, default_scheduler
 from .state import PoolState
 from .validate import check_callable, check_duration
@@ -46,27 +46,17 @@ class Reconnecting(PoolState):
 
     def _creation_failed(self, exc: BaseException, ticket: int) -> bool:
         """Under the lock: fun raised; True if reconnect_failed is due."""
-        first = not self._outage.active
-        due = self._outage.failed(self._clock.now(), exc, ticket)
-        if first:
-            log.warning("mppool: pool %r: creating an object failed (%s: %s): retrying with "
-                        "backoff, gets fail fast meanwhile", self._name, type(exc).__name__, exc,
-                        exc_info=exc)
-        return due
+        return failed(self._outage, self._clock.now(), exc, ticket, f"pool {self._name!r}")
 
     def _creation_succeeded(self) -> None:
         """Under the lock: fun worked."""
-        since = self._outage.succeeded()
-        if since is not None:
-            log.warning("mppool: pool %r: creating objects works again after %.1f s",
-                        self._name, self._clock.now() - since)
+        succeeded(self._outage, self._clock.now(), f"pool {self._name!r}")
 
     def _after_failure(self, due: bool) -> None:
         """Outside the lock, after a failed creation: tell the user if the outage has lasted
         reconnect_timeout, and make sure min_size is refilled when the next attempt is due."""
         if due:
-            log.error("mppool: pool %r: could not create objects for %s s (reconnect_timeout)",
-                      self._name, self._outage.timeout)
+            gave_up(self._outage, f"pool {self._name!r}")
             if self._reconnect_failed is not None:
                 self._hook("reconnect_failed", self._reconnect_failed, self)
         try:

@@ -53,7 +53,7 @@ from .budget import Budget, draw_token, give_back
 from .clock import Clock
 from .holder import Holder
 from .leasemap import LeaseMap
-from .outage import REFUSED, fail_fast_error
+from .outage import REFUSED, admit
 from .ratelog import RateLimitedLog
 from .sched import Scheduler, Task
 from .waiters import CREATE as CREATE  # the `X as X` names: re-exported
@@ -333,10 +333,7 @@ class PoolState:
         try:
             with self._lock:
                 # During an outage, only the one attempt that is due calls fun (reconnect.py).
-                ticket = self._outage.begin(self._clock.now())
-                if ticket == REFUSED:
-                    raise fail_fast_error(self._outage.error,  # type: ignore[arg-type]
-                                          self._outage.next_at - self._clock.now())
+                ticket = admit(self._outage, self._clock.now())
             # Drawn before fun runs, so the cross-process total never exceeds the budget.
             try:
                 token = draw_token(self._budget, fill, timeout)

@@ -10,7 +10,8 @@ as medians over the reps:
   of C = N and C = N/2 units: mppool's supervisor (a token pool) against the stdlib
   ``SyncManager().BoundedSemaphore(C)`` and, when Redis answers, a Redis semaphore (a list
   of C tokens, BLPOP/RPUSH, under a fresh key per cell); mppool's fast path
-  (``token_pool(...)``, leases in shared memory; the supervisor path is ``fast=False``), C ``filelock`` lock files, and
+  (``token_pool(...)``, leases in shared memory; the supervisor path is ``fast=False``),
+  C ``filelock`` lock files, and
   the in-kernel floor, a process-shared POSIX (futex) semaphore;
 - in-process get + ret: ``mppool.Pool`` against ProxyPatternPool's ``Pool``, queuepool's
   ``Pool`` and SQLAlchemy's ``QueuePool`` (when installed), and ``mppool.Pool`` with a shared

@@ -3,14 +3,55 @@ housekeeping by hand on a fake clock, run threads that are always joined."""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mppool.clock import FakeClock
+
+
+def run_bounded(coro: Coroutine[Any, Any, Any], deadline: float) -> Any:
+    """``asyncio.run(coro)``, failing with TimeoutError after ``deadline`` seconds."""
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(deadline):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+# Bad values of the lifecycle and reconnect options, for every pool that takes them:
+# (options, exception, message pattern).
+BAD_LIFECYCLE_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"reconnect_timeout": math.nan}, ValueError, "reconnect_timeout.*nan"),
+    ({"reconnect_timeout": -1}, ValueError, "reconnect_timeout.*-1"),
+    ({"reconnect_failed": "log"}, TypeError, "reconnect_failed must be callable"),
+    ({"open": 1}, TypeError, "open must be a bool"),
+]
+
+
+class ModuleClock:
+    """A fake ``time.monotonic`` for modules that read their clock through a module-level
+    ``_now`` (mppool.aio.connection_pool, mppool.queuepool.pool): it moves only when a test
+    changes ``t``. Installed by `patch_now`."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def patch_now(monkeypatch: Any, module: Any, start: float = 1000.0) -> ModuleClock:
+    """Replace ``module._now`` with a `ModuleClock` for the test (``monkeypatch`` undoes it)."""
+    clock = ModuleClock(start)
+    monkeypatch.setattr(module, "_now", clock)
+    return clock
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.002,

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import mppool.aio.connection_pool as cp
 from mppool import PoolClosed
 from mppool.aio import ConnectionPool, ConnectionStrategy
 
@@ -378,11 +379,14 @@ def test_idle_connection_is_handed_out_without_yielding_to_the_loop() -> None:
     run(main())
 
 
-def test_failed_make_gives_the_slot_to_a_waiter() -> None:
+def test_failed_make_gives_the_slot_to_a_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(cp, "_now", lambda: clock[0])
+
     async def main() -> None:
         s = Strategy()
         s.gate = asyncio.Event()
-        s.fail_next = 1
+        s.fail_next = 2
         pool = ConnectionPool(strategy=s, max_size=1)
 
         async def use() -> int:
@@ -395,7 +399,14 @@ def test_failed_make_gives_the_slot_to_a_waiter() -> None:
         s.gate.set()
         with pytest.raises(ConnectionRefusedError):
             await first
-        assert await second == 0, "the freed slot went to the waiter"
+        # The slot went to the waiter, which fails fast during the backoff (make_connection
+        # is not called again) instead of waiting for ever.
+        with pytest.raises(ConnectionRefusedError):
+            await second
+        assert s.fail_next == 1 and pool._total == 0  # one call of make_connection
+        s.fail_next = 0
+        clock[0] += 2.0  # past the backoff: the slot is still there
+        assert await use() == 0
         quiet(pool)
         await pool.close()
 

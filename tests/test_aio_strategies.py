@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -288,5 +289,58 @@ def test_redis_connection_killed_server_side_is_never_handed_out(redis_url: str)
             await pool.close()
         finally:
             await mon.aclose()
+
+    run(main())
+
+
+def test_psycopg_outage_backs_off_reports_and_recovers(postgres_dsn: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database the server refuses (it does not exist) is an outage: wait() times out
+    naming the server's error, reconnect_failed is called once, acquires fail fast without
+    asking the server again; once the DSN is right and the backoff has passed, service
+    resumes. The pool's backoff clock is a fake one."""
+    import psycopg
+
+    import mppool.aio.connection_pool as cp
+    from mppool import PoolClosed, TimeOut
+
+    clock = [1000.0]
+    monkeypatch.setattr(cp, "_now", lambda: clock[0])
+    url = urllib.parse.urlsplit(postgres_dsn)
+    missing = urllib.parse.urlunsplit(url._replace(path=f"/mppool_no_db_{uuid.uuid4().hex[:8]}"))
+
+    class Counting(PsycopgStrategy):
+        calls = 0
+
+        async def make_connection(self) -> Any:
+            self.calls += 1
+            return await super().make_connection()
+
+    async def main() -> None:
+        told: list[Any] = []
+        strategy = Counting(missing, autocommit=True)
+        pool = ConnectionPool(strategy=strategy, max_size=2, reconnect_timeout=0.0,
+                              reconnect_failed=told.append, open=False)
+        with pytest.raises(PoolClosed, match="not open"):
+            async with pool.get_connection():
+                pass
+        async with pool:
+            with pytest.raises(TimeOut, match=r"OperationalError.*does not exist"):
+                await pool.wait(0.3)
+            assert strategy.calls == 1 and told == [pool]  # reconnect_timeout=0: at once
+            with pytest.raises(psycopg.OperationalError) as info:
+                async with pool.get_connection():
+                    pass
+            assert strategy.calls == 1  # failed fast: the server was not asked again
+            assert "without calling make_connection()" in " ".join(info.value.__notes__)
+            strategy.conninfo = postgres_dsn
+            clock[0] += 2.0  # past the backoff
+            async with pool.get_connection() as conn:
+                cur = await conn.execute("select 1")
+                assert await cur.fetchone() == (1,)
+            await pool.wait(1.0)  # one exists
+            assert strategy.calls == 2 and told == [pool]
+            kept = conn
+        assert kept.closed  # async with closed the pool and its idle connection
 
     run(main())

@@ -6,8 +6,10 @@
   of the control plane (`mppool.aio.control`).
 - ``mppool.aio.ConnectionPool``: asyncio-connection-pool's pool, drop-in, with an optional
   cross-process ``budget=`` (an async token pool) and psycopg_pool's ``check=``,
-  ``max_waiting=`` and counters (`mppool.aio.connection_pool`); ready strategies in
-  `mppool.aio.strategies`.
+  ``max_waiting=`` and counters (`mppool.aio.connection_pool`), its lifecycle (``open=``,
+  ``await pool.open()``/``wait()``, ``async with pool:``) and its backoff when connecting
+  fails (``reconnect_timeout=``, ``reconnect_failed=``; `mppool.aio.lifecycle`); ready
+  strategies in `mppool.aio.strategies`.
 """
 
 from .client import AsyncClient, AsyncSharedPool, connect

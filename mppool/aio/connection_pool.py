@@ -25,6 +25,15 @@ as before:
 - psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
   reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
   paths only.
+- psycopg_pool's lifecycle and reconnect options (`mppool.aio.lifecycle`): ``open=True``
+  (False: acquires raise ``PoolClosed`` until ``await pool.open()``), ``await
+  pool.wait(timeout=30.0)``, ``async with pool:``, ``reconnect_timeout=300.0`` and
+  ``reconnect_failed=`` (a plain or async ``hook(pool)``): a failing ``make_connection`` is
+  retried with backoff (1 s, doubling, +-10% jitter), acquires fail fast with its error
+  meanwhile, and ``reconnect_failed`` is called once per outage after ``reconnect_timeout``.
+  There is no ``min_size`` (nothing is kept open ahead, as in asyncio-connection-pool), so
+  ``wait()`` has the meaning psycopg_pool gives it for ``AsyncNullConnectionPool``: it
+  returns once a connection can be made (one exists, or it makes one and keeps it idle).
 """
 
 from __future__ import annotations
@@ -40,15 +49,15 @@ from typing import Any, Generic
 
 from .. import counters
 from ..errors import PoolClosed, TooManyRequests
+from ..outage import REFUSED
 from ..validate import check_callable, check_int, check_period
+from .lifecycle import Lifecycle, ReconnectFailed
+from .recall import RECALL_PERIOD, Recall
 from .strategy import AsyncBudget, Conn, ConnectionStrategy
 
-__all__ = ["AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
+__all__ = ["RECALL_PERIOD", "AsyncBudget", "ConnectionPool", "ConnectionStrategy"]
 
 log = logging.getLogger("mppool")
-
-# How often a pool with a budget asks whether another process waits for it (at most).
-RECALL_PERIOD = 0.05
 
 # The clock of check_after and of the counters' durations (tests replace it).
 _now = time.monotonic
@@ -102,7 +111,7 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
-class ConnectionPool(Generic[Conn]):
+class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
 
@@ -112,7 +121,8 @@ class ConnectionPool(Generic[Conn]):
     included, holds one token: taken before ``make_connection`` runs, given back once the
     connection is closed. When another process waits for the budget, idle connections are
     closed to give their tokens back (checked every 50 ms while this pool holds any).
-    ``check``, ``check_after``, ``max_waiting``: see the module docstring.
+    ``check``, ``check_after``, ``max_waiting``, ``reconnect_timeout``,
+    ``reconnect_failed``, ``open``: see the module docstring.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
@@ -127,6 +137,9 @@ class ConnectionPool(Generic[Conn]):
         check: Callable[[Conn], bool | Awaitable[bool]] | None = None,
         check_after: float = 0.0,
         max_waiting: int = 0,
+        reconnect_timeout: float | None = 300.0,
+        reconnect_failed: ReconnectFailed | None = None,
+        open: bool = True,
     ) -> None:
         _check_size("max_size", max_size)
         if burst_limit is not None:
@@ -145,6 +158,7 @@ class ConnectionPool(Generic[Conn]):
         self.check = check
         self.check_after = check_period("check_after", check_after)
         self.max_waiting = check_int("max_waiting", max_waiting)
+        self._init_lifecycle(reconnect_timeout, reconnect_failed, open)
         self.strategy = strategy
         self.max_size = max_size
         self.burst_limit = burst_limit
@@ -157,9 +171,8 @@ class ConnectionPool(Generic[Conn]):
         self._recall_n = 0  # connections to close at their return: other processes wait
         self._recall_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._closed = False
         self._counts = dict.fromkeys(
-            ("made", "make_errors", "closed", "close_errors", "stale", "burst_closed",
+            ("made", "make_errors", "make_refused", "closed", "close_errors", "stale", "burst_closed",
              "recalled"), 0)
         # psycopg_pool's counters as mppool.counters keeps them (nuses: acquires served).
         self._pcounts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
@@ -183,6 +196,12 @@ class ConnectionPool(Generic[Conn]):
 
     def _limit(self) -> int:
         return self.max_size if self.burst_limit is None else max(self.burst_limit, self.max_size)
+
+    def _room(self) -> bool:
+        return self._total < self._limit()
+
+    def _now(self) -> float:
+        return _now()
 
     def stats(self) -> dict[str, int]:
         """Current counts, totals since the pool was built, and psycopg_pool's counters
@@ -221,7 +240,7 @@ class ConnectionPool(Generic[Conn]):
         try:
             while True:
                 if self._closed:
-                    raise PoolClosed("mppool.aio.ConnectionPool is shutting down")
+                    raise self._refusal()
                 slot: _Slot[Conn]
                 fresh = False
                 if self._idle:
@@ -317,29 +336,47 @@ class ConnectionPool(Generic[Conn]):
             self._pcounts["requests_wait_s"] += _now() - since
 
     async def _make(self) -> _Slot[Conn]:
-        """Make a connection in a slot counted in ``currently_allocating``."""
+        """Make a connection in a slot counted in ``currently_allocating``; during an outage
+        (lifecycle.py) only the attempt that is due calls make_connection, the others raise
+        its last error at once."""
         token = None
+        ticket = REFUSED
+        due = refused = False
         try:
+            try:
+                ticket = self._admit()
+            except Exception:
+                refused = True  # failed fast: make_connection was not called
+                raise
             if self.budget is not None:
-                token = await self.budget.get()  # before make_connection: the cap holds
+                try:
+                    token = await self.budget.get()  # before make_connection: the cap holds
+                except BaseException:
+                    self._outage.abort(ticket)  # not an attempt: make_connection not called
+                    ticket = REFUSED
+                    raise
             self._pcounts["connections_num"] += 1
             since = _now()
             try:
                 conn = await self.strategy.make_connection()
-            except BaseException:
+            except BaseException as exc:
                 self._pcounts["connections_errors"] += 1
+                due = self._make_failed(exc, ticket)
                 raise
             finally:
                 self._pcounts["connections_s"] += _now() - since
         except BaseException:
-            self._counts["make_errors"] += 1
+            self._counts["make_refused" if refused else "make_errors"] += 1
             try:
                 if token is not None:
                     await self._give_token(token)
             finally:
                 self.currently_allocating -= 1
                 self._wake()
+                if due:
+                    await self._report_outage()
             raise
+        self._make_succeeded()
         self.currently_allocating -= 1
         self.in_use += 1
         self._counts["made"] += 1
@@ -437,61 +474,12 @@ class ConnectionPool(Generic[Conn]):
         if not task.cancelled():
             task.exception()  # seen by the caller, or by nobody if it was cancelled
 
-    # ---------------------------------------------------------------- budget recall
-
-    def _ensure_recall(self) -> None:
-        """Start the recall task in the running loop (at most one per pool)."""
-        if not callable(getattr(self.budget, "waiting", None)) or self._closed:
-            return
-        task = self._recall_task
-        loop = asyncio.get_running_loop()
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._recall_task = loop.create_task(self._recall_loop(),
-                                             name="mppool.aio.ConnectionPool recall")
-
-    async def _recall_loop(self) -> None:
-        """Runs while the pool holds connections; the next get_connection() restarts it."""
-        while not self._closed:
-            await asyncio.sleep(RECALL_PERIOD)
-            if not self._total:
-                self._recall_n = 0
-                return
-            try:
-                await self.recall()
-            except Exception:
-                log.exception("mppool.aio: budget recall failed")
-
-    async def recall(self) -> int:
-        """Close idle connections that other processes wait for; the budget's ``waiting()``
-        says how many. Only asks it when this pool holds connections; those in use are
-        given back at their return instead. Returns how many were closed now."""
-        waiting = getattr(self.budget, "waiting", None)
-        if waiting is None or not (self._idle or self.in_use):
-            self._recall_n = 0
-            return 0
-        try:
-            wanted = int(await waiting())
-        except Exception:
-            log.debug("mppool.aio: budget.waiting() failed", exc_info=True)
-            return 0
-        n = max(0, min(wanted, len(self._idle)))
-        slots = [self._idle.popleft() for _ in range(n)]  # the longest idle first
-        self.currently_deallocating += n
-        self._counts["recalled"] += n
-        self._recall_n = max(0, min(wanted - n, self.in_use))
-        for slot in slots:
-            await self._close(slot, quiet=True)
-        if n:
-            log.info("mppool.aio: gave %d idle connection(s) back to the budget", n)
-        return n
-
     # ---------------------------------------------------------------- closing
 
     async def close(self) -> None:
         """Close idle connections now and the others when they are returned; waiters and
         later ``get_connection()`` calls raise ``PoolClosed``."""
-        self._closed = True
+        self._closed = self._shut = True
         while self._waitq:
             fut = self._waitq.popleft()
             if not fut.done():

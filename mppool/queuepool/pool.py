@@ -28,7 +28,10 @@ datetimes); arguments are validated.
 mppool's options, keyword-only and off by default (see measures.py): ``check=`` (a pre-ping
 of an open manager's resource at take; a failure closes the manager and the same take opens
 it again), ``check_after=``, ``max_waiting=`` (`mppool.TooManyRequests`), and psycopg_pool's
-counters in ``stats()`` and ``pop_stats()``.
+counters in ``stats()`` and ``pop_stats()``; psycopg_pool's lifecycle and reconnect options
+(see lifecycle.py): ``open=`` with ``pool.open()``, ``pool.wait()``, ``with Pool(...)``, and
+``reconnect_timeout=``/``reconnect_failed=`` (a manager's ``open()`` that fails is retried with
+backoff; takes that would open one fail fast meanwhile; the hook once per outage).
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
-from ..budget import RECALL_PERIOD, Budget, check_budget, draw_token, give_back
+from ..budget import RECALL_PERIOD, Budget, check_budget, give_back
 from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
 from ..sched import Task, default_scheduler
 from ..validate import check_callable, check_delay, check_duration, check_int, check_period, check_timeout
 from ..waiters import Waiter, withdraw
+from .lifecycle import Lifecycle
 from .measures import Measures
 
 __all__ = ["Pool", "ResourceManager"]
@@ -114,14 +118,16 @@ class ResourceManager:
         return False
 
 
-class Pool(Measures):
+class Pool(Measures, Lifecycle):
     """A LIFO pool of the `ResourceManager` objects ``put()`` in it (queuepool's API)."""
 
     def __init__(self, name: str, capacity: int, maxIdleTime: float | None = 300.0,
                  maxOpenTime: float | None = 300.0, maxUsageCount: int | None = 1000,
                  closeOnException: bool = True, *, budget: Budget | None = None,
                  check: Callable[[Any], Any] | None = None, check_after: float = 0.0,
-                 max_waiting: int = 0) -> None:
+                 max_waiting: int = 0, reconnect_timeout: float | None = 300.0,
+                 reconnect_failed: Callable[[Pool], Any] | None = None,
+                 open: bool = True) -> None:
         """``maxIdleTime``/``maxOpenTime``: seconds, None for no limit; ``maxUsageCount``: takes
         per opening, None for no limit; ``budget``: a token pool (``client.token_pool(...)``)
         capping the managers open at once across every process that uses it.
@@ -129,7 +135,13 @@ class Pool(Measures):
         ``check(resource) -> bool``: run at take on the resource of a manager that is open
         (and idle at least ``check_after`` seconds); False or an exception closes the
         manager, and the take opens it again. ``max_waiting``: 0, no limit; otherwise a
-        take that would queue behind that many others raises `mppool.TooManyRequests`."""
+        take that would queue behind that many others raises `mppool.TooManyRequests`.
+
+        ``reconnect_timeout``/``reconnect_failed``: a manager's ``open()`` that raises is
+        retried with backoff (1 s, doubling, +-10% jitter; takes that would open a manager
+        raise its error at once meanwhile), and ``reconnect_failed(pool)`` is called once per
+        outage that lasted ``reconnect_timeout`` seconds. ``open=False``: takes raise
+        `mppool.PoolClosed` until ``pool.open()``. See lifecycle.py."""
         self.capacity = check_int("capacity", capacity, minimum=1)
         self._maxIdleTime = None if maxIdleTime is None else check_delay("maxIdleTime", maxIdleTime)
         self._maxOpenTime = None if maxOpenTime is None else check_delay("maxOpenTime", maxOpenTime)
@@ -142,6 +154,7 @@ class Pool(Measures):
         self._init_measures(check, check_period("check_after", check_after),
                             check_int("max_waiting", max_waiting))
         self.name = name
+        self._init_lifecycle(reconnect_timeout, reconnect_failed, open)
         self.closeOnException = closeOnException
         self._budget = budget
         self._lock = threading.Lock()
@@ -154,8 +167,15 @@ class Pool(Measures):
         self._stop = threading.Event()
         self._recall: Task | None = None
         self._recall_n = 0  # puts still to close for processes that wait for the budget
-        if budget is not None and callable(getattr(budget, "waiting", None)):
+        if open:
+            self._start_recall()
+
+    def _start_recall(self) -> None:
+        if self._budget is not None and callable(getattr(self._budget, "waiting", None)):
             self._recall = default_scheduler().enter(RECALL_PERIOD, _weak_recall(self))
+
+    def _now(self) -> float:
+        return _now()
 
     def __str__(self) -> str:
         return str(self.name)
@@ -186,10 +206,12 @@ class Pool(Measures):
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = None
         with self._lock:
-            if self._closed:
-                raise PoolClosed(f"queuepool {self.name!r} is shutting down")
+            if self._refused is not None:
+                raise PoolClosed(self._refused)
             if self._idle and not any(not w.done for w in self._waiters):
                 r = self._idle.pop()
+                if not r._isOpen and self._outage.active:
+                    r = self._prefer_open(r)  # it would fail fast: an open one, if any
             elif timeout == 0:
                 raise TimeOut(f"queuepool {self.name!r}: no resource free, timeout after 0 s")
             elif self._max_waiting and (sum(1 for w in self._waiters if not w.done)
@@ -305,6 +327,7 @@ class Pool(Measures):
         self.stopRecycler()
         with self._lock:
             self._closed = True
+            self._refused = f"queuepool {self.name!r} is shutting down"
             idle, self._idle = self._idle, []
             waiters, self._waiters = self._waiters, deque()
             for w in waiters:
@@ -404,21 +427,6 @@ class Pool(Measures):
                         exc_info=True)
             r._isOpen = False  # its resource is unusable either way
         self._sync_token(r)
-
-    def _open(self, r: ResourceManager, timeout: float | None) -> None:
-        token = draw_token(self._budget, False, timeout)  # TimeOut: no token in time
-        since = _now()
-        try:
-            r.open()
-        except BaseException:
-            self._count(connections_num=1, connections_errors=1, connections_s=_now() - since)
-            give_back(self._budget, token, str(self.name))
-            r._isOpen = False
-            raise
-        self._count(connections_num=1, connections_s=_now() - since)
-        if token is not None:
-            with self._lock:
-                self._tokens[id(r)] = token
 
     def _sync_token(self, r: ResourceManager) -> None:
         """A manager seen closed gives its budget token back, whoever closed it."""

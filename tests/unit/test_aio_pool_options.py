@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
+from helpers import ModuleClock, patch_now, run_bounded
 
 import mppool.aio.connection_pool as cp
 from mppool import PoolClosed, TooManyRequests
@@ -23,11 +24,7 @@ DEADLINE = 5.0
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(DEADLINE):
-            return await coro
-
-    return asyncio.run(bounded())
+    return run_bounded(coro, DEADLINE)
 
 
 async def until(pred: Callable[[], Any], what: str) -> None:
@@ -39,25 +36,15 @@ async def until(pred: Callable[[], Any], what: str) -> None:
         await asyncio.sleep(0.001)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(cp, "_now", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> ModuleClock:
+    return patch_now(monkeypatch, cp, 100.0)
 
 
 class Strategy(ConnectionStrategy[dict[str, Any]]):
     """Connections are dicts; ``make_time`` advances the fake clock in make_connection."""
 
-    def __init__(self, clock: FakeClock | None = None, make_time: float = 0.0) -> None:
+    def __init__(self, clock: ModuleClock | None = None, make_time: float = 0.0) -> None:
         self.numbers = itertools.count()
         self.clock = clock
         self.make_time = make_time
@@ -142,7 +129,7 @@ def test_an_async_check_that_raises_counts_as_broken(caplog: pytest.LogCaptureFi
     run(scenario())
 
 
-def test_check_after_skips_connections_idle_a_short_time(clock: FakeClock) -> None:
+def test_check_after_skips_connections_idle_a_short_time(clock: ModuleClock) -> None:
     checked: list[int] = []
 
     async def scenario() -> None:
@@ -229,7 +216,7 @@ def test_max_waiting_refuses_at_once() -> None:
 # ------------------------------------------------------------------------------ counters
 
 
-def test_counters_and_pop_stats(clock: FakeClock) -> None:
+def test_counters_and_pop_stats(clock: ModuleClock) -> None:
     async def scenario() -> None:
         s = Strategy(clock, make_time=0.25)
         pool = ConnectionPool(strategy=s, max_size=2)
@@ -239,6 +226,7 @@ def test_counters_and_pop_stats(clock: FakeClock) -> None:
         with pytest.raises(ConnectionRefusedError):
             async with pool.get_connection(), pool.get_connection():  # 0, then a failed make
                 pass
+        clock.t += 2.0  # past the backoff (1 s +-10%): the next make is the attempt due
         cm1, cm2 = pool.get_connection(), pool.get_connection()
         await cm1.__aenter__()  # connection 0
         await cm2.__aenter__()  # connection 1 is made: 0.25 s

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import ModuleClock, patch_now, wait_until
 
 import mppool.queuepool.pool as qpool
 from mppool import PoolClosed, TimeOut
@@ -25,19 +25,9 @@ from mppool.queuepool import Pool, ResourceManager
 DEADLINE = 10.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(qpool, "_now", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> ModuleClock:
+    return patch_now(monkeypatch, qpool, 1000.0)
 
 
 class Res(ResourceManager):
@@ -106,7 +96,7 @@ def start(threads: list[threading.Thread], fn: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- queuepool's behaviour
 
 
-def test_lifo_and_lazy_open(clock: FakeClock) -> None:
+def test_lifo_and_lazy_open(clock: ModuleClock) -> None:
     pool, (r0, r1, r2) = make()
     assert all(not r._isOpen and r.log == ["putRepair"] for r in (r0, r1, r2))  # not opened
     r = pool.take()
@@ -119,7 +109,7 @@ def test_lifo_and_lazy_open(clock: FakeClock) -> None:
     pool.put(r2)
 
 
-def test_with_block_returns_the_manager(clock: FakeClock) -> None:
+def test_with_block_returns_the_manager(clock: ModuleClock) -> None:
     pool, managers = make(2)
     with pool.take() as cm:
         assert cm is managers[1] and cm.resource is not None
@@ -127,7 +117,7 @@ def test_with_block_returns_the_manager(clock: FakeClock) -> None:
     assert pool.free() == 2 and cm._isOpen  # returned, still open
 
 
-def test_close_on_exception(clock: FakeClock) -> None:
+def test_close_on_exception(clock: ModuleClock) -> None:
     pool, _ = make(1)
     with pytest.raises(KeyError), pool.take() as cm:
         raise KeyError("boom")
@@ -141,7 +131,7 @@ def test_close_on_exception(clock: FakeClock) -> None:
     assert cm._isOpen  # closeOnException=False: the resource stays open
 
 
-def test_max_usage_count(clock: FakeClock) -> None:
+def test_max_usage_count(clock: ModuleClock) -> None:
     pool, (r,) = make(1, maxUsageCount=2)
     pool.put(pool.take())
     assert r._isOpen  # used once
@@ -150,7 +140,7 @@ def test_max_usage_count(clock: FakeClock) -> None:
     assert pool.take()._usageCount == 1 and r.openings == 2
 
 
-def test_max_idle_time_at_take(clock: FakeClock) -> None:
+def test_max_idle_time_at_take(clock: ModuleClock) -> None:
     pool, (r,) = make(1, maxIdleTime=60.0, maxOpenTime=None)
     pool.put(pool.take())
     clock.t += 61.0
@@ -159,7 +149,7 @@ def test_max_idle_time_at_take(clock: FakeClock) -> None:
     assert r.openings == 2 and r.log.count("close") == 1
 
 
-def test_max_open_time_at_put(clock: FakeClock) -> None:
+def test_max_open_time_at_put(clock: ModuleClock) -> None:
     pool, (r,) = make(1, maxIdleTime=None, maxOpenTime=100.0)
     taken = pool.take()
     clock.t += 101.0  # open too long while in use: closed when it comes back
@@ -167,7 +157,7 @@ def test_max_open_time_at_put(clock: FakeClock) -> None:
     assert not r._isOpen and r.openings == 1
 
 
-def test_limits_none_means_no_limit(clock: FakeClock) -> None:
+def test_limits_none_means_no_limit(clock: ModuleClock) -> None:
     pool, (r,) = make(1, maxIdleTime=None, maxOpenTime=None, maxUsageCount=None)
     for _ in range(5):
         pool.put(pool.take())
@@ -175,7 +165,7 @@ def test_limits_none_means_no_limit(clock: FakeClock) -> None:
     assert r.openings == 1 and r._usageCount == 5
 
 
-def test_recycle_closes_idle_managers_over_a_limit_and_keeps_order(clock: FakeClock) -> None:
+def test_recycle_closes_idle_managers_over_a_limit_and_keeps_order(clock: ModuleClock) -> None:
     pool, (r0, r1, r2) = make(3, maxIdleTime=60.0, maxOpenTime=None)
     a, b = pool.take(), pool.take()  # r2, r1
     pool.put(b)
@@ -188,7 +178,7 @@ def test_recycle_closes_idle_managers_over_a_limit_and_keeps_order(clock: FakeCl
     assert pool.take() is r1 and pool.take() is r0
 
 
-def test_recycler_thread_runs_and_stops(clock: FakeClock) -> None:
+def test_recycler_thread_runs_and_stops(clock: ModuleClock) -> None:
     pool, (r,) = make(1, maxIdleTime=5.0)
     pool.put(pool.take())
     clock.t += 10.0
@@ -201,7 +191,7 @@ def test_recycler_thread_runs_and_stops(clock: FakeClock) -> None:
     assert not thread.is_alive()
 
 
-def test_recycler_survives_a_close_that_raises(clock: FakeClock,
+def test_recycler_survives_a_close_that_raises(clock: ModuleClock,
                                                caplog: pytest.LogCaptureFixture) -> None:
     class Bad(Res):
         def close(self) -> None:
@@ -247,7 +237,7 @@ def test_take_timeout_and_a_timed_out_taker_swallows_nothing() -> None:
     assert pool.free() == 1 and pool.take(timeout=0) is held
 
 
-def test_open_failure_keeps_the_manager() -> None:
+def test_open_failure_keeps_the_manager(clock: ModuleClock) -> None:
     pool = Pool("fail", 1)
     r = Res("r", fail_open=True)
     pool.put(r)
@@ -255,6 +245,7 @@ def test_open_failure_keeps_the_manager() -> None:
         pool.take()
     assert pool.free() == 1  # queuepool would have lost it
     r.fail_open = False
+    clock.t += 2.0  # past the backoff (1 s +-10%) that follows a failed open()
     assert pool.take() is r and r._isOpen
 
 
@@ -308,7 +299,7 @@ def test_close_wakes_takers_and_closes_idle(threads: list[threading.Thread]) -> 
 # ---------------------------------------------------------------- budget
 
 
-def test_budget_one_token_per_open_manager(clock: FakeClock) -> None:
+def test_budget_one_token_per_open_manager(clock: ModuleClock) -> None:
     budget = TokenPool(max_size=2)
     pool, (r0, _, _) = make(3, budget=budget, maxUsageCount=None)
     a, b = pool.take(), pool.take()

@@ -12,25 +12,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import ModuleClock, patch_now, wait_until
 
 import mppool.queuepool.pool as qpool
 from mppool import PoolClosed, TimeOut, TooManyRequests
 from mppool.queuepool import Pool
 
 try:
-    from test_queuepool import FakeClock, Res, make
+    from test_queuepool import Res, make
 except ImportError:  # tests/ became a package
-    from tests.unit.test_queuepool import FakeClock, Res, make
+    from tests.unit.test_queuepool import Res, make
 
 DEADLINE = 10.0
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock()
-    monkeypatch.setattr(qpool, "_now", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> ModuleClock:
+    return patch_now(monkeypatch, qpool)
 
 
 @pytest.fixture
@@ -63,7 +61,7 @@ def spawn() -> Iterator[Any]:
 
 
 def test_check_closes_a_broken_manager_and_the_take_reopens_it(
-        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+        clock: ModuleClock, caplog: pytest.LogCaptureFixture) -> None:
     broken: set[int] = set()
     checked: list[Any] = []
 
@@ -91,7 +89,7 @@ def test_check_closes_a_broken_manager_and_the_take_reopens_it(
             s["requests_errors"]) == (1, 2, 3, 0)
 
 
-def test_a_check_that_raises_counts_as_broken(clock: FakeClock,
+def test_a_check_that_raises_counts_as_broken(clock: ModuleClock,
                                               caplog: pytest.LogCaptureFixture) -> None:
     def check(resource: Any) -> bool:
         raise ConnectionResetError("server closed the connection")
@@ -104,7 +102,7 @@ def test_a_check_that_raises_counts_as_broken(clock: FakeClock,
     assert pool.stats()["connections_lost"] == 1
 
 
-def test_check_after_skips_managers_idle_a_short_time(clock: FakeClock) -> None:
+def test_check_after_skips_managers_idle_a_short_time(clock: ModuleClock) -> None:
     checked: list[int] = []
     pool, _ = make(1, check=lambda res: checked.append(res["opening"]) or True,
                    check_after=10.0, maxIdleTime=None)
@@ -117,7 +115,7 @@ def test_check_after_skips_managers_idle_a_short_time(clock: FakeClock) -> None:
     assert checked == [1]
 
 
-def test_a_broken_manager_whose_reopen_fails_goes_back_closed(clock: FakeClock) -> None:
+def test_a_broken_manager_whose_reopen_fails_goes_back_closed(clock: ModuleClock) -> None:
     pool, (r0,) = make(1, check=lambda res: False)
     pool.put(pool.take())
     r0.fail_open = True
@@ -125,6 +123,7 @@ def test_a_broken_manager_whose_reopen_fails_goes_back_closed(clock: FakeClock) 
         pool.take()
     assert pool.free() == 1 and not r0._isOpen  # nothing lost
     r0.fail_open = False
+    clock.t += 2.0  # past the backoff (1 s +-10%) that follows a failed open()
     assert pool.take() is r0 and r0._isOpen
 
 
@@ -154,7 +153,7 @@ def test_max_waiting_refuses_at_once(spawn: Any) -> None:
 # ------------------------------------------------------------------------------ counters
 
 
-def test_counters_and_pop_stats(clock: FakeClock, spawn: Any) -> None:
+def test_counters_and_pop_stats(clock: ModuleClock, spawn: Any) -> None:
     class Slow(Res):
         """Opening takes 0.25 s of the fake clock (unless it fails); a resource marked bad
         fails its repair at put."""
@@ -182,6 +181,7 @@ def test_counters_and_pop_stats(clock: FakeClock, spawn: Any) -> None:
     with pytest.raises(ConnectionError):
         pool.take()  # b again: its open fails (a failed take, a failed open)
     b.fail_open = False
+    clock.t += 2.0  # past the backoff that follows a failed open(); nothing is out
     held = [pool.take(), pool.take()]  # b then a, each opened: 0.25 s
     box = spawn(lambda: pool.take(timeout=DEADLINE))
     wait_until(lambda: pool.waiting() == 1)
