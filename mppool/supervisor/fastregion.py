@@ -3,66 +3,60 @@
     client (mppool.fastpath)              shared memory (mppool.shm)       supervisor (here)
     get(): take a FREE slot ──────────▶  slots: ABSENT FREE HELD RETURNED  park idle tokens of
     put(): HELD → FREE                    flags: WAITERS CLOSED DIRTY        the core Pool as FREE
-      nothing FREE: WAITERS, pending+1,   pending                            (leased to the region)
-      then a normal get to the supervisor ─────────────────────────────────▶ on_get(): pull FREE
-    put() in slow mode: HELD → RETURNED,                                     back, the core Pool
-      then a poke (FastPoke) ──────────────────────────────────────────────▶ queues the waiter;
+      nothing FREE: WAITERS, pending+1,   pending (clients only)             (leased to the region)
+      then a normal get to the supervisor ─────────────────────────────────▶ on_get(): a FREE one
+    put() in slow mode: HELD → RETURNED,                                     back for it, or slow
+      then a poke (FastPoke) ──────────────────────────────────────────────▶ mode and a queue;
                                                                              settle(): RETURNED
                                                                              → the core Pool
 
 The core Pool stays the one source of truth for the units: every token the region holds
-(FREE or HELD) is, for the Pool, lent to one pseudo-holder, the region (connection id -1).
-The region only decides *which client* has a parked token, so every rule of the core Pool
-(the bound, FIFO waiters, shutdown waking waiters, stats counters) holds unchanged, and a
-token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``.
+(FREE or HELD) is, for the Pool, lent to one pseudo-holder, the region (`REGION_CONN`). The
+region only decides *which client* has a parked token, so every rule of the core Pool (the
+bound, FIFO waiters, shutdown waking waiters, stats counters) holds unchanged, and a token
+enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
 
 - **Fast mode** (flags 0): clients take and give back FREE slots under the region's robust
   mutex, with no message at all.
-- **Slow mode** (WAITERS): a client found nothing FREE. It set WAITERS and counted itself in
-  ``pending`` before sending its get, so from then on every get and put goes through the
-  supervisor, and the oldest waiter is served first. A slow get pulls every FREE slot back
-  into the core Pool (`on_get`); a put turns its slot RETURNED and pokes; `settle` moves
-  RETURNED slots into the core Pool, which hands them to the oldest waiter. Once nobody waits
-  and nothing is pending, `settle` parks the idle tokens again and clears WAITERS.
+- **A get at the supervisor** (`on_get`): served by the Pool if it has a token; else one
+  FREE token comes back to the Pool for it; else it must queue: slow mode.
+- **Slow mode** (WAITERS): set by a client that found nothing FREE (it also counted itself in
+  ``pending`` before sending its get) or by the supervisor for a get that queues. Every get
+  and put then goes through the supervisor, and the oldest waiter is served first: FREE
+  slots are pulled back, a put turns its slot RETURNED and pokes, and `settle` moves RETURNED
+  slots into the Pool, which hands them to the oldest waiter. Once nobody waits, `settle`
+  parks the idle tokens again and clears WAITERS, keeping one in the Pool for each get still
+  on its way (``pending`` minus the arrivals the supervisor counted): no fast get can take
+  those, so nobody overtakes a get that was sent first.
 - **Death of a holder**: its lease connection closes (the kernel does that on SIGKILL) and
   `release` frees every slot it held, generation bumped, so a late put of such a token is a
   no-op. A death *inside* the mutex is reported by the kernel to the next locker as
   ``EOWNERDEAD``; that locker marks the region DIRTY, which sends everyone to the supervisor
-  until `check` has repaired it.
-- **Checks and repair**: `check` (after DIRTY, and every watchdog scan) compares the region
-  with the supervisor's own records: the tokens it parked (``parked``), the live lease
-  connections and their kernel-verified pids. A state byte that is not a state, a slot the
-  supervisor never parked, a HELD slot of a connection that is gone or whose pid is not the
-  connection's, a pending count with nobody on the way: each is put right, and logged.
-  A client that scribbles over the region can only hurt pools it could use anyway (it holds
-  the key); it can never make the core Pool exceed its bound.
+  until it is repaired (`fastrepair`, also at every watchdog scan).
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
-  applies unchanged: shutdown wakes waiters, a paused pool hands out nothing, a shrunk pool
-  stays slow until the extra tokens came back and were closed. The console's
-  ``kill_holder`` frees the fast slots of the pid it names (and never the region's own
-  leases, whose holder is the supervisor itself).
-- **Not here yet**: lease ages. The core Pool would see only the region's parked leases, so
-  pools with ``max_using_delay(_kill)``, ``max_use``, ``max_lifetime`` or ``burst_limit``
-  are refused the fast path (`refusal`) and keep the normal one. The region has as many
-  slots as the pool had tokens when its first fast client came; tokens added later by a
-  resize are served through the supervisor. Hold-time and wait-time
-  histograms (metrics) see only the leases that went through the supervisor; the gauges
-  (in use, idle) come from `overlay` and count fast leases.
+  applies unchanged. The console's ``kill_holder`` frees the fast slots of the pid it names.
+- **Lease ages** (`fastages`): ``max_using_delay`` and ``max_using_delay_kill`` apply to fast
+  leases, read from the slots; the core Pool does not age the region's own leases.
+- **Not here**: pools with ``max_use``, ``max_lifetime`` or ``burst_limit`` keep the normal
+  path (`refusal`). The region has as many slots as the pool had tokens when its first fast
+  client came; tokens added later by a resize are served through the supervisor. Hold-time
+  and wait-time histograms see only the leases that went through the supervisor; `stats()`
+  (`fastviews`) counts fast leases in the gauges and lease counters.
 
 **The supervisor never waits on a client.** A client can stop (SIGSTOP, a debugger) while
 it holds the region's mutex; a supervisor that blocked on it would freeze every pool and
 client. So every change the supervisor wants in the region is first written down as an
-intent (a get arrived, a connection closed, a give-back came by message, the pool closes or
-pauses, a check is due), and `sync` applies them all, in one pass, under the mutex taken
-with a bounded wait (`shm.Region.try_lock`: 200 µs on the lease loop). When the mutex
-cannot be had, the intents stay owed and the lease loop retries from a timer (1 ms, then
-doubling to 20 ms): the core Pool goes on serving the pool's other tokens and queueing its
-waiters, every other pool and `stats()` (which then says ``"stale": true``) are untouched,
-and the owed work lands as soon as the stopped process runs again or dies (its robust mutex
-then reports ``EOWNERDEAD``). Clients wait at most 2 ms for the mutex too: a get then goes
-to the supervisor as a normal get, and a give-back travels as a message (``FastGive``),
-applied by `sync` like any other intent.
+intent (a get arrived, a connection closed, a give-back came by message, a lease to kill,
+the pool closes or pauses, a check is due), and `sync` applies them all, in one pass, under
+the mutex taken with a bounded wait (`shm.Region.try_lock`: 200 µs on the lease loop). When
+the mutex cannot be had, the intents stay owed and the lease loop retries from a timer
+(1 ms, then doubling to 20 ms): the core Pool goes on serving the pool's other tokens and
+queueing its waiters, every other pool and `stats()` (which then says ``"stale": true``) are
+untouched, and the owed work lands as soon as the stopped process runs again or dies (its
+robust mutex then reports ``EOWNERDEAD``). Clients wait at most 2 ms for the mutex too: a get
+then goes to the supervisor as a normal get, and a give-back travels as a message
+(``FastGive``), applied by `sync` like any other intent.
 
 Pokes, gets, puts and closes run on the lease loop's thread; stats, resize, pause and
 shutdown come from the control plane: ``self.lock`` (a Python lock, never held while
@@ -70,11 +64,11 @@ waiting on anything else) orders them, and the region's mutex orders the moves w
 clients. Lock order: ``self.lock``, then the region's mutex, then the core Pool's lock.
 
 Known limits: a get that decided to queue (``pending`` counted) and whose process is then
-stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is counted
-as lost: ``pending`` is reset (logged), and until that get arrives a fast get may take a
-unit before it. While a stopped process holds the mutex, the tokens parked in the region
-wait for it (the pool's other tokens are served), and in the moment between its release and
-the supervisor's retry a fast get may pass a waiter that queued meanwhile.
+stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is written
+off (logged), and until it arrives a fast get may take a unit before it. While a stopped
+process holds the mutex, the tokens parked in the region wait for it (the pool's other
+tokens are served), and in the moment between its release and the supervisor's retry a fast
+get may pass a waiter that queued meanwhile.
 """
 
 from __future__ import annotations
@@ -89,6 +83,7 @@ from .. import shm
 from ..errors import PoolClosed
 from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
 from ..pool import CREATE, Entry
+from . import fastages, fastviews
 from .fastrepair import repair
 
 if TYPE_CHECKING:
@@ -157,7 +152,7 @@ class FastRegion:
         if self.warn_after:
             smallest = min(d for d in (self.warn_after, self.kill_after) if d)
             self.age_period = min(1.0, max(0.02, smallest / 4))
-            loop.call_soon(self._age_timer)
+            loop.call_soon(lambda: fastages.age_timer(self))
 
     # ------------------------------------------------------------------ intents
 
@@ -306,7 +301,7 @@ class FastRegion:
                             "holder (pid %s) went away without closing (crash, kill, lost "
                             "connection; fast path)", self.rec.name, n, conn_id, pid)
         if killed:
-            self._killed(killed)
+            fastages.report_kills(self, killed)
         return not self.owed
 
     def _apply_locked(self) -> tuple[list[int], dict[int, tuple[int, bool]]]:
@@ -409,64 +404,6 @@ class FastRegion:
         finally:
             r.unlock()
 
-    # ------------------------------------------------------------------ lease ages
-
-    def _age_timer(self) -> None:
-        """On the loop's thread, every age_period while the region lives."""
-        if self.closed:
-            return
-        try:
-            self.scan_ages(time.monotonic())
-        finally:
-            self.loop.at(self.loop.sup.clock.now() + self.age_period, 3, self._age_timer)
-
-    def scan_ages(self, now: float) -> None:
-        """Warn once about each fast lease held past max_using_delay, and kill those past
-        max_using_delay_kill, as the core Pool's housekeeping does for its own leases. The
-        slots are read without the mutex; a kill is an intent that `sync` applies only if
-        the slot still holds the same generation (a lease given back meanwhile is spared)."""
-        r, warn, kill = self.region, self.warn_after, self.kill_after
-        warnings: list[tuple[float, int]] = []
-        live: set[tuple[int, int]] = set()
-        with self.lock:
-            for i in range(r.nslots):
-                if r.state(i) != shm.HELD:
-                    continue
-                gen, _, pid, _, _, since = r.slot(i)
-                age = now - since
-                if age < warn:
-                    continue
-                live.add((i, gen))
-                if kill and age >= kill:
-                    self.kills[i] = gen
-                elif (i, gen) not in self.warned:
-                    warnings.append((age, pid))
-            self.warned = live  # forget leases that ended: at most one entry per slot
-            kills = bool(self.kills)
-        for age, pid in warnings:
-            log.warning("mppool: pool %r: object held for %.1f s by pid %s: <fast token>",
-                        self.rec.name, age, pid)
-        if kills:
-            self.sync()
-
-    def _killed(self, killed: list[tuple[int, int, float]]) -> None:
-        """After `sync` killed fast leases: counted, logged, and their holders terminated
-        when the pool says so (``kill_holder``), by the connection's kernel-verified pid."""
-        pool = self.rec.pool
-        pool._count("nkilled", len(killed))
-        for conn_id, pid, age in killed:
-            log.warning("mppool: pool %r: killing fast lease held for %.1f s by pid %s",
-                        self.rec.name, age, pid)
-            conn = self.loop.conns.get(conn_id)
-            holder = conn.holder if conn is not None else None
-            if holder is None or holder.pid != pid or not pool._kill_holder \
-                    or pool.on_kill_holder is None:
-                continue
-            try:
-                pool.on_kill_holder(holder, age)
-            except Exception:
-                log.exception("mppool: pool %r: could not terminate pid %s", self.rec.name, pid)
-
     def _owe(self) -> None:
         """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""
         self.owed = True
@@ -533,47 +470,10 @@ class FastRegion:
     # ------------------------------------------------------------------ control plane
 
     def overlay(self, s: dict[str, Any]) -> dict[str, Any]:
-        """The Pool's stats with the region's tokens shown as what they are: FREE ones idle,
-        HELD ones lent to their real holders (pid from the slot, checked against the
-        connection at every scan). Read without the region's mutex: stats never wait on a
-        client; ``"stale": true`` says that work is owed to a region whose mutex is held."""
-        with self.lock:
-            r = self.region
-            states = [r.state(i) for i in range(r.nslots)]
-            slots = [r.slot(i) for i in range(r.nslots)]
-            parked = {lease: i for i, lease in enumerate(self.parked) if lease}
-            owed = self.owed
-            on_way = self.outstanding()
-            sup_bumps, nparks, nunparks = self.sup_bumps, self.nparks, self.nunparks
-        now = time.monotonic()
-        using, nfree = [], 0
-        for u in s.get("using", []):
-            i = parked.get(u.get("lease"))
-            if i is None:
-                using.append(u)
-            elif states[i] == shm.HELD:
-                _, conn_id, pid, _, start, since = slots[i]
-                using.append({**u, "pid": pid, "last_get": since - now, "fast": True,
-                              "holder": {"pid": pid, "start": start, "host": HOSTNAME,
-                                         "conn": conn_id, "verified": False}})
-            else:
-                nfree += 1
-        s = dict(s, using=using, nusing=len(using), navail=s.get("navail", 0) + nfree)
-        if s.get("sem"):
-            s["sem"] = dict(s["sem"], value=s["sem"]["value"] + nfree)
-        # Fast leases in the lease counters: clients bump a slot's generation once per take
-        # and once per give; the supervisor's own bumps, parks and take-backs are its.
-        held = states.count(shm.HELD)
-        takes = max(0, (sum(sl[0] for sl in slots) - sup_bumps + held) // 2)
-        for k, v in (("nuses", takes - nparks), ("nborrows", takes - nparks),
-                     ("requests_num", takes - nparks),
-                     ("nreturns", takes - held - nunparks)):
-            if k in s:
-                s[k] = max(0, s[k] + v)
-        s["fast"] = {"slots": len(states), "free": states.count(shm.FREE),
-                     "held": states.count(shm.HELD), "clients": len(self.clients),
-                     "repairs": self.nrepairs, "stale": owed, "on_way": on_way}
-        return s
+        return fastviews.overlay(self, s)
+
+    def pool_call(self, method: str, *args: Any) -> Any:
+        return fastviews.pool_call(self, method, *args)
 
     def close(self) -> None:
         """Let the region's descriptor go. The mapping stays until this object is collected:
@@ -583,35 +483,6 @@ class FastRegion:
             os.close(self.fd)
         except OSError:
             pass
-
-    def pool_call(self, method: str, *args: Any) -> Any:
-        """``resize``/``free``/``pause``/``resume`` of the control plane and the console,
-        with the region's tokens counted and the fast path off while they apply."""
-        pool = self.rec.pool
-        if method == "resize":
-            self.pull_back(closed=False, why="resize")
-            try:
-                pool.resize(*args)
-            finally:
-                self.reopen("resize")
-            return None
-        if method == "pause":
-            self.pull_back(closed=False, why="pause")
-            try:
-                return pool.pause()
-            except BaseException:
-                self.reopen("pause")
-                raise
-        if method == "resume":
-            done = pool.resume()
-            self.reopen("pause")
-            return done
-        if method == "free":
-            with self.lock:
-                nfree = self.region.count(shm.FREE)
-            return pool.free() + nfree
-        return getattr(pool, method)(*args)
-
 
 def regions_of(loop: Any) -> dict[int, FastRegion]:
     """The lease loop's regions by pool id (kept after a pool is dropped, so that tokens
