@@ -67,7 +67,8 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
     if flags & shm.CLOSED != want_closed:
         fixed.append("the CLOSED flag")
     waiting = fr.rec.pool.waiting()
-    if waiting and not flags & shm.WAITERS and not fr.slow:  # (slow: about to be set)
+    # (Not when a get's intent, owed or at hand, is about to set it: sync applies it next.)
+    if waiting and not flags & shm.WAITERS and not (fr.slow or fr.need):
         fixed.append("WAITERS cleared while gets wait")
     r.set_flags((flags & shm.WAITERS) | want_closed | (shm.WAITERS if waiting else 0))
     # Gets counted on their way that made no progress for two checks in a row (no count, no
