@@ -176,6 +176,15 @@ class FastRegion:
         # No parking here: the get is about to queue in the Pool, which cannot see it yet.
         self.sync(park=False)
 
+    def queued(self) -> None:
+        """A get queued in the Pool: the region must be slow (it is, unless a control-plane
+        call parked tokens between this get's `on_get` and its queueing)."""
+        with self.lock:
+            if self.region.flags & shm.WAITERS:
+                return
+            self.slow = True
+        self.sync(park=False)
+
     def settle(self) -> None:
         """After a get, a put or a poke: RETURNED slots to the Pool; back to fast mode when
         nobody waits and nothing is on its way."""

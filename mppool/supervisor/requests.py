@@ -137,7 +137,9 @@ class Requests(_Loop):
             if timeout is not None:
                 got.deadline = deadline = self.sup.clock.now() + timeout
                 self.at(deadline, 0, got)
-            return  # a queue: the region stays slow, nothing to park
+            if fast is not None:
+                fast.queued()  # the region slow while it waits, nothing to park
+            return
         if fast is not None:
             fast.settle()
 
