@@ -29,6 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.kill,
 def stop_inside_the_mutex(pool: Any, ready: Any) -> None:
     """Map the region, take its mutex, and stop there (the test continues or kills us)."""
     pool.put(pool.get(timeout=10))
+    _lock_and_stop(pool, ready)
+
+
+def _lock_and_stop(pool: Any, ready: Any) -> None:
     region = pool._where[1]
     region.lock()
     ready.put(os.getpid())
@@ -146,12 +150,4 @@ def stop_inside_the_mutex_after_get(pool: Any, ready: Any) -> None:
         pool.get(timeout=0)
     except TimeOut:
         pass
-    region = pool._where[1]
-    region.lock()
-    ready.put(os.getpid())
-    ready.close()
-    ready.join_thread()  # the queue's feeder thread has sent it before we stop
-    os.kill(os.getpid(), signal.SIGSTOP)
-    region.unlock()
-    while True:
-        time.sleep(3600)
+    _lock_and_stop(pool, ready)

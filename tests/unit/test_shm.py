@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from mppool import shm
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
+
+
+@contextlib.contextmanager
+def held_by_another_thread(region: shm.Region) -> Iterator[None]:
+    """The region's mutex held by a thread of ours for the duration of the block."""
+    held, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        region.lock()
+        held.set()
+        release.wait(5)
+        region.unlock()
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert held.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        t.join(5)
 
 
 @pytest.fixture
@@ -78,32 +101,19 @@ def test_a_held_mutex_sends_take_and_give_elsewhere_within_their_wait(region):
     short wait, take() says BUSY (a normal get) and give() says BUSY (a FastGive), and
     neither changed anything."""
     i, gen = region.take(7, 1, 1.0, 0.0)
+
     def state() -> bytes:  # everything but the mutex itself
         mm = region.mm
         return bytes(mm[:shm.MUTEX_AT]) + bytes(mm[shm.MUTEX_AT + shm.MUTEX_SIZE:])
 
     before = state()
-    held, release = threading.Event(), threading.Event()
-
-    def owner() -> None:
-        region.lock()
-        held.set()
-        release.wait(5)
-        region.unlock()
-
-    t = threading.Thread(target=owner)
-    t.start()
-    assert held.wait(5)
-    try:
+    with held_by_another_thread(region):
         t0 = time.monotonic()
         assert region.take(8, 1, 1.0, 0.0, wait=0.05) == shm.BUSY
         assert region.give(i, gen, 7, wait=0.05) == shm.BUSY
         took = time.monotonic() - t0
         assert region.try_lock(0.0) is None and region.try_lock(0.01) is None
         assert state() == before  # nothing changed, pending not counted
-    finally:
-        release.set()
-        t.join(5)
     assert 0.1 <= took < 2.0, took  # each waited its 50 ms, no longer
     assert region.give(i, gen, 7) is True
 
@@ -138,21 +148,7 @@ def test_unlocking_a_mutex_held_by_another_thread_changes_nothing(region):
     handler raising first): a robust mutex refuses an unlock by a non-owner (EPERM)."""
     import errno
 
-    held, release = threading.Event(), threading.Event()
-
-    def owner() -> None:
-        region.lock()
-        held.set()
-        release.wait(5)
-        region.unlock()
-
-    t = threading.Thread(target=owner)
-    t.start()
-    assert held.wait(5)
-    try:
+    with held_by_another_thread(region):
         assert region._unlock(region._mutex) == errno.EPERM
         assert shm.libc().pthread_mutex_trylock(region._mutex) == errno.EBUSY  # still held
-    finally:
-        release.set()
-        t.join(5)
     assert isinstance(region.take(7, 1, 1.0, 0.0), tuple)
