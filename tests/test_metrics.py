@@ -58,6 +58,19 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         assert 'mppool_pool_connections_num_total{pool="nums"} 2.0' in text
         assert 'mppool_pool_connections_lost_total{pool="nums"} 0.0' in text
         assert "# HELP mppool_pool_usage_ms_total psycopg_pool's usage_ms" in text
+        # A token pool leases in shared memory (the fast path): no message per lease, and
+        # still counted in the gauges and lease counters (not in the histograms).
+        tok = c.token_pool("tok", 2)
+        t = tok.get()
+        assert type(t).__name__ == "FastToken"
+        for _ in range(3):
+            tok.put(tok.get())
+        text = _scrape(port)
+        assert 'mppool_pool_in_use{pool="tok"} 1.0' in text
+        assert 'mppool_pool_requests_num_total{pool="tok"} 4.0' in text
+        tok.put(t)
+        wait_until(lambda: 'mppool_pool_in_use{pool="tok"} 0.0' in _scrape(port),
+                   what="the fast token back")
         pool.ret(held)
         c.close()
         wait_until(lambda: "mppool_pool_in_use{pool=\"nums\"} 0.0" in _scrape(port), what="returned")
