@@ -39,12 +39,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import struct
 import sys
 import time
 from typing import Any
+
+try:
+    from . import _fastslot  # type: ignore[attr-defined]
+except ImportError:  # not built here (no compiler at install time): the Python moves
+    _fastslot = None
 
 MAGIC = 0x4D505446  # "MPTF"
 VERSION = 1
@@ -126,7 +132,7 @@ def _pad8(n: int) -> int:
 class Region:
     """One mapping of a token pool's region (the supervisor's, or a client's)."""
 
-    def __init__(self, fd: int, nslots: int | None = None) -> None:
+    def __init__(self, fd: int, nslots: int | None = None, use_c: bool = True) -> None:
         lib = libc()
         size = os.fstat(fd).st_size
         if size < STATES_AT or size > region_size(MAX_SLOTS):
@@ -146,6 +152,12 @@ class Region:
             raise ValueError("not a fast-path region of this version")
         self.nslots = n
         self.slots_at = STATES_AT + _pad8(n)
+        if use_c and _fastslot is not None:
+            # The client moves in C: one call each (see _fastslot.c); the methods below are
+            # the same moves in Python, used where the module was not built.
+            at = (ctypes.addressof(self._buf), n, self.slots_at)
+            self.take = functools.partial(_fastslot.take, *at)  # type: ignore[method-assign]
+            self.give = functools.partial(_fastslot.give, *at)  # type: ignore[method-assign]
         self._lock = lib.pthread_mutex_lock
         self._trylock = lib.pthread_mutex_trylock
         self._unlock = lib.pthread_mutex_unlock
@@ -183,6 +195,10 @@ class Region:
             raise OSError(rc, f"pthread_mutex_init: {os.strerror(rc)}")
 
     def close(self) -> None:
+        # The C moves hold the mapping's address: drop them first (the Python ones then
+        # fail cleanly on a closed mapping instead of touching unmapped memory).
+        self.__dict__.pop("take", None)
+        self.__dict__.pop("give", None)
         del self._buf, self._pend
         try:
             self.mm.close()

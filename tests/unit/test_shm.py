@@ -36,9 +36,16 @@ def held_by_another_thread(region: shm.Region) -> Iterator[None]:
         t.join(5)
 
 
-@pytest.fixture
-def region():
+@pytest.fixture(params=["c", "python"])
+def region(request):
+    """A region of 3 slots, its client moves in C (mppool/_fastslot.c) or in Python: every
+    test runs on both, which must behave the same."""
+    if request.param == "c" and shm._fastslot is None:
+        pytest.skip("mppool._fastslot was not built here (no compiler at install time)")
     r, fd = shm.Region.create(3)
+    if request.param == "python":
+        r.close()
+        r = shm.Region(fd, use_c=False)
     try:
         for i in range(2):  # two tokens parked, one slot ABSENT
             r.set_state(i, shm.FREE)
