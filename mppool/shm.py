@@ -9,7 +9,9 @@ clients that proved the key)::
 
     0    magic u32, version u32, nslots u32, flags u32, pending u32, pad
     64   pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST), 64 bytes reserved
-    128  states: one byte per slot
+    128  hold times of the leases given back: 12 counts u64 (HOLD_BUCKETS, then +Inf), sum f64
+    232  takes u64, gives u64: fast leases taken and given back (each one 64-bit store)
+    256  states: one byte per slot
     ...  slots, 40 bytes each: generation u64, conn u64, pid u32, pad u32, start f64, since f64
 
 A slot's state is one byte, written last, so a process that dies in the middle of a move
@@ -37,6 +39,7 @@ no-op.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import functools
@@ -53,7 +56,7 @@ except ImportError:  # not built here (no compiler at install time): the Python 
     _fastslot = None
 
 MAGIC = 0x4D505446  # "MPTF"
-VERSION = 1
+VERSION = 2
 ABSENT, FREE, HELD, RETURNED = 0, 1, 2, 3
 STATES = (ABSENT, FREE, HELD, RETURNED)
 WAITERS, CLOSED, DIRTY = 1, 2, 4
@@ -62,7 +65,15 @@ SLOW = WAITERS | CLOSED | DIRTY
 HEADER = struct.Struct("=IIIII")
 FLAGS_AT, PENDING_AT = 12, 16
 MUTEX_AT, MUTEX_SIZE = 64, 64
-STATES_AT = 128
+# Hold times, counted by each give under the mutex (the supervisor's metrics fold them into
+# its hold-time histogram): upper bounds in seconds, as the metrics' buckets.
+HOLD_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+HIST_AT = 128
+HIST = struct.Struct("=12Qd")
+TAKES_AT, GIVES_AT = 232, 240
+SINCE_AT = 32  # in a slot
+F64 = struct.Struct("=d")
+STATES_AT = 256
 SLOT = struct.Struct("=QQIIdd")
 GEN_CONN = struct.Struct("=QQ")
 PID_AT = 16
@@ -143,6 +154,8 @@ class Region:
         # aligned 32-bit load/store: struct's "=I" writes byte by byte, and a reader could
         # see a torn value (0x0100 read as 0x0000 half-way through an increment).
         self._pend = ctypes.c_uint32.from_buffer(self.mm, PENDING_AT)
+        self._takes = ctypes.c_uint64.from_buffer(self.mm, TAKES_AT)  # the same, 64 bits
+        self._gives = ctypes.c_uint64.from_buffer(self.mm, GIVES_AT)
         self._mutex = ctypes.c_void_p(ctypes.addressof(self._buf) + MUTEX_AT)
         if nslots is not None:  # the supervisor, creating it
             self._init(lib, nslots)
@@ -199,7 +212,7 @@ class Region:
         # fail cleanly on a closed mapping instead of touching unmapped memory).
         self.__dict__.pop("take", None)
         self.__dict__.pop("give", None)
-        del self._buf, self._pend
+        del self._buf, self._pend, self._takes, self._gives
         try:
             self.mm.close()
         except BufferError:
@@ -273,6 +286,22 @@ class Region:
     def set_pending(self, value: int) -> None:
         self._pend.value = value & 0xFFFFFFFF
 
+    @property
+    def takes(self) -> int:
+        """Fast leases taken so far (one 64-bit load: read without the mutex)."""
+        return int(self._takes.value)
+
+    @property
+    def gives(self) -> int:
+        """Fast leases given back so far (one 64-bit load)."""
+        return int(self._gives.value)
+
+    def hold_times(self) -> tuple[list[int], float]:
+        """The hold-time counts per bucket (HOLD_BUCKETS, then +Inf) and their sum, of every
+        lease given back so far (read under the mutex: u64s are not read in one load)."""
+        *counts, total = HIST.unpack_from(self.mm, HIST_AT)
+        return counts, total
+
     def state(self, i: int) -> int:
         return self.mm[STATES_AT + i]
 
@@ -328,6 +357,7 @@ class Region:
                     gen = (U64.unpack_from(mm, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF
                     SLOT.pack_into(mm, at, gen, conn, pid, 0, start, now)
                     mm[STATES_AT + i] = HELD  # last: the move is done
+                    self._takes.value += 1
                     return i, gen
                 U32.pack_into(mm, FLAGS_AT, WAITERS)  # from now on, everyone queues
             self._pend.value += 1  # one 32-bit store (see __init__); wraps at 2**32
@@ -361,6 +391,14 @@ class Region:
         if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
             return False
         U64.pack_into(mm, at, (gen + 1) & 0xFFFFFFFFFFFFFFFF)
+        hold = time.monotonic() - F64.unpack_from(mm, at + SINCE_AT)[0]
+        if not hold >= 0.0:  # a clock read before the take's, or a scribbled NaN
+            hold = 0.0
+        b = bisect.bisect_left(HOLD_BUCKETS, hold)
+        U64.pack_into(mm, HIST_AT + 8 * b, (U64.unpack_from(mm, HIST_AT + 8 * b)[0] + 1)
+                      & 0xFFFFFFFFFFFFFFFF)
+        F64.pack_into(mm, HIST_AT + 96, F64.unpack_from(mm, HIST_AT + 96)[0] + hold)
+        self._gives.value += 1
         if U32.unpack_from(mm, FLAGS_AT)[0]:
             mm[STATES_AT + i] = RETURNED
             return POKE

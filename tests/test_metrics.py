@@ -59,7 +59,7 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         assert 'mppool_pool_connections_lost_total{pool="nums"} 0.0' in text
         assert "# HELP mppool_pool_usage_ms_total psycopg_pool's usage_ms" in text
         # A token pool leases in shared memory (the fast path): no message per lease, and
-        # still counted in the gauges and lease counters (not in the histograms).
+        # still counted in the gauges, the lease counters and the histograms.
         tok = c.token_pool("tok", 2)
         t = tok.get()
         assert type(t).__name__ == "FastToken"
@@ -68,6 +68,10 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         text = _scrape(port)
         assert 'mppool_pool_in_use{pool="tok"} 1.0' in text
         assert 'mppool_pool_requests_num_total{pool="tok"} 4.0' in text
+        assert 'mppool_hold_seconds_count{pool="tok"} 3.0' in text  # 3 given back
+        assert 'mppool_acquire_wait_seconds_bucket{le="0.0001",pool="tok"} 4.0' in text
+        text = _scrape(port)  # a second scrape adds nothing twice
+        assert 'mppool_acquire_wait_seconds_count{pool="tok"} 4.0' in text
         tok.put(t)
         wait_until(lambda: 'mppool_pool_in_use{pool="tok"} 0.0' in _scrape(port),
                    what="the fast token back")

@@ -40,9 +40,9 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
   leases, read from the slots; the core Pool does not age the region's own leases.
 - **Not here**: pools with ``max_use``, ``max_lifetime`` or ``burst_limit`` keep the normal
   path (`refusal`). The region has as many slots as the pool had tokens when its first fast
-  client came; tokens added later by a resize are served through the supervisor. Hold-time
-  and wait-time histograms see only the leases that went through the supervisor; `stats()`
-  (`fastviews`) counts fast leases in the gauges and lease counters.
+  client came; tokens added later by a resize are served through the supervisor. `stats()`
+  and the metrics (`fastviews`) count fast leases in the gauges, the lease counters and the
+  histograms.
 
 **The supervisor never waits on a client.** A client can stop (SIGSTOP, a debugger) while
 it holds the region's mutex; a supervisor that blocked on it would freeze every pool and
@@ -140,8 +140,10 @@ class FastRegion:
         self.retry = RETRY_FIRST
         self.retry_timer = False
         self.killed: list[tuple[int, int, float]] = []  # (conn, pid, age), by the last sync
-        # For stats: generations the supervisor bumped, tokens it parked and took back.
-        self.sup_bumps = self.nparks = self.nunparks = 0
+        # For stats: tokens the supervisor parked and took back (the Pool counts them as
+        # leases); for metrics, the region's counts at the last scrape (fastviews).
+        self.nparks = self.nunparks = 0
+        self.folded: tuple[list[int], float, int] | None = None
         # Lease ages (max_using_delay, max_using_delay_kill): read from the slots' ``since``
         # (the holder's CLOCK_MONOTONIC, the same clock system-wide) every `age_period`.
         pool = rec.pool
@@ -462,10 +464,8 @@ class FastRegion:
         return back
 
     def _bump(self, i: int) -> None:
-        """A new generation for slot ``i``, by the supervisor (counted: the rest of the
-        generations, the clients' takes and gives, are how `overlay` counts fast leases)."""
+        """A new generation for slot ``i``: a late put of its lease is then a no-op."""
         self.region.bump(i)
-        self.sup_bumps += 1
 
     def _checkin(self, leases: list[int]) -> None:
         self.nunparks += len(leases)

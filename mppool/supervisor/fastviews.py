@@ -4,8 +4,9 @@ must switch the region off while they apply.
 Runs in the supervisor, on control-plane threads. `overlay` reads the region without its
 mutex (stats never wait on a client): FREE tokens are shown idle, HELD ones lent to their
 real holders (pid from the slot, checked against the connection at every scan), and the
-lease counters include fast leases, counted from the slots' generations (clients bump one
-per take and per give; the supervisor's own bumps, parks and take-backs are its own).
+lease counters include fast leases (the region counts its takes and gives). `fold_metrics`
+adds fast leases to the supervisor's Prometheus histograms: their hold times (counted by
+each give in the region) and their wait (none: a fast get never waits).
 `pool_call` runs ``resize``, ``pause``, ``resume`` and ``free`` with the region's tokens
 counted and the fast path off while they apply.
 """
@@ -34,7 +35,8 @@ def overlay(fr: FastRegion, s: dict[str, Any]) -> dict[str, Any]:
         parked = {lease: i for i, lease in enumerate(fr.parked) if lease}
         owed = fr.owed
         on_way = fr.outstanding()
-        sup_bumps, nparks, nunparks = fr.sup_bumps, fr.nparks, fr.nunparks
+        nparks, nunparks = fr.nparks, fr.nunparks
+        takes, gives = r.takes, r.gives
     now = time.monotonic()
     using, nfree = [], 0
     for u in s.get("using", []):
@@ -51,13 +53,10 @@ def overlay(fr: FastRegion, s: dict[str, Any]) -> dict[str, Any]:
     s = dict(s, using=using, nusing=len(using), navail=s.get("navail", 0) + nfree)
     if s.get("sem"):
         s["sem"] = dict(s["sem"], value=s["sem"]["value"] + nfree)
-    # Fast leases in the lease counters: clients bump a slot's generation once per take
-    # and once per give; the supervisor's own bumps, parks and take-backs are its.
-    held = states.count(shm.HELD)
-    takes = max(0, (sum(sl[0] for sl in slots) - sup_bumps + held) // 2)
+    # Fast leases in the lease counters, from the region's own counts; the Pool counted the
+    # region's parks and take-backs as leases, which they are not.
     for k, v in (("nuses", takes - nparks), ("nborrows", takes - nparks),
-                 ("requests_num", takes - nparks),
-                 ("nreturns", takes - held - nunparks)):
+                 ("requests_num", takes - nparks), ("nreturns", gives - nunparks)):
         if k in s:
             s[k] = max(0, s[k] + v)
     s["fast"] = {"slots": len(states), "free": states.count(shm.FREE),
@@ -93,3 +92,31 @@ def pool_call(fr: FastRegion, method: str, *args: Any) -> Any:
             nfree = fr.region.count(shm.FREE)
         return pool.free() + nfree
     return getattr(pool, method)(*args)
+
+
+def fold_metrics(fr: FastRegion, wait: Any, hold: Any) -> None:
+    """Add the fast leases given back since the last scrape to the hold-time histogram
+    ``hold`` and the fast takes to the wait histogram ``wait`` (at 0 s), under this pool's
+    label. The counts are read under the region's mutex, taken with a short wait: when a
+    client holds it, this scrape adds nothing and the next one catches up. (prometheus_client
+    has no call to add n observations at once: its per-bucket values are incremented, which
+    is what ``observe`` does one at a time.)"""
+    with fr.lock:
+        r = fr.region
+        if r.try_lock(0.001) is None:
+            return
+        try:
+            counts, total = r.hold_times()
+        finally:
+            r.unlock()
+        takes = r.takes
+        prev_counts, prev_total, prev_takes = fr.folded or ([0] * len(counts), 0.0, 0)
+        fr.folded = (counts, total, takes)
+    h = hold.labels(fr.rec.name)
+    for i, (now, before) in enumerate(zip(counts, prev_counts, strict=True)):
+        if now > before:
+            h._buckets[i].inc(now - before)
+    if total > prev_total:
+        h._sum.inc(total - prev_total)
+    if takes > prev_takes:
+        wait.labels(fr.rec.name)._buckets[0].inc(takes - prev_takes)

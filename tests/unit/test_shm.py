@@ -159,3 +159,22 @@ def test_unlocking_a_mutex_held_by_another_thread_changes_nothing(region):
         assert region._unlock(region._mutex) == errno.EPERM
         assert shm.libc().pthread_mutex_trylock(region._mutex) == errno.EBUSY  # still held
     assert isinstance(region.take(7, 1, 1.0, 0.0), tuple)
+
+
+def test_takes_gives_and_hold_times_are_counted(region):
+    """What the supervisor's stats and histograms read: every take and give counted, and
+    each give's hold time (from the slot's ``since``, on the monotonic clock) in its bucket."""
+    before = region.hold_times()
+    assert before == ([0] * 12, 0.0) and (region.takes, region.gives) == (0, 0)
+    i, gen = region.take(7, 1, 1.0, time.monotonic() - 0.002)  # taken 2 ms ago
+    assert (region.takes, region.gives) == (1, 0)
+    assert region.give(i, gen, 7) is True
+    counts, total = region.hold_times()
+    assert (region.takes, region.gives) == (1, 1)
+    assert counts[shm.HOLD_BUCKETS.index(0.005)] == 1 and sum(counts) == 1, counts
+    assert 0.002 <= total < 0.005
+    assert region.give(i, gen, 7) is False  # refused: not counted
+    assert region.gives == 1 and sum(region.hold_times()[0]) == 1
+    j, gen = region.take(7, 1, 1.0, float("nan"))  # a scribbled time: counted as 0 s
+    region.give(j, gen, 7)
+    assert region.hold_times()[0][0] == 1
