@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -163,9 +164,16 @@ class Region:
         if not 1 <= nslots <= MAX_SLOTS:
             raise ValueError(f"nslots must be between 1 and {MAX_SLOTS}, got {nslots!r}")
         libc()
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        seals = getattr(fcntl, "F_ADD_SEALS", None)
+        if seals is None or not hasattr(os, "MFD_ALLOW_SEALING"):
+            raise Unavailable("memfd seals are needed (a client could shrink the region)")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, region_size(nslots))
+            # Every client gets this descriptor, read-write: shrinking it would make each
+            # access past the new end a SIGBUS, in the supervisor too. Sealed at its size,
+            # and the seals themselves sealed, before any client can have it.
+            fcntl.fcntl(fd, seals, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             return cls(fd, nslots), fd
         except BaseException:
             os.close(fd)
