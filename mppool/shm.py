@@ -65,6 +65,16 @@ U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 MAX_SLOTS = 1 << 16
 
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+_GLIBC = _is_glibc()
+
 # What a take() that does not get a slot says: go to the supervisor (``pending`` counted).
 QUEUE = -1
 # What give() says besides True/False: the token went back in slow mode; poke the supervisor.
@@ -181,6 +191,25 @@ class Region:
 
     def _init(self, lib: Any, nslots: int) -> None:
         HEADER.pack_into(self.mm, 0, MAGIC, VERSION, nslots, 0, 0)
+        self._init_mutex(lib)
+
+    def reset_mutex(self) -> None:
+        """The supervisor's way out when the mutex bytes are no mutex any more (a client wrote
+        over them: the C library says EINVAL, or a thread that never locked it is its owner):
+        initialize it again, unlocked. Nobody can hold a mutex in that state, so nobody is
+        thrown out of a critical section; the caller then checks the whole region."""
+        self.mm[MUTEX_AT:MUTEX_AT + MUTEX_SIZE] = bytes(MUTEX_SIZE)
+        self._init_mutex(libc())
+
+    def owner_tid(self) -> int:
+        """The thread id the mutex's lock word names as its owner (0: unlocked), where the C
+        library is glibc (the word is the first int, the tid in its low 30 bits); -1 where
+        that layout is not known."""
+        if _GLIBC:
+            return int(U32.unpack_from(self.mm, MUTEX_AT)[0]) & 0x3FFFFFFF
+        return -1
+
+    def _init_mutex(self, lib: Any) -> None:
         attr = ctypes.create_string_buffer(64)
         lib.pthread_mutexattr_init(attr)
         lib.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED

@@ -35,7 +35,10 @@ token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``
   supervisor never parked, a HELD slot of a connection that is gone or whose pid is not the
   connection's, a pending count with nobody on the way: each is put right, and logged.
   A client that scribbles over the region can only hurt pools it could use anyway (it holds
-  the key); it can never make the core Pool exceed its bound.
+  the key); it can never make the core Pool exceed its bound. The mutex's own bytes too:
+  one the C library refuses (EINVAL) is set up again at once, and one whose lock word names
+  an owner that is no thread of a client process, for three watchdog scans in a row, as
+  well (`fastrepair.stuck_owner`); the region is then checked like after a dead owner.
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
   applies unchanged: shutdown wakes waiters, a paused pool hands out nothing, a shrunk pool
@@ -89,7 +92,7 @@ from .. import shm
 from ..errors import PoolClosed
 from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
 from ..pool import CREATE, Entry
-from .fastrepair import repair
+from .fastrepair import repair, stuck_owner
 
 if TYPE_CHECKING:
     from .leases import LeaseLoop
@@ -130,6 +133,7 @@ class FastRegion:
         self.lock = threading.Lock()
         self.stale: tuple[int, int, int] | None = None  # see fastrepair: (pending, arrived, n)
         self.nrepairs = 0
+        self.stuck: tuple[int, int] | None = None  # (owner tid, scans): see _stuck_owner
         self.closed = False  # for good: the pool is shutting down
         self.off: set[str] = set()  # for a while: "pause", "resize"
         # Intents, applied by sync() under the region's mutex (see the module docstring).
@@ -247,6 +251,7 @@ class FastRegion:
     def check_soon(self) -> None:
         """`check`, as a callback of the lease loop (every watchdog scan); a region whose
         pool shut down is let go once every token it had came back."""
+        stuck_owner(self)
         self.check()
         if self.closed and not self.owed and not any(self.parked):
             regions_of(self.loop).pop(self.rec.id, None)
@@ -277,13 +282,13 @@ class FastRegion:
         intents stay owed and the lease loop retries."""
         with self.lock:
             r = self.region
-            got = r.try_lock(0.0 if self.owed else wait)
+            got = self._try_lock(0.0 if self.owed else wait)
             if got is None:
                 self._owe()
                 return False
             try:
                 if not got or r.flags & shm.DIRTY:
-                    self.check_due = "a process died holding the region's lock"
+                    self.check_due = self.check_due or "a process died holding the region's lock"
                 if self.check_due is not None:
                     why, self.check_due = self.check_due, None
                     repair(self, why or None)
@@ -379,7 +384,13 @@ class FastRegion:
         """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
         mode, all under the region's mutex (no client sees a half-done park)."""
         r, pool = self.region, self.rec.pool
-        if r.try_lock(LOOP_WAIT) is None:
+        locked = self._try_lock(LOOP_WAIT)
+        if locked is None:
+            self._owe()
+            return
+        if not locked:  # a dead owner, or a lock set up again: the next sync checks first
+            r.set_flags(r.flags | shm.DIRTY)
+            r.unlock()
             self._owe()
             return
         try:
@@ -466,6 +477,32 @@ class FastRegion:
                 pool.on_kill_holder(holder, age)
             except Exception:
                 log.exception("mppool: pool %r: could not terminate pid %s", self.rec.name, pid)
+
+    def _try_lock(self, wait: float) -> bool | None:
+        """Under self.lock: the region's mutex, as `shm.Region.try_lock`, except that a mutex a
+        client wrote over (the C library refuses it: EINVAL, ENOTRECOVERABLE...) is set up
+        again (`shm.Region.reset_mutex`) and reported like a dead owner (False: the region is
+        checked before anything else). Never raises: an error here would fail the get, put
+        or close that came, and every other region's share of a closing connection."""
+        r = self.region
+        try:
+            return r.try_lock(wait)
+        except OSError as exc:
+            why = f"the region's lock was overwritten ({exc.strerror}): set up again"
+        return self._relock(why)
+
+    def _relock(self, why: str) -> bool | None:
+        """Under self.lock: set the mutex up again and take it (False: check the region)."""
+        r = self.region
+        r.reset_mutex()
+        self.check_due = why
+        try:
+            got = r.try_lock(0.0)
+        except OSError:  # overwritten again meanwhile: the retry timer comes back
+            return None
+        if got is None:
+            return None
+        return False
 
     def _owe(self) -> None:
         """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""

@@ -18,6 +18,7 @@ is, for the Pool, lent to the region.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from .. import shm
@@ -87,3 +88,50 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
         log.warning("mppool: pool %r: fast-path region repaired from the supervisor's "
                     "records: %s", fr.rec.name, "; ".join(fixed))
     return fixed
+
+
+def stuck_owner(fr: FastRegion) -> None:
+    """On the loop's thread, every watchdog scan, while work is owed: a mutex whose owner,
+    for three scans in a row, is no thread of a process that mapped the region (a client
+    wrote a bogus owner into the lock word: the kernel never knew that thread held it, so
+    no EOWNERDEAD ever comes) is set up again, and the region checked. A client stopped
+    inside the mutex (its own thread) is waited for, as before."""
+    r = fr.region
+    tid = r.owner_tid()
+    if not fr.owed or tid <= 0 or owner_is_client(fr, tid):
+        fr.stuck = None
+        return
+    n = fr.stuck[1] + 1 if fr.stuck is not None and fr.stuck[0] == tid else 1
+    fr.stuck = (tid, n)
+    if n < 3:
+        return
+    fr.stuck = None
+    with fr.lock:
+        if r.owner_tid() != tid:
+            return
+        got = fr._relock(f"the region's lock named thread {tid} as its owner, which is "
+                         "no thread of its clients: set up again")
+        if got is None:
+            return
+        r.set_flags(r.flags | shm.DIRTY)
+        r.unlock()
+    fr.sync()
+
+
+def owner_is_client(fr: FastRegion, tid: int) -> bool:
+    """Whether thread ``tid`` (this pid namespace) is a thread of a live lease connection's
+    kernel-verified process (a client in another pid namespace names a tid we cannot
+    see: after three scans it is taken for a bogus owner)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            tgid = next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), 0)
+    except (OSError, ValueError):
+        return False
+    if tgid == os.getpid():  # the supervisor's own (a control-plane call, for an instant)
+        return True
+    conns = fr.loop.conns
+    for conn_id in list(fr.clients):
+        conn = conns.get(conn_id)
+        if conn is not None and conn.holder is not None and conn.holder.pid == tgid:
+            return True
+    return False

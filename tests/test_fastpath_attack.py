@@ -1,0 +1,184 @@
+"""Attacks on the fast path of token pools (mppool.fastpath, mppool.shm, fastregion): a client
+that holds the key and does anything to the shared region, its memfd and the fast-path
+messages. Whatever it does, the guarantees hold once it is gone:
+
+- the supervisor stays alive, and ``stats()`` and other pools keep answering;
+- nothing is lost: every unit comes back, and all of them can be taken at once;
+- never more than max_size units out through the supervisor's own accounting.
+
+Each attacker runs in a forked process of its own (killed by pid at the end of the test).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import struct
+import time
+from typing import Any
+
+import pytest
+from helpers import fork_ctx, start_ready, wait_until
+from test_fastpath import accounted, fast_pool
+
+import mppool
+from mppool import protocol as P
+from mppool import shm
+from mppool.errors import TimeOut
+from mppool.fastpath import FastToken
+
+pytestmark = [pytest.mark.slow, pytest.mark.kill,
+              pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def kept_fd(pool: Any) -> tuple[Any, int]:
+    """Map ``pool``'s region and keep a duplicate of its memfd (what any client can do: the
+    descriptor comes with the FastMap reply)."""
+    kept: list[int] = []
+    orig = shm.Region.__init__
+
+    def init(self: shm.Region, fd: int, nslots: int | None = None) -> None:
+        kept.append(os.dup(fd))
+        orig(self, fd, nslots)
+
+    shm.Region.__init__ = init  # type: ignore[method-assign]
+    try:
+        tok = pool.get(timeout=10)
+    finally:
+        shm.Region.__init__ = orig  # type: ignore[method-assign]
+    assert type(tok) is FastToken and kept
+    pool.put(tok)
+    return pool._where[1], kept[0]
+
+
+def can_take_all(pool: Any, size: int, timeout: float = 5.0) -> None:
+    """All ``size`` units at once, and not one more."""
+    held = [pool.get(timeout=timeout) for _ in range(size)]
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0)
+    for tok in held:
+        pool.put(tok)
+
+
+def alive_and_serving(client: Any, server: Any, name: str) -> None:
+    """The supervisor process lives, another pool serves, stats() answers within a second."""
+    assert server._proc is None or server._proc.poll() is None, "the supervisor died"
+    other = client.token_pool(name, 1, fast=False)
+    t0 = time.monotonic()
+    other.put(other.get(timeout=2))
+    client.stats()
+    assert time.monotonic() - t0 < 1.0
+
+
+def lock_word(region: shm.Region) -> int:
+    """The mutex's lock word (glibc: the first int of pthread_mutex_t: the owner's tid)."""
+    return int(struct.unpack_from("=i", region.mm, shm.MUTEX_AT)[0])
+
+
+# ------------------------------------------------------------------ attackers (forked)
+
+
+def flush_exit(ready: Any) -> None:
+    """Exit at once, once what was put on ``ready`` has left (its feeder thread)."""
+    ready.close()
+    ready.join_thread()
+    os._exit(0)
+
+
+def truncate_memfd(pool: Any, ready: Any) -> None:
+    """Shrink the region's memfd under everybody's mapping: any access past the new end is a
+    SIGBUS, in the supervisor as much as in the clients."""
+    _, fd = kept_fd(pool)
+    try:
+        os.ftruncate(fd, 0)
+        ready.put("truncated")
+    except OSError as exc:
+        ready.put(f"refused: {exc}")
+    flush_exit(ready)  # never touch the mapping again
+
+
+def scribble_lock_word(pool: Any, value: int, ready: Any) -> None:
+    """Write the mutex's lock word directly (not through pthread: the kernel's robust list
+    does not know of it), as a bogus owner, then exit."""
+    region = pool._where[1]
+    pool.put(pool.get(timeout=10))
+    struct.pack_into("=i", region.mm, shm.MUTEX_AT, value)
+    ready.put(os.getpid())
+    flush_exit(ready)
+
+
+def scribble_mutex_kind(pool: Any, kind: int, ready: Any) -> None:
+    """Overwrite the mutex's kind (glibc: the int at offset 16 of pthread_mutex_t on x86-64),
+    then exit."""
+    region = pool._where[1]
+    pool.put(pool.get(timeout=10))
+    struct.pack_into("=i", region.mm, shm.MUTEX_AT + 16, kind)
+    ready.put(os.getpid())
+    flush_exit(ready)
+
+
+def dead_tid() -> int:
+    """A thread id that is not running now."""
+    ctx = fork_ctx()
+    p = ctx.Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(5)
+    assert p.pid is not None
+    return int(p.pid)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_truncating_the_memfd_does_not_kill_the_supervisor(client, server, procs):
+    size = 2
+    pool = fast_pool(client, "a-trunc", size)
+    p, what = start_ready(procs, truncate_memfd, pool)
+    p.join(5)
+    time.sleep(0.3)  # the supervisor's next touches of the region (gets, watchdog scan)
+    pool._where = None  # our own mapping would fault too: start over as a fresh client
+    pool.put(pool.get(timeout=2))
+    alive_and_serving(client, server, "a-trunc-other")
+    assert what.startswith("refused"), "a client could shrink the region's memfd"
+    wait_until(lambda: accounted(pool, size), what="every unit accounted")
+    can_take_all(pool, size)
+    alive_and_serving(client, server, "a-trunc-other")
+
+
+def test_a_bogus_owner_in_the_lock_word_loses_nothing(client, server, procs):
+    """A client writes a dead thread's id as the mutex's owner and exits: the mutex can never
+    be had again (no EOWNERDEAD: the kernel never knew that thread owned it). The parked
+    tokens must not be lost with it."""
+    size = 2
+    pool = fast_pool(client, "a-owner", size)
+    region = pool._where[1]
+    p, _ = start_ready(procs, scribble_lock_word, pool, dead_tid())
+    p.join(5)
+    alive_and_serving(client, server, "a-owner-other")
+    # Both units are parked FREE in a region whose mutex nobody can take.
+    assert region.try_lock(0.01) is None
+    can_take_all(pool, size, timeout=5.0)
+    wait_until(lambda: accounted(pool, size), what="every unit accounted")
+    alive_and_serving(client, server, "a-owner-other")
+
+
+@pytest.mark.parametrize("kind", [0x7F, 0x30, 0x22])
+def test_a_scribbled_mutex_kind_does_not_break_the_supervisor(client, server, procs, kind):
+    """A mutex kind that glibc rejects (EINVAL), or a PI kind (other futex calls): the
+    supervisor survives, other pools serve, and the pool's units are not lost."""
+    size = 2
+    pool = fast_pool(client, f"a-kind-{kind:x}", size)
+    p, _ = start_ready(procs, scribble_mutex_kind, pool, kind)
+    p.join(5)
+    alive_and_serving(client, server, f"a-kind-other-{kind:x}")
+    can_take_all(pool, size, timeout=5.0)
+    wait_until(lambda: accounted(pool, size), what="every unit accounted")
+    alive_and_serving(client, server, f"a-kind-other-{kind:x}")
+
+
+_unused = (ctypes, random, signal, mppool, P, lock_word)  # for the attacks below
