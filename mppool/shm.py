@@ -74,6 +74,7 @@ def _is_glibc() -> bool:
 
 
 _GLIBC = _is_glibc()
+_KIND_AT = MUTEX_AT + 16  # glibc's pthread_mutex_t: lock, count, owner, nusers, kind
 
 # What a take() that does not get a slot says: go to the supervisor (``pending`` counted).
 QUEUE = -1
@@ -126,6 +127,27 @@ def libc() -> Any:
     return lib
 
 
+_KIND: list[int | None] = []
+
+
+def _robust_kind(lib: Any) -> int | None:
+    """The kind int glibc writes in a robust, process-shared mutex (None elsewhere: the
+    layout is glibc's), found once by setting up a private one."""
+    if not _KIND:
+        kind = None
+        if _GLIBC:
+            buf = ctypes.create_string_buffer(MUTEX_SIZE)
+            attr = ctypes.create_string_buffer(64)
+            lib.pthread_mutexattr_init(attr)
+            lib.pthread_mutexattr_setpshared(attr, 1)
+            lib.pthread_mutexattr_setrobust(attr, 1)
+            if lib.pthread_mutex_init(buf, attr) == 0:
+                kind = ctypes.c_int32.from_buffer(buf, _KIND_AT - MUTEX_AT).value
+            lib.pthread_mutexattr_destroy(attr)
+        _KIND.append(kind)
+    return _KIND[0]
+
+
 def region_size(nslots: int) -> int:
     return STATES_AT + _pad8(nslots) + nslots * SLOT.size
 
@@ -149,6 +171,9 @@ class Region:
         # see a torn value (0x0100 read as 0x0000 half-way through an increment).
         self._pend = ctypes.c_uint32.from_buffer(self.mm, PENDING_AT)
         self._mutex = ctypes.c_void_p(ctypes.addressof(self._buf) + MUTEX_AT)
+        # The mutex's kind, as glibc reads it, and what it must be (`mutex_intact`).
+        self._kindv = ctypes.c_int32.from_buffer(self.mm, _KIND_AT)
+        self._want_kind = _robust_kind(lib)
         if nslots is not None:  # the supervisor, creating it
             self._init(lib, nslots)
         magic, version, n, _, _ = HEADER.unpack_from(self.mm)
@@ -219,8 +244,17 @@ class Region:
         if rc:
             raise OSError(rc, f"pthread_mutex_init: {os.strerror(rc)}")
 
+    def mutex_intact(self) -> bool:
+        """Before each call of the C library on the mutex: whether its kind is still the one
+        `pthread_mutex_init` writes (robust, process-shared). glibc dispatches on that int,
+        and a kind a client wrote there (priority inheritance or protection) makes glibc's
+        own assertions abort the caller on its next lock (``e != ESRCH || !robust``). (A
+        client racing to write it between this check and the call can still win: see the
+        fastregion docstring, known limits.)"""
+        return self._want_kind is None or self._kindv.value == self._want_kind
+
     def close(self) -> None:
-        del self._buf, self._pend
+        del self._buf, self._pend, self._kindv
         try:
             self.mm.close()
         except BufferError:
@@ -330,6 +364,8 @@ class Region:
         (``pending`` counted: send the get to the supervisor, which counts its arrival); or `BUSY`:
         the mutex was not had within ``wait`` (send a normal get, nothing counted)."""
         mm = self.mm
+        if self._want_kind is not None and self._kindv.value != self._want_kind:
+            return BUSY  # a client wrote over the mutex: the supervisor sets it up again
         try:
             # Inside the try: a signal handler raising right after the lock is taken still
             # unlocks (and unlocking a robust mutex we do not own is a harmless EPERM).
@@ -363,6 +399,8 @@ class Region:
         (reclaimed, killed, repaired, or put twice), and nothing changed."""
         if not 0 <= i < self.nslots:
             return False
+        if self._want_kind is not None and self._kindv.value != self._want_kind:
+            return BUSY  # see take()
         try:
             rc = self._trylock(self._mutex)  # inside the try: see take()
             if rc:

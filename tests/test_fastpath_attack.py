@@ -122,6 +122,17 @@ def scribble_mutex_kind(pool: Any, kind: int, ready: Any) -> None:
     flush_exit(ready)
 
 
+def scribble_mutex(pool: Any, kind: int, word: int, ready: Any) -> None:
+    """Overwrite the mutex's kind and lock word at once (``word`` -1: this process's pid,
+    which is dead once it exits), then exit."""
+    region = pool._where[1]
+    pool.put(pool.get(timeout=10))
+    struct.pack_into("=i", region.mm, shm.MUTEX_AT, os.getpid() if word == -1 else word)
+    struct.pack_into("=i", region.mm, shm.MUTEX_AT + 16, kind)
+    ready.put(os.getpid())
+    flush_exit(ready)
+
+
 def dead_tid() -> int:
     """A thread id that is not running now."""
     ctx = fork_ctx()
@@ -179,6 +190,23 @@ def test_a_scribbled_mutex_kind_does_not_break_the_supervisor(client, server, pr
     can_take_all(pool, size, timeout=5.0)
     wait_until(lambda: accounted(pool, size), what="every unit accounted")
     alive_and_serving(client, server, f"a-kind-other-{kind:x}")
+
+
+# glibc's kinds: 0x10 robust, 0x20 priority inheritance, 0x40 priority protect, 0x80 shared.
+@pytest.mark.parametrize("kind", [0xB0, 0x30, 0x90, 0xC0, 0xB2, 0x91])
+@pytest.mark.parametrize("word", [-1, 0x40000000 | 1, 1])
+def test_a_scribbled_mutex_kind_and_owner(client, server, procs, kind, word):
+    size = 2
+    name = f"a-mx-{kind:x}-{word & 0xFFFFFFFF:x}"
+    pool = fast_pool(client, name, size)
+    p, _ = start_ready(procs, scribble_mutex, pool, kind, word)
+    p.join(5)
+    alive_and_serving(client, server, name + "-other")
+    can_take_all(pool, size, timeout=5.0)
+    wait_until(lambda: accounted(pool, size), what="every unit accounted")
+    alive_and_serving(client, server, name + "-other")
+    tok = pool.get(timeout=5)
+    pool.put(tok)
 
 
 _unused = (ctypes, random, signal, mppool, P, lock_word)  # for the attacks below

@@ -36,7 +36,10 @@ token enters or leaves the region only through ``Pool.acquire``/``Pool.checkin``
   connection's, a pending count with nobody on the way: each is put right, and logged.
   A client that scribbles over the region can only hurt pools it could use anyway (it holds
   the key); it can never make the core Pool exceed its bound. The mutex's own bytes too:
-  one the C library refuses (EINVAL) is set up again at once, and one whose lock word names
+  one whose kind is not the robust one (checked before every call of the C library, by
+  the supervisor and the clients: glibc's own assertions abort a process that locks a
+  priority-inheritance mutex with a dead owner) or that the C library refuses (EINVAL) is
+  set up again at once, and one whose lock word names
   an owner that is no thread of a client process, for three watchdog scans in a row, as
   well (`fastrepair.stuck_owner`); the region is then checked like after a dead owner.
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
@@ -72,7 +75,14 @@ shutdown come from the control plane: ``self.lock`` (a Python lock, never held w
 waiting on anything else) orders them, and the region's mutex orders the moves with the
 clients. Lock order: ``self.lock``, then the region's mutex, then the core Pool's lock.
 
-Known limits: a get that decided to queue (``pending`` counted) and whose process is then
+Known limits: the mutex is glibc's, in memory every client of the pool can write. The kind
+check above is a check before use: a client that rewrites the kind in a tight loop can still
+land between the check and glibc's own reads of it, and one that rewrites the robust list
+pointers inside the mutex while another process holds it makes that process's unlock write
+through them (into its own memory). Only a lock taken with the kernel's atomics, never with
+glibc's code on shared bytes, would close that for the supervisor.
+
+A get that decided to queue (``pending`` counted) and whose process is then
 stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is counted
 as lost: ``pending`` is reset (logged), and until that get arrives a fast get may take a
 unit before it. While a stopped process holds the mutex, the tokens parked in the region
@@ -485,6 +495,8 @@ class FastRegion:
         checked before anything else). Never raises: an error here would fail the get, put
         or close that came, and every other region's share of a closing connection."""
         r = self.region
+        if not r.mutex_intact():
+            return self._relock("the region's lock was overwritten (its kind): set up again")
         try:
             return r.try_lock(wait)
         except OSError as exc:
