@@ -133,6 +133,52 @@ def scribble_mutex(pool: Any, kind: int, word: int, ready: Any) -> None:
     flush_exit(ready)
 
 
+def honest_churn(pool: Any, seconds: float, errors: Any) -> None:
+    """get/put for ``seconds``; TimeOut is allowed (a scribbler may hold the pool up), any
+    other error is reported."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            try:
+                tok = pool.get(timeout=0.5)
+            except TimeOut:
+                continue
+            pool.put(tok)
+    except BaseException as exc:
+        errors.put(repr(exc))
+    os._exit(0)
+
+
+def random_scribbler(pool: Any, seconds: float, seed: int, mutex: bool, ready: Any) -> None:
+    """Write random values everywhere in the region (header, flags, pending, states, slots,
+    and the mutex's first 20 bytes if ``mutex``) for ``seconds``, then exit."""
+    rnd = random.Random(seed)
+    pool.put(pool.get(timeout=10))
+    region = pool._where[1]
+    mm, size = region.mm, len(region.mm)
+    ready.put(os.getpid())
+    nan = struct.pack("=d", float("nan"))
+    values = [nan, struct.pack("=d", float("inf")), struct.pack("=d", -1e300),
+              b"\xff" * 8, b"\x00" * 8, b"\x01", b"\x02", b"\x03", b"\x07",
+              struct.pack("=Q", 2**64 - 1), struct.pack("=I", os.getppid()),
+              struct.pack("=I", 1), struct.pack("=I", 2**31)]
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        at = rnd.choice((rnd.randrange(0, 20), rnd.randrange(shm.STATES_AT, size),
+                         rnd.randrange(shm.STATES_AT, region.slots_at),
+                         rnd.randrange(region.slots_at, size)))
+        if mutex and rnd.random() < 0.02:
+            at = rnd.randrange(shm.MUTEX_AT, shm.MUTEX_AT + 20)  # now and then the mutex too
+        v = rnd.choice(values) if rnd.random() < 0.7 else rnd.randbytes(rnd.randrange(1, 9))
+        v = v[:size - at]
+        mm[at:at + len(v)] = v
+        n += 1
+        if n % 64 == 0:
+            time.sleep(0.0005)
+    flush_exit(ready)
+
+
 def dead_tid() -> int:
     """A thread id that is not running now."""
     ctx = fork_ctx()
@@ -206,6 +252,43 @@ def test_a_scribbled_mutex_kind_and_owner(client, server, procs, kind, word):
     wait_until(lambda: accounted(pool, size), what="every unit accounted")
     alive_and_serving(client, server, name + "-other")
     tok = pool.get(timeout=5)
+    pool.put(tok)
+
+
+@pytest.mark.parametrize("mutex", [False, True], ids=["data", "data+mutex"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_scribbler_while_honest_clients_cycle(client, server, procs, seed, mutex):
+    """data: header, flags, pending, states and slots (never the mutex). data+mutex: the
+    mutex's bytes too, while other processes hold it and lock it."""
+    size, nhonest = 3, 3
+    name = f"a-scrib-{seed}-{int(mutex)}"
+    pool = fast_pool(client, name, size)
+    ctx = fork_ctx()
+    errors = ctx.Queue()
+    for _ in range(nhonest):
+        p = ctx.Process(target=honest_churn, args=(pool, 3.0, errors))
+        procs.append(p)
+        p.start()
+    s, _ = start_ready(procs, random_scribbler, pool, 1.5, seed, mutex)
+    s.join(10)
+    alive_and_serving(client, server, name + "-other")
+    for p in procs:
+        p.join(15)
+        assert p.exitcode == 0, p.exitcode
+    assert errors.empty(), errors.get()
+    alive_and_serving(client, server, name + "-other")
+    pool._where = None  # our own mapping may have kept a scribbled take: map afresh
+    try:
+        wait_until(lambda: accounted(pool, size), timeout=10, what="every unit accounted")
+    except AssertionError:
+        st = pool.stats()
+        raise AssertionError(f"not every unit came back: free={pool.free()} "
+                             f"nusing={st['nusing']} nwaiting={st['nwaiting']} "
+                             f"fast={st['fast']} using={st['using']}") from None
+    can_take_all(pool, size)
+    wait_until(lambda: pool.stats()["fast"]["free"] == size, timeout=10, what="fast again")
+    tok = pool.get(timeout=5)
+    assert type(tok) is FastToken, "the fast path is back after the repairs"
     pool.put(tok)
 
 

@@ -137,6 +137,7 @@ class FastRegion:
         self.loop = loop
         self.region, self.fd = shm.Region.create(nslots, f"mppool-{rec.name}")
         self.parked = [0] * nslots  # slot -> the core Pool's lease of the token parked there
+        self.nparked = 0  # how many of them are nonzero
         pid = os.getpid()
         self.holder = Holder(pid, process_start(pid), HOSTNAME, REGION_CONN, verified=True)
         self.clients: set[int] = set()  # lease connections that mapped the region
@@ -387,7 +388,7 @@ class FastRegion:
         if self.closed or self.off or r.flags & shm.CLOSED or pool.waiting() \
                 or self._over_size():
             return False
-        return bool(r.flags & shm.WAITERS) or (r.find(shm.ABSENT) >= 0
+        return bool(r.flags & shm.WAITERS) or (self.nparked < len(self.parked)
                                                 and pool.free() > self.outstanding())
 
     def _park(self) -> None:
@@ -409,9 +410,16 @@ class FastRegion:
             # Gets counted on their way keep a token each in the Pool, where no fast get can
             # take it: they are served when they arrive, and nobody overtakes them.
             keep = self.outstanding()
+            parked, i = self.parked, -1
             while True:
-                i = r.find(shm.ABSENT)
-                if i < 0 or (keep and pool.free() <= keep):
+                # A slot free by the supervisor's own record, not by its state byte: a
+                # client may have written ABSENT over a parked token's state, and parking
+                # there would forget that token's Pool lease for good.
+                try:
+                    i = parked.index(0, i + 1)
+                except ValueError:
+                    break
+                if keep and pool.free() <= keep:
                     break
                 try:
                     got = pool._acquire(self.holder)
@@ -423,6 +431,7 @@ class FastRegion:
                 if type(got) is not Entry:
                     break
                 self.parked[i] = got.lease
+                self.nparked += 1
                 self.nparks += 1
                 self._bump(i)
                 r.set_state(i, shm.FREE)
@@ -560,6 +569,7 @@ class FastRegion:
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
                     back.append(self.parked[i])
+                    self.nparked -= 1
                 self.parked[i] = 0
                 i = r.find(st)
         return back
