@@ -179,6 +179,46 @@ def random_scribbler(pool: Any, seconds: float, seed: int, mutex: bool, ready: A
     flush_exit(ready)
 
 
+def flood_gives_and_pokes(pool: Any, victim_slot: int, n: int, seed: int, ready: Any) -> None:
+    """Map the region, then send ``n`` FastGive (random slots and generations, and the
+    victim's slot with its current generation, read from the region) and FastPoke, for this
+    pool and for pool ids that are not its own."""
+    rnd = random.Random(seed)
+    pool.put(pool.get(timeout=10))
+    region = pool._where[1]
+    chan = pool._client._channel()
+    pid = pool._id
+    for _ in range(n):
+        gen = region.slot(victim_slot)[0]
+        msgs = [P.encode_fastgive(pid, victim_slot, gen),
+                P.encode_fastgive(pid, rnd.randrange(2**32), rnd.randrange(2**64)),
+                P.encode_fastgive(rnd.randrange(2**32), rnd.randrange(4), gen),
+                P.encode_fastpoke(pid), P.encode_fastpoke(rnd.randrange(2**32))]
+        chan.post(b"".join(msgs))
+    ready.put(n)
+    flush_exit(ready)
+
+
+def fastmap(client: Any, pool_id: Any, conn: Any) -> str:
+    """Send a FastMap with whatever ``pool_id`` and ``conn`` (pickled: any object), on a
+    connection of its own; the reply's status, with how many descriptors came."""
+    from mppool.channel import Channel
+    chan = client._channel()
+    side = Channel(chan._sock.getpeername(), client.authkey, 5.0)
+    try:
+        side._sock.sendall(P.frame(__import__("pickle").dumps((P.FASTMAP, 1, pool_id, conn))))
+        side._sock.settimeout(5.0)
+        data, fds, _, _ = __import__("socket").recv_fds(side._sock, 1 << 16, 4)
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            return "closed"
+        reply = P.decode_reply(P.FrameReader(1 << 16).feed(data)[0])
+        return f"{'OK' if reply.status == P.OK else 'ERR'} fds={len(fds)}"
+    finally:
+        side.close()
+
+
 def dead_tid() -> int:
     """A thread id that is not running now."""
     ctx = fork_ctx()
@@ -290,6 +330,161 @@ def test_random_scribbler_while_honest_clients_cycle(client, server, procs, seed
     tok = pool.get(timeout=5)
     assert type(tok) is FastToken, "the fast path is back after the repairs"
     pool.put(tok)
+
+
+def holder_of_one(pool: Any, ready: Any) -> None:
+    tok = pool.get(timeout=10)
+    ready.put((os.getpid(), type(tok).__name__, getattr(tok, "slot", -1)))
+    while True:
+        time.sleep(3600)
+
+
+def test_fastgive_and_fastpoke_floods(client, server, procs):
+    """FastGive of another's slot (its live generation), of random slots and generations, of
+    other pool ids, and FastPoke floods: nothing is freed that its holder did not give, and
+    the supervisor keeps serving."""
+    size = 2
+    pool = fast_pool(client, "a-flood", size)
+    _, (vpid, kind, vslot) = start_ready(procs, holder_of_one, pool)
+    assert kind == "FastToken"
+    t0 = time.monotonic()
+    attackers = [start_ready(procs, flood_gives_and_pokes, pool, vslot, 3000, seed,
+                             timeout=30)[0] for seed in range(2)]
+    alive_and_serving(client, server, "a-flood-other")
+    for p in attackers:
+        p.join(10)
+    assert time.monotonic() - t0 < 20
+    mine = pool.get(timeout=5)
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0.2)  # the victim still holds its unit: 2 out, not 3
+    s = pool.stats()
+    assert s["nusing"] == 2 and vpid in [u["pid"] for u in s["using"]], s["using"]
+    pool.put(mine)
+    os.kill(vpid, signal.SIGKILL)
+    wait_until(lambda: accounted(pool, size), what="every unit accounted")
+    can_take_all(pool, size)
+    alive_and_serving(client, server, "a-flood-other")
+
+
+def test_fastmap_abuse(client, server, procs):
+    """FastMap for pools that do not exist, for a pool that is not a token pool, for
+    another process's connection, and with fields of the wrong types: refused, and the
+    supervisor keeps serving."""
+    pool = fast_pool(client, "a-map", 1)
+    objs = client.pool("a-map-objs", lambda i: i, max_size=1) \
+        if hasattr(client, "pool") else None
+    own = client._channel().conn_id
+    _, (vpid, _, _) = start_ready(procs, holder_of_one, pool)
+    s = pool.stats()
+    other_conn = next(u["holder"]["conn"] for u in s["using"] if u["pid"] == vpid)
+    assert fastmap(client, pool._id, own).startswith("OK fds=1")
+    assert fastmap(client, pool._id, other_conn).startswith("ERR")
+    assert fastmap(client, 987654, own).startswith("ERR")
+    if objs is not None:
+        assert fastmap(client, objs._id, own).startswith("ERR")
+    for bad_pool, bad_conn in ((pool._id, [1]), ({}, own), (pool._id, float("nan")),
+                               (pool._id, 2**200), (-1, -1), (pool._id, -1)):
+        assert fastmap(client, bad_pool, bad_conn) in ("closed", "ERR fds=0"), \
+            (bad_pool, bad_conn)
+        alive_and_serving(client, server, "a-map-other")
+    os.kill(vpid, signal.SIGKILL)
+    wait_until(lambda: accounted(pool, 1), what="every unit accounted")
+    can_take_all(pool, 1)
+
+
+def churn_forever(pool: Any, ready: Any) -> None:
+    pool.put(pool.get(timeout=10))
+    ready.put(os.getpid())
+    while True:
+        try:
+            tok = pool.get(timeout=1)
+        except TimeOut:
+            continue
+        pool.put(tok)
+
+
+def test_sigkill_storm_at_random_points(client, server, procs):
+    """Processes cycling get/put, SIGKILLed at random moments (inside take, give, the
+    mutex, a slow-mode get on its way): every unit comes back, never more than max_size
+    out meanwhile."""
+    size, rounds, nproc = 2, 6, 5
+    pool = fast_pool(client, "a-storm", size)
+    rnd = random.Random(7)
+    ctx = fork_ctx()
+    for _ in range(rounds):
+        batch = []
+        for _ in range(nproc):
+            ready = ctx.Queue()
+            p = ctx.Process(target=churn_forever, args=(pool, ready))
+            procs.append(p)
+            p.start()
+            batch.append((p, ready))
+        for _, ready in batch:
+            ready.get(timeout=10)
+        for p, _ in batch:
+            time.sleep(rnd.uniform(0.0, 0.03))
+            st = pool.stats()
+            assert st["nusing"] <= size, st["using"]
+            assert p.pid is not None
+            os.kill(p.pid, signal.SIGKILL)
+        for p, _ in batch:
+            p.join(5)
+    alive_and_serving(client, server, "a-storm-other")
+    wait_until(lambda: accounted(pool, size), timeout=10, what="every unit accounted")
+    can_take_all(pool, size)
+    tok = pool.get(timeout=5)
+    assert type(tok) is FastToken
+    pool.put(tok)
+
+
+def hold_other(address: str, ready: Any) -> None:
+    """An honest process that holds a token of *another* pool (the normal path)."""
+    c = mppool.connect(address)
+    tok = c.token_pool("other", fast=False).get(timeout=10)
+    ready.put((os.getpid(), repr(tok)))
+    while True:
+        time.sleep(3600)
+
+
+def forge_holder(address: str, victim_pid: int, victim_conn: int, ready: Any) -> None:
+    """Take a fast token of "api", then write the victim's connection and pid into its slot,
+    with a start long ago: the supervisor's lease-age killer sees a lease of the victim's."""
+    c = mppool.connect(address)
+    pool = c.token_pool("api", fast=True)
+    tok = pool.get(timeout=10)
+    assert type(tok) is FastToken
+    region = pool._where[1]
+    gen = region.slot(tok.slot)[0]
+    region.write_holder(tok.slot, gen, victim_conn, victim_pid, 0.0, 0.0)
+    ready.put(os.getpid())
+    while True:
+        time.sleep(3600)
+
+
+def test_a_forged_holder_does_not_get_another_process_killed(tmp_path, sockdir, procs):
+    """kill_holder terminates the holder of a fast lease held too long, by the pid of its
+    connection. The slot's conn and pid are written by clients: a client of "api" that
+    writes another process's connection and pid into its own slot must not get the
+    supervisor to SIGTERM that process (which does not even use "api")."""
+    from test_console import Served
+    srv = Served(tmp_path, sockdir, {"api": {"kind": "token", "max_size": 1,
+                                             "max_using_delay": 0.2,
+                                             "max_using_delay_kill": 0.5,
+                                             "kill_holder": True},
+                                     "other": {"kind": "token", "max_size": 1}})
+    try:
+        client = mppool.connect(srv.address)
+        victim, (vpid, _) = start_ready(procs, hold_other, srv.address)
+        using = client.stats()["other"]["using"]
+        vconn = next(u["holder"]["conn"] for u in using if u["pid"] == vpid)
+        start_ready(procs, forge_holder, srv.address, vpid, vconn)
+        wait_until(lambda: client.stats()["api"]["nkilled"] >= 1 or not victim.is_alive(),
+                   timeout=5, what="the forged lease killed")
+        victim.join(0.5)  # a SIGTERM on its way would end it within that
+        assert victim.is_alive(), "the supervisor terminated a process that held no fast lease"
+        client.close()
+    finally:
+        srv.stop()
 
 
 _unused = (ctypes, random, signal, mppool, P, lock_word)  # for the attacks below
