@@ -11,10 +11,11 @@ Each attacker runs in a forked process of its own (killed by pid at the end of t
 
 from __future__ import annotations
 
-import ctypes
 import os
+import pickle
 import random
 import signal
+import socket
 import struct
 import time
 from typing import Any
@@ -73,11 +74,6 @@ def alive_and_serving(client: Any, server: Any, name: str) -> None:
     other.put(other.get(timeout=2))
     client.stats()
     assert time.monotonic() - t0 < 1.0
-
-
-def lock_word(region: shm.Region) -> int:
-    """The mutex's lock word (glibc: the first int of pthread_mutex_t: the owner's tid)."""
-    return int(struct.unpack_from("=i", region.mm, shm.MUTEX_AT)[0])
 
 
 # ------------------------------------------------------------------ attackers (forked)
@@ -206,9 +202,9 @@ def fastmap(client: Any, pool_id: Any, conn: Any) -> str:
     chan = client._channel()
     side = Channel(chan._sock.getpeername(), client.authkey, 5.0)
     try:
-        side._sock.sendall(P.frame(__import__("pickle").dumps((P.FASTMAP, 1, pool_id, conn))))
+        side._sock.sendall(P.frame(pickle.dumps((P.FASTMAP, 1, pool_id, conn))))
         side._sock.settimeout(5.0)
-        data, fds, _, _ = __import__("socket").recv_fds(side._sock, 1 << 16, 4)
+        data, fds, _, _ = socket.recv_fds(side._sock, 1 << 16, 4)
         for fd in fds:
             os.close(fd)
         if not data:
@@ -487,4 +483,117 @@ def test_a_forged_holder_does_not_get_another_process_killed(tmp_path, sockdir, 
         srv.stop()
 
 
-_unused = (ctypes, random, signal, mppool, P, lock_word)  # for the attacks below
+def test_a_forged_owner_naming_a_live_client_loses_nothing(client, server, procs):
+    """A client writes the tid of another, live, client's thread as the mutex's owner, and
+    exits. The supervisor cannot tell that from the same client stopped inside the mutex,
+    which it waits for: the tokens parked in the region wait as long as that victim lives."""
+    size = 2
+    pool = fast_pool(client, "a-live-owner", size)
+    _, (vpid, _, _) = start_ready(procs, holder_of_one, pool)
+    p, _ = start_ready(procs, scribble_lock_word, pool, vpid)
+    p.join(5)
+    alive_and_serving(client, server, "a-live-owner-other")
+    tok = pool.get(timeout=5)  # the unit that is not the victim's
+    pool.put(tok)
+    os.kill(vpid, signal.SIGKILL)  # the victim's own unit comes back when it dies...
+    can_take_all(pool, size)
+
+
+def test_no_reset_of_a_client_stopped_inside_the_mutex(client, procs):
+    """A client stopped inside the mutex for longer than three watchdog scans is its real
+    owner: the supervisor must wait for it, not set the mutex up again under it."""
+    from test_fastpath_stopped import stop_inside_the_mutex, wait_stopped
+    pool = fast_pool(client, "a-stopped", 1)
+    _, spid = start_ready(procs, stop_inside_the_mutex, pool)
+    wait_stopped(spid)
+    region = pool._where[1]
+    with pytest.raises(TimeOut):
+        pool.get(timeout=1.0)  # five scans: the parked token waits for the stopped owner
+    assert region.owner_tid() in (-1, spid)
+    assert pool.stats()["fast"]["repairs"] == 0
+    os.kill(spid, signal.SIGCONT)
+    tok = pool.get(timeout=5)
+    pool.put(tok)
+    wait_until(lambda: accounted(pool, 1), what="the unit back")
+
+
+def cycle_for(pool: Any, seconds: float, errors: Any) -> None:
+    """get/put for ``seconds``; TimeOut and PoolClosed (a shutdown) are expected."""
+    from mppool.errors import PoolClosed
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            try:
+                tok = pool.get(timeout=0.3)
+            except TimeOut:
+                continue
+            except (PoolClosed, mppool.ServerUnavailable):
+                break
+            pool.put(tok)
+    except BaseException as exc:
+        errors.put(repr(exc))
+    os._exit(0)
+
+
+def test_resize_pause_resume_while_fast_clients_cycle(client, server, procs):
+    size, nproc = 3, 4
+    pool = fast_pool(client, "a-rpr", size)
+    ctx = fork_ctx()
+    errors = ctx.Queue()
+    for _ in range(nproc):
+        p = ctx.Process(target=cycle_for, args=(pool, 2.5, errors))
+        procs.append(p)
+        p.start()
+    rnd = random.Random(3)
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        op = rnd.choice(("up", "down", "pause"))
+        if op == "pause":
+            assert client.pause("a-rpr")
+            time.sleep(0.02)
+            assert client.resume("a-rpr")
+        else:
+            pool.resize(rnd.choice((1, 2, 4, 5)) if op == "down" else size + 2)
+        st = pool.stats()
+        assert st["nusing"] <= max(st["max_size"], size + 2), st
+    pool.resize(size)
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert errors.empty(), errors.get()
+    wait_until(lambda: accounted(pool, size), timeout=10, what="every unit accounted")
+    can_take_all(pool, size)
+    pool.shutdown()
+
+
+def test_shutdown_while_fast_clients_cycle(client, server, procs):
+    pool = fast_pool(client, "a-shut", 2)
+    ctx = fork_ctx()
+    errors = ctx.Queue()
+    for _ in range(4):
+        p = ctx.Process(target=cycle_for, args=(pool, 10.0, errors))
+        procs.append(p)
+        p.start()
+    wait_until(lambda: pool.stats()["fast"]["clients"] >= 4, what="the clients mapped")
+    pool.shutdown()
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0, "a fast client kept going (or hung) after the shutdown"
+    assert errors.empty(), errors.get()
+    alive_and_serving(client, server, "a-shut-other")
+
+
+def test_late_put_after_the_connection_was_reopened(client, server):
+    pool = fast_pool(client, "a-reopen", 1)
+    tok = pool.get()
+    assert type(tok) is FastToken
+    client._channel().close()  # the lease channel goes: the supervisor takes the unit back
+    wait_until(lambda: accounted(pool, 1), what="the unit back")
+    mine = pool.get(timeout=5)  # on a new channel (and a new mapping)
+    pool.put(tok)  # the old token, late: a no-op
+    with pytest.raises(TimeOut):
+        pool.get(timeout=0.2)
+    pool.put(mine)
+    wait_until(lambda: accounted(pool, 1), what="the unit back")
+    can_take_all(pool, 1)
+
