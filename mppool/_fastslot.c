@@ -116,6 +116,19 @@ static void count_hold(uint8_t *base, uint8_t *s)
     bump64(base + GIVES_AT);
 }
 
+/* Whether the mutex's kind (glibc: the int at offset 16) is still the robust one `kind`
+ * (-1: not glibc, nothing to check). glibc dispatches on it, and a kind a client wrote
+ * there (priority inheritance or protection) makes glibc abort a locker (see mppool/shm.py,
+ * Region.mutex_intact). */
+static int kind_intact(uint8_t *base, int kind)
+{
+    int32_t now;
+    if (kind < 0)
+        return 1;
+    now = __atomic_load_n((int32_t *)(base + MUTEX_AT + 16), __ATOMIC_RELAXED);
+    return now == kind;
+}
+
 static void unlock(uint8_t *base)
 {
     pthread_mutex_unlock((pthread_mutex_t *)(base + MUTEX_AT));
@@ -131,16 +144,19 @@ static PyObject *lock_error(int rc)
  * QUEUE (-1: pending counted, go to the supervisor) or BUSY (-2: the mutex was not had). */
 static PyObject *take(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kw[] = {"base", "nslots", "slots_at", "conn", "pid", "start", "now", "wait",
-                         NULL};
+    static char *kw[] = {"base", "nslots", "slots_at", "kind", "conn", "pid", "start", "now",
+                         "wait", NULL};
     unsigned long long base, conn;
     Py_ssize_t nslots, slots_at;
+    int kind;
     unsigned int pid;
     double start, now, wait = 0.002;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnnKIdd|d", kw, &base, &nslots, &slots_at,
-                                     &conn, &pid, &start, &now, &wait))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnniKIdd|d", kw, &base, &nslots, &slots_at,
+                                     &kind, &conn, &pid, &start, &now, &wait))
         return NULL;
     uint8_t *b = (uint8_t *)(uintptr_t)base;
+    if (!kind_intact(b, kind))
+        return PyLong_FromLong(BUSY); /* written over: the supervisor sets it up again */
     int rc = lock_within(b, wait);
     if (rc == BUSY)
         return PyLong_FromLong(BUSY);
@@ -180,16 +196,20 @@ static PyObject *take(PyObject *self, PyObject *args, PyObject *kwargs)
  * POKE (2: RETURNED, the supervisor hands it on), BUSY (-2) or False (not this holder's). */
 static PyObject *give(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kw[] = {"base", "nslots", "slots_at", "slot", "gen", "conn", "wait", NULL};
+    static char *kw[] = {"base", "nslots", "slots_at", "kind", "slot", "gen", "conn", "wait",
+                         NULL};
     unsigned long long base, gen, conn;
     Py_ssize_t nslots, slots_at, i;
+    int kind;
     double wait = 0.002;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnnnKK|d", kw, &base, &nslots, &slots_at,
-                                     &i, &gen, &conn, &wait))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnninKK|d", kw, &base, &nslots, &slots_at,
+                                     &kind, &i, &gen, &conn, &wait))
         return NULL;
     if (i < 0 || i >= nslots)
         Py_RETURN_FALSE;
     uint8_t *b = (uint8_t *)(uintptr_t)base;
+    if (!kind_intact(b, kind))
+        return PyLong_FromLong(BUSY);
     int rc = lock_within(b, wait);
     if (rc == BUSY)
         return PyLong_FromLong(BUSY);

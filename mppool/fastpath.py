@@ -13,11 +13,13 @@
       └ a token from the normal path: the normal put
 
 The region, its states and why each guarantee holds are described in `mppool.shm` and
-`mppool.supervisor.fastregion`. The fast path is the default for host token pools (``fast=False``
-or ``MPPOOL_FAST=0`` in the environment turn it off) and applies only where it can: a
-unix-socket supervisor on this host, Linux, and a token pool without ``max_use``,
-``max_lifetime`` or ``burst_limit``. Anywhere else, or whenever mapping the region fails, the
-pool is an ordinary shared token pool (logged once, at INFO).
+`mppool.supervisor.fastregion`. The fast path is opt-in (``fast=True``, or ``MPPOOL_FAST=1``
+in the environment for every token pool a client makes): the region's lock is a glibc mutex
+in memory that every client of the pool can write, so it trusts those processes with it
+(docs/performance.md). It applies only where it can: a unix-socket supervisor on this host,
+Linux, and a token pool without ``max_use``, ``max_lifetime`` or ``burst_limit``. Anywhere
+else, or whenever mapping the region fails, the pool is an ordinary shared token pool
+(logged once, at INFO).
 
 A fast token belongs to this process's lease channel: when the process dies, the channel
 closes and the supervisor frees its slots. A token from a supervisor that has since

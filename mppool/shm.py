@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
@@ -80,6 +81,17 @@ PID_AT = 16
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 MAX_SLOTS = 1 << 16
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+_GLIBC = _is_glibc()
+_KIND_AT = MUTEX_AT + 16  # glibc's pthread_mutex_t: lock, count, owner, nusers, kind
 
 # What a take() that does not get a slot says: go to the supervisor (``pending`` counted).
 QUEUE = -1
@@ -132,6 +144,27 @@ def libc() -> Any:
     return lib
 
 
+_KIND: list[int | None] = []
+
+
+def _robust_kind(lib: Any) -> int | None:
+    """The kind int glibc writes in a robust, process-shared mutex (None elsewhere: the
+    layout is glibc's), found once by setting up a private one."""
+    if not _KIND:
+        kind = None
+        if _GLIBC:
+            buf = ctypes.create_string_buffer(MUTEX_SIZE)
+            attr = ctypes.create_string_buffer(64)
+            lib.pthread_mutexattr_init(attr)
+            lib.pthread_mutexattr_setpshared(attr, 1)
+            lib.pthread_mutexattr_setrobust(attr, 1)
+            if lib.pthread_mutex_init(buf, attr) == 0:
+                kind = ctypes.c_int32.from_buffer(buf, _KIND_AT - MUTEX_AT).value
+            lib.pthread_mutexattr_destroy(attr)
+        _KIND.append(kind)
+    return _KIND[0]
+
+
 def region_size(nslots: int) -> int:
     return STATES_AT + _pad8(nslots) + nslots * SLOT.size
 
@@ -157,6 +190,9 @@ class Region:
         self._takes = ctypes.c_uint64.from_buffer(self.mm, TAKES_AT)  # the same, 64 bits
         self._gives = ctypes.c_uint64.from_buffer(self.mm, GIVES_AT)
         self._mutex = ctypes.c_void_p(ctypes.addressof(self._buf) + MUTEX_AT)
+        # The mutex's kind, as glibc reads it, and what it must be (`mutex_intact`).
+        self._kindv = ctypes.c_int32.from_buffer(self.mm, _KIND_AT)
+        self._want_kind = _robust_kind(lib)
         if nslots is not None:  # the supervisor, creating it
             self._init(lib, nslots)
         magic, version, n, _, _ = HEADER.unpack_from(self.mm)
@@ -168,7 +204,8 @@ class Region:
         if use_c and _fastslot is not None:
             # The client moves in C: one call each (see _fastslot.c); the methods below are
             # the same moves in Python, used where the module was not built.
-            at = (ctypes.addressof(self._buf), n, self.slots_at)
+            kind = -1 if self._want_kind is None else self._want_kind
+            at = (ctypes.addressof(self._buf), n, self.slots_at, kind)
             self.take = functools.partial(_fastslot.take, *at)  # type: ignore[method-assign]
             self.give = functools.partial(_fastslot.give, *at)  # type: ignore[method-assign]
         self._lock = lib.pthread_mutex_lock
@@ -188,9 +225,16 @@ class Region:
         if not 1 <= nslots <= MAX_SLOTS:
             raise ValueError(f"nslots must be between 1 and {MAX_SLOTS}, got {nslots!r}")
         libc()
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        seals = getattr(fcntl, "F_ADD_SEALS", None)
+        if seals is None or not hasattr(os, "MFD_ALLOW_SEALING"):
+            raise Unavailable("memfd seals are needed (a client could shrink the region)")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, region_size(nslots))
+            # Every client gets this descriptor, read-write: shrinking it would make each
+            # access past the new end a SIGBUS, in the supervisor too. Sealed at its size,
+            # and the seals themselves sealed, before any client can have it.
+            fcntl.fcntl(fd, seals, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             return cls(fd, nslots), fd
         except BaseException:
             os.close(fd)
@@ -198,6 +242,25 @@ class Region:
 
     def _init(self, lib: Any, nslots: int) -> None:
         HEADER.pack_into(self.mm, 0, MAGIC, VERSION, nslots, 0, 0)
+        self._init_mutex(lib)
+
+    def reset_mutex(self) -> None:
+        """The supervisor's way out when the mutex bytes are no mutex any more (a client wrote
+        over them: the C library says EINVAL, or a thread that never locked it is its owner):
+        initialize it again, unlocked. Nobody can hold a mutex in that state, so nobody is
+        thrown out of a critical section; the caller then checks the whole region."""
+        self.mm[MUTEX_AT:MUTEX_AT + MUTEX_SIZE] = bytes(MUTEX_SIZE)
+        self._init_mutex(libc())
+
+    def owner_tid(self) -> int:
+        """The thread id the mutex's lock word names as its owner (0: unlocked), where the C
+        library is glibc (the word is the first int, the tid in its low 30 bits); -1 where
+        that layout is not known."""
+        if _GLIBC:
+            return int(U32.unpack_from(self.mm, MUTEX_AT)[0]) & 0x3FFFFFFF
+        return -1
+
+    def _init_mutex(self, lib: Any) -> None:
         attr = ctypes.create_string_buffer(64)
         lib.pthread_mutexattr_init(attr)
         lib.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED
@@ -207,12 +270,21 @@ class Region:
         if rc:
             raise OSError(rc, f"pthread_mutex_init: {os.strerror(rc)}")
 
+    def mutex_intact(self) -> bool:
+        """Before each call of the C library on the mutex: whether its kind is still the one
+        `pthread_mutex_init` writes (robust, process-shared). glibc dispatches on that int,
+        and a kind a client wrote there (priority inheritance or protection) makes glibc's
+        own assertions abort the caller on its next lock (``e != ESRCH || !robust``). (A
+        client racing to write it between this check and the call can still win: see the
+        fastregion docstring, known limits.)"""
+        return self._want_kind is None or self._kindv.value == self._want_kind
+
     def close(self) -> None:
         # The C moves hold the mapping's address: drop them first (the Python ones then
         # fail cleanly on a closed mapping instead of touching unmapped memory).
         self.__dict__.pop("take", None)
         self.__dict__.pop("give", None)
-        del self._buf, self._pend, self._takes, self._gives
+        del self._buf, self._pend, self._takes, self._gives, self._kindv
         try:
             self.mm.close()
         except BufferError:
@@ -338,6 +410,8 @@ class Region:
         (``pending`` counted: send the get to the supervisor, which counts its arrival); or `BUSY`:
         the mutex was not had within ``wait`` (send a normal get, nothing counted)."""
         mm = self.mm
+        if self._want_kind is not None and self._kindv.value != self._want_kind:
+            return BUSY  # a client wrote over the mutex: the supervisor sets it up again
         try:
             # Inside the try: a signal handler raising right after the lock is taken still
             # unlocks (and unlocking a robust mutex we do not own is a harmless EPERM).
@@ -372,6 +446,8 @@ class Region:
         (reclaimed, killed, repaired, or put twice), and nothing changed."""
         if not 0 <= i < self.nslots:
             return False
+        if self._want_kind is not None and self._kindv.value != self._want_kind:
+            return BUSY  # see take()
         try:
             rc = self._trylock(self._mutex)  # inside the try: see take()
             if rc:

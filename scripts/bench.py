@@ -10,7 +10,7 @@ as medians over the reps:
   of C = N and C = N/2 units: mppool's supervisor (a token pool) against the stdlib
   ``SyncManager().BoundedSemaphore(C)`` and, when Redis answers, a Redis semaphore (a list
   of C tokens, BLPOP/RPUSH, under a fresh key per cell); mppool's fast path
-  (``token_pool(...)``, leases in shared memory; the supervisor path is ``fast=False``),
+  (``token_pool(..., fast=True)``, leases in shared memory),
   C ``filelock`` lock files, and
   the in-kernel floor, a process-shared POSIX (futex) semaphore;
 - in-process get + ret: ``mppool.Pool`` against ProxyPatternPool's ``Pool``, queuepool's
@@ -704,7 +704,7 @@ def evaluate(lease: dict[tuple[Any, ...], dict[str, Any]], inproc: dict[tuple[An
                       r, ">= 0.80x", r >= 0.8))
     v = get(cpu, (8, "mppool"), "server_cpu_us_per_cycle")
     goals.append(Goal("supervisor CPU per lease, N=8 (us)", v, "<= 10 us", v <= 10.0))
-    # The fast path (the default for host token pools): the goals of its issue.
+    # The fast path (opt-in, token_pool(fast=True)): the goals of its issue.
     r = _ratio(get(lease, (8, 8, "mppool-fast"), "rate"), get(lease, (8, 8, "stdlib"), "rate"))
     goals.append(Goal("fast path lease cycles/s, N=8 C=8 vs stdlib SyncManager", r, ">= 10.00x",
                       r >= 10.0))

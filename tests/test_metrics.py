@@ -60,7 +60,7 @@ def test_metrics_endpoint_reports_pools_and_histograms():
         assert "# HELP mppool_pool_usage_ms_total psycopg_pool's usage_ms" in text
         # A token pool leases in shared memory (the fast path): no message per lease, and
         # still counted in the gauges, the lease counters and the histograms.
-        tok = c.token_pool("tok", 2)
+        tok = c.token_pool("tok", 2, fast=True)
         t = tok.get()
         assert type(t).__name__ == "FastToken"
         for _ in range(3):

@@ -77,8 +77,11 @@ def report_kills(fr: FastRegion, killed: list[tuple[int, int, float]]) -> None:
                     fr.rec.name, age, pid)
         conn = fr.loop.conns.get(conn_id)
         holder = conn.holder if conn is not None else None
-        if holder is None or holder.pid != pid or not pool._kill_holder \
-                or pool.on_kill_holder is None:
+        # The slot's conn and pid are written by clients: only a connection that mapped
+        # this region can hold one of its slots. Without this, a client could write any
+        # process's connection and pid into its own slot and have it terminated.
+        if holder is None or holder.pid != pid or conn_id not in fr.clients \
+                or not pool._kill_holder or pool.on_kill_holder is None:
             continue
         try:
             pool.on_kill_holder(holder, age)

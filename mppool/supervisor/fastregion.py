@@ -32,7 +32,13 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
   `release` frees every slot it held, generation bumped, so a late put of such a token is a
   no-op. A death *inside* the mutex is reported by the kernel to the next locker as
   ``EOWNERDEAD``; that locker marks the region DIRTY, which sends everyone to the supervisor
-  until it is repaired (`fastrepair`, also at every watchdog scan).
+  until it is repaired (`fastrepair`, also at every watchdog scan). The mutex's own bytes:
+  one whose kind is not the robust one (checked before every call of the C library, by
+  the supervisor and the clients: glibc's own assertions abort a process that locks a
+  priority-inheritance mutex with a dead owner) or that the C library refuses (EINVAL) is
+  set up again at once, and one whose lock word names
+  an owner that is no thread of a client process, for three watchdog scans in a row, as
+  well (`fastrepair.stuck_owner`); the region is then checked like after a dead owner.
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
   applies unchanged. The console's ``kill_holder`` frees the fast slots of the pid it names.
@@ -44,31 +50,20 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
   and the metrics (`fastviews`) count fast leases in the gauges, the lease counters and the
   histograms.
 
-**The supervisor never waits on a client.** A client can stop (SIGSTOP, a debugger) while
-it holds the region's mutex; a supervisor that blocked on it would freeze every pool and
-client. So every change the supervisor wants in the region is first written down as an
-intent (a get arrived, a connection closed, a give-back came by message, a lease to kill,
-the pool closes or pauses, a check is due), and `sync` applies them all, in one pass, under
-the mutex taken with a bounded wait (`shm.Region.try_lock`: 200 µs on the lease loop). When
-the mutex cannot be had, the intents stay owed and the lease loop retries from a timer
-(1 ms, then doubling to 20 ms): the core Pool goes on serving the pool's other tokens and
-queueing its waiters, every other pool and `stats()` (which then says ``"stale": true``) are
-untouched, and the owed work lands as soon as the stopped process runs again or dies (its
-robust mutex then reports ``EOWNERDEAD``). Clients wait at most 2 ms for the mutex too: a get
-then goes to the supervisor as a normal get, and a give-back travels as a message
-(``FastGive``), applied by `sync` like any other intent.
+**The supervisor never waits on a client** (a client can stop inside the mutex): every
+change it wants in the region is an intent (a get arrived, a connection closed, a FastGive,
+a lease to kill, close or pause, a check), and `sync` applies them all in one pass under the
+mutex taken with a bounded wait (200 µs on the lease loop); when it cannot be had, they stay
+owed and a loop timer retries (1 ms doubling to 20 ms) while the Pool and every other pool
+go on. Clients wait at most 2 ms too, then go through the supervisor (a normal get, a
+FastGive). Lock order: ``self.lock`` (never held while waiting), the region's mutex, the
+core Pool's lock. Gets, puts, pokes and closes run on the lease loop's thread; stats,
+resize, pause and shutdown on the control plane's.
 
-Pokes, gets, puts and closes run on the lease loop's thread; stats, resize, pause and
-shutdown come from the control plane: ``self.lock`` (a Python lock, never held while
-waiting on anything else) orders them, and the region's mutex orders the moves with the
-clients. Lock order: ``self.lock``, then the region's mutex, then the core Pool's lock.
-
-Known limits: a get that decided to queue (``pending`` counted) and whose process is then
-stopped (SIGSTOP) for longer than two watchdog scans before its message leaves is written
-off (logged), and until it arrives a fast get may take a unit before it. While a stopped
-process holds the mutex, the tokens parked in the region wait for it (the pool's other
-tokens are served), and in the moment between its release and the supervisor's retry a fast
-get may pass a waiter that queued meanwhile.
+Known limits (docs/performance.md says more): the mutex is glibc's, in memory every client
+of the pool can write, so a client writing over it at the wrong moment can still crash a
+process that locks it; hence the fast path is opt-in. A get counted on its way whose process
+stops for two watchdog scans before sending is written off, and may be overtaken.
 """
 
 from __future__ import annotations
@@ -84,7 +79,7 @@ from ..errors import PoolClosed
 from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
 from ..pool import CREATE, Entry
 from . import fastages, fastviews
-from .fastrepair import repair
+from .fastrepair import lock_region, repair, stuck_owner
 
 if TYPE_CHECKING:
     from .leases import LeaseLoop
@@ -119,12 +114,14 @@ class FastRegion:
         self.loop = loop
         self.region, self.fd = shm.Region.create(nslots, f"mppool-{rec.name}")
         self.parked = [0] * nslots  # slot -> the core Pool's lease of the token parked there
+        self.nparked = 0  # how many of them are nonzero
         pid = os.getpid()
         self.holder = Holder(pid, process_start(pid), HOSTNAME, REGION_CONN, verified=True)
         self.clients: set[int] = set()  # lease connections that mapped the region
         self.lock = threading.Lock()
         self.stale: tuple[int, int, int] | None = None  # see fastrepair: (pending, arrived, n)
         self.nrepairs = 0
+        self.stuck: tuple[int, int] | None = None  # (owner tid, scans): see _stuck_owner
         self.closed = False  # for good: the pool is shutting down
         self.off: set[str] = set()  # for a while: "pause", "resize"
         # Intents, applied by sync() under the region's mutex (see the module docstring).
@@ -253,6 +250,7 @@ class FastRegion:
     def check_soon(self) -> None:
         """`check`, as a callback of the lease loop (every watchdog scan); a region whose
         pool shut down is let go once every token it had came back."""
+        stuck_owner(self)
         self.check()
         if self.closed and not self.owed and not any(self.parked):
             regions_of(self.loop).pop(self.rec.id, None)
@@ -283,13 +281,13 @@ class FastRegion:
         intents stay owed and the lease loop retries."""
         with self.lock:
             r = self.region
-            got = r.try_lock(0.0 if self.owed else wait)
+            got = self._try_lock(0.0 if self.owed else wait)
             if got is None:
                 self._owe()
                 return False
             try:
                 if not got or r.flags & shm.DIRTY:
-                    self.check_due = "a process died holding the region's lock"
+                    self.check_due = self.check_due or "a process died holding the region's lock"
                 if self.check_due is not None:
                     why, self.check_due = self.check_due, None
                     repair(self, why or None)
@@ -378,14 +376,20 @@ class FastRegion:
         if self.closed or self.off or r.flags & shm.CLOSED or pool.waiting() \
                 or self._over_size():
             return False
-        return bool(r.flags & shm.WAITERS) or (r.find(shm.ABSENT) >= 0
+        return bool(r.flags & shm.WAITERS) or (self.nparked < len(self.parked)
                                                 and pool.free() > self.outstanding())
 
     def _park(self) -> None:
         """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
         mode, all under the region's mutex (no client sees a half-done park)."""
         r, pool = self.region, self.rec.pool
-        if r.try_lock(LOOP_WAIT) is None:
+        locked = self._try_lock(LOOP_WAIT)
+        if locked is None:
+            self._owe()
+            return
+        if not locked:  # a dead owner, or a lock set up again: the next sync checks first
+            r.set_flags(r.flags | shm.DIRTY)
+            r.unlock()
             self._owe()
             return
         try:
@@ -394,9 +398,16 @@ class FastRegion:
             # Gets counted on their way keep a token each in the Pool, where no fast get can
             # take it: they are served when they arrive, and nobody overtakes them.
             keep = self.outstanding()
+            parked, i = self.parked, -1
             while True:
-                i = r.find(shm.ABSENT)
-                if i < 0 or (keep and pool.free() <= keep):
+                # A slot free by the supervisor's own record, not by its state byte: a
+                # client may have written ABSENT over a parked token's state, and parking
+                # there would forget that token's Pool lease for good.
+                try:
+                    i = parked.index(0, i + 1)
+                except ValueError:
+                    break
+                if keep and pool.free() <= keep:
                     break
                 try:
                     got = pool._acquire(self.holder)
@@ -408,12 +419,17 @@ class FastRegion:
                 if type(got) is not Entry:
                     break
                 self.parked[i] = got.lease
+                self.nparked += 1
                 self.nparks += 1
                 self._bump(i)
                 r.set_state(i, shm.FREE)
             r.set_flags(r.flags & ~shm.WAITERS)
         finally:
             r.unlock()
+
+    def _try_lock(self, wait: float) -> bool | None:
+        """Under self.lock: the region's mutex within ``wait`` (`fastrepair.lock_region`)."""
+        return lock_region(self, wait)
 
     def _owe(self) -> None:
         """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""
@@ -459,6 +475,7 @@ class FastRegion:
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
                     back.append(self.parked[i])
+                    self.nparked -= 1
                 self.parked[i] = 0
                 i = r.find(st)
         return back

@@ -18,6 +18,7 @@ is, for the Pool, lent to the region.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from .. import shm
@@ -88,3 +89,80 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
         log.warning("mppool: pool %r: fast-path region repaired from the supervisor's "
                     "records: %s", fr.rec.name, "; ".join(fixed))
     return fixed
+
+
+def stuck_owner(fr: FastRegion) -> None:
+    """On the loop's thread, every watchdog scan, while work is owed: a mutex whose owner,
+    for three scans in a row, is no thread of a process that mapped the region (a client
+    wrote a bogus owner into the lock word: the kernel never knew that thread held it, so
+    no EOWNERDEAD ever comes) is set up again, and the region checked. A client stopped
+    inside the mutex (its own thread) is waited for, as before."""
+    r = fr.region
+    tid = r.owner_tid()
+    if not fr.owed or tid <= 0 or owner_is_client(fr, tid):
+        fr.stuck = None
+        return
+    n = fr.stuck[1] + 1 if fr.stuck is not None and fr.stuck[0] == tid else 1
+    fr.stuck = (tid, n)
+    if n < 3:
+        return
+    fr.stuck = None
+    with fr.lock:
+        if r.owner_tid() != tid:
+            return
+        got = reset_lock(fr, f"the region's lock named thread {tid} as its owner, which is "
+                         "no thread of its clients: set up again")
+        if got is None:
+            return
+        r.set_flags(r.flags | shm.DIRTY)
+        r.unlock()
+    fr.sync()
+
+
+def owner_is_client(fr: FastRegion, tid: int) -> bool:
+    """Whether thread ``tid`` (this pid namespace) is a thread of a live lease connection's
+    kernel-verified process (a client in another pid namespace names a tid we cannot
+    see: after three scans it is taken for a bogus owner)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            tgid = next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), 0)
+    except (OSError, ValueError):
+        return False
+    if tgid == os.getpid():  # the supervisor's own (a control-plane call, for an instant)
+        return True
+    conns = fr.loop.conns
+    for conn_id in list(fr.clients):
+        conn = conns.get(conn_id)
+        if conn is not None and conn.holder is not None and conn.holder.pid == tgid:
+            return True
+    return False
+
+
+def lock_region(fr: FastRegion, wait: float) -> bool | None:
+    """Under ``fr.lock``: the region's mutex, as `shm.Region.try_lock`, except that a mutex a
+    client wrote over (the C library refuses it: EINVAL, ENOTRECOVERABLE...) is set up
+    again (`shm.Region.reset_mutex`) and reported like a dead owner (False: the region is
+    checked before anything else). Never raises: an error here would fail the get, put
+    or close that came, and every other region's share of a closing connection."""
+    r = fr.region
+    if not r.mutex_intact():
+        return reset_lock(fr, "the region's lock was overwritten (its kind): set up again")
+    try:
+        return r.try_lock(wait)
+    except OSError as exc:
+        why = f"the region's lock was overwritten ({exc.strerror}): set up again"
+    return reset_lock(fr, why)
+
+
+def reset_lock(fr: FastRegion, why: str) -> bool | None:
+    """Under ``fr.lock``: set the mutex up again and take it (False: check the region)."""
+    r = fr.region
+    r.reset_mutex()
+    fr.check_due = why
+    try:
+        got = r.try_lock(0.0)
+    except OSError:  # overwritten again meanwhile: the retry timer comes back
+        return None
+    if got is None:
+        return None
+    return False

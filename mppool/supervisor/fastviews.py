@@ -103,7 +103,7 @@ def fold_metrics(fr: FastRegion, wait: Any, hold: Any) -> None:
     is what ``observe`` does one at a time.)"""
     with fr.lock:
         r = fr.region
-        if r.try_lock(0.001) is None:
+        if fr._try_lock(0.001) is None:
             return
         try:
             counts, total = r.hold_times()
