@@ -1,29 +1,35 @@
-/* The fast path's two client moves, take and give, in C (optional: mppool.shm falls back to
- * the same moves in Python when this module was not built).
+/* The fast path's shared-memory moves in C: the region's lock (a 32-bit word taken with atomics
+ * and futex calls), and the client's take and give under it. The fast path needs this
+ * module (Python has no atomic compare-and-swap); where it was not built, there is none.
  *
- * Why C: in Python the critical section (the region's mutex held) lasts a few microseconds,
- * so with more processes than cores a holder is often preempted inside it, and everyone else
- * waits for the scheduler to run it again. Here it is a memchr and a few stores, so that
- * rarely happens; and one call replaces the half-dozen ctypes and struct calls of the Python
- * version. The memory layout, the states and the rules are mppool/shm.py's: this file must
- * follow them exactly (tests/unit/test_shm.py runs every move on both implementations).
+ * Why a lock word of our own and not a pthread mutex: the lock lives in memory that every
+ * client of the pool can write, and the C library's mutex code trusts its bytes (a client
+ * writing over a glibc robust mutex could make the next locker abort, or write through the
+ * robust-list pointers kept inside it). Here nothing but a compare-and-swap, an exchange
+ * and futex calls ever touch the word: whatever a client writes makes the lock wrong for a
+ * while, never a process crash. A holder that dies inside leaves its thread id in the word;
+ * mppool.shm.Region.try_lock finds that thread gone and takes the lock over (the region is
+ * then marked DIRTY and checked by the supervisor).
  *
+ * Why C for take and give: one call, and a critical section of a memchr and a few stores, so
+ * a holder is rarely preempted inside it. The layout, states and rules are mppool/shm.py's.
  * A move writes a slot's state byte last (a release store), so a process that dies in the
- * middle leaves the old state or the new one; the robust mutex reports such a death to the
- * next locker (EOWNERDEAD), who marks the region DIRTY for the supervisor to check.
+ * middle leaves the old state or the new one.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
-#include <pthread.h>
+#include <linux/futex.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #define FLAGS_AT 12
 #define PENDING_AT 16
-#define MUTEX_AT 64
+#define MUTEX_AT 64 /* the lock word */
 #define HIST_AT 128
 #define TAKES_AT 232
 #define GIVES_AT 240
@@ -38,47 +44,85 @@
 #define BUSY (-2)
 #define POKE 2
 
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
-#define HAVE_CLOCKLOCK 1
-#endif
+#define TID_MASK 0x3FFFFFFFu
+#define LOCK_WAITERS 0x80000000u
 
-/* Take the mutex within `wait` seconds: 0 (ours), EOWNERDEAD (ours, marked consistent,
- * DIRTY set), BUSY (not had in time), or another errno (the mutex is unusable). */
+/* The region's lock is one 32-bit word at MUTEX_AT, taken and given back with atomics and
+ * futex calls only: 0 when free, else the owner's thread id, with LOCK_WAITERS set when
+ * someone sleeps on it. No C library code ever runs on these bytes, so a client that writes
+ * anything over them can make the lock wrong (two in at once, or nobody able to enter until
+ * the supervisor takes it back), never make a process crash. */
+static uint32_t my_tid(void)
+{
+    return (uint32_t)syscall(SYS_gettid) & TID_MASK;
+}
+
+static long futex(uint32_t *word, int op, uint32_t val, const struct timespec *rel)
+{
+    return syscall(SYS_futex, word, op, val, rel, NULL, 0);
+}
+
+static double monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Take the lock within `wait` seconds: 0 (ours) or BUSY. */
 static int lock_within(uint8_t *base, double wait)
 {
-    pthread_mutex_t *m = (pthread_mutex_t *)(base + MUTEX_AT);
-    int rc = pthread_mutex_trylock(m);
-    if (rc == EBUSY && wait > 0.0) {
-        struct timespec ts;
-#ifdef HAVE_CLOCKLOCK
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-#else
-        clock_gettime(CLOCK_REALTIME, &ts);
-#endif
-        double whole = (double)(long)wait;
-        ts.tv_sec += (time_t)whole;
-        ts.tv_nsec += (long)((wait - whole) * 1e9);
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec += 1;
-            ts.tv_nsec -= 1000000000L;
-        }
-        Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_CLOCKLOCK
-        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
-#else
-        rc = pthread_mutex_timedlock(m, &ts);
-#endif
-        Py_END_ALLOW_THREADS
-    }
-    if (rc == EBUSY || rc == ETIMEDOUT)
-        return BUSY;
-    if (rc == EOWNERDEAD) {
-        pthread_mutex_consistent(m);
-        uint32_t *flags = (uint32_t *)(base + FLAGS_AT);
-        __atomic_store_n(flags, *flags | DIRTY, __ATOMIC_RELAXED);
+    uint32_t *w = (uint32_t *)(base + MUTEX_AT);
+    uint32_t tid = my_tid();
+    uint32_t c = 0;
+    if (__atomic_compare_exchange_n(w, &c, tid, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return 0;
+    if (wait <= 0.0)
+        return BUSY;
+    double deadline = monotonic() + wait;
+    int rc = BUSY;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        c = __atomic_load_n(w, __ATOMIC_RELAXED);
+        if ((c & TID_MASK) == 0) { /* free (whatever else a client wrote around it) */
+            /* Taken with the waiters bit: others may still sleep on the word. */
+            if (__atomic_compare_exchange_n(w, &c, tid | LOCK_WAITERS, 0, __ATOMIC_ACQUIRE,
+                                            __ATOMIC_RELAXED)) {
+                rc = 0;
+                break;
+            }
+            continue;
+        }
+        if (!(c & LOCK_WAITERS)) {
+            uint32_t want = c | LOCK_WAITERS;
+            if (!__atomic_compare_exchange_n(w, &c, want, 0, __ATOMIC_RELAXED,
+                                             __ATOMIC_RELAXED))
+                continue;
+            c = want;
+        }
+        double left = deadline - monotonic();
+        if (left <= 0.0)
+            break;
+        struct timespec rel;
+        rel.tv_sec = (time_t)left;
+        rel.tv_nsec = (long)((left - (double)rel.tv_sec) * 1e9);
+        futex(w, FUTEX_WAIT, c, &rel); /* woken, timed out, or the word changed */
     }
+    Py_END_ALLOW_THREADS
     return rc;
+}
+
+/* Give the lock back if this thread holds it (else EPERM, nothing changed). */
+static int unlock_word(uint8_t *base)
+{
+    uint32_t *w = (uint32_t *)(base + MUTEX_AT);
+    uint32_t c = __atomic_load_n(w, __ATOMIC_RELAXED);
+    if ((c & TID_MASK) != my_tid())
+        return EPERM;
+    c = __atomic_exchange_n(w, 0, __ATOMIC_RELEASE);
+    if (c & LOCK_WAITERS)
+        futex(w, FUTEX_WAKE, 1, NULL);
+    return 0;
 }
 
 /* One more in a u64 counter that the supervisor reads without the mutex: one 64-bit store. */
@@ -116,52 +160,27 @@ static void count_hold(uint8_t *base, uint8_t *s)
     bump64(base + GIVES_AT);
 }
 
-/* Whether the mutex's kind (glibc: the int at offset 16) is still the robust one `kind`
- * (-1: not glibc, nothing to check). glibc dispatches on it, and a kind a client wrote
- * there (priority inheritance or protection) makes glibc abort a locker (see mppool/shm.py,
- * Region.mutex_intact). */
-static int kind_intact(uint8_t *base, int kind)
-{
-    int32_t now;
-    if (kind < 0)
-        return 1;
-    now = __atomic_load_n((int32_t *)(base + MUTEX_AT + 16), __ATOMIC_RELAXED);
-    return now == kind;
-}
-
 static void unlock(uint8_t *base)
 {
-    pthread_mutex_unlock((pthread_mutex_t *)(base + MUTEX_AT));
-}
-
-static PyObject *lock_error(int rc)
-{
-    errno = rc;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    unlock_word(base);
 }
 
 /* take(base, nslots, slots_at, conn, pid, start, now, wait=0.002) -> (slot, generation),
  * QUEUE (-1: pending counted, go to the supervisor) or BUSY (-2: the mutex was not had). */
 static PyObject *take(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kw[] = {"base", "nslots", "slots_at", "kind", "conn", "pid", "start", "now",
-                         "wait", NULL};
+    static char *kw[] = {"base", "nslots", "slots_at", "conn", "pid", "start", "now", "wait",
+                         NULL};
     unsigned long long base, conn;
     Py_ssize_t nslots, slots_at;
-    int kind;
     unsigned int pid;
     double start, now, wait = 0.002;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnniKIdd|d", kw, &base, &nslots, &slots_at,
-                                     &kind, &conn, &pid, &start, &now, &wait))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnnKIdd|d", kw, &base, &nslots, &slots_at,
+                                     &conn, &pid, &start, &now, &wait))
         return NULL;
     uint8_t *b = (uint8_t *)(uintptr_t)base;
-    if (!kind_intact(b, kind))
-        return PyLong_FromLong(BUSY); /* written over: the supervisor sets it up again */
-    int rc = lock_within(b, wait);
-    if (rc == BUSY)
+    if (lock_within(b, wait) == BUSY)
         return PyLong_FromLong(BUSY);
-    if (rc != 0)
-        return lock_error(rc);
     uint32_t *flags = (uint32_t *)(b + FLAGS_AT);
     if (__atomic_load_n(flags, __ATOMIC_RELAXED) == 0) {
         uint8_t *found = memchr(b + STATES_AT, ST_FREE, (size_t)nslots);
@@ -196,25 +215,18 @@ static PyObject *take(PyObject *self, PyObject *args, PyObject *kwargs)
  * POKE (2: RETURNED, the supervisor hands it on), BUSY (-2) or False (not this holder's). */
 static PyObject *give(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kw[] = {"base", "nslots", "slots_at", "kind", "slot", "gen", "conn", "wait",
-                         NULL};
+    static char *kw[] = {"base", "nslots", "slots_at", "slot", "gen", "conn", "wait", NULL};
     unsigned long long base, gen, conn;
     Py_ssize_t nslots, slots_at, i;
-    int kind;
     double wait = 0.002;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnninKK|d", kw, &base, &nslots, &slots_at,
-                                     &kind, &i, &gen, &conn, &wait))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KnnnKK|d", kw, &base, &nslots, &slots_at,
+                                     &i, &gen, &conn, &wait))
         return NULL;
     if (i < 0 || i >= nslots)
         Py_RETURN_FALSE;
     uint8_t *b = (uint8_t *)(uintptr_t)base;
-    if (!kind_intact(b, kind))
+    if (lock_within(b, wait) == BUSY)
         return PyLong_FromLong(BUSY);
-    int rc = lock_within(b, wait);
-    if (rc == BUSY)
-        return PyLong_FromLong(BUSY);
-    if (rc != 0)
-        return lock_error(rc);
     uint8_t *state = b + STATES_AT + i;
     uint8_t *s = b + slots_at + i * SLOT_SIZE;
     uint64_t g, c;
@@ -237,7 +249,46 @@ static PyObject *give(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_TRUE;
 }
 
+/* lock(base, wait) -> 0 (ours) or BUSY (-2): the supervisor's and the tests' lock. */
+static PyObject *lock(PyObject *self, PyObject *args)
+{
+    unsigned long long base;
+    double wait;
+    if (!PyArg_ParseTuple(args, "Kd", &base, &wait))
+        return NULL;
+    return PyLong_FromLong(lock_within((uint8_t *)(uintptr_t)base, wait));
+}
+
+/* unlock(base) -> 0, or EPERM when this thread does not hold it (nothing changed). */
+static PyObject *unlock_(PyObject *self, PyObject *args)
+{
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "K", &base))
+        return NULL;
+    return PyLong_FromLong(unlock_word((uint8_t *)(uintptr_t)base));
+}
+
+/* steal(base, word) -> True when the lock word was still `word` (an owner found dead, or no
+ * thread of a client) and is now this thread's; False when it changed meanwhile. Whoever
+ * sleeps on it is woken: they find it taken and sleep again, or time out. */
+static PyObject *steal(PyObject *self, PyObject *args)
+{
+    unsigned long long base;
+    unsigned int word;
+    if (!PyArg_ParseTuple(args, "KI", &base, &word))
+        return NULL;
+    uint32_t *w = (uint32_t *)(uintptr_t)(base + MUTEX_AT);
+    uint32_t c = word;
+    if (!__atomic_compare_exchange_n(w, &c, my_tid() | (word & LOCK_WAITERS), 0,
+                                     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
+    {"lock", lock, METH_VARARGS, "Take the region's lock within a wait: 0, or BUSY (-2)."},
+    {"unlock", unlock_, METH_VARARGS, "Give the region's lock back: 0, or EPERM."},
+    {"steal", steal, METH_VARARGS, "Take over a lock word held by a dead owner."},
     {"take", (PyCFunction)(void (*)(void))take, METH_VARARGS | METH_KEYWORDS,
      "A client's get in the region (see mppool.shm.Region.take)."},
     {"give", (PyCFunction)(void (*)(void))give, METH_VARARGS | METH_KEYWORDS,

@@ -158,10 +158,10 @@ class Client:
         ``scope="cluster"``: one pool for every supervisor started with the same cluster
         (see docs/cluster.md); its ``max_size`` must be the cluster's.
 
-        ``fast=True`` (default: the ``MPPOOL_FAST`` environment variable, else False): lease
+        ``fast`` (default True, or False when the environment says ``MPPOOL_FAST=0``): lease
         tokens of a host pool in shared memory where it can, without a message to the
-        supervisor (`mppool.fastpath`); elsewhere (TCP, not Linux) the normal path is used.
-        It trusts every process holding the key with the pool's shared memory.
+        supervisor (`mppool.fastpath`); elsewhere (TCP, not Linux, no C module) the normal
+        path is used.
         """
         check_int("max_size", max_size, minimum=1)
         if fast is not None and not isinstance(fast, bool):
@@ -321,10 +321,9 @@ FAST_TOKEN_POOL: list[type[SharedPool]] = []
 
 
 def fast_default() -> bool:
-    """Whether token pools take the fast path when ``fast`` is not given: only when the
-    environment says ``MPPOOL_FAST=1`` (or true/yes/on). Opt-in: the region's lock lives in
-    memory every client of the pool can write (docs/performance.md, the trust it needs)."""
-    return os.environ.get("MPPOOL_FAST", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether token pools take the fast path when ``fast`` is not given: yes, unless the
+    environment says ``MPPOOL_FAST=0`` (or false/no/off)."""
+    return os.environ.get("MPPOOL_FAST", "").strip().lower() not in ("0", "false", "no", "off")
 
 
 class _Hosted:

@@ -4,22 +4,21 @@
     FastTokenPool.get()
       ├ region mapped?  no ── FastMap on a connection of its own ──▶ the region's memfd
       │                                                              (SCM_RIGHTS, once)
-      ├ take a FREE slot (robust mutex, no message) ──▶ FastToken(slot, generation)
-      └ nothing FREE / slow mode / the mutex not had within 2 ms:
+      ├ take a FREE slot (the region's lock, no message) ──▶ FastToken(slot, generation)
+      └ nothing FREE / slow mode / the lock not had within 2 ms:
           the normal get (SharedPool.get) ──────────────────────────▶ queued, FIFO
     FastTokenPool.put(token)
       ├ FastToken: give the slot back (no message); in slow mode, a FastPoke (one way);
-      │ the mutex held by a stopped process for 2 ms: a FastGive (the supervisor gives it)
+      │ the lock held by a stopped process for 2 ms: a FastGive (the supervisor gives it)
       └ a token from the normal path: the normal put
 
 The region, its states and why each guarantee holds are described in `mppool.shm` and
-`mppool.supervisor.fastregion`. The fast path is opt-in (``fast=True``, or ``MPPOOL_FAST=1``
-in the environment for every token pool a client makes): the region's lock is a glibc mutex
-in memory that every client of the pool can write, so it trusts those processes with it
-(docs/performance.md). It applies only where it can: a unix-socket supervisor on this host,
-Linux, and a token pool without ``max_use``, ``max_lifetime`` or ``burst_limit``. Anywhere
-else, or whenever mapping the region fails, the pool is an ordinary shared token pool
-(logged once, at INFO).
+`mppool.supervisor.fastregion`. The fast path is the default for host token pools
+(``fast=False``, or ``MPPOOL_FAST=0`` in the environment, turn it off) and applies only where
+it can: a unix-socket supervisor on this host, Linux, mppool's C module built at install (the
+lock takes atomics), and a token pool without ``max_use``, ``max_lifetime`` or
+``burst_limit``. Anywhere else, or whenever mapping the region fails, the pool is an
+ordinary shared token pool (logged once, at INFO).
 
 A fast token belongs to this process's lease channel: when the process dies, the channel
 closes and the supervisor frees its slots. A token from a supervisor that has since
@@ -100,7 +99,7 @@ class FastTokenPool(SharedPool):
             h = current_holder()
             try:
                 got = where[1].take(where[2], h.pid, h.start, time.monotonic())
-            except OSError as exc:  # the mutex cannot be used any more: the normal path
+            except OSError as exc:  # the region cannot be used any more: the normal path
                 self._give_up(where, exc)
             else:
                 if got.__class__ is tuple:  # else QUEUE or BUSY: through the supervisor
@@ -161,7 +160,7 @@ def _attach_fast(address: str, authkey: str, name: str) -> SharedPool:
 def map_region(chan: Channel, authkey: bytes, pool_id: int) -> shm.Region:
     """Ask the supervisor for pool ``pool_id``'s region, for the leases of ``chan``, on a
     connection of its own (the memfd comes with the reply), and map it."""
-    shm.libc()  # Unavailable before any message where there is no robust mutex
+    shm.available()  # Unavailable before any message where there is no fast path
     address = chan_address(chan)
     if address is None:
         raise shm.Unavailable("the supervisor is not on a unix socket")

@@ -16,8 +16,8 @@ region only decides *which client* has a parked token, so every rule of the core
 bound, FIFO waiters, shutdown waking waiters, stats counters) holds unchanged, and a token
 enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
 
-- **Fast mode** (flags 0): clients take and give back FREE slots under the region's robust
-  mutex, with no message at all.
+- **Fast mode** (flags 0): clients take and give back FREE slots under the region's lock
+  (a word only atomics touch: `mppool._fastslot`), with no message at all.
 - **A get at the supervisor** (`on_get`): served by the Pool if it has a token; else one
   FREE token comes back to the Pool for it; else it must queue: slow mode.
 - **Slow mode** (WAITERS): set by a client that found nothing FREE (it also counted itself in
@@ -30,15 +30,11 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
   those, so nobody overtakes a get that was sent first.
 - **Death of a holder**: its lease connection closes (the kernel does that on SIGKILL) and
   `release` frees every slot it held, generation bumped, so a late put of such a token is a
-  no-op. A death *inside* the mutex is reported by the kernel to the next locker as
-  ``EOWNERDEAD``; that locker marks the region DIRTY, which sends everyone to the supervisor
-  until it is repaired (`fastrepair`, also at every watchdog scan). The mutex's own bytes:
-  one whose kind is not the robust one (checked before every call of the C library, by
-  the supervisor and the clients: glibc's own assertions abort a process that locks a
-  priority-inheritance mutex with a dead owner) or that the C library refuses (EINVAL) is
-  set up again at once, and one whose lock word names
-  an owner that is no thread of a client process, for three watchdog scans in a row, as
-  well (`fastrepair.stuck_owner`); the region is then checked like after a dead owner.
+  no-op. A death *inside* the lock leaves its thread id in the lock word: the next
+  `shm.Region.try_lock` finds that thread gone, takes the lock over and marks the region
+  DIRTY, which sends everyone to the supervisor until it is repaired (`fastrepair`, also at
+  every watchdog scan). A lock word a client wrote naming a live thread of no client is
+  freed after three watchdog scans (`fastrepair.stuck_owner`).
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
   applies unchanged. The console's ``kill_holder`` frees the fast slots of the pid it names.
@@ -60,10 +56,12 @@ FastGive). Lock order: ``self.lock`` (never held while waiting), the region's mu
 core Pool's lock. Gets, puts, pokes and closes run on the lease loop's thread; stats,
 resize, pause and shutdown on the control plane's.
 
-Known limits (docs/performance.md says more): the mutex is glibc's, in memory every client
-of the pool can write, so a client writing over it at the wrong moment can still crash a
-process that locks it; hence the fast path is opt-in. A get counted on its way whose process
-stops for two watchdog scans before sending is written off, and may be overtaken.
+Known limits (docs/performance.md says more): a client that writes over the region can make
+the pool's own lock and slots wrong (two holders of one of its units, until the repair), not
+other pools nor any process. A lock word forged to name a live client's thread looks like
+that client stopped inside the lock: waited for while it lives. A get counted on its way
+whose process stops for two watchdog scans before sending is written off, and may be
+overtaken.
 """
 
 from __future__ import annotations
@@ -90,7 +88,7 @@ log = logging.getLogger("mppool")
 # Options under which the fast path is refused (they count or age the tokens themselves,
 # which the region does not track), so such pools keep the normal path.
 UNSUPPORTED = ("max_use", "max_lifetime", "burst_limit")
-# How long the lease loop waits for the region's mutex before leaving the work owed, the
+# How long the lease loop waits for the region's lock before leaving the work owed, the
 # retry timer's first and longest period, and how long a control-plane call (its own thread)
 # keeps trying before it leaves the work to the loop.
 LOOP_WAIT = 0.0002

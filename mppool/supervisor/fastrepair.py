@@ -92,11 +92,11 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
 
 
 def stuck_owner(fr: FastRegion) -> None:
-    """On the loop's thread, every watchdog scan, while work is owed: a mutex whose owner,
-    for three scans in a row, is no thread of a process that mapped the region (a client
-    wrote a bogus owner into the lock word: the kernel never knew that thread held it, so
-    no EOWNERDEAD ever comes) is set up again, and the region checked. A client stopped
-    inside the mutex (its own thread) is waited for, as before."""
+    """On the loop's thread, every watchdog scan, while work is owed: a lock word whose owner,
+    for three scans in a row, is a live thread but of no process that mapped the region (a
+    client wrote it there) is freed, and the region checked. (An owner that is no thread at
+    all is taken over at once by `shm.Region.try_lock`.) A client stopped inside the lock
+    (its own thread) is waited for."""
     r = fr.region
     tid = r.owner_tid()
     if not fr.owed or tid <= 0 or owner_is_client(fr, tid):
@@ -111,7 +111,7 @@ def stuck_owner(fr: FastRegion) -> None:
         if r.owner_tid() != tid:
             return
         got = reset_lock(fr, f"the region's lock named thread {tid} as its owner, which is "
-                         "no thread of its clients: set up again")
+                         "no thread of its clients: freed")
         if got is None:
             return
         r.set_flags(r.flags | shm.DIRTY)
@@ -139,30 +139,16 @@ def owner_is_client(fr: FastRegion, tid: int) -> bool:
 
 
 def lock_region(fr: FastRegion, wait: float) -> bool | None:
-    """Under ``fr.lock``: the region's mutex, as `shm.Region.try_lock`, except that a mutex a
-    client wrote over (the C library refuses it: EINVAL, ENOTRECOVERABLE...) is set up
-    again (`shm.Region.reset_mutex`) and reported like a dead owner (False: the region is
-    checked before anything else). Never raises: an error here would fail the get, put
-    or close that came, and every other region's share of a closing connection."""
-    r = fr.region
-    if not r.mutex_intact():
-        return reset_lock(fr, "the region's lock was overwritten (its kind): set up again")
-    try:
-        return r.try_lock(wait)
-    except OSError as exc:
-        why = f"the region's lock was overwritten ({exc.strerror}): set up again"
-    return reset_lock(fr, why)
+    """Under ``fr.lock``: the region's lock (`shm.Region.try_lock`: True, False when taken
+    over from a dead owner, None when busy). Never raises: only atomics touch the lock word,
+    whatever a client wrote there."""
+    return fr.region.try_lock(wait)
 
 
 def reset_lock(fr: FastRegion, why: str) -> bool | None:
-    """Under ``fr.lock``: set the mutex up again and take it (False: check the region)."""
+    """Under ``fr.lock``: free the lock word and take it (False: check the region first;
+    None: somebody else took it meanwhile, the retry timer comes back)."""
     r = fr.region
-    r.reset_mutex()
+    r.reset_lock()
     fr.check_due = why
-    try:
-        got = r.try_lock(0.0)
-    except OSError:  # overwritten again meanwhile: the retry timer comes back
-        return None
-    if got is None:
-        return None
-    return False
+    return None if r.try_lock(0.0) is None else False
