@@ -58,8 +58,6 @@ class Record:
     executor first, since the pool needs it as its runner.
     """
 
-    fast: Any = None  # its fastregion.FastRegion once a client asked for the fast path
-
     def __init__(self, name: str, pool_id: int, pool: Pool, transfer: str, kind: str,
                  fingerprint: Any, options: dict[str, Any],
                  executor: HookExecutor | None = None) -> None:
@@ -69,6 +67,9 @@ class Record:
         self.transfer = transfer
         self.kind = kind
         self.fingerprint = fingerprint
+        # Its fastregion.FastRegion once a client asked for the fast path. Set here, not as a
+        # class default: read on every get and put, an instance attribute is the fast lookup.
+        self.fast: Any = None
         # The options that are plain data, to name their values when a client's differ.
         self.plain_options = {k: v for k, v in options.items() if _plain(v)}
         # Slow returns run on a worker thread, never on the lease loop.
