@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
+
 from mppool.clock import FakeClock
 
 
@@ -301,3 +303,20 @@ def http_get(port: int, timeout: float = 30.0) -> tuple[int, str]:
         return r.status, r.read().decode()
     finally:
         conn.close()
+
+
+def _no_fast_path() -> str | None:
+    """Why the shared-memory fast path cannot run here (None: it can)."""
+    from mppool import shm
+
+    try:
+        shm.available()
+    except shm.Unavailable as exc:
+        return str(exc)
+    return None
+
+
+# The fast path's tests: they need Linux memfds and mppool's C module, which pip builds
+# wherever a C compiler is (without one, token pools keep the normal path, tested anyway).
+NEEDS_FAST_PATH = pytest.mark.skipif(_no_fast_path() is not None,
+                                     reason=f"no fast path here: {_no_fast_path()}")

@@ -20,15 +20,14 @@ import time
 from typing import Any
 
 import pytest
-from helpers import fork_ctx, start_ready, wait_until
+from helpers import NEEDS_FAST_PATH, fork_ctx, start_ready, wait_until
 
 import mppool
 from mppool import shm
 from mppool.errors import PoolClosed, TimeOut
 from mppool.fastpath import FastToken, FastTokenPool
 
-pytestmark = [pytest.mark.slow, pytest.mark.kill,
-              pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")]
+pytestmark = [pytest.mark.slow, pytest.mark.kill, NEEDS_FAST_PATH]
 
 
 def fast_pool(client: Any, name: str, size: int) -> FastTokenPool:

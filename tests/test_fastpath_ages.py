@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fork_ctx, start_ready, wait_until
+from helpers import NEEDS_FAST_PATH, fork_ctx, start_ready, wait_until
 from test_console import Served
 
 import mppool
 from mppool.errors import TimeOut
 from mppool.fastpath import FastToken
 
-pytestmark = [pytest.mark.slow, pytest.mark.kill,
-              pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")]
+pytestmark = [pytest.mark.slow, pytest.mark.kill, NEEDS_FAST_PATH]
 
 
 KILL = 1.0  # max_using_delay_kill of these tests: the parent never holds a token that long

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import pytest
-from helpers import fork_ctx, start_ready, wait_until
+from helpers import NEEDS_FAST_PATH, fork_ctx, start_ready, wait_until
 from test_fastpath import accounted, fast_pool
 
 import mppool
@@ -30,8 +30,7 @@ from mppool import shm
 from mppool.errors import TimeOut
 from mppool.fastpath import FastToken
 
-pytestmark = [pytest.mark.slow, pytest.mark.kill,
-              pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")]
+pytestmark = [pytest.mark.slow, pytest.mark.kill, NEEDS_FAST_PATH]
 
 
 # ------------------------------------------------------------------ helpers

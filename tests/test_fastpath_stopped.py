@@ -16,14 +16,13 @@ import time
 from typing import Any
 
 import pytest
-from helpers import start_ready, wait_until
+from helpers import NEEDS_FAST_PATH, start_ready, wait_until
 from test_fastpath import accounted, fast_pool, hold_forever
 
 from mppool.errors import TimeOut
 from mppool.fastpath import FastToken
 
-pytestmark = [pytest.mark.slow, pytest.mark.kill,
-              pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")]
+pytestmark = [pytest.mark.slow, pytest.mark.kill, NEEDS_FAST_PATH]
 
 
 def stop_inside_the_mutex(pool: Any, ready: Any) -> None:
