@@ -995,7 +995,9 @@ def _sync_lease_loop(spec: dict[str, Any], barrier: Any, seconds: float, tasks: 
                      warmup: int) -> tuple[int, int, int, list[int]]:
     client = mppool.connect(spec["address"], spec["authkey"])
     try:
-        tokens = client.token_pool(spec["name"], spec["size"])
+        # fast=False: the asyncio client has no shared-memory fast path, so the sync peer
+        # goes through the supervisor too (the same round trip, measured side by side).
+        tokens = client.token_pool(spec["name"], spec["size"], fast=False)
         for _ in range(warmup):
             tokens.put(tokens.get())
         barrier.wait(BARRIER_TIMEOUT)
