@@ -374,8 +374,11 @@ class FastRegion:
         if self.closed or self.off or r.flags & shm.CLOSED or pool.waiting() \
                 or self._over_size():
             return False
-        return bool(r.flags & shm.WAITERS) or (self.nparked < len(self.parked)
-                                                and pool.free() > self.outstanding())
+        # Only when the Pool has a token to park beyond those kept for gets on their way:
+        # slow mode with nothing to park stays on (no lock taken just to turn it off, and
+        # back on by the next get that finds nothing FREE).
+        return pool.free() > self.outstanding() and (bool(r.flags & shm.WAITERS)
+                                                     or self.nparked < len(self.parked))
 
     def _park(self) -> None:
         """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
