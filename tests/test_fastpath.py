@@ -163,6 +163,7 @@ def test_sigkilled_inside_the_critical_section(client, procs, caplog):
         pool.get(timeout=0)  # exactly one unit, and we hold it
     pool.put(tok)
     wait_until(lambda: accounted(pool, 1), what="the unit back")
+    wait_until(lambda: pool.stats()["fast"]["free"] == 1, what="parked again")
     tok = pool.get(timeout=5)
     assert type(tok) is FastToken, "back to the fast path after the repair"
     pool.put(tok)
@@ -310,6 +311,7 @@ def test_pause_stops_fast_gets_and_resume_restores_them(client):
     assert got, "the queued get was not served at resume"
     pool.put(got[0])
     wait_until(lambda: accounted(pool, 2), what="units back")
+    wait_until(lambda: pool.stats()["fast"]["free"] == 2, what="parked again")
     tok = pool.get(timeout=5)
     assert type(tok) is FastToken, "fast again after resume"
     pool.put(tok)

@@ -424,6 +424,9 @@ def test_sigkill_storm_at_random_points(client, server, procs):
     alive_and_serving(client, server, "a-storm-other")
     wait_until(lambda: accounted(pool, size), timeout=10, what="every unit accounted")
     can_take_all(pool, size)
+    # The puts of can_take_all are one-way messages: wait until the supervisor has parked
+    # the tokens again, else this get may look at the region before it does (a test race).
+    wait_until(lambda: pool.stats()["fast"]["free"] == size, what="fast again")
     tok = pool.get(timeout=5)
     assert type(tok) is FastToken
     pool.put(tok)
