@@ -83,7 +83,10 @@ def test_reconnect_failed_is_called_in_the_supervisor_and_service_resumes(
                        reconnect_failed=failed)
     with pytest.raises(ConnectionRefusedError, match="database is down"):
         pool.get(timeout=5)  # fails fast: the creation error, not a timeout
-    wait_until(told.exists, timeout=10, what="reconnect_failed called")
+    # The hook's whole line, not just its file: the file exists from the moment the hook
+    # opens it, before its write (seen empty once in CI).
+    wait_until(lambda: told.exists() and told.read_text().endswith("\n"), timeout=10,
+               what="reconnect_failed called")
     pid, min_size = told.read_text().split()
     assert int(pid) != os.getpid() and min_size == "1"
     down.unlink()
