@@ -33,8 +33,8 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
   no-op. A death *inside* the lock leaves its thread id in the lock word: the next
   `shm.Region.try_lock` finds that thread gone, takes the lock over and marks the region
   DIRTY, which sends everyone to the supervisor until it is repaired (`fastrepair`, also at
-  every watchdog scan). A lock word a client wrote naming a live thread of no client is
-  freed after three watchdog scans (`fastrepair.stuck_owner`).
+  every watchdog scan). A lock word a client wrote naming a live thread that is not
+  stopped is freed after three watchdog scans (`fastrepair.stuck_owner`).
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
   applies unchanged. The console's ``kill_holder`` frees the fast slots of the pid it names.
@@ -58,8 +58,8 @@ resize, pause and shutdown on the control plane's.
 
 Known limits (docs/performance.md says more): a client that writes over the region can make
 the pool's own lock and slots wrong (two holders of one of its units, until the repair), not
-other pools nor any process. A lock word forged to name a live client's thread looks like
-that client stopped inside the lock: waited for while it lives. A get counted on its way
+other pools nor any process; a lock word forged to name a stopped thread is waited for as
+long as that thread is stopped. A get counted on its way
 whose process stops for two watchdog scans before sending is written off, and may be
 overtaken.
 """

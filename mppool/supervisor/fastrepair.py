@@ -18,7 +18,6 @@ is, for the Pool, lent to the region.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from .. import shm
@@ -92,14 +91,16 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
 
 
 def stuck_owner(fr: FastRegion) -> None:
-    """On the loop's thread, every watchdog scan, while work is owed: a lock word whose owner,
-    for three scans in a row, is a live thread but of no process that mapped the region (a
-    client wrote it there) is freed, and the region checked. (An owner that is no thread at
-    all is taken over at once by `shm.Region.try_lock`.) A client stopped inside the lock
-    (its own thread) is waited for."""
+    """On the loop's thread, every watchdog scan, while work is owed: a lock word that names
+    the same owner for three scans in a row, a live thread that is not stopped, is freed and
+    the region checked. A critical section lasts nanoseconds: an owner that runs (or sleeps)
+    and still holds the lock after three scans is a word a client wrote (its own thread, any
+    other process's, even the supervisor's), which the kernel would never clear. An owner
+    that is stopped (SIGSTOP, a debugger) may really be inside the lock: waited for. (An
+    owner that is no thread at all is taken over at once by `shm.Region.try_lock`.)"""
     r = fr.region
     tid = r.owner_tid()
-    if not fr.owed or tid <= 0 or owner_is_client(fr, tid):
+    if not fr.owed or tid <= 0 or thread_stopped(tid):
         fr.stuck = None
         return
     n = fr.stuck[1] + 1 if fr.stuck is not None and fr.stuck[0] == tid else 1
@@ -110,8 +111,8 @@ def stuck_owner(fr: FastRegion) -> None:
     with fr.lock:
         if r.owner_tid() != tid:
             return
-        got = reset_lock(fr, f"the region's lock named thread {tid} as its owner, which is "
-                         "no thread of its clients: freed")
+        got = reset_lock(fr, f"the region's lock named thread {tid} as its owner for three "
+                         "scans, a thread that is not stopped: freed")
         if got is None:
             return
         r.set_flags(r.flags | shm.DIRTY)
@@ -119,23 +120,16 @@ def stuck_owner(fr: FastRegion) -> None:
     fr.sync()
 
 
-def owner_is_client(fr: FastRegion, tid: int) -> bool:
-    """Whether thread ``tid`` (this pid namespace) is a thread of a live lease connection's
-    kernel-verified process (a client in another pid namespace names a tid we cannot
-    see: after three scans it is taken for a bogus owner)."""
+def thread_stopped(tid: int) -> bool:
+    """Whether thread ``tid`` (this pid namespace) is stopped (SIGSTOP, traced); False when
+    it is running, sleeping, gone or cannot be seen (a client in another pid namespace
+    names a tid we cannot see: after three scans it is taken for a written owner)."""
     try:
-        with open(f"/proc/{tid}/status") as f:
-            tgid = next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), 0)
-    except (OSError, ValueError):
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+    except OSError:
         return False
-    if tgid == os.getpid():  # the supervisor's own (a control-plane call, for an instant)
-        return True
-    conns = fr.loop.conns
-    for conn_id in list(fr.clients):
-        conn = conns.get(conn_id)
-        if conn is not None and conn.holder is not None and conn.holder.pid == tgid:
-            return True
-    return False
+    return bool(fields) and fields[0] in (b"T", b"t")
 
 
 def lock_region(fr: FastRegion, wait: float) -> bool | None:
