@@ -211,6 +211,36 @@ static PyObject *take(PyObject *self, PyObject *args, PyObject *kwargs)
     return PyLong_FromLong(QUEUE);
 }
 
+/* The give of (slot `i`, generation `gen`) by connection `conn`, the lock held: 1 (FREE
+ * again), POKE (RETURNED: the supervisor hands it on) or 0 (not this holder's: nothing
+ * changed). Clients through `give`, the supervisor (a FastGive) through `give_locked`. */
+static int give_move(uint8_t *b, Py_ssize_t slots_at, Py_ssize_t i, uint64_t gen, uint64_t conn)
+{
+    uint8_t *state = b + STATES_AT + i;
+    uint8_t *s = b + slots_at + i * SLOT_SIZE;
+    uint64_t g, c;
+    memcpy(&g, s, 8);
+    memcpy(&c, s + 8, 8);
+    if (*state != ST_HELD || g != gen || c != conn)
+        return 0;
+    g = gen + 1;
+    memcpy(s, &g, 8);
+    count_hold(b, s);
+    if (__atomic_load_n((uint32_t *)(b + FLAGS_AT), __ATOMIC_RELAXED)) {
+        __atomic_store_n(state, (uint8_t)ST_RETURNED, __ATOMIC_RELEASE);
+        return POKE;
+    }
+    __atomic_store_n(state, (uint8_t)ST_FREE, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static PyObject *give_result(int moved)
+{
+    if (moved == POKE)
+        return PyLong_FromLong(POKE);
+    return PyBool_FromLong(moved);
+}
+
 /* give(base, nslots, slots_at, slot, generation, conn, wait=0.002) -> True (FREE again),
  * POKE (2: RETURNED, the supervisor hands it on), BUSY (-2) or False (not this holder's). */
 static PyObject *give(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -227,26 +257,22 @@ static PyObject *give(PyObject *self, PyObject *args, PyObject *kwargs)
     uint8_t *b = (uint8_t *)(uintptr_t)base;
     if (lock_within(b, wait) == BUSY)
         return PyLong_FromLong(BUSY);
-    uint8_t *state = b + STATES_AT + i;
-    uint8_t *s = b + slots_at + i * SLOT_SIZE;
-    uint64_t g, c;
-    memcpy(&g, s, 8);
-    memcpy(&c, s + 8, 8);
-    if (*state != ST_HELD || g != gen || c != conn) {
-        unlock(b);
-        Py_RETURN_FALSE;
-    }
-    g = gen + 1;
-    memcpy(s, &g, 8);
-    count_hold(b, s);
-    if (__atomic_load_n((uint32_t *)(b + FLAGS_AT), __ATOMIC_RELAXED)) {
-        __atomic_store_n(state, (uint8_t)ST_RETURNED, __ATOMIC_RELEASE);
-        unlock(b);
-        return PyLong_FromLong(POKE);
-    }
-    __atomic_store_n(state, (uint8_t)ST_FREE, __ATOMIC_RELEASE);
+    int moved = give_move(b, slots_at, i, gen, conn);
     unlock(b);
-    Py_RETURN_TRUE;
+    return give_result(moved);
+}
+
+/* give_locked(base, nslots, slots_at, slot, generation, conn) -> as give, the caller holding
+ * the lock (the supervisor applying a FastGive). */
+static PyObject *give_locked(PyObject *self, PyObject *args)
+{
+    unsigned long long base, gen, conn;
+    Py_ssize_t nslots, slots_at, i;
+    if (!PyArg_ParseTuple(args, "KnnnKK", &base, &nslots, &slots_at, &i, &gen, &conn))
+        return NULL;
+    if (i < 0 || i >= nslots)
+        Py_RETURN_FALSE;
+    return give_result(give_move((uint8_t *)(uintptr_t)base, slots_at, i, gen, conn));
 }
 
 /* lock(base, wait) -> 0 (ours) or BUSY (-2): the supervisor's and the tests' lock. */
@@ -289,6 +315,7 @@ static PyMethodDef methods[] = {
     {"lock", lock, METH_VARARGS, "Take the region's lock within a wait: 0, or BUSY (-2)."},
     {"unlock", unlock_, METH_VARARGS, "Give the region's lock back: 0, or EPERM."},
     {"steal", steal, METH_VARARGS, "Take over a lock word held by a dead owner."},
+    {"give_locked", give_locked, METH_VARARGS, "A give, the caller holding the lock."},
     {"take", (PyCFunction)(void (*)(void))take, METH_VARARGS | METH_KEYWORDS,
      "A client's get in the region (see mppool.shm.Region.take)."},
     {"give", (PyCFunction)(void (*)(void))give, METH_VARARGS | METH_KEYWORDS,

@@ -39,7 +39,6 @@ no-op.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import fcntl
 import functools
@@ -47,7 +46,6 @@ import mmap
 import os
 import struct
 import sys
-import time
 
 try:
     from . import _fastslot  # type: ignore[attr-defined]
@@ -59,7 +57,6 @@ VERSION = 3
 ABSENT, FREE, HELD, RETURNED = 0, 1, 2, 3
 STATES = (ABSENT, FREE, HELD, RETURNED)
 WAITERS, CLOSED, DIRTY = 1, 2, 4
-SLOW = WAITERS | CLOSED | DIRTY
 
 HEADER = struct.Struct("=IIIII")
 FLAGS_AT, PENDING_AT = 12, 16
@@ -70,12 +67,8 @@ HOLD_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30
 HIST_AT = 128
 HIST = struct.Struct("=12Qd")
 TAKES_AT, GIVES_AT = 232, 240
-SINCE_AT = 32  # in a slot
-F64 = struct.Struct("=d")
 STATES_AT = 256
 SLOT = struct.Struct("=QQIIdd")
-GEN_CONN = struct.Struct("=QQ")
-PID_AT = 16
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 MAX_SLOTS = 1 << 16
@@ -90,10 +83,6 @@ POKE = 2
 # What take() and give() say when the mutex could not be had within their wait (its holder
 # is stopped or descheduled): take the normal path (a get) or send the give as a message.
 BUSY = -2
-# How long a client waits for the mutex before it goes through the supervisor instead. The
-# critical sections are a few hundred nanoseconds; a holder that takes longer was preempted
-# or stopped (SIGSTOP, a debugger), and waiting on it would stall this process for as long.
-CLIENT_WAIT = 0.002
 
 
 class Unavailable(Exception):
@@ -111,18 +100,23 @@ def available() -> None:
                           "compiler then?): the fast path needs it")
 
 
-def thread_alive(tid: int) -> bool:
-    """Whether thread ``tid`` (this pid namespace) exists and is not a zombie. A thread we
-    may not look at counts as alive: only a thread known gone loses the lock."""
+def thread_state(tid: int) -> bytes | None:
+    """The state letter of thread ``tid`` in this pid namespace (b"R", b"S", b"T", b"Z"...):
+    None if there is no such thread, b"?" if it may not be looked at."""
     try:
         with open(f"/proc/{tid}/stat", "rb") as f:
-            data = f.read()
+            fields = f.read().rsplit(b")", 1)[-1].split()
     except FileNotFoundError:
-        return False
+        return None
     except OSError:
-        return True
-    fields = data.rsplit(b")", 1)[-1].split()
-    return not fields or fields[0] not in (b"Z", b"X")
+        return b"?"
+    return fields[0] if fields else b"?"
+
+
+def thread_alive(tid: int) -> bool:
+    """Whether thread ``tid`` exists and is not a zombie. A thread we may not look at counts
+    as alive: only a thread known gone loses the lock."""
+    return thread_state(tid) not in (None, b"Z", b"X")
 
 
 def region_size(nslots: int) -> int:
@@ -163,6 +157,8 @@ class Region:
         at = (self._base, n, self.slots_at)
         self.take = functools.partial(_fastslot.take, *at)
         self.give = functools.partial(_fastslot.give, *at)
+        # The same give, the caller holding the lock (the supervisor applying a FastGive).
+        self.give_locked = functools.partial(_fastslot.give_locked, *at)
 
     @classmethod
     def create(cls, nslots: int, name: str = "mppool") -> tuple[Region, int]:
@@ -186,8 +182,8 @@ class Region:
 
     def close(self) -> None:
         # The C moves hold the mapping's address: dropped before it goes.
-        self.__dict__.pop("take", None)
-        self.__dict__.pop("give", None)
+        for move in ("take", "give", "give_locked"):
+            self.__dict__.pop(move, None)
         del self._buf, self._pend, self._takes, self._gives, self._word
         try:
             self.mm.close()
@@ -245,9 +241,6 @@ class Region:
     def pending(self) -> int:
         return int(self._pend.value)
 
-    def set_pending(self, value: int) -> None:
-        self._pend.value = value & 0xFFFFFFFF
-
     @property
     def takes(self) -> int:
         """Fast leases taken so far (one 64-bit load: read without the mutex)."""
@@ -291,25 +284,3 @@ class Region:
     def find(self, st: int) -> int:
         return self.mm.find(bytes((st,)), STATES_AT, STATES_AT + self.nslots) - STATES_AT \
             if st in STATES else -1
-
-    # ------------------------------------------------------------------ a give, locked
-
-    def _give_locked(self, i: int, gen: int, conn: int) -> bool | int:
-        mm = self.mm
-        at = self.slots_at + i * SLOT.size
-        if mm[STATES_AT + i] != HELD or GEN_CONN.unpack_from(mm, at) != (gen, conn):
-            return False
-        U64.pack_into(mm, at, (gen + 1) & 0xFFFFFFFFFFFFFFFF)
-        hold = time.monotonic() - F64.unpack_from(mm, at + SINCE_AT)[0]
-        if not hold >= 0.0:  # a clock read before the take's, or a scribbled NaN
-            hold = 0.0
-        b = bisect.bisect_left(HOLD_BUCKETS, hold)
-        U64.pack_into(mm, HIST_AT + 8 * b, (U64.unpack_from(mm, HIST_AT + 8 * b)[0] + 1)
-                      & 0xFFFFFFFFFFFFFFFF)
-        F64.pack_into(mm, HIST_AT + 96, F64.unpack_from(mm, HIST_AT + 96)[0] + hold)
-        self._gives.value += 1
-        if U32.unpack_from(mm, FLAGS_AT)[0]:
-            mm[STATES_AT + i] = RETURNED
-            return POKE
-        mm[STATES_AT + i] = FREE
-        return True

@@ -77,7 +77,7 @@ from ..errors import PoolClosed
 from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
 from ..pool import CREATE, Entry
 from . import fastages, fastviews
-from .fastrepair import lock_region, repair, stuck_owner
+from .fastrepair import repair, stuck_owner
 
 if TYPE_CHECKING:
     from .leases import LeaseLoop
@@ -339,7 +339,7 @@ class FastRegion:
                     continue
                 _, conn_id, pid, _, _, _ = r.slot(i)
                 if conn_id in self.gone or pid in self.gone_pids:
-                    self._bump(i)  # a late put of the old generation is a no-op
+                    self.region.bump(i)  # a late put of the old generation is a no-op
                     r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                     if conn_id in self.gone:
                         n, _ = released.get(conn_id, (0, False))
@@ -353,13 +353,13 @@ class FastRegion:
             # again here, the generation and the age.
             _, conn_id, pid, _, _, since = r.slot(i)
             if r.state(i) == shm.HELD and r.slot(i)[0] == gen and now - since >= self.kill_after:
-                self._bump(i)  # the holder's late put is a no-op
+                self.region.bump(i)  # the holder's late put is a no-op
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                 killed.append((conn_id, pid, now - since))
         self.kills.clear()
         self.killed = killed
         for (slot, conn_id), gen in self.gives.items():
-            r._give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
+            r.give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
         self.gives.clear()
         back += self._unpark_locked((shm.FREE, shm.RETURNED) if pull_free else (shm.RETURNED,))
         if self._over_size():
@@ -422,15 +422,17 @@ class FastRegion:
                 self.parked[i] = got.lease
                 self.nparked += 1
                 self.nparks += 1
-                self._bump(i)
+                self.region.bump(i)
                 r.set_state(i, shm.FREE)
             r.set_flags(r.flags & ~shm.WAITERS)
         finally:
             r.unlock()
 
     def _try_lock(self, wait: float) -> bool | None:
-        """Under self.lock: the region's mutex within ``wait`` (`fastrepair.lock_region`)."""
-        return lock_region(self, wait)
+        """Under self.lock: the region's lock within ``wait`` (`shm.Region.try_lock`: True,
+        False when taken over from a dead owner, None when busy). Never raises: only
+        atomics touch the lock word, whatever a client wrote there."""
+        return self.region.try_lock(wait)
 
     def _owe(self) -> None:
         """Under self.lock: the mutex is busy; the lease loop retries (never waiting long)."""
@@ -472,7 +474,7 @@ class FastRegion:
         for st in states:
             i = r.find(st)
             while i >= 0 and len(back) < most:
-                self._bump(i)
+                self.region.bump(i)
                 r.set_state(i, shm.ABSENT)
                 if self.parked[i]:
                     back.append(self.parked[i])
@@ -480,10 +482,6 @@ class FastRegion:
                 self.parked[i] = 0
                 i = r.find(st)
         return back
-
-    def _bump(self, i: int) -> None:
-        """A new generation for slot ``i``: a late put of its lease is then a no-op."""
-        self.region.bump(i)
 
     def _checkin(self, leases: list[int]) -> None:
         self.nunparks += len(leases)

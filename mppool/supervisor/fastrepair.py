@@ -44,7 +44,7 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
         if not fr.parked[i]:
             if st != shm.ABSENT:
                 fixed.append(f"slot {i}: state {st} for a token never parked there")
-                fr._bump(i)
+                r.bump(i)
                 r.set_state(i, shm.ABSENT)
             continue
         if st == shm.HELD:
@@ -54,11 +54,11 @@ def repair(fr: FastRegion, why: str | None) -> list[str]:
                     or conn_id not in fr.clients:
                 fixed.append(f"slot {i}: held by connection {conn_id} (pid {pid}), which "
                              "is gone or not that process")
-                fr._bump(i)
+                r.bump(i)
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
         elif st not in (shm.FREE, shm.RETURNED):
             fixed.append(f"slot {i}: state {st} is not a state")
-            fr._bump(i)
+            r.bump(i)
             r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
     flags = r.flags
     if flags & ~(shm.WAITERS | shm.CLOSED | shm.DIRTY):
@@ -100,7 +100,7 @@ def stuck_owner(fr: FastRegion) -> None:
     owner that is no thread at all is taken over at once by `shm.Region.try_lock`.)"""
     r = fr.region
     tid = r.owner_tid()
-    if not fr.owed or tid <= 0 or thread_stopped(tid):
+    if not fr.owed or tid <= 0 or shm.thread_state(tid) in (b"T", b"t"):
         fr.stuck = None
         return
     n = fr.stuck[1] + 1 if fr.stuck is not None and fr.stuck[0] == tid else 1
@@ -118,25 +118,6 @@ def stuck_owner(fr: FastRegion) -> None:
         r.set_flags(r.flags | shm.DIRTY)
         r.unlock()
     fr.sync()
-
-
-def thread_stopped(tid: int) -> bool:
-    """Whether thread ``tid`` (this pid namespace) is stopped (SIGSTOP, traced); False when
-    it is running, sleeping, gone or cannot be seen (a client in another pid namespace
-    names a tid we cannot see: after three scans it is taken for a written owner)."""
-    try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[-1].split()
-    except OSError:
-        return False
-    return bool(fields) and fields[0] in (b"T", b"t")
-
-
-def lock_region(fr: FastRegion, wait: float) -> bool | None:
-    """Under ``fr.lock``: the region's lock (`shm.Region.try_lock`: True, False when taken
-    over from a dead owner, None when busy). Never raises: only atomics touch the lock word,
-    whatever a client wrote there."""
-    return fr.region.try_lock(wait)
 
 
 def reset_lock(fr: FastRegion, why: str) -> bool | None:
