@@ -134,7 +134,6 @@ class FastRegion:
         self.owed = False  # the intents above wait for the mutex; a retry is scheduled
         self.retry = RETRY_FIRST
         self.retry_timer = False
-        self.killed: list[tuple[int, int, float]] = []  # (conn, pid, age), by the last sync
         # For stats: tokens the supervisor parked and took back (the Pool counts them as
         # leases); for metrics, the region's counts at the last scrape (fastviews).
         self.nparks = self.nunparks = 0
@@ -289,10 +288,9 @@ class FastRegion:
                 if self.check_due is not None:
                     why, self.check_due = self.check_due, None
                     repair(self, why or None)
-                back, released = self._apply_locked()
+                back, released, killed = self._apply_locked()
             finally:
                 r.unlock()
-            killed, self.killed = self.killed, []
             self.owed, self.retry = False, RETRY_FIRST
             self._checkin(back)
             if park and self._may_park():
@@ -311,9 +309,11 @@ class FastRegion:
             fastages.report_kills(self, killed)
         return not self.owed
 
-    def _apply_locked(self) -> tuple[list[int], dict[int, tuple[int, bool]]]:
-        """Under both locks: the intents, applied. Returns the Pool leases to check in and,
-        per closed connection, how many of its slots came back."""
+    def _apply_locked(self) -> tuple[list[int], dict[int, tuple[int, bool]],
+                                     list[tuple[int, int, float]]]:
+        """Under both locks: the intents, applied. Returns the Pool leases to check in, per
+        closed connection how many of its slots came back, and the leases killed (conn, pid,
+        age)."""
         r = self.region
         back: list[int] = []
         if self.need:
@@ -357,7 +357,6 @@ class FastRegion:
                 r.set_state(i, shm.RETURNED if r.flags else shm.FREE)
                 killed.append((conn_id, pid, now - since))
         self.kills.clear()
-        self.killed = killed
         for (slot, conn_id), gen in self.gives.items():
             r.give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
         self.gives.clear()
@@ -365,7 +364,7 @@ class FastRegion:
         if self._over_size():
             # Shrunk below what is out: puts must reach the Pool, which closes the extra.
             r.set_flags(r.flags | shm.WAITERS)
-        return back, released
+        return back, released, killed
 
     def _may_park(self) -> bool:
         """Under self.lock: whether `_park` has something to do (leave slow mode, or park an
