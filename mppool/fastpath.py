@@ -40,14 +40,16 @@ from .channel import Channel
 from .client import FAST_TOKEN_POOL, SharedPool, _attach_client, granted
 from .errors import ServerUnavailable
 from .holder import current_holder
+from .pools import Token
 
 log = logging.getLogger("mppool")
 
 
-class FastToken:
-    """A token leased through the region: its slot and that slot's generation."""
+class FastToken(Token):
+    """A token leased through the region: its slot and that slot's generation. A `Token`
+    like any other (``get() -> Token``), with what its put needs."""
 
-    __slots__ = ("gen", "number", "slot", "where")
+    __slots__ = ("gen", "slot", "where")
 
     def __init__(self, slot: int, gen: int, where: tuple[Any, ...]) -> None:
         self.slot = slot

@@ -35,6 +35,7 @@ def fast_pool(client: Any, name: str, size: int) -> FastTokenPool:
     assert isinstance(pool, FastTokenPool)
     tok = pool.get(timeout=5)
     assert type(tok) is FastToken, "the fast path was not taken"
+    assert isinstance(tok, mppool.pools.Token)  # get() -> Token, on either path
     pool.put(tok)
     wait_until(lambda: pool.stats()["fast"]["free"] == size, what="tokens parked")
     return pool
