@@ -22,13 +22,18 @@ moves only when keeping it costs somebody else, and then from the process that n
 
 - Only demand moves tokens: a pool gives nothing back unless ``waiting()`` says another process
   waits, and never more objects than there are waiters.
-- Hysteresis: an object is due when its idle time plus the demand's age (counted from the
-  object's creation if later) reaches ``RECALL_PATIENCE`` (`recall_score`). An object idle
-  that long goes back at the first round that sees a waiter (within ``RECALL_PERIOD``); one
-  its process just used is kept a little longer; one in use is closed at the first return
-  after the patience, so a waiting process waits a short, bounded moment for a busy process
-  to finish before a close is forced; and a new object always serves its process for at
-  least the patience, so a token moves at most once per patience under continuous demand.
+- Hysteresis, in time: an object is due when its idle time plus the demand's age (counted
+  from the object's creation if later) reaches ``RECALL_PATIENCE`` (`recall_score`). An
+  object idle that long goes back at the first round that sees a waiter (within
+  ``RECALL_PERIOD``); one its process just used is kept a little longer; one in use is
+  closed at a return, so a waiting process waits for a busy process to finish its use
+  before a close is forced; and a new object always serves its process for at least the
+  patience.
+- Hysteresis, in uses: an object its process keeps using (never idle for the patience) is
+  due only once it has served ``RECALL_MIN_USES`` uses, so every open that recall causes is
+  paid for by that many uses: under continuous demand, at most 1000 / RECALL_MIN_USES opens
+  per 1,000 uses (50 at 20). ``RECALL_MAX_HOLD`` bounds how long demand waits for a busy
+  object's uses (`recall_wait`).
 - The process idle longest gives first: each pool runs its next round when its own next
   object falls due and asks ``waiting()`` again then (and again at a return, before closing
   an object in use), so once the longest idle process has fed the waiter, the others find
@@ -59,6 +64,13 @@ RECALL_PERIOD = 0.05
 RECALL_PATIENCE = 0.1
 # The shortest wait between two rounds, when an idle object falls due sooner than a period.
 RECALL_MIN_DELAY = 0.005
+# The other half of the hysteresis: an object its process keeps using goes back only once it
+# has served this many uses since it was made, so that the open it cost is paid for: under
+# continuous demand, recall makes at most one object per RECALL_MIN_USES uses (at most 50 per
+# 1,000 queries at 20). An object idle for the patience goes back whatever its uses (its
+# process does not need it), and RECALL_MAX_HOLD bounds how long demand waits for the uses.
+RECALL_MIN_USES = 20
+RECALL_MAX_HOLD = 1.0
 
 
 class Budget(Protocol):
@@ -113,21 +125,49 @@ def recall_score(now: float, idle_since: float | None, created: float,
     return idle + max(0.0, now - max(demand_since, created))
 
 
+def recall_wait(now: float, idle_since: float | None, created: float, demand_since: float,
+                uses: int | None, patience: float) -> float:
+    """In how many seconds an object falls due for recall (0: it is due now); inf when only
+    a use can make it due (one in use that is short of uses is re-examined at its return).
+
+    Due means both: the score (`recall_score`) reached ``patience``, and the object has paid
+    for its open: it served ``RECALL_MIN_USES`` uses (``uses`` None: not counted), or it sat
+    idle for the patience (its process does not need it), or demand has waited
+    ``RECALL_MAX_HOLD`` for it (since the object was made, if later).
+    """
+    idle = 0.0 if idle_since is None else max(0.0, now - idle_since)
+    demand = max(0.0, now - max(demand_since, created))
+    # An idle object's score grows twice as fast as the clock (idle time and demand age).
+    rate = 2.0 if idle_since is not None else 1.0
+    score_wait = max(0.0, patience - idle - demand) / rate
+    if uses is None or uses >= RECALL_MIN_USES:
+        return score_wait
+    paid_wait = max(0.0, RECALL_MAX_HOLD - demand)
+    if idle_since is not None:
+        paid_wait = min(paid_wait, max(0.0, patience - idle))
+    return max(score_wait, paid_wait)
+
+
 def plan_recall(now: float, wanted: int, idle: list[tuple[float, float]],
-                demand_since: float, patience: float) -> tuple[list[int], float | None]:
+                demand_since: float, patience: float,
+                uses: list[int] | None = None) -> tuple[list[int], float | None]:
     """The recall decision of one round, pure (a fake clock tests it): ``idle`` holds
-    (last return, creation) of the idle objects above min_size, and ``wanted`` processes
-    wait for the budget since ``demand_since`` (as this pool saw it).
+    (last return, creation) of the idle objects above min_size, ``uses`` (if counted) how
+    many uses each has served, and ``wanted`` processes wait for the budget since
+    ``demand_since`` (as this pool saw it).
 
     Returns the indexes of the idle objects to close now, most owed first (see
-    `recall_score`; never more than ``wanted``), and in how many seconds the next one
-    falls due while demand is left over (None: none will, or nothing is left over).
+    `recall_score` and `recall_wait`; never more than ``wanted``), and in how many seconds
+    the next one falls due while demand is left over (None: none will, or nothing is left
+    over).
     """
+    waits = [recall_wait(now, last_ret, created, demand_since,
+                         None if uses is None else uses[i], patience)
+             for i, (last_ret, created) in enumerate(idle)]
     scores = [recall_score(now, last_ret, created, demand_since) for last_ret, created in idle]
-    due = sorted((i for i, sc in enumerate(scores) if sc >= patience), key=lambda i: -scores[i])
+    due = sorted((i for i, w in enumerate(waits) if w <= 0.0), key=lambda i: -scores[i])
     close = due[:max(0, wanted)]
-    # An idle object's score grows twice as fast as the clock (idle time and demand age).
-    later = [(patience - sc) / 2 for sc in scores if sc < patience]
+    later = [w for w in waits if w > 0.0]
     return close, (min(later) if later and len(close) < wanted else None)
 
 
@@ -166,7 +206,8 @@ class Budgeted(_State):
         """Under the lock: may this object, in use until now, go back to the budget?"""
         since = self._recall_since
         return (self._recall_n > 0 and since is not None
-                and recall_score(now, None, entry.created, since) >= RECALL_PATIENCE)
+                and recall_wait(now, None, entry.created, since, entry.uses,
+                                RECALL_PATIENCE) <= 0.0)
 
     def _recall_wanted(self, entry: Entry) -> bool:
         """Outside the lock, for an object coming back while recall is armed: True if it
@@ -249,7 +290,8 @@ class Budgeted(_State):
             spare = min(len(self._avail), len(self._avail) + len(self._using) - self._min_size)
             idle = list(self._avail)[:max(0, spare)]  # the left end idles longest
             close, later = plan_recall(now, wanted, [(e.last_ret, e.created) for e in idle],
-                                       self._recall_since, RECALL_PATIENCE)
+                                       self._recall_since, RECALL_PATIENCE,
+                                       [e.uses for e in idle])
             n = len(close)
             for i in close:
                 self._avail.remove(idle[i])

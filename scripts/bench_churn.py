@@ -319,7 +319,8 @@ def run(quick: bool = False, seconds: float | None = None, dsn: str = DEFAULT_DS
     cells: list[dict[str, Any]] = []
     print(f"churn benchmark: {PROCS} processes, budgets {budgets}, loads {LOADS}, "
           f"{seconds} s per cell, peers {', '.join(peers)}, "
-          f"recall patience {getattr(mppool.budget, 'RECALL_PATIENCE', None)} s", flush=True)
+          f"recall patience {getattr(mppool.budget, 'RECALL_PATIENCE', None)} s, "
+          f"min uses {getattr(mppool.budget, 'RECALL_MIN_USES', None)}", flush=True)
     with mppool.Server() as srv:
         spec = {"address": srv.address, "authkey": srv.authkey, "dsn": dsn}
         for load in LOADS:
@@ -339,7 +340,8 @@ def run(quick: bool = False, seconds: float | None = None, dsn: str = DEFAULT_DS
                     else:
                         cells.append(run_cell(peer, load, b, seconds, spec))
     return {"cells": cells, "peers": peers, "budgets": list(budgets), "seconds": seconds,
-            "patience": getattr(mppool.budget, "RECALL_PATIENCE", None), "notes": notes,
+            "patience": getattr(mppool.budget, "RECALL_PATIENCE", None),
+            "min_uses": getattr(mppool.budget, "RECALL_MIN_USES", None), "notes": notes,
             "goals": goals(cells)}
 
 
@@ -364,9 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results to this file")
     ap.add_argument("--patience", type=float,
                     help="mppool.budget.RECALL_PATIENCE for the budget peer (default: the library's)")
+    ap.add_argument("--min-uses", type=int,
+                    help="mppool.budget.RECALL_MIN_USES for the budget peer (default: the library's)")
     ns = ap.parse_args(argv)
+    # The forked workers inherit these.
     if ns.patience is not None:
-        mppool.budget.RECALL_PATIENCE = ns.patience  # the forked workers inherit it
+        mppool.budget.RECALL_PATIENCE = ns.patience
+    if ns.min_uses is not None:
+        mppool.budget.RECALL_MIN_USES = ns.min_uses
     t_start = time.monotonic()
     res = run(ns.quick, ns.seconds, ns.dsn, [p.strip() for p in ns.peers.split(",") if p.strip()])
     report(res)

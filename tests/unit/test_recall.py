@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 import mppool
-from mppool.budget import RECALL_PATIENCE, RECALL_PERIOD, plan_recall, recall_score
+from mppool.budget import (
+    RECALL_MAX_HOLD,
+    RECALL_MIN_USES,
+    RECALL_PATIENCE,
+    RECALL_PERIOD,
+    plan_recall,
+    recall_score,
+    recall_wait,
+)
 from mppool.clock import FakeClock
 
 try:
@@ -147,9 +155,11 @@ def test_a_waiter_gets_a_recently_used_idle_object_within_the_patience() -> None
     pool.shutdown()
 
 
-def test_object_in_use_goes_back_at_a_return_after_the_patience() -> None:
+def test_object_in_use_goes_back_at_a_return_after_the_patience_once_paid_for() -> None:
     sched, budget = ManualScheduler(FakeClock()), FakeBudget(1)
     pool = _pool(budget, sched)
+    for _ in range(RECALL_MIN_USES - 1):
+        _cycle(pool)  # an object that has served its process: its open is paid for
     obj = pool.get(timeout=0)
     budget.waiters = 1
     sched.advance(RECALL_PERIOD)  # the round sees the demand, arms the returns
@@ -160,6 +170,51 @@ def test_object_in_use_goes_back_at_a_return_after_the_patience() -> None:
     pool.ret(obj)  # now due, and somebody still waits: closed, its token to the waiter
     assert len(pool) == 0 and budget.served == 1 and pool.stats()["nrecalled"] == 1
     pool.shutdown()
+
+
+def test_a_busy_object_short_of_uses_is_kept_until_the_max_hold() -> None:
+    sched, budget = ManualScheduler(FakeClock()), FakeBudget(1)
+    pool = _pool(budget, sched)
+    budget.waiters = 1
+    obj = pool.get(timeout=0)  # a new object, used without a pause longer than the patience
+    sched.advance(RECALL_PERIOD)  # the round that sees the demand: it counts from here
+    seen = sched.clock.now()
+    step = 1.5 * RECALL_MAX_HOLD / RECALL_MIN_USES  # too slow to reach its uses in the hold
+    while sched.clock.now() - seen + step < RECALL_MAX_HOLD:
+        pool.ret(obj)  # due by the patience, but it has not paid for its open yet: kept
+        assert len(pool) == 1 and budget.served == 0, sched.clock.now() - seen
+        obj = pool.get(timeout=0)
+        sched.advance(step)
+    sched.advance(RECALL_MAX_HOLD - (sched.clock.now() - seen))
+    pool.ret(obj)  # demand has waited RECALL_MAX_HOLD: the waiter gets it now
+    assert len(pool) == 0 and budget.served == 1
+    assert pool.stats()["nuses"] < RECALL_MIN_USES  # released by the bound, not the uses
+    pool.shutdown()
+
+
+def test_an_idle_object_goes_back_after_the_patience_whatever_its_uses() -> None:
+    sched, budget = ManualScheduler(FakeClock()), FakeBudget(1)
+    pool = _pool(budget, sched)
+    _cycle(pool)  # one use, then its process pauses: it does not need it now
+    budget.waiters = 1
+    waited = 0.0
+    while budget.served == 0:
+        assert waited < P + 2 * RECALL_PERIOD, "the idle object was not given back"
+        sched.advance(0.005)
+        waited += 0.005
+    assert waited >= P - 0.005 and len(pool) == 0
+    pool.shutdown()
+
+
+def test_wait_counts_score_uses_idle_time_and_the_max_hold() -> None:
+    # Paid for: only the score counts (an idle object's grows at twice the clock's rate).
+    assert recall_wait(10.0, 9.98, 0.0, 9.99, RECALL_MIN_USES, P) == pytest.approx((P - 0.03) / 2)
+    assert recall_wait(10.0, None, 0.0, 9.0, None, P) == 0.0  # uses not counted
+    # Short of uses: in use, it waits for the max hold; idle, for its idle time to reach P.
+    assert recall_wait(10.0, None, 0.0, 9.5, 1, P) == pytest.approx(RECALL_MAX_HOLD - 0.5)
+    assert recall_wait(10.0, 9.97, 0.0, 9.5, 1, P) == pytest.approx(P - 0.03)
+    assert recall_wait(10.0, 9.8, 0.0, 9.5, 1, P) == 0.0
+    assert recall_wait(10.0, None, 0.0, 10.0 - RECALL_MAX_HOLD, 1, P) == 0.0
 
 
 def test_a_return_keeps_its_object_when_the_demand_was_served_meanwhile() -> None:
@@ -176,18 +231,20 @@ def test_a_return_keeps_its_object_when_the_demand_was_served_meanwhile() -> Non
     pool.shutdown()
 
 
-def test_under_continuous_demand_an_object_serves_its_process_for_the_patience() -> None:
+def test_under_continuous_demand_an_object_serves_its_process_for_its_uses() -> None:
     sched, budget = ManualScheduler(FakeClock()), FakeBudget(1)
     budget.waiters, budget.sticky = 1, True  # somebody always waits
     pool = _pool(budget, sched)
-    for _ in range(200):  # one use every 5 ms: a busy process
+    uses = 400
+    for _ in range(uses):  # one use every 5 ms: a busy process
         if len(pool) == 0 and budget.free == 0:
             budget.free = 1  # the token came back to this process
         _cycle(pool)
         sched.advance(0.005)
     made = pool.stats()["ncreated"]
-    # A token moves at most once per patience (plus a use), not at every use.
-    assert made <= 200 * 0.005 / P + 1, made
+    # A token moves at most once per RECALL_MIN_USES uses (and per patience), not at every
+    # use: recall opens at most 1000 / RECALL_MIN_USES objects per 1,000 uses.
+    assert made <= uses / RECALL_MIN_USES + 1, made
     assert made >= 2  # and it does move: the waiters are not starved
     pool.shutdown()
 
