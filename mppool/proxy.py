@@ -69,7 +69,9 @@ class ObjectProxy:
                 raise reply.value.unpack()
         raise ServerUnavailable(f"unexpected reply {reply!r}")
 
-    def _mp_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def _mp_call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        # name is positional-only: a keyword argument called "name" (cursor(name=...)) is
+        # the proxied method's.
         return self._mp_request(name, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -108,6 +108,16 @@ def test_proxy_transfer_calls_run_in_supervisor(client):
     pool.ret(again)
 
 
+def test_proxy_method_takes_a_keyword_named_name(client):
+    # The proxy's own call path has a parameter for the method's name: a keyword argument
+    # called "name" (psycopg's cursor(name=...)) must still reach the method.
+    pool = client.pool("dicts", lambda i: {}, transfer="proxy", max_size=1)
+    obj = pool.get()
+    obj.update(name="x", args=1, kwargs=2)
+    assert obj.copy() == {"name": "x", "args": 1, "kwargs": 2}
+    pool.ret(obj)
+
+
 def test_token_pool_invariant(client):
     tokens = client.token_pool("tok", 3)
     got = [tokens.get() for _ in range(3)]
