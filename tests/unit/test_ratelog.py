@@ -90,7 +90,7 @@ def test_levels_and_exc_info(clock: Clock, logs: pytest.LogCaptureFixture) -> No
     except RuntimeError:
         assert log.error("e", "failed %d times", 3, exc_info=True)
     assert log(logging.INFO, "i", "info %s", "line")
-    records = [r for r in logs.records if r.name == "mppool"]
+    records = [r for r in logs.records if r.name == "mppool" and r.filename == "ratelog.py"]
     assert [(r.levelno, r.getMessage()) for r in records] == [
         (logging.ERROR, "failed 3 times"), (logging.INFO, "info line")]
     assert records[0].exc_info is not None and records[0].exc_info[0] is RuntimeError
