@@ -62,9 +62,11 @@ class ObjectProxy:
             if reply.status == P.OK:
                 return reply.value
             if reply.status == P.REF:
-                ref, typename = reply.value
-                return ObjectProxy(self._mp_pool, self._mp_lease, ref, typename, chan,
-                                   self._mp_pool_id)
+                # (ref, type name), and a plain value when the method returned a WithValue.
+                ref, typename, *extra = reply.value
+                proxy = ObjectProxy(self._mp_pool, self._mp_lease, ref, typename, chan,
+                                    self._mp_pool_id)
+                return (proxy, extra[0]) if extra else proxy
             if reply.status == P.ERR:
                 raise reply.value.unpack()
         raise ServerUnavailable(f"unexpected reply {reply!r}")

@@ -28,6 +28,20 @@ def is_plain(value: Any, depth: int = 0) -> bool:
     return isinstance(value, BaseException)
 
 
+class WithValue:
+    """Returned by a method that runs in the supervisor to send back an object *and* a plain
+    value in one reply: the object stays there behind a proxy, the value travels by copy (a
+    cursor and what its ``execute()`` returned: one round trip, where two would be needed
+    otherwise). The caller's proxy call returns ``(proxy, value)``; a value that is not
+    plain data arrives as None."""
+
+    __slots__ = ("obj", "value")
+
+    def __init__(self, obj: Any, value: Any) -> None:
+        self.obj = obj
+        self.value = value
+
+
 # ------------------------------------------------------------------ exceptions across the boundary
 #
 # An exception raised by user code in the supervisor (``fun``, a hook, a proxied method) must

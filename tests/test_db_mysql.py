@@ -199,3 +199,20 @@ def test_tpooled_connection_of_a_killed_process_is_rolled_back(
             assert cur.fetchone() == (0,)  # rolled back
     finally:
         pool.shutdown()
+
+
+def test_tpooled_cursor_execute_returns_the_row_count_as_pymysql(request: pytest.FixtureRequest,
+                                                               scratch: Scratch) -> None:
+    """A shared connection's cursor is made by its first execute, whose result is the
+    driver's: PyMySQL (as MySQLdb) returns the number of rows."""
+    pool = make_pool("tpooled", request, scratch, max_size=1)
+    try:
+        with pool.item(timeout=10) as conn:
+            cur = conn.cursor()
+            assert cur.execute(f"insert into {scratch.name}.items values (1), (2), (3)") == 3
+            assert conn.cursor().execute(f"select x from {scratch.name}.items") == 3
+            cur.close()
+            with pytest.raises(pymysql.err.ProgrammingError):  # PyMySQL's closed-cursor error
+                cur.execute("select 1")
+    finally:
+        pool.shutdown()

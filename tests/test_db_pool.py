@@ -22,7 +22,14 @@ from typing import Any
 
 import pytest
 from helpers import Runner, fork_ctx, wait_until
-from workers import DUMMY_CLOSED, DummyConnection, DummyDBModule, RaisingDBModule, SlowDBModule
+from workers import (
+    DUMMY_CLOSED,
+    CursorLogDB,
+    DummyConnection,
+    DummyDBModule,
+    RaisingDBModule,
+    SlowDBModule,
+)
 
 import mppool
 from mppool import db_pool
@@ -693,3 +700,108 @@ def test_bad_call_arguments() -> None:
 
 def _no_client() -> Any:
     raise AssertionError("a pool with bad arguments must not connect to a supervisor")
+
+
+# -------------------------------------------------------------- TpooledConnectionPool's cursors
+
+
+def cursor_log(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.fixture
+def counted_requests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many requests this process sends that wait for a reply (round trips)."""
+    from mppool.channel import Channel
+
+    sent: list[int] = []
+    original = Channel.request
+
+    def request(self: Channel, *args: Any, **kwargs: Any) -> Any:
+        sent.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Channel, "request", request)
+    return sent
+
+
+@pytest.mark.parametrize("returns", ["self", "none", "count"])
+def test_tpooled_cursor_is_made_by_its_first_execute_in_one_round_trip(
+        client: Any, tmp_path: Path, counted_requests: list[int], returns: str) -> None:
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(CursorLogDB(), client=client, log=str(log), returns=returns)
+    conn = pool.get()
+    try:
+        warm = conn.cursor()
+        warm.execute("warm up")  # the proxy learns that _mppool_execute is a method
+        cur = conn.cursor()
+        before = len(counted_requests)
+        assert cursor_log(log) == ["made", "1"]  # this one is not made yet: nothing sent
+        ret = cur.execute("select 1")
+        assert len(counted_requests) - before == 1  # made and executed in one round trip
+        assert cursor_log(log) == ["made", "1", "made", "2"]
+        # What execute() returned is the driver's: the cursor itself, None, a count.
+        assert ret is cur if returns == "self" else ret == (1 if returns == "count" else None)
+        assert cur.fetchone() == ("select 1", None)  # the rest is the real cursor's
+        cur.execute("select 2", (7,))  # made already: executes on the same cursor
+        assert cur.fetchone() == ("select 2", (7,))
+        assert cursor_log(log)[-2:] == ["made", "2"]
+    finally:
+        pool.put(conn)
+        pool.shutdown()
+
+
+def test_tpooled_cursor_close_waits_for_nothing_and_the_supervisor_closes_it(
+        client: Any, tmp_path: Path, counted_requests: list[int]) -> None:
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(CursorLogDB(), client=client, log=str(log))
+    conn = pool.get()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+            before = len(counted_requests)
+        assert len(counted_requests) == before  # close() sent nothing that waits
+        wait_until(lambda: cursor_log(log) == ["made", "1", "closed", "1"], timeout=5,
+                   what="the supervisor closed the dropped cursor")
+        assert cur.closed
+        with pytest.raises(RuntimeError, match="cursor is closed"):
+            cur.execute("select 2")  # no InterfaceError in this module: RuntimeError
+        with pytest.raises(RuntimeError, match="cursor is closed"):
+            cur.fetchone()
+    finally:
+        pool.put(conn)
+        pool.shutdown()
+
+
+def test_tpooled_cursor_whose_first_execute_fails_is_closed_and_raises_that_error(
+        client: Any, tmp_path: Path) -> None:
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(CursorLogDB(), client=client, log=str(log))
+    conn = pool.get()
+    try:
+        cur = conn.cursor()
+        with pytest.raises(ValueError, match="bad query"):
+            cur.execute("fail")
+        assert cursor_log(log) == ["made", "1", "closed", "1"]  # closed before the reply
+        assert cur.execute("select 1") is cur  # the next execute makes a new cursor
+        assert cursor_log(log)[-2:] == ["made", "2"]
+    finally:
+        pool.put(conn)
+        pool.shutdown()
+
+
+def test_tpooled_cursor_on_sqlite_behaves_as_sqlite_s(client: Any, db_path: str) -> None:
+    pool = TpooledConnectionPool(sqlite3, client=client, database=db_path,
+                                 check_same_thread=False)
+    conn = pool.get()
+    cur = conn.cursor()
+    assert cur.execute("select 1") is cur  # sqlite3's execute returns its cursor
+    assert cur.fetchall() == [(1,)] and cur.description[0][0] == "1"
+    cur.executemany("insert into gargleblatz (a) values (?)", [(1,), (2,)])
+    assert cur.rowcount == 2
+    cur.close()
+    with pytest.raises(sqlite3.ProgrammingError, match="cursor is closed"):
+        cur.fetchone()  # the error sqlite3 raises for a closed cursor
+    assert [r for r in conn.cursor().execute("select count(*) from gargleblatz")] == [(2,)]
+    pool.put(conn)
+    pool.shutdown()

@@ -293,3 +293,34 @@ def test_drop_database_after_its_pools(how: str, client: Any, postgres_dsn: str)
             for pool in pools:
                 pool.shutdown()
             adm.execute(f"drop database if exists {dbname} with (force)")
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_tpooled_cursors_behave_as_the_driver_s(driver: str, client: Any,
+                                                postgres_dsn: str) -> None:
+    """A shared connection's cursor is made by its first execute (one round trip), yet
+    answers as the driver's: what execute() returns, the closed-cursor error, server-side
+    (named) cursors, description and rowcount."""
+    import importlib
+
+    mod = importlib.import_module(driver)
+    kw = {"conninfo": postgres_dsn} if driver == "psycopg" else {"dsn": postgres_dsn}
+    pool = TpooledConnectionPool(driver, max_size=1, client=client, **kw)
+    try:
+        with pool.item(timeout=10) as conn:
+            cur = conn.cursor()
+            ret = cur.execute("select 1 as one, 'x' as two")
+            assert ret is (cur if driver == "psycopg" else None)  # psycopg returns the cursor
+            assert [d[0] for d in cur.description] == ["one", "two"] and cur.rowcount == 1
+            assert cur.fetchall() == [(1, "x")]
+            cur.close()
+            with pytest.raises(mod.InterfaceError):
+                cur.execute("select 1")
+            named = conn.cursor(name=unique("cur"))  # server-side: made at once, as asked
+            named.execute("select generate_series(1, 5)")
+            assert [r[0] for r in named.fetchmany(2)] == [1, 2]
+            named.close()
+            with pytest.raises(mod.errors.UndefinedTable):
+                conn.cursor().execute("select * from no_such_table_here")
+    finally:
+        pool.shutdown()

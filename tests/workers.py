@@ -395,3 +395,59 @@ def chaos_restart_worker(address: str, authkey: bytes, slot: int, cycles: Any, m
             with open(errfile, "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}"[:2000])
             time.sleep(0.02)
+
+
+class LoggedCursor:
+    """A cursor that writes "made N" and "closed N" to a file: a test in another process
+    sees when the supervisor made and closed it (closing on garbage collection too)."""
+
+    def __init__(self, log: str, n: int, returns: str) -> None:
+        self.log, self.n, self.returns = log, n, returns
+        self.closed = False
+        self.rows: list[tuple[Any, ...]] = []
+        self._write(f"made {n}")
+
+    def _write(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        if self.closed:
+            raise RuntimeError("cursor already closed")
+        if sql == "fail":
+            raise ValueError("bad query")
+        self.rows = [(sql, params)]
+        return self if self.returns == "self" else 1 if self.returns == "count" else None
+
+    def executemany(self, sql: str, seq: Any) -> Any:
+        self.rows = [(sql, p) for p in seq]
+        return None
+
+    def fetchone(self) -> Any:
+        return self.rows.pop(0) if self.rows else None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._write(f"closed {self.n}")
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LoggedConnection(DummyConnection):
+    def __init__(self, log: str, returns: str = "self") -> None:
+        super().__init__(log)
+        self.log, self.returns = log, returns
+        self.made = 0
+
+    def cursor(self, *args: Any, **kwargs: Any) -> LoggedCursor:
+        self.made += 1
+        return LoggedCursor(self.log, self.made, self.returns)
+
+
+class CursorLogDB:
+    """A DB module whose connections' cursors log to the file named by connect(log=...)."""
+
+    def connect(self, log: str, returns: str = "self") -> LoggedConnection:
+        return LoggedConnection(log, returns)

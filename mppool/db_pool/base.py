@@ -146,6 +146,10 @@ class BaseConnectionPool:
     ``client``, which a RawConnectionPool passes on to ``connect`` like any other.
     """
 
+    # What get() wraps a connection in (a TpooledConnectionPool's defers its cursors).
+    _wrapper_type: type[PooledConnectionWrapper] = PooledConnectionWrapper
+
+
     # The pool underneath, which every method below delegates to: a core mppool.Pool
     # (RawConnectionPool) or a SharedPool (TpooledConnectionPool), which share one API.
     _pool: Any
@@ -215,7 +219,7 @@ class BaseConnectionPool:
         """
         conn, handle = self._checkout(timeout)
         key = next(self._keys)
-        wrapper = PooledConnectionWrapper(conn, self, key)
+        wrapper = self._wrapper_type(conn, self, key)
         with self._lock:
             self._out[key] = _Lease(conn, handle, wrapper)
             self._by_conn.add(conn, key)

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from ..remote import WithValue, is_plain
 from .connecting import module_name, safe_close, timed_connect
 
 log = logging.getLogger("mppool")
@@ -83,6 +84,26 @@ class _ServedConnection:
         conn = self._mppool_conn
         if conn is not None:
             conn.rollback()
+
+    def _mppool_execute(self, cargs: tuple[Any, ...], ckwargs: dict[str, Any], method: str,
+                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> WithValue:
+        """``conn.cursor(*cargs, **ckwargs).<method>(*args, **kwargs)`` in one call: the first
+        execute of a client's deferred cursor (cursor.py). Returns the cursor (to proxy) with
+        what the method returned: "self" when it returned the cursor (psycopg, sqlite3), else
+        its value (None for psycopg2, a row count for MySQLdb). A cursor whose method raised
+        is closed, and the error is the caller's, as if the execute had raised alone."""
+        cur = self._mppool_ensure().cursor(*cargs, **ckwargs)
+        try:
+            ret = getattr(cur, method)(*args, **kwargs)
+        except BaseException:
+            try:
+                cur.close()
+            except Exception:
+                log.debug("mppool: db_pool: closing a cursor whose %s raised", method,
+                          exc_info=True)
+            raise
+        return WithValue(cur, ("self", None) if ret is cur
+                         else ("value", ret if is_plain(ret) else None))
 
     def close(self) -> None:
         """A client closing the raw proxy closes the connection; the slot reconnects later."""

@@ -39,6 +39,7 @@ Names are hashes, so passwords in the arguments never show in stats or logs.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import secrets
@@ -55,6 +56,7 @@ from ..holder import current_holder
 from .base import BaseConnectionPool, _NotOpen
 from .connecting import module_name, timed_connect
 from .served import _close_served, _Connector, _join, _leave, _served_stats
+from .wrappers import ServedConnectionWrapper
 
 if TYPE_CHECKING:
     from ..client import Client, SharedPool
@@ -133,6 +135,26 @@ class TpooledConnectionPool(BaseConnectionPool):
 
     _finalizer: weakref.finalize | None = None
     _closed = False
+    _wrapper_type = ServedConnectionWrapper
+    _cursor_error: type[Exception] | None = None
+
+    def _closed_cursor_error(self) -> type[Exception]:
+        """What using a closed cursor raises, as the driver would: InterfaceError for the
+        psycopg family, ProgrammingError for sqlite3, PyMySQL and MySQLdb (RuntimeError for
+        a driver that has neither, or that cannot be imported here)."""
+        err = self._cursor_error
+        if err is None:
+            name = module_name(self._db_module)
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:  # the driver need not be importable in this process
+                mod = None
+            order = ("InterfaceError", "ProgrammingError") if name.startswith("psycopg") else \
+                ("ProgrammingError", "InterfaceError")
+            err = next((e for e in (getattr(mod, n, None) for n in order)
+                        if isinstance(e, type) and issubclass(e, Exception)), RuntimeError)
+            self._cursor_error = err
+        return err
 
     def _check_home(self, budget: Budget | None, client: Client | None, share: str | None) -> None:
         if budget is not None:

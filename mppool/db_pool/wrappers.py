@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .cursor import DeferredCursor, deferrable
+
 if TYPE_CHECKING:
     from .base import BaseConnectionPool
 
@@ -111,3 +113,15 @@ class PooledConnectionWrapper(GenericConnectionWrapper):
         if self and pool is not None:
             pool.put(self)
         self._destroy()
+
+
+class ServedConnectionWrapper(PooledConnectionWrapper):
+    """What a TpooledConnectionPool's ``get()`` returns: ``cursor()`` gives a cursor made in
+    the supervisor by its first execute, in the same round trip (cursor.py)."""
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        base = self._base  # AttributeError once returned, as every method
+        pool = self.__dict__.get("_pool")
+        if pool is None or not deferrable(args, kwargs):
+            return base.cursor(*args, **kwargs)
+        return DeferredCursor(base, args, kwargs, pool._closed_cursor_error())

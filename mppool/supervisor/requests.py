@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as P
 from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, add_hint
 from ..pool import CREATE, Entry
-from ..remote import is_plain
+from ..remote import WithValue, is_plain
 from .conn import Conn, RemoteWaiter
 from .fastmap import serve_fastmap
 from .fastregion import regions_of
@@ -283,14 +283,17 @@ class Requests(_Loop):
         except BaseException as exc:
             conn.fail(msg.rid, add_hint(exc))
             return
+        extra: tuple[Any, ...] = ()
+        if type(value) is WithValue:  # an object to proxy, and a value in the same reply
+            value, extra = value.obj, (value.value if is_plain(value.value) else None,)
         try:
-            if is_plain(value):
+            if not extra and is_plain(value):
                 conn.send_raw(P.encode_reply(msg.rid, P.OK, value))
             else:
                 newref = next(self.refs)
                 conn.refs[newref] = (owner, value)
                 kind = type(value)
-                conn.send_raw(P.encode_reply(msg.rid, P.REF,
-                                             (newref, f"{kind.__module__}.{kind.__qualname__}")))
+                conn.send_raw(P.encode_reply(
+                    msg.rid, P.REF, (newref, f"{kind.__module__}.{kind.__qualname__}", *extra)))
         except Exception as exc:  # a result that does not pickle: the caller must not hang
             conn.fail(msg.rid, exc)
