@@ -64,14 +64,15 @@ _now = time.monotonic
 
 
 class _Slot(Generic[Conn]):
-    """A live connection, the budget token it holds (None without a budget), and when it
-    was last handed out or returned (`_now`)."""
+    """A live connection, the budget token it holds (None without a budget), when it was
+    made and when it was last handed out or returned (`_now`; recall.py reads both)."""
 
-    __slots__ = ("conn", "stamp", "token")
+    __slots__ = ("conn", "created", "stamp", "token")
 
     def __init__(self, conn: Conn, token: Any) -> None:
         self.conn = conn
         self.token = token
+        self.created = _now()
         self.stamp = 0.0
 
 
@@ -119,8 +120,9 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     when demand needs them, and those above ``max_size`` are closed when returned while
     nobody waits. With ``budget=`` (an async token pool), every live connection, burst ones
     included, holds one token: taken before ``make_connection`` runs, given back once the
-    connection is closed. When another process waits for the budget, idle connections are
-    closed to give their tokens back (checked every 50 ms while this pool holds any).
+    connection is closed. When another process waits for the budget, connections go back
+    to it once they are due, with the core pool's hysteresis (recall.py: checked every 50 ms
+    while this pool holds any).
     ``check``, ``check_after``, ``max_waiting``, ``reconnect_timeout``,
     ``reconnect_failed``, ``open``: see the module docstring.
 
@@ -168,8 +170,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self.currently_deallocating = 0  # being closed (their token not given back yet)
         self._idle: deque[_Slot[Conn]] = deque()
         self._waitq: deque[asyncio.Future[Any]] = deque()
-        self._recall_n = 0  # connections to close at their return: other processes wait
-        self._recall_task: asyncio.Task[None] | None = None
+        self._init_recall()
         self._background: set[asyncio.Task[Any]] = set()
         self._counts = dict.fromkeys(
             ("made", "make_errors", "make_refused", "closed", "close_errors", "stale", "burst_closed",
@@ -393,15 +394,16 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
 
     # ---------------------------------------------------------------- returning
 
-    def _put_back(self, slot: _Slot[Conn]) -> bool:
-        """Give a returned connection to a waiter or keep it idle; False: close it instead."""
+    def _put_back(self, slot: _Slot[Conn], recall: bool) -> bool:
+        """Give a returned connection to a waiter or keep it idle; False: close it instead
+        (``recall``: it goes back to the budget, see recall.py)."""
         self.in_use -= 1
         now = _now()
         self._pcounts["usage_s"] += now - slot.stamp
         slot.stamp = now  # idle (or handed over) since
         if self._closed:
             return False
-        if self._recall_n > 0:
+        if recall and self._recall_n > 0:
             self._recall_n -= 1  # another process waits for the budget: give it back
             self._counts["recalled"] += 1
             return False
@@ -418,10 +420,14 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         return True
 
     async def _release(self, slot: _Slot[Conn]) -> None:
-        if self._put_back(slot):
-            return
-        self.currently_deallocating += 1
-        await self._close(slot)
+        recall = False
+        try:
+            if self._recall_n > 0:  # asks the budget: cancelled meanwhile, the slot is kept
+                recall = await self._recall_wanted(slot)
+        finally:
+            if not self._put_back(slot, recall):
+                self.currently_deallocating += 1
+                await self._close(slot)
 
     async def _close(self, slot: _Slot[Conn], quiet: bool = False) -> None:
         """Close a connection counted in ``currently_deallocating``; give its token back.
@@ -484,15 +490,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
             fut = self._waitq.popleft()
             if not fut.done():
                 fut.set_exception(PoolClosed("mppool.aio.ConnectionPool is shutting down"))
-        task, self._recall_task = self._recall_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                        raise
+        await self._stop_recall()
         slots = list(self._idle)
         self._idle.clear()
         self.currently_deallocating += len(slots)
