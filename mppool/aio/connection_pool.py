@@ -204,13 +204,14 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     def _now(self) -> float:
         return _now()
 
-    def stats(self) -> dict[str, int]:
-        """Current counts, totals since the pool was built, and psycopg_pool's counters
-        (since the last `pop_stats`)."""
+    def stats(self) -> dict[str, Any]:
+        """Current counts, totals since the pool was built, psycopg_pool's counters (since
+        the last `pop_stats`), and ``outage``: None, or how a creation outage stands."""
         return {"in_use": self.in_use, "idle": len(self._idle),
                 "allocating": self.currently_allocating,
                 "deallocating": self.currently_deallocating, "waiting": self._waiters,
-                **self._counts, **counters.report(self._pcounts)}
+                **self._counts, **counters.report(self._pcounts),
+                "outage": self._outage.describe(_now())}
 
     def pop_stats(self) -> dict[str, int]:
         """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
