@@ -25,6 +25,7 @@ as before:
 - psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
   reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
   paths only.
+- ``name=``: how errors, logs and ``stats()`` name the pool (psycopg_pool's ``name``).
 - psycopg_pool's lifecycle and reconnect options (`mppool.aio.lifecycle`): ``open=True``
   (False: acquires raise ``PoolClosed`` until ``await pool.open()``), ``await
   pool.wait(timeout=30.0)``, ``async with pool:``, ``reconnect_timeout=300.0`` and
@@ -104,14 +105,6 @@ class _Available:
         return len(self._idle)
 
 
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
 class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
@@ -124,7 +117,8 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     to it once they are due, with the core pool's hysteresis (recall.py: checked every 50 ms
     while this pool holds any).
     ``check``, ``check_after``, ``max_waiting``, ``reconnect_timeout``,
-    ``reconnect_failed``, ``open``: see the module docstring.
+    ``reconnect_failed``, ``open``: see the module docstring. ``name``: how errors, logs
+    and ``stats()`` name the pool.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
@@ -142,10 +136,11 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         reconnect_timeout: float | None = 300.0,
         reconnect_failed: ReconnectFailed | None = None,
         open: bool = True,
+        name: str | None = None,
     ) -> None:
-        _check_size("max_size", max_size)
+        check_int("max_size", max_size)
         if burst_limit is not None:
-            _check_size("burst_limit", burst_limit)
+            check_int("burst_limit", burst_limit)
             if burst_limit < max_size:
                 raise ValueError(
                     "burst_limit must be greater than or equal to max_size "
@@ -160,7 +155,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self.check = check
         self.check_after = check_period("check_after", check_after)
         self.max_waiting = check_int("max_waiting", max_waiting)
-        self._init_lifecycle(reconnect_timeout, reconnect_failed, open)
+        self._init_lifecycle(reconnect_timeout, reconnect_failed, open, name)
         self.strategy = strategy
         self.max_size = max_size
         self.burst_limit = burst_limit
@@ -206,8 +201,9 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
 
     def stats(self) -> dict[str, Any]:
         """Current counts, totals since the pool was built, psycopg_pool's counters (since
-        the last `pop_stats`), and ``outage``: None, or how a creation outage stands."""
-        return {"in_use": self.in_use, "idle": len(self._idle),
+        the last `pop_stats`), ``outage``: None, or how a creation outage stands, and the
+        pool's ``name``."""
+        return {"name": self.name, "in_use": self.in_use, "idle": len(self._idle),
                 "allocating": self.currently_allocating,
                 "deallocating": self.currently_deallocating, "waiting": self._waiters,
                 **self._counts, **counters.report(self._pcounts),
@@ -254,7 +250,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
                 else:
                     if self.max_waiting and self._waiters >= self.max_waiting:
                         raise TooManyRequests(
-                            f"mppool.aio.ConnectionPool: {self.max_waiting} tasks wait already "
+                            f"{self._who}: {self.max_waiting} tasks wait already "
                             f"(max_waiting={self.max_waiting})")
                     got = await self._wait()
                     if got is _CREATE:
@@ -490,7 +486,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         while self._waitq:
             fut = self._waitq.popleft()
             if not fut.done():
-                fut.set_exception(PoolClosed("mppool.aio.ConnectionPool is shutting down"))
+                fut.set_exception(PoolClosed(f"{self._who} is shutting down"))
         await self._stop_recall()
         slots = list(self._idle)
         self._idle.clear()

@@ -124,6 +124,26 @@ def test_stats_describe_the_outage(clock: ModuleClock) -> None:
     run(scenario())
 
 
+def test_name_names_the_pool_in_errors_and_stats(clock: ModuleClock) -> None:
+    async def scenario() -> None:
+        assert ConnectionPool(strategy=Flaky(), max_size=1).stats()["name"] is None
+        pool = ConnectionPool(strategy=Flaky(down=True), max_size=1, name="orders",
+                              open=False)
+        assert pool.stats()["name"] == "orders"
+        with pytest.raises(PoolClosed, match="ConnectionPool 'orders' is not open"):
+            await use(pool)
+        await pool.open()
+        with pytest.raises(TimeOut, match="ConnectionPool 'orders': no connection"):
+            await pool.wait(0.01)
+        await pool.close()
+        with pytest.raises(PoolClosed, match="ConnectionPool 'orders' is shutting down"):
+            await use(pool)
+        with pytest.raises(TypeError, match="name must be a str or None, got 3"):
+            ConnectionPool(strategy=Flaky(), max_size=1, name=3)  # type: ignore[arg-type]
+
+    run(scenario())
+
+
 def test_waiters_given_a_slot_during_an_outage_fail_fast(clock: ModuleClock) -> None:
     async def scenario() -> None:
         s = Flaky()
