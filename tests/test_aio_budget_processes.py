@@ -1,5 +1,6 @@
 """mppool.aio.ConnectionPool(budget=...) across processes: the supervisor's token pool caps
-the connections of 3 asyncio processes together."""
+the connections of 3 asyncio processes together, and tokens move between 4 busy processes
+without churning their connections (the recall's hysteresis)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,53 @@ def test_three_asyncio_processes_share_a_budget_of_two(server: mppool.Server, cl
     assert peak.value == 2, "never above the budget, and the budget was used"
     assert live.value == 0 and sum(made for _, made in results) >= 3
     wait_until(lambda: budget.free() == 2, what="every token back once the processes ended")
+
+
+CHURN, CHURN_WORKERS, CHURN_BUDGET, QUERIES, PACE = "aio-churn", 4, 2, 60, 0.005
+
+
+def churn_worker(address: Any, authkey: bytes, live: Any, peak: Any, out: Any) -> None:
+    client = mppool.connect(address, authkey)
+    tokens = client.token_pool(CHURN)
+
+    async def main() -> int:
+        strategy = CountingStrategy(live, peak)
+        pool = ConnectionPool(strategy=strategy, max_size=1, budget=ThreadBudget(tokens))
+        async with asyncio.timeout(60):
+            for _ in range(QUERIES):
+                async with pool.get_connection():
+                    await asyncio.sleep(0.001)  # the query
+                await asyncio.sleep(PACE)  # the pace of the load, not a wait for a result
+            await pool.close()
+        return strategy.made
+
+    try:
+        out.put(asyncio.run(main()))
+    finally:
+        client.close()
+
+
+def test_tokens_move_without_churning_connections(server: mppool.Server, client: Any,
+                                                  procs: list[Any]) -> None:
+    """4 processes with one connection each share a budget of 2, each running queries at a
+    steady pace: tokens must move (every process gets its turn) but, with the recall's
+    hysteresis, at most about once per patience, not at every query."""
+    budget = client.token_pool(CHURN, CHURN_BUDGET)
+    ctx = fork_ctx()
+    live, peak, out = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
+    for _ in range(CHURN_WORKERS):
+        p = ctx.Process(target=churn_worker,
+                        args=(server.address, server.authkey, live, peak, out))
+        procs.append(p)
+        p.start()
+    opens = [out.get(timeout=90) for _ in range(CHURN_WORKERS)]
+    for p in procs:
+        p.join(10)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    queries = CHURN_WORKERS * QUERIES
+    print(f"{sum(opens)} connections opened for {queries} queries, per process {opens}")
+    assert peak.value <= CHURN_BUDGET and live.value == 0
+    # A token moves at most once per recall patience while its process keeps using it: far
+    # fewer opens than queries (a token moved whenever somebody waits is one per 1-4).
+    assert sum(opens) <= queries / 8, (opens, queries)
+    wait_until(lambda: budget.free() == CHURN_BUDGET, what="every token back")

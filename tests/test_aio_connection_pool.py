@@ -14,6 +14,7 @@ import pytest
 import mppool.aio.connection_pool as cp
 from mppool import PoolClosed
 from mppool.aio import ConnectionPool, ConnectionStrategy
+from mppool.budget import RECALL_PATIENCE
 
 DEADLINE = 5.0
 
@@ -611,10 +612,15 @@ def test_busy_connection_goes_back_to_the_budget_at_its_return() -> None:
 
         waiter = asyncio.create_task(use_b())
         await until(lambda: a._recall_n == 1, "a learns that another pool waits")
+        since = a._recall_since
+        assert since is not None
+        # Returned once due (the demand as old as the patience): closed at its return.
+        await until(lambda: cp._now() - since >= RECALL_PATIENCE, "the patience passed")
         release.set()
         await holder
+        assert s.live == 0 and a.available.qsize() == 0, "closed at its return, not kept idle"
         assert await waiter == 0
-        assert s.live == 0 and a.stats()["recalled"] == 1, "closed at its return, not kept idle"
+        assert a.stats()["recalled"] == 1
         await a.close()
         await b.close()
         assert budget.out == 0

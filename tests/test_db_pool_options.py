@@ -31,11 +31,11 @@ def make(request: pytest.FixtureRequest, db_path: str) -> Iterator[Any]:
 
     def build(**kw: Any) -> Any:
         kw.setdefault("max_size", 1)
+        kw.setdefault("database", db_path)
         if request.param == "raw":
-            pool = RawConnectionPool(sqlite3, database=db_path, check_same_thread=False, **kw)
+            pool = RawConnectionPool(sqlite3, check_same_thread=False, **kw)
         else:
-            pool = TpooledConnectionPool(sqlite3, client=client,
-                                         database=db_path, check_same_thread=False, **kw)
+            pool = TpooledConnectionPool(sqlite3, client=client, check_same_thread=False, **kw)
         made.append(pool)
         return pool
 
@@ -106,6 +106,67 @@ def test_max_waiting_and_pop_stats(make: Any) -> None:
         == (3, 1, 1)
     assert popped["pool_max"] == 1 and popped["usage_ms"] >= 0
     assert pool.pop_stats()["requests_num"] == 0
+
+
+def test_check_after_reaches_the_pool(make: Any) -> None:
+    def never(conn: Any) -> bool:
+        return False
+
+    for check_after, lost in ((3600.0, 0), (0.0, 1)):
+        pool = make(check=never, check_after=check_after)
+        with pool.item(timeout=5):
+            pass  # made now: not checked
+        with pool.item(timeout=5) as conn:  # idle a moment: checked only if check_after=0
+            assert conn.execute("select 1").fetchone() == (1,)
+        wait_until(lambda p=pool: p.stats()["nusing"] == 0, what="the puts applied")
+        assert pool.stats()["connections_lost"] == lost, check_after
+
+
+def test_returns_bad_counts_failed_cleanups_not_closes_at_every_put(make: Any) -> None:
+    def failing(conn: Any) -> None:
+        raise RuntimeError("cleanup failed")
+
+    pool = make(cleanup=failing)
+    with pool.item(timeout=5):
+        pass
+    with pool.item(timeout=5) as conn:  # the first was closed: a new one works
+        assert conn.execute("select 1").fetchone() == (1,)
+    wait_until(lambda: pool.stats()["nusing"] == 0, what="the puts applied")
+    assert pool.stats()["returns_bad"] == 2
+    closing = make(max_idle=0)  # eventlet's limiter: closed at every put, none of them bad
+    for _ in range(2):
+        with closing.item(timeout=5) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    wait_until(lambda: closing.stats()["nusing"] == 0, what="the puts applied")
+    s = closing.stats()
+    assert (s["returns_bad"], s["ncreated"], s["navail"]) == (0, 2, 0), s
+
+
+def test_outage_wait_times_out_reconnect_failed_once_and_service_resumes(
+        make: Any, tmp_path: Path) -> None:
+    where = tmp_path / "not-yet"  # sqlite3 cannot open a database in a missing directory
+    told = tmp_path / "told"
+
+    def reconnect_failed(pool: Any) -> None:  # in the supervisor for a TpooledConnectionPool
+        with told.open("a") as f:
+            f.write("told\n")
+
+    pool = make(min_size=1, database=str(where / "db.sqlite"), reconnect_timeout=0.0,
+                reconnect_failed=reconnect_failed)
+    with pytest.raises(mppool.TimeOut, match="unable to open database file"):
+        pool.wait(timeout=0.3)
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        pool.get(timeout=5)  # fails fast with the driver's error, not a timeout
+    wait_until(lambda: told.exists() and told.read_text().endswith("\n"), timeout=10,
+               what="reconnect_failed called")
+    where.mkdir()
+    pool.wait(timeout=20)  # the backoff's next attempt works: nobody resets anything
+    with pool.item(timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert told.read_text() == "told\n", "once per outage"
+    s = pool.stats()
+    assert s["connections_errors"] >= 1 and s["connections_num"] > s["connections_errors"]
+    assert s["outage"] is None
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,21 @@ def test_check_runs_in_the_supervisor_and_skips_broken_objects(client: Any,
     pool.ret(got)
 
 
+def test_check_after_reaches_the_supervisor(client: Any) -> None:
+    def never(obj: int) -> bool:
+        return False
+
+    for name, check_after, lost in (("patient", 3600.0, 0), ("eager", 0.0, 1)):
+        pool = client.pool(name, lambda i: i, min_size=0, max_size=1, check=never,
+                           check_after=check_after)
+        pool.ret(pool.get(timeout=5))  # made now: not checked
+        got = pool.get(timeout=5)  # idle a moment: checked only with check_after=0
+        assert got == lost, name  # 0 kept, or closed and 1 made in its place
+        pool.ret(got)
+        assert pool.stats()["connections_lost"] == lost, name
+        assert pool.stats()["check_after"] == check_after
+
+
 def test_max_waiting_refuses_across_processes(client: Any) -> None:
     pool = client.pool("busy", lambda i: i, min_size=0, max_size=1, max_waiting=1)
     held = pool.get(timeout=5)

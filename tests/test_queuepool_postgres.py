@@ -6,11 +6,13 @@ last transaction open (the put must roll it back) and closes one connection behi
 manager's back (the put must notice). The counter must end at exactly 1000. Then the same
 pool API in 4 processes on a shared budget, checked where it matters: the connections the
 server sees (``pg_stat_activity``, by an ``application_name`` unique to the test).
-Tables get unique names and are dropped at the end.
+Tables get unique names and are dropped at the end. Last, an outage (test_db_outage's way:
+a private role cut off and given back).
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing.pool as mpp
 import random
 import time
@@ -22,8 +24,11 @@ from typing import Any
 import psycopg2
 import pytest
 from helpers import fork_ctx, wait_until
+from psycopg.conninfo import make_conninfo
 from psycopg2 import errors as pg_errors
 from psycopg2 import extensions as pg_ext
+from test_db_outage import Timeline, private_role, role_backends
+from test_db_outage import admin as pg_admin
 
 from mppool import TimeOut
 from mppool.queuepool import Pool
@@ -249,3 +254,124 @@ def test_four_processes_stay_under_the_budget(server: Any, client: Any, procs: l
         wait_until(lambda: count_app(adm, app) == 0, what="every connection closed")
     wait_until(lambda: budget.free() == cap, what="every budget token back")
     assert peak >= 1
+
+
+# ---------------------------------------------------------------- an outage
+
+
+OUTAGE_RECONNECT_TIMEOUT = 2.0
+
+
+def ping(conn: Any) -> bool:
+    """``check=``: a round trip on an autocommit connection (nothing left open)."""
+    with conn.cursor() as c:
+        c.execute("select 1")
+        return bool(c.fetchone() == (1,))
+
+
+def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) -> None:
+    """test_db_outage's scenario for queuepool: a private role's backends are terminated and
+    its CONNECTION LIMIT set to 0. The dead open managers fail ``check`` and are closed, never
+    handed out; takes fail fast with the server's error; open() attempts back off (1 s, then
+    doubling); ``reconnect_failed`` is called once, ``reconnect_timeout`` after the first
+    failure; once the limit is lifted, takes are served again with nothing reset by hand.
+    Run with ``-s`` to see the timeline."""
+    tl = Timeline()
+    attempts: list[float] = []  # when each open() was tried (test clock)
+    told: list[float] = []
+    fails: list[float] = []  # how long each failed take took, in seconds
+
+    class Timed(ConnectionManager):
+        def open(self) -> None:
+            attempts.append(tl.now())
+            super().open()
+
+    def reconnect_failed(pool: Pool) -> None:
+        told.append(tl.note("reconnect_failed(pool) called"))
+
+    app = unique("mppool_qp")
+    with pg_admin(postgres_dsn) as adm, private_role(adm) as role:
+        dsn = make_conninfo(postgres_dsn, user=role, connect_timeout=5, application_name=app)
+        pool = Pool("outage", 2, maxIdleTime=600, maxOpenTime=600, check=ping,
+                    reconnect_timeout=OUTAGE_RECONNECT_TIMEOUT, reconnect_failed=reconnect_failed)
+        for i in range(2):
+            pool.put(Timed(f"o{i}", autocommit=True, dsn=dsn))
+        try:
+            with pool.take(timeout=10) as a, pool.take(timeout=10) as b:
+                assert scalar(a.resource, "select current_user") == role
+                assert scalar(b.resource, "select 1") == 1
+            wait_until(lambda: len(role_backends(adm, role)) == 2, timeout=10,
+                       what="both managers open as the role")
+            tl.note(f"pool up: 2 connections as role {role}")
+            assert pool.stats()["outage"] is None
+
+            # The outage: the role may no longer connect, and its backends are killed.
+            adm.execute(f'alter role "{role}" connection limit 0')
+            adm.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                        "where usename = %s", (role,))
+            wait_until(lambda: not role_backends(adm, role), timeout=10, what="backends gone")
+            start = tl.note("outage: CONNECTION LIMIT 0, every pooled backend terminated")
+            before = len(attempts)
+
+            for _ in range(2):  # each dead open manager: check fails, reopening it fails
+                with pytest.raises(psycopg2.OperationalError,
+                                   match="too many connections for role"):
+                    pool.take(timeout=10)
+            first_fail = tl.note("takes #1 and #2 raised OperationalError "
+                                 "(too many connections for role)")
+            assert first_fail - start < 5.0, "the takes did not fail fast"
+            s = pool.stats()
+            assert s["connections_lost"] == 2, s  # both dead connections caught by check
+            assert s["outage"] is not None and "too many connections" in s["outage"]["error"]
+
+            def one_take() -> bool:
+                t = tl.now()
+                try:
+                    pool.take(timeout=10)
+                except psycopg2.OperationalError:
+                    fails.append(tl.now() - t)
+                return bool(told)
+
+            # Takes keep failing fast while the pool backs off, until reconnect_failed.
+            wait_until(one_take, timeout=OUTAGE_RECONNECT_TIMEOUT + 10, interval=0.02,
+                       what="reconnect_failed")
+            outage_attempts = attempts[before:]
+            gaps = [y - x for x, y in itertools.pairwise(outage_attempts)]
+            for t in outage_attempts:
+                tl.note("open() attempt: refused", t)
+            tl.note(f"{len(fails)} more takes meanwhile, the slowest failing in "
+                    f"{max(fails) * 1000:.1f} ms, with {len(outage_attempts)} open() attempts")
+            assert len(fails) >= 20
+            assert len(outage_attempts) <= 4, outage_attempts  # no hot loop: 0, ~1, ~2 s
+            assert gaps and all(g >= 0.85 for g in gaps), gaps  # 1 s backoff, 10% jitter
+            assert gaps[0] <= 1.3, gaps
+            assert told[0] - first_fail == pytest.approx(OUTAGE_RECONNECT_TIMEOUT, abs=0.6)
+            assert pool.stats()["outage"]["attempts"] == len(outage_attempts)
+
+            # The limit is lifted: takes are served again once the next attempt is due.
+            adm.execute(f'alter role "{role}" connection limit -1')
+            lifted = tl.note("CONNECTION LIMIT -1")
+            served: list[str] = []
+
+            def take_served() -> bool:
+                try:
+                    with pool.take(timeout=10) as cm:
+                        served.append(scalar(cm.resource, "select current_user"))
+                except psycopg2.OperationalError:
+                    pass
+                return bool(served)
+
+            wait_until(take_served, timeout=15, interval=0.02, what="a take served again")
+            back = tl.note("service resumed: a take served")
+            assert back - lifted < 10.0  # the next backoff step (4 s, +-10%) after give-up
+            for t in attempts[before + len(outage_attempts):]:
+                tl.note("open() attempt", t)
+            assert served == [role] and len(told) == 1
+            assert pool.stats()["outage"] is None
+            popped = pool.pop_stats()
+            tl.note(f"pop_stats: {popped}")
+            assert popped["connections_lost"] == 2 and popped["connections_errors"] >= 2
+        finally:
+            pool.close()
+            print(f"\noutage timeline (seconds from the test's start), attempts at "
+                  f"{[round(x, 2) for x in attempts]}:\n{tl.show()}")

@@ -25,6 +25,7 @@ as before:
 - psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
   reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
   paths only.
+- ``name=``: how errors, logs and ``stats()`` name the pool (psycopg_pool's ``name``).
 - psycopg_pool's lifecycle and reconnect options (`mppool.aio.lifecycle`): ``open=True``
   (False: acquires raise ``PoolClosed`` until ``await pool.open()``), ``await
   pool.wait(timeout=30.0)``, ``async with pool:``, ``reconnect_timeout=300.0`` and
@@ -64,14 +65,15 @@ _now = time.monotonic
 
 
 class _Slot(Generic[Conn]):
-    """A live connection, the budget token it holds (None without a budget), and when it
-    was last handed out or returned (`_now`)."""
+    """A live connection, the budget token it holds (None without a budget), when it was
+    made and when it was last handed out or returned (`_now`; recall.py reads both)."""
 
-    __slots__ = ("conn", "stamp", "token")
+    __slots__ = ("conn", "created", "stamp", "token")
 
     def __init__(self, conn: Conn, token: Any) -> None:
         self.conn = conn
         self.token = token
+        self.created = _now()
         self.stamp = 0.0
 
 
@@ -103,14 +105,6 @@ class _Available:
         return len(self._idle)
 
 
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
 class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
@@ -119,10 +113,12 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     when demand needs them, and those above ``max_size`` are closed when returned while
     nobody waits. With ``budget=`` (an async token pool), every live connection, burst ones
     included, holds one token: taken before ``make_connection`` runs, given back once the
-    connection is closed. When another process waits for the budget, idle connections are
-    closed to give their tokens back (checked every 50 ms while this pool holds any).
+    connection is closed. When another process waits for the budget, connections go back
+    to it once they are due, with the core pool's hysteresis (recall.py: checked every 50 ms
+    while this pool holds any).
     ``check``, ``check_after``, ``max_waiting``, ``reconnect_timeout``,
-    ``reconnect_failed``, ``open``: see the module docstring.
+    ``reconnect_failed``, ``open``: see the module docstring. ``name``: how errors, logs
+    and ``stats()`` name the pool.
 
     Not thread-safe: use a pool from one thread (and one event loop at a time).
     """
@@ -140,10 +136,11 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         reconnect_timeout: float | None = 300.0,
         reconnect_failed: ReconnectFailed | None = None,
         open: bool = True,
+        name: str | None = None,
     ) -> None:
-        _check_size("max_size", max_size)
+        check_int("max_size", max_size)
         if burst_limit is not None:
-            _check_size("burst_limit", burst_limit)
+            check_int("burst_limit", burst_limit)
             if burst_limit < max_size:
                 raise ValueError(
                     "burst_limit must be greater than or equal to max_size "
@@ -158,7 +155,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self.check = check
         self.check_after = check_period("check_after", check_after)
         self.max_waiting = check_int("max_waiting", max_waiting)
-        self._init_lifecycle(reconnect_timeout, reconnect_failed, open)
+        self._init_lifecycle(reconnect_timeout, reconnect_failed, open, name)
         self.strategy = strategy
         self.max_size = max_size
         self.burst_limit = burst_limit
@@ -168,8 +165,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self.currently_deallocating = 0  # being closed (their token not given back yet)
         self._idle: deque[_Slot[Conn]] = deque()
         self._waitq: deque[asyncio.Future[Any]] = deque()
-        self._recall_n = 0  # connections to close at their return: other processes wait
-        self._recall_task: asyncio.Task[None] | None = None
+        self._init_recall()
         self._background: set[asyncio.Task[Any]] = set()
         self._counts = dict.fromkeys(
             ("made", "make_errors", "make_refused", "closed", "close_errors", "stale", "burst_closed",
@@ -203,13 +199,15 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
     def _now(self) -> float:
         return _now()
 
-    def stats(self) -> dict[str, int]:
-        """Current counts, totals since the pool was built, and psycopg_pool's counters
-        (since the last `pop_stats`)."""
-        return {"in_use": self.in_use, "idle": len(self._idle),
+    def stats(self) -> dict[str, Any]:
+        """Current counts, totals since the pool was built, psycopg_pool's counters (since
+        the last `pop_stats`), ``outage``: None, or how a creation outage stands, and the
+        pool's ``name``."""
+        return {"name": self.name, "in_use": self.in_use, "idle": len(self._idle),
                 "allocating": self.currently_allocating,
                 "deallocating": self.currently_deallocating, "waiting": self._waiters,
-                **self._counts, **counters.report(self._pcounts)}
+                **self._counts, **counters.report(self._pcounts),
+                "outage": self._outage.describe(_now())}
 
     def pop_stats(self) -> dict[str, int]:
         """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
@@ -252,7 +250,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
                 else:
                     if self.max_waiting and self._waiters >= self.max_waiting:
                         raise TooManyRequests(
-                            f"mppool.aio.ConnectionPool: {self.max_waiting} tasks wait already "
+                            f"{self._who}: {self.max_waiting} tasks wait already "
                             f"(max_waiting={self.max_waiting})")
                     got = await self._wait()
                     if got is _CREATE:
@@ -393,15 +391,16 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
 
     # ---------------------------------------------------------------- returning
 
-    def _put_back(self, slot: _Slot[Conn]) -> bool:
-        """Give a returned connection to a waiter or keep it idle; False: close it instead."""
+    def _put_back(self, slot: _Slot[Conn], recall: bool) -> bool:
+        """Give a returned connection to a waiter or keep it idle; False: close it instead
+        (``recall``: it goes back to the budget, see recall.py)."""
         self.in_use -= 1
         now = _now()
         self._pcounts["usage_s"] += now - slot.stamp
         slot.stamp = now  # idle (or handed over) since
         if self._closed:
             return False
-        if self._recall_n > 0:
+        if recall and self._recall_n > 0:
             self._recall_n -= 1  # another process waits for the budget: give it back
             self._counts["recalled"] += 1
             return False
@@ -418,10 +417,14 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         return True
 
     async def _release(self, slot: _Slot[Conn]) -> None:
-        if self._put_back(slot):
-            return
-        self.currently_deallocating += 1
-        await self._close(slot)
+        recall = False
+        try:
+            if self._recall_n > 0:  # asks the budget: cancelled meanwhile, the slot is kept
+                recall = await self._recall_wanted(slot)
+        finally:
+            if not self._put_back(slot, recall):
+                self.currently_deallocating += 1
+                await self._close(slot)
 
     async def _close(self, slot: _Slot[Conn], quiet: bool = False) -> None:
         """Close a connection counted in ``currently_deallocating``; give its token back.
@@ -483,16 +486,8 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         while self._waitq:
             fut = self._waitq.popleft()
             if not fut.done():
-                fut.set_exception(PoolClosed("mppool.aio.ConnectionPool is shutting down"))
-        task, self._recall_task = self._recall_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                        raise
+                fut.set_exception(PoolClosed(f"{self._who} is shutting down"))
+        await self._stop_recall()
         slots = list(self._idle)
         self._idle.clear()
         self.currently_deallocating += len(slots)

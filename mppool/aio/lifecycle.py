@@ -57,9 +57,15 @@ class Lifecycle:
     currently_allocating: int
 
     def _init_lifecycle(self, reconnect_timeout: float | None,
-                        reconnect_failed: ReconnectFailed | None, open: bool) -> None:
+                        reconnect_failed: ReconnectFailed | None, open: bool,
+                        name: str | None) -> None:
         if not isinstance(open, bool):
             raise TypeError(f"open must be a bool, got {open!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.name = name
+        # How errors, logs and stats name the pool.
+        self._who = f"{WHO} {name!r}" if name else WHO
         check_callable("reconnect_failed", reconnect_failed)
         self._outage = Outage(check_duration("reconnect_timeout", reconnect_timeout))
         self.reconnect_failed = reconnect_failed
@@ -68,14 +74,14 @@ class Lifecycle:
 
     def _refusal(self) -> PoolClosed:
         if self._shut:
-            return PoolClosed(f"{WHO} is shutting down")
-        return PoolClosed(f"{WHO} is not open (open=False): await pool.open() first")
+            return PoolClosed(f"{self._who} is shutting down")
+        return PoolClosed(f"{self._who} is not open (open=False): await pool.open() first")
 
     async def open(self) -> None:
         """Open a pool made with ``open=False`` (a no-op if it is open); PoolClosed once it
         was closed."""
         if self._shut:
-            raise PoolClosed(f"{WHO} was closed: it cannot be opened again")
+            raise PoolClosed(f"{self._who} was closed: it cannot be opened again")
         self._closed = False
 
     async def wait(self, timeout: float | None = 30.0) -> None:
@@ -94,7 +100,7 @@ class Lifecycle:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 error = self._outage.error
-                raise TimeOut(f"{WHO}: no connection could be made in {timeout} s"
+                raise TimeOut(f"{self._who}: no connection could be made in {timeout} s"
                               + (f": {type(error).__name__}: {error}"
                                  if error is not None else ""))
             pause = await self._try_make(deadline) if self._room() else POLL
@@ -134,15 +140,15 @@ class Lifecycle:
 
     def _make_failed(self, exc: BaseException, ticket: int) -> bool:
         """make_connection raised; True if reconnect_failed is due."""
-        return failed(self._outage, self._now(), exc, ticket, WHO)
+        return failed(self._outage, self._now(), exc, ticket, self._who)
 
     def _make_succeeded(self) -> None:
-        succeeded(self._outage, self._now(), WHO)
+        succeeded(self._outage, self._now(), self._who)
 
     async def _report_outage(self) -> None:
         """The outage lasted reconnect_timeout: log, and call the user's hook (never raising:
         the caller must see the creation error)."""
-        gave_up(self._outage, WHO)
+        gave_up(self._outage, self._who)
         if self.reconnect_failed is None:
             return
         try:
@@ -150,7 +156,7 @@ class Lifecycle:
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            log.exception("mppool: %s: reconnect_failed raised", WHO)
+            log.exception("mppool: %s: reconnect_failed raised", self._who)
 
     # The pool's.
     def _now(self) -> float:

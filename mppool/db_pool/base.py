@@ -238,7 +238,9 @@ class BaseConnectionPool:
         if lease is None:
             return
         if conn is None or self._close_on_put:
-            self._checkin(lease.handle, discard=True)
+            # None: given up as broken (returns_bad); max_idle=0/max_age=0: closed at every
+            # return by the pool's max_use=1, not a bad return.
+            self._checkin(lease.handle, discard=conn is None)
             return
         fn = self.cleanup if cleanup is _MISSING else cleanup
         discard = False

@@ -61,6 +61,8 @@ class RawConnectionPool(BaseConnectionPool):
             _WeakFun(self), max_size=self.max_size, min_size=self.min_size,
             max_avail_delay=0.0 if self._close_on_put else self.max_idle,
             max_lifetime=0.0 if self._close_on_put else self.max_age,
+            # eventlet's max_idle=0/max_age=0: closed at every return (worn out, not bad).
+            max_use=1 if self._close_on_put else 0,
             closer=safe_close, budget=budget, open=self._start_open, **self._pool_options)
         # Stack order, as eventlet: the most recently used connection goes out first, so the
         # surplus stays idle and max_idle can close it.

@@ -269,13 +269,15 @@ class TpooledConnectionPool(BaseConnectionPool):
         return proxy, proxy
 
     def _checkin(self, handle: Any, discard: bool) -> None:
-        if discard and not self._close_on_put:
+        if discard:
             try:
                 handle._mppool_discard()
             except Exception:
                 log.warning("mppool: db_pool: could not close a discarded shared connection",
                             exc_info=True)
-        self._pool.ret(handle)
+        # discard: the supervisor counts it in returns_bad and closes the slot (its closer,
+        # _mppool_discard again, finds nothing left to close).
+        self._pool.ret(handle, discard=discard)
 
     def clear(self) -> None:
         # Idle slots are only reachable by borrowing them: take as many as are idle, close

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import counters
+from ..outage import Outage
 from ..waiters import Waiter
 
 log = logging.getLogger("mppool")
@@ -51,6 +52,7 @@ class Measures:
     _waiters: deque[Waiter]
     _members: set[int]
     _closed: bool
+    _outage: Outage
 
     def _init_measures(self, check: Callable[[Any], Any] | None, check_after: float,
                        max_waiting: int) -> None:
@@ -95,9 +97,13 @@ class Measures:
                  self.name, r, why)
         return why
 
+    # The pool's.
+    def _now(self) -> float:
+        raise NotImplementedError
+
     def stats(self) -> dict[str, Any]:
-        """A JSON-compatible snapshot: sizes, options, and psycopg_pool's counters (since the
-        last `pop_stats`)."""
+        """A JSON-compatible snapshot: sizes, options, psycopg_pool's counters (since the
+        last `pop_stats`), and ``outage``: None, or how an outage of ``open()`` stands."""
         with self._lock:
             return {"name": str(self.name), "capacity": self.capacity,
                     "managers": len(self._members), "idle": len(self._idle),
@@ -105,6 +111,8 @@ class Measures:
                     "waiting": sum(1 for w in self._waiters if not w.done),
                     "max_waiting": self._max_waiting,
                     "check_after": self._check_after if self._check is not None else None,
+                    "reconnect_timeout": self._outage.timeout,
+                    "outage": self._outage.describe(self._now()),
                     "closed": self._closed, **self._report(pop=False)}
 
     def pop_stats(self) -> dict[str, int]:

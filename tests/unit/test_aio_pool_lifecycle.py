@@ -9,6 +9,7 @@ real, every scenario bounded by a deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Coroutine
 from typing import Any
 
@@ -95,6 +96,50 @@ def test_a_failing_make_connection_backs_off_and_acquires_fail_fast(clock: Modul
                 st["make_refused"], st["in_use"], st["allocating"], st["idle"]) == (
                     3, 2, 2, 5, 0, 0, 1)  # 5 acquires failed fast
         await pool.close()
+
+    run(scenario())
+
+
+def test_stats_describe_the_outage(clock: ModuleClock) -> None:
+    async def scenario() -> None:
+        s = Flaky(down=True)
+        pool = ConnectionPool(strategy=s, max_size=2)
+        assert pool.stats()["outage"] is None
+        with pytest.raises(ConnectionRefusedError):
+            await use(pool)
+        clock.t += 0.5
+        with pytest.raises(ConnectionRefusedError):
+            await use(pool)  # failed fast: not an attempt
+        outage = pool.stats()["outage"]
+        assert outage["failing_for"] == pytest.approx(0.5) and outage["attempts"] == 1
+        assert 0.4 - 1e-9 <= outage["next_attempt_in"] <= 0.6 + 1e-9  # 1 s +-10%, 0.5 s ago
+        assert outage["error"] == "ConnectionRefusedError: the database is down"
+        json.dumps(pool.stats())  # JSON-compatible, outage included
+        clock.t += 0.7
+        s.down = False
+        assert await use(pool) == 0
+        assert pool.stats()["outage"] is None, "a connection made ends the outage"
+        await pool.close()
+
+    run(scenario())
+
+
+def test_name_names_the_pool_in_errors_and_stats(clock: ModuleClock) -> None:
+    async def scenario() -> None:
+        assert ConnectionPool(strategy=Flaky(), max_size=1).stats()["name"] is None
+        pool = ConnectionPool(strategy=Flaky(down=True), max_size=1, name="orders",
+                              open=False)
+        assert pool.stats()["name"] == "orders"
+        with pytest.raises(PoolClosed, match="ConnectionPool 'orders' is not open"):
+            await use(pool)
+        await pool.open()
+        with pytest.raises(TimeOut, match="ConnectionPool 'orders': no connection"):
+            await pool.wait(0.01)
+        await pool.close()
+        with pytest.raises(PoolClosed, match="ConnectionPool 'orders' is shutting down"):
+            await use(pool)
+        with pytest.raises(TypeError, match="name must be a str or None, got 3"):
+            ConnectionPool(strategy=Flaky(), max_size=1, name=3)  # type: ignore[arg-type]
 
     run(scenario())
 

@@ -8,6 +8,7 @@ blocking waits use real time, bounded by deadlines.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -96,6 +97,27 @@ def test_a_failing_open_backs_off_and_takes_fail_fast(clock: ModuleClock) -> Non
     assert use(pool) and db.calls == 4  # no outage: every take may open
     st = pool.stats()
     assert (st["connections_num"], st["connections_errors"]) == (4, 2)
+    pool.close()
+
+
+def test_stats_describe_the_outage(clock: ModuleClock) -> None:
+    db = Database(down=True)
+    pool = make(db, reconnect_timeout=60.0)
+    assert pool.stats()["outage"] is None and pool.stats()["reconnect_timeout"] == 60.0
+    with pytest.raises(ConnectionRefusedError):
+        use(pool)
+    clock.t += 0.5
+    with pytest.raises(ConnectionRefusedError):
+        use(pool)  # failed fast: not an attempt
+    outage = pool.stats()["outage"]
+    assert outage["failing_for"] == pytest.approx(0.5) and outage["attempts"] == 1
+    assert 0.4 - 1e-9 <= outage["next_attempt_in"] <= 0.6 + 1e-9  # 1 s +-10%, 0.5 s ago
+    assert outage["error"] == "ConnectionRefusedError: the database is down"
+    json.dumps(pool.stats())  # JSON-compatible, outage included
+    clock.t += 0.7
+    db.down = False
+    assert use(pool) == "r1"
+    assert pool.stats()["outage"] is None, "an open() that works ends the outage"
     pool.close()
 
 
