@@ -17,16 +17,20 @@ see the timeline it prints.
 
 from __future__ import annotations
 
-import itertools
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
 from helpers import wait_until
+from outage_kit import (
+    Timeline,
+    admin,
+    cut_off,
+    fail_fast_until_told,
+    private_role,
+    role_backends,
+    unique,
+)
 from psycopg.conninfo import make_conninfo
 
 from mppool import db_pool
@@ -37,63 +41,10 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 RECONNECT_TIMEOUT = 2.0
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-@contextmanager
-def admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
-    conn = psycopg.connect(dsn, autocommit=True, application_name="mppool-test-admin")
-    try:
-        conn.execute("set lock_timeout = '10s'")
-        yield conn
-    finally:
-        conn.close()
-
-
-def role_backends(adm: psycopg.Connection[Any], role: str) -> list[int]:
-    return [r[0] for r in adm.execute(
-        "select pid from pg_stat_activity where usename = %s", (role,)).fetchall()]
-
-
-@contextmanager
-def private_role(adm: psycopg.Connection[Any]) -> Iterator[str]:
-    """A LOGIN role for this test only: always given its connections back, its backends
-    ended and the role dropped at the end, whatever happened."""
-    role = unique("mppool_outage")
-    adm.execute(f'create role "{role}" login')
-    try:
-        yield role
-    finally:
-        adm.execute(f'alter role "{role}" connection limit -1')
-        adm.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s",
-                    (role,))
-        wait_until(lambda: not role_backends(adm, role), timeout=10, what="role's backends gone")
-        adm.execute(f'drop role if exists "{role}"')
-
-
-class Timeline:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.events: list[tuple[float, str]] = []
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def note(self, what: str, t: float | None = None) -> float:
-        t = self.now() if t is None else t
-        self.events.append((t, what))
-        return t
-
-    def show(self) -> str:
-        return "\n".join(f"  {t:7.3f} s  {what}" for t, what in sorted(self.events))
-
-
 def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) -> None:
     tl = Timeline()
     attempts: list[float] = []  # when each connect was tried (test clock)
     told: list[float] = []
-    gets: list[tuple[float, str]] = []
 
     class Timed(RawConnectionPool):
         def create(self) -> Any:
@@ -115,11 +66,7 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
                 assert conn.execute("select current_user").fetchone() == (role,)
             tl.note(f"pool up: {len(role_backends(adm, role))} connections as role {role}")
 
-            # The outage: the role may no longer connect, and its backends are killed.
-            adm.execute(f'alter role "{role}" connection limit 0')
-            adm.execute("select pg_terminate_backend(pid) from pg_stat_activity "
-                        "where usename = %s", (role,))
-            wait_until(lambda: not role_backends(adm, role), timeout=10, what="backends gone")
+            cut_off(adm, role)
             start = tl.note("outage: CONNECTION LIMIT 0, every pooled backend terminated")
             before = len(attempts)
 
@@ -132,29 +79,10 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
             assert s["connections_lost"] == 2, s
             tl.note(f"check=ping discarded {s['connections_lost']} dead idle connections")
 
-            def one_get() -> bool:
-                t = tl.now()
-                try:
-                    pool.get(timeout=10)
-                except psycopg.OperationalError:
-                    gets.append((t, f"{(tl.now() - t) * 1000:.1f} ms"))
-                return bool(told)
-
             # Gets keep failing fast while the pool backs off, until reconnect_failed.
-            wait_until(one_get, timeout=RECONNECT_TIMEOUT + 10, interval=0.02,
-                       what="reconnect_failed")
-            outage_attempts = attempts[before:]
-            gaps = [b - a for a, b in itertools.pairwise(outage_attempts)]
-            for t in outage_attempts:
-                tl.note("connect attempt: refused", t)
-            tl.note(f"{len(gets)} more gets meanwhile, each failing in at most "
-                    f"{max(float(g[1].split()[0]) for g in gets):.1f} ms, with "
-                    f"{len(outage_attempts)} connect attempts in all")
-            assert len(gets) >= 20
-            assert len(outage_attempts) <= 4, outage_attempts  # no hot loop: 0, ~1, ~2 s
-            assert gaps and all(g >= 0.85 for g in gaps), gaps  # 1 s backoff, 10% jitter
-            assert gaps[0] <= 1.3, gaps
-            assert told[0] - first_fail == pytest.approx(RECONNECT_TIMEOUT, abs=0.6)
+            outage_attempts = fail_fast_until_told(
+                tl, lambda: pool.get(timeout=10), psycopg.OperationalError, attempts, before,
+                told, first_fail, RECONNECT_TIMEOUT, "get", "connect")
 
             # The limit is lifted: nobody calls anything, the pool comes back by itself.
             adm.execute(f'alter role "{role}" connection limit -1')

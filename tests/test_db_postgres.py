@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
 from helpers import fork_ctx, wait_until
+from outage_kit import admin, unique
 from workers import pg_insert_then_hang, pg_raw_hammer, pg_tpooled_hammer
 
 from mppool.db_pool import RawConnectionPool, TpooledConnectionPool
@@ -30,19 +28,6 @@ CAP = 2
 SAMPLING_DEADLINE = 90.0
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-@contextmanager
-def admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
-    """The test's own connection, outside every pool; each query sees fresh activity."""
-    conn = psycopg.connect(dsn, autocommit=True, application_name="mppool-test-admin")
-    try:
-        conn.execute("set lock_timeout = '10s'")  # a cleanup must never hang on a lock
-        yield conn
-    finally:
-        conn.close()
 
 
 def count_app(adm: psycopg.Connection[Any], app: str) -> int:

@@ -12,7 +12,6 @@ a private role cut off and given back).
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing.pool as mpp
 import random
 import time
@@ -24,11 +23,11 @@ from typing import Any
 import psycopg2
 import pytest
 from helpers import fork_ctx, wait_until
+from outage_kit import Timeline, cut_off, fail_fast_until_told, private_role, role_backends
+from outage_kit import admin as pg_admin
 from psycopg.conninfo import make_conninfo
 from psycopg2 import errors as pg_errors
 from psycopg2 import extensions as pg_ext
-from test_db_outage import Timeline, private_role, role_backends
-from test_db_outage import admin as pg_admin
 
 from mppool import TimeOut
 from mppool.queuepool import Pool
@@ -279,7 +278,6 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
     tl = Timeline()
     attempts: list[float] = []  # when each open() was tried (test clock)
     told: list[float] = []
-    fails: list[float] = []  # how long each failed take took, in seconds
 
     class Timed(ConnectionManager):
         def open(self) -> None:
@@ -305,11 +303,7 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
             tl.note(f"pool up: 2 connections as role {role}")
             assert pool.stats()["outage"] is None
 
-            # The outage: the role may no longer connect, and its backends are killed.
-            adm.execute(f'alter role "{role}" connection limit 0')
-            adm.execute("select pg_terminate_backend(pid) from pg_stat_activity "
-                        "where usename = %s", (role,))
-            wait_until(lambda: not role_backends(adm, role), timeout=10, what="backends gone")
+            cut_off(adm, role)
             start = tl.note("outage: CONNECTION LIMIT 0, every pooled backend terminated")
             before = len(attempts)
 
@@ -324,28 +318,10 @@ def test_outage_fails_fast_backs_off_tells_once_and_recovers(postgres_dsn: str) 
             assert s["connections_lost"] == 2, s  # both dead connections caught by check
             assert s["outage"] is not None and "too many connections" in s["outage"]["error"]
 
-            def one_take() -> bool:
-                t = tl.now()
-                try:
-                    pool.take(timeout=10)
-                except psycopg2.OperationalError:
-                    fails.append(tl.now() - t)
-                return bool(told)
-
             # Takes keep failing fast while the pool backs off, until reconnect_failed.
-            wait_until(one_take, timeout=OUTAGE_RECONNECT_TIMEOUT + 10, interval=0.02,
-                       what="reconnect_failed")
-            outage_attempts = attempts[before:]
-            gaps = [y - x for x, y in itertools.pairwise(outage_attempts)]
-            for t in outage_attempts:
-                tl.note("open() attempt: refused", t)
-            tl.note(f"{len(fails)} more takes meanwhile, the slowest failing in "
-                    f"{max(fails) * 1000:.1f} ms, with {len(outage_attempts)} open() attempts")
-            assert len(fails) >= 20
-            assert len(outage_attempts) <= 4, outage_attempts  # no hot loop: 0, ~1, ~2 s
-            assert gaps and all(g >= 0.85 for g in gaps), gaps  # 1 s backoff, 10% jitter
-            assert gaps[0] <= 1.3, gaps
-            assert told[0] - first_fail == pytest.approx(OUTAGE_RECONNECT_TIMEOUT, abs=0.6)
+            outage_attempts = fail_fast_until_told(
+                tl, lambda: pool.take(timeout=10), psycopg2.OperationalError, attempts, before,
+                told, first_fail, OUTAGE_RECONNECT_TIMEOUT, "take", "open()")
             assert pool.stats()["outage"]["attempts"] == len(outage_attempts)
 
             # The limit is lifted: takes are served again once the next attempt is due.
