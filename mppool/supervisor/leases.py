@@ -185,8 +185,13 @@ class LeaseLoop(Requests):
             if self.pending:
                 timeout = 0.0  # callbacks queued by the loop itself: no sleeping on them
             elif timers:
-                timeout = timers[0][0] - now()
-                timeout = 0.0 if timeout < 0.0 else MAX_POLL if timeout > MAX_POLL else timeout
+                # A timer whose purpose is gone (a handshake done, a waiter served) goes now,
+                # not at its deadline: until then every turn would read the clock twice.
+                while timers and _spent(timers[0]):
+                    heapq.heappop(timers)
+                if timers:
+                    timeout = timers[0][0] - now()
+                    timeout = 0.0 if timeout < 0.0 else MAX_POLL if timeout > MAX_POLL else timeout
             for fd, mask in poll(timeout, len(fds) + 2):
                 conn = fds.get(fd)
                 if conn is not None:
