@@ -65,17 +65,21 @@ ACCEPT_BACKOFF = 0.1
 class _Poller:
     """epoll where there is one (Linux), poll elsewhere (macOS); timeouts in seconds."""
 
+    poll: Callable[[float | None, int], list[tuple[int, int]]]  # (timeout, max events)
+
     def __init__(self) -> None:
         self._epoll = hasattr(select, "epoll")
-        self._p: Any = select.epoll() if self._epoll else select.poll()
-        self.register = self._p.register
-        self.modify = self._p.modify
-        self.unregister = self._p.unregister
+        p: Any = select.epoll() if self._epoll else select.poll()
+        self._p = p
+        self.register = p.register
+        self.modify = p.modify
+        self.unregister = p.unregister
+        # epoll takes seconds (None: for ever) as they come: its own method, no Python frame
+        # per turn. maxevents matters: by default epoll allocates a FD_SETSIZE-long array per
+        # call.
+        self.poll = p.poll if self._epoll else self._poll_ms
 
-    def poll(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
-        if self._epoll:
-            # maxevents matters: by default epoll allocates a FD_SETSIZE-long array per call.
-            return self._p.poll(-1 if timeout is None else timeout, nfds)
+    def _poll_ms(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
         return self._p.poll(None if timeout is None else timeout * 1000)
 
     def close(self) -> None:
