@@ -250,7 +250,7 @@ class FastRegion:
         stuck_owner(self)
         self.check()
         if self.closed and not self.owed and not any(self.parked):
-            regions_of(self.loop).pop(self.rec.id, None)
+            self.loop.fast_regions.pop(self.rec.id, None)
             self.close()
 
     def pull_back(self, closed: bool, why: str = "") -> None:
@@ -507,11 +507,3 @@ class FastRegion:
             os.close(self.fd)
         except OSError:
             pass
-
-def regions_of(loop: Any) -> dict[int, FastRegion]:
-    """The lease loop's regions by pool id (kept after a pool is dropped, so that tokens
-    given back while it shuts down still reach it)."""
-    regions: dict[int, FastRegion] | None = loop.__dict__.get("fast_regions")
-    if regions is None:
-        regions = loop.__dict__.setdefault("fast_regions", {})
-    return regions

@@ -51,6 +51,7 @@ from .requests import Requests
 
 if TYPE_CHECKING:
     from .core import Supervisor
+    from .fastregion import FastRegion
 
 log = logging.getLogger("mppool")
 
@@ -93,6 +94,9 @@ class LeaseLoop(Requests):
                  handshake_timeout: float = P.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         self.sup = sup
         self.records = sup.by_id  # pool id -> Record (the same dict, read on the hot path)
+        # The fast path's regions by pool id (fastregion.py), kept after a pool is dropped so
+        # that tokens given back while it shuts down still reach it.
+        self.fast_regions: dict[int, FastRegion] = {}
         self.authkey = authkey
         self.max_message = max_message
         self.max_unread = max_unread

@@ -27,7 +27,6 @@ from ..pool import CREATE, Entry
 from ..remote import is_plain
 from .conn import Conn, RemoteWaiter
 from .fastmap import serve_fastmap
-from .fastregion import regions_of
 
 if TYPE_CHECKING:
     from .registry import Record
@@ -66,11 +65,11 @@ class Requests(_Loop):
         elif isinstance(msg, P.Bye):
             conn.bye = True  # its EOF, next, is a clean exit: leases still held are logged at INFO
         elif isinstance(msg, P.FastPoke):
-            region = regions_of(self).get(msg.pool_id)  # a pool shutting down too
+            region = self.fast_regions.get(msg.pool_id)  # a pool shutting down too
             if region is not None:
                 region.settle()
         elif isinstance(msg, P.FastGive):
-            region = regions_of(self).get(msg.pool_id)
+            region = self.fast_regions.get(msg.pool_id)
             if region is not None:
                 region.give(conn.id, msg.slot, msg.gen)
         elif isinstance(msg, P.FastMap):
