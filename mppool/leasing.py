@@ -87,7 +87,7 @@ class Leasing(PoolState):
         return got
 
     def _acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
-                *args: Any) -> Entry | _Create | Any | None:
+                 args: tuple[Any, ...] = ()) -> Entry | _Create | Any | None:
         """The one decision of every get, for in-process and remote callers alike.
 
         Returns an idle entry now leased to ``holder`` (run `_hand_out` on it), ``CREATE`` (a
@@ -97,6 +97,9 @@ class Leasing(PoolState):
         available and no waiter was asked for. Newcomers never barge past queued waiters.
         An idle entry must pass `_verify` before it is handed out. TooManyRequests: the
         queue holds ``max_waiting`` gets already.
+
+        ``args`` is a tuple, not ``*args``: CPython 3.11 calls a function with ``*args`` the
+        slow way (a C-level frame of its own), and this runs for every get.
         """
         refused = None
         with self._lock:

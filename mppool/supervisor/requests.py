@@ -106,13 +106,14 @@ class Requests(_Loop):
             return  # a retry for a client that left meanwhile
         pool = rec.pool
         if timeout is None:
-            timeout = pool.timeout
+            timeout = rec.timeout
         fast = rec.fast
         if fast is not None:  # the region goes slow; its FREE tokens back to the Pool
             fast.on_get(conn.id)
         try:
             # One decision; a waiter is made only if the get must queue.
-            got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
+            got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter,
+                                (conn, rid, rec))
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
