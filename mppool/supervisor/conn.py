@@ -82,19 +82,30 @@ class Conn:
             if self.wbuf:
                 self.wbuf += data
                 if len(self.wbuf) > self.loop.max_unread:
-                    self.loop.call_soon(lambda: self.loop.close(
-                        self, f"it left more than {self.loop.max_unread} bytes of replies unread"))
+                    self._close_soon(f"it left more than {self.loop.max_unread} bytes of "
+                                     "replies unread")
                 return
             try:
                 n = self.sock.send(data)
             except BlockingIOError:
                 n = 0
             except OSError:
-                self.loop.call_soon(lambda: self.loop.close(self))
+                self._close_soon()
                 return
             if n < len(data):
                 self.wbuf += data[n:]
-                self.loop.call_soon(lambda: self.loop.want_write(self))
+                self._write_soon()
+
+    # What send_raw asks of the loop, in methods of their own: a lambda in send_raw would
+    # make ``self`` a cell, created on every send (CPython 3.11).
+
+    def _close_soon(self, why: str | None = None) -> None:
+        loop = self.loop
+        loop.call_soon(lambda: loop.close(self, why))
+
+    def _write_soon(self) -> None:
+        loop = self.loop
+        loop.call_soon(lambda: loop.want_write(self))
 
     def fail(self, rid: int, exc: BaseException) -> None:
         self.send_raw(P.encode_reply(rid, P.ERR, PackedException(exc)))
