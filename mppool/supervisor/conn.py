@@ -1,6 +1,6 @@
 """One client connection as the lease loop sees it, and a get it has queued in a pool.
 
-A ``Conn`` is a client process: its socket, its read buffer (a `protocol.FrameReader` capped
+A ``Conn`` is a client process: its socket, its read buffer (a `protocol.RequestReader` capped
 at 4 KiB until the key is proved, ``max_message`` after), its unread replies (capped at
 ``max_unread``: past that the client is cut off), its holder (pid and start time, from the
 kernel on unix sockets) and the proxied sub-objects (cursors) it holds. ``send_raw`` may be
@@ -60,7 +60,7 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.id = cid
-        self.reader = P.FrameReader(P.MAX_HANDSHAKE)
+        self.reader = P.RequestReader(P.MAX_HANDSHAKE)
         self.wbuf = bytearray()
         self.wlock = threading.Lock()
         self.closed = False

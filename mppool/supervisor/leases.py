@@ -43,7 +43,7 @@ from .. import protocol as P
 from ..clock import Clock
 from ..errors import TimeOut
 from ..holder import peer_holder
-from ..protocol import KIND_DISCARD, KIND_GET, KIND_PUT, parse_get, parse_put
+from ..protocol import KIND_DISCARD, KIND_GET
 from ..ratelog import RateLimitedLog
 from .acceptor import FdReserve
 from .conn import Conn, RemoteWaiter
@@ -292,19 +292,20 @@ class LeaseLoop(Requests):
                 if conn.closed:
                     return
                 del frames[0]
-            for payload in frames:
-                kind = payload[0] if payload else 0
+            for msg in frames:
                 try:
-                    # The two messages of every lease cycle, decoded in place.
+                    # The two messages of every lease cycle come decoded by the reader, as
+                    # tuples (protocol.RequestReader); anything else is a payload.
                     # No *args: a call with a star goes the slow way through the interpreter.
-                    if kind == KIND_GET:
-                        rid, pool_id, timeout = parse_get(payload)
-                        self.get(conn, rid, pool_id, timeout)
-                    elif kind in (KIND_PUT, KIND_DISCARD):
-                        pool_id, lease, discard = parse_put(payload)
-                        self.put(conn, pool_id, lease, discard)
+                    if type(msg) is tuple:
+                        if msg[0] == KIND_GET:
+                            timeout = msg[3]
+                            self.get(conn, msg[1], msg[2],
+                                     None if timeout == P.POOL_TIMEOUT else timeout)
+                        else:
+                            self.put(conn, msg[1], msg[2], msg[0] == KIND_DISCARD)
                     else:
-                        self.dispatch(conn, P.decode_request(payload))
+                        self.dispatch(conn, P.decode_request(msg))
                 except P.ProtocolError:
                     raise
                 except Exception:
