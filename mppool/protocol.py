@@ -60,6 +60,8 @@ POOL_TIMEOUT = -1.0  # a get's timeout on the wire for "the pool's own"
 _GET = struct.Struct("!BIId")
 _PUT = struct.Struct("!BIQ")
 _OK = struct.Struct("!IBIQ")  # the frame header and b"O" rid lease, packed at once
+_GET_FRAME = struct.Struct("!IBIId")  # the frame header and a get, packed at once
+_PUT_FRAME = struct.Struct("!IBIQ")  # the frame header and a put, packed at once
 _OK_BODY = struct.Struct("!IQ")
 _POKE = struct.Struct("!BI")  # b"K" pool_id: FastPoke, a fixed struct (it comes per put)
 _GIVE = struct.Struct("!BIIQ")  # b"k" pool_id slot generation: FastGive
@@ -72,6 +74,7 @@ _GRANTED_BLOB = HEADER_SIZE + 1 + _OK_BODY_SIZE  # where a whole Granted frame's
 # Bound methods of the hot structs, looked up once.
 _unpack_header, _unpack_get, _unpack_put = HEADER.unpack_from, _GET.unpack_from, _PUT.unpack_from
 _unpack_ok_body = _OK_BODY.unpack_from
+_pack_get_frame, _pack_put_frame = _GET_FRAME.pack, _PUT_FRAME.pack
 MAX_RID = 0xFFFFFFFF
 
 # Operations of the pickled requests, and statuses of the pickled replies.
@@ -373,12 +376,12 @@ def frame(payload: bytes) -> bytes:
 
 
 def encode_get(rid: int, pool_id: int, timeout: float | None) -> bytes:
-    return HEADER.pack(GET_SIZE) + _GET.pack(KIND_GET, rid, pool_id,
-                                             -1.0 if timeout is None else timeout)
+    return _pack_get_frame(GET_SIZE, KIND_GET, rid, pool_id,
+                           POOL_TIMEOUT if timeout is None else timeout)
 
 
 def encode_put(pool_id: int, lease: int, discard: bool = False) -> bytes:
-    return HEADER.pack(PUT_SIZE) + _PUT.pack(KIND_DISCARD if discard else KIND_PUT, pool_id, lease)
+    return _pack_put_frame(PUT_SIZE, KIND_DISCARD if discard else KIND_PUT, pool_id, lease)
 
 
 def encode_call(rid: int, pool_id: int, lease: int, ref: int, name: str,
