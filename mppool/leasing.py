@@ -30,11 +30,11 @@ log = logging.getLogger("mppool")
 class Leasing(PoolState):
     """Gets and returns at the lease level (see the module docstring)."""
 
-    def _fast_return(self, lease: int) -> bool:
-        """Under the lock: return a lease in place if nothing needs doing (no hook to run,
-        nothing to recycle or recall, no waiter to hand it to); False means the general
-        path must handle it."""
-        entry = self._using.get(lease)
+    def _fast_return(self, entry: Entry | None) -> bool:
+        """Under the lock: return a lent entry (``self._using.get(lease)``, looked up by the
+        caller, which needs it too) in place if nothing needs doing (no hook to run, nothing
+        to recycle or recall, no waiter to hand it to); False means the general path must
+        handle it."""
         if (entry is None or self._retter is not None or self._waiters or self._shutdown
                 or self._recall_n or (self._max_use and entry.uses >= self._max_use)
                 or (self._max_size and self._total() > self._max_size)):
@@ -42,7 +42,7 @@ class Leasing(PoolState):
         now = self._now()
         if entry.expires and now >= entry.expires:
             return False
-        del self._using[lease]
+        del self._using[entry.lease]
         self._counts["nreturns"] += 1
         self._counts["usage_s"] += now - entry.last_get
         entry.holder = None
@@ -225,7 +225,7 @@ class Leasing(PoolState):
             if entry is not None and holder is not None and entry.holder is not holder \
                     and entry.holder != holder:
                 return False  # somebody else's lease: the remote caller logs the refusal
-            if not discard and self._fast_return(lease):
+            if not discard and self._fast_return(entry):
                 return True
         if entry is None:
             if holder is not None:
