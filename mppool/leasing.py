@@ -35,9 +35,11 @@ class Leasing(PoolState):
         caller, which needs it too) in place if nothing needs doing (no hook to run, nothing
         to recycle or recall, no waiter to hand it to); False means the general path must
         handle it."""
+        # self._total(), inline: a bounded pool's every return reads it.
         if (entry is None or self._retter is not None or self._waiters or self._shutdown
                 or self._recall_n or (self._max_use and entry.uses >= self._max_use)
-                or (self._max_size and self._total() > self._max_size)):
+                or (self._max_size and len(self._avail) + len(self._using) + self._ncreating
+                    + self._nchecking > self._max_size)):
             return False
         now = self._now()
         if entry.expires and now >= entry.expires:
