@@ -87,7 +87,7 @@ class Channel:
         self._late: dict[int, Callable[[Any], None]] = {}
         self._drain_lock = threading.Lock()
         self._draining = False
-        self._reader = P.FrameReader(MAX_REPLY)
+        self._reader = P.ReplyReader(MAX_REPLY)
         self._frames: list[Any] = []
         self._rids = itertools.count(1)
         self._broken: str | None = None
@@ -206,7 +206,9 @@ class Channel:
                     if not frames:
                         continue  # part of a frame: read on
                 # A frame (bytes, or a view of immutable bytes) stays valid after the next feed.
-                reply = P.decode_reply(frames.pop(0))
+                reply = frames.pop(0)
+                if type(reply) is not P.Granted:  # a grant comes decoded (ReplyReader)
+                    reply = P.decode_reply(reply)
                 other = pending.pop(reply.rid, None)
                 if other is not None:
                     other.reply = reply

@@ -30,19 +30,21 @@ log = logging.getLogger("mppool")
 class Leasing(PoolState):
     """Gets and returns at the lease level (see the module docstring)."""
 
-    def _fast_return(self, lease: int) -> bool:
-        """Under the lock: return a lease in place if nothing needs doing (no hook to run,
-        nothing to recycle or recall, no waiter to hand it to); False means the general
-        path must handle it."""
-        entry = self._using.get(lease)
+    def _fast_return(self, entry: Entry | None) -> bool:
+        """Under the lock: return a lent entry (``self._using.get(lease)``, looked up by the
+        caller, which needs it too) in place if nothing needs doing (no hook to run, nothing
+        to recycle or recall, no waiter to hand it to); False means the general path must
+        handle it."""
+        # self._total(), inline: a bounded pool's every return reads it.
         if (entry is None or self._retter is not None or self._waiters or self._shutdown
                 or self._recall_n or (self._max_use and entry.uses >= self._max_use)
-                or (self._max_size and self._total() > self._max_size)):
+                or (self._max_size and len(self._avail) + len(self._using) + self._ncreating
+                    + self._nchecking > self._max_size)):
             return False
         now = self._now()
         if entry.expires and now >= entry.expires:
             return False
-        del self._using[lease]
+        del self._using[entry.lease]
         self._counts["nreturns"] += 1
         self._counts["usage_s"] += now - entry.last_get
         entry.holder = None
@@ -87,7 +89,7 @@ class Leasing(PoolState):
         return got
 
     def _acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
-                *args: Any) -> Entry | _Create | Any | None:
+                 args: tuple[Any, ...] = ()) -> Entry | _Create | Any | None:
         """The one decision of every get, for in-process and remote callers alike.
 
         Returns an idle entry now leased to ``holder`` (run `_hand_out` on it), ``CREATE`` (a
@@ -97,6 +99,9 @@ class Leasing(PoolState):
         available and no waiter was asked for. Newcomers never barge past queued waiters.
         An idle entry must pass `_verify` before it is handed out. TooManyRequests: the
         queue holds ``max_waiting`` gets already.
+
+        ``args`` is a tuple, not ``*args``: CPython 3.11 calls a function with ``*args`` the
+        slow way (a C-level frame of its own), and this runs for every get.
         """
         refused = None
         with self._lock:
@@ -222,7 +227,7 @@ class Leasing(PoolState):
             if entry is not None and holder is not None and entry.holder is not holder \
                     and entry.holder != holder:
                 return False  # somebody else's lease: the remote caller logs the refusal
-            if not discard and self._fast_return(lease):
+            if not discard and self._fast_return(entry):
                 return True
         if entry is None:
             if holder is not None:

@@ -315,7 +315,7 @@ class Pool(Leasing, Housekeeping, Budgeted, Checking, Reconnecting, ProxyPattern
         """
         with self._lock:
             lease = self._by_obj.take(obj)
-            if not discard and self._fast_return(lease):
+            if not discard and self._fast_return(self._using.get(lease)):
                 return
         if not lease:
             log.warning("mppool: pool %r: ret() of an object it does not lend: %.80s",

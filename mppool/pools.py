@@ -39,7 +39,7 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, SupportsIndex, TypeVar
 
 from .clock import REAL_CLOCK
 from .errors import TimeOut
@@ -332,6 +332,13 @@ class Token:
 
     def __repr__(self) -> str:
         return f"token #{self.number}" if self.number is not None else f"<Token {id(self):#x}>"
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        # Unpickled by every get of a shared token pool: a call with the number costs less
+        # than the default, which rebuilds the instance's __dict__ from a pickled dict.
+        if type(self) is Token:
+            return Token, (self.number,)
+        return super().__reduce_ex__(protocol)
 
 
 class TokenPool(Pool[Token]):

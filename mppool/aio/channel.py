@@ -139,7 +139,7 @@ class AsyncChannel:
     # ------------------------------------------------------------------ the reader task
 
     async def _read_loop(self) -> None:
-        frames = P.FrameReader(MAX_REPLY)
+        frames = P.ReplyReader(MAX_REPLY)
         pending = self._pending
         why = "supervisor connection lost: closed"
         try:
@@ -147,8 +147,9 @@ class AsyncChannel:
                 data = await self._reader.read(P.RECV_SIZE)
                 if not data:
                     break
-                for payload in frames.feed(data):
-                    reply = P.decode_reply(payload)
+                for reply in frames.feed(data):
+                    if type(reply) is not P.Granted:  # a grant comes decoded (ReplyReader)
+                        reply = P.decode_reply(reply)
                     entry = pending.pop(reply.rid, None)
                     if entry is None:
                         continue

@@ -88,7 +88,7 @@ class ClusterTokens:
         return None
 
     def _acquire(self, holder: Holder, waiter: Callable[..., Any] | None = None,
-                *args: Any) -> Any:
+                 args: tuple[Any, ...] = ()) -> Any:
         """Every get queues a waiter; its ticket goes to Redis on the agent's thread."""
         if self._shutdown:
             raise PoolClosed(f"pool {self.name!r} is shutting down")

@@ -1,6 +1,6 @@
 """One client connection as the lease loop sees it, and a get it has queued in a pool.
 
-A ``Conn`` is a client process: its socket, its read buffer (a `protocol.FrameReader` capped
+A ``Conn`` is a client process: its socket, its read buffer (a `protocol.RequestReader` capped
 at 4 KiB until the key is proved, ``max_message`` after), its unread replies (capped at
 ``max_unread``: past that the client is cut off), its holder (pid and start time, from the
 kernel on unix sockets) and the proxied sub-objects (cursors) it holds. ``send_raw`` may be
@@ -60,7 +60,7 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.id = cid
-        self.reader = P.FrameReader(P.MAX_HANDSHAKE)
+        self.reader = P.RequestReader(P.MAX_HANDSHAKE)
         self.wbuf = bytearray()
         self.wlock = threading.Lock()
         self.closed = False
@@ -82,19 +82,30 @@ class Conn:
             if self.wbuf:
                 self.wbuf += data
                 if len(self.wbuf) > self.loop.max_unread:
-                    self.loop.call_soon(lambda: self.loop.close(
-                        self, f"it left more than {self.loop.max_unread} bytes of replies unread"))
+                    self._close_soon(f"it left more than {self.loop.max_unread} bytes of "
+                                     "replies unread")
                 return
             try:
                 n = self.sock.send(data)
             except BlockingIOError:
                 n = 0
             except OSError:
-                self.loop.call_soon(lambda: self.loop.close(self))
+                self._close_soon()
                 return
             if n < len(data):
                 self.wbuf += data[n:]
-                self.loop.call_soon(lambda: self.loop.want_write(self))
+                self._write_soon()
+
+    # What send_raw asks of the loop, in methods of their own: a lambda in send_raw would
+    # make ``self`` a cell, created on every send (CPython 3.11).
+
+    def _close_soon(self, why: str | None = None) -> None:
+        loop = self.loop
+        loop.call_soon(lambda: loop.close(self, why))
+
+    def _write_soon(self) -> None:
+        loop = self.loop
+        loop.call_soon(lambda: loop.want_write(self))
 
     def fail(self, rid: int, exc: BaseException) -> None:
         self.send_raw(P.encode_reply(rid, P.ERR, PackedException(exc)))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as P
 from .. import shm
 from ..remote import PackedException
-from .fastregion import FastRegion, refusal, regions_of
+from .fastregion import FastRegion, refusal
 
 if TYPE_CHECKING:
     from .leases import LeaseLoop
@@ -44,7 +44,7 @@ def serve_fastmap(loop: LeaseLoop, conn: Any, msg: Any) -> None:
         except (shm.Unavailable, OSError, ValueError) as exc:
             why = f"no shared memory here: {exc}"
         else:
-            regions_of(loop)[rec.id] = rec.fast
+            loop.fast_regions[rec.id] = rec.fast
     if why is not None or rec is None:
         conn.send_raw(P.encode_reply(msg.rid, P.ERR, PackedException(ValueError(why))))
         return

@@ -38,6 +38,8 @@ enters or leaves the region only through the Pool's ``_acquire``/``_checkin``.
 - **Shutdown, resize, pause** switch the region to CLOSED while they apply (every get and
   put through the supervisor, FREE slots pulled back), so the core Pool's own behaviour
   applies unchanged. The console's ``kill_holder`` frees the fast slots of the pid it names.
+- **Parking** (`fastpark`): the Pool's idle tokens leased to the region as FREE slots when
+  nobody waits, and taken back (`fastpark.unpark_locked`) for a get, a slow mode, a close.
 - **Lease ages** (`fastages`): ``max_using_delay`` and ``max_using_delay_kill`` apply to fast
   leases, read from the slots; the core Pool does not age the region's own leases.
 - **Not here**: pools with ``max_use``, ``max_lifetime`` or ``burst_limit`` keep the normal
@@ -73,10 +75,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import shm
-from ..errors import PoolClosed
 from ..holder import HOSTNAME, REGION_CONN, Holder, process_start
-from ..pool import CREATE, Entry
-from . import fastages, fastviews
+from . import fastages, fastpark, fastviews
 from .fastrepair import repair, stuck_owner
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class FastRegion:
         """After a get, a put or a poke: RETURNED slots to the Pool; back to fast mode when
         nobody waits and nothing is on its way."""
         with self.lock:
-            if self._quiet() and not self._may_park():
+            if self._quiet() and not fastpark.may_park(self):
                 return  # nothing given back, nothing to park: no mutex needed
         self.sync()
 
@@ -250,7 +250,7 @@ class FastRegion:
         stuck_owner(self)
         self.check()
         if self.closed and not self.owed and not any(self.parked):
-            regions_of(self.loop).pop(self.rec.id, None)
+            self.loop.fast_regions.pop(self.rec.id, None)
             self.close()
 
     def pull_back(self, closed: bool, why: str = "") -> None:
@@ -293,8 +293,8 @@ class FastRegion:
                 r.unlock()
             self.owed, self.retry = False, RETRY_FIRST
             self._checkin(back)
-            if park and self._may_park():
-                self._park()
+            if park and fastpark.may_park(self):
+                fastpark.park(self, LOOP_WAIT)
         for conn_id, (n, clean) in released.items():
             pid = self.gone_pid.pop(conn_id, "?")
             if clean:  # the words of the normal path's reclaim, so one grep finds both
@@ -321,7 +321,7 @@ class FastRegion:
             # queue and the region goes slow (FIFO from here on).
             need, self.need = self.need, 0
             if not r.flags & shm.WAITERS:
-                back = self._unpark_locked((shm.FREE,), need)
+                back = fastpark.unpark_locked(self, (shm.FREE,), need)
             if len(back) < need or r.flags & shm.WAITERS:
                 self.slow = True
         flags = r.flags & (shm.WAITERS | shm.DIRTY)
@@ -360,72 +360,12 @@ class FastRegion:
         for (slot, conn_id), gen in self.gives.items():
             r.give_locked(slot, gen, conn_id)  # not this holder's any more: nothing changes
         self.gives.clear()
-        back += self._unpark_locked((shm.FREE, shm.RETURNED) if pull_free else (shm.RETURNED,))
+        back += fastpark.unpark_locked(self, (shm.FREE, shm.RETURNED) if pull_free
+                                       else (shm.RETURNED,))
         if self._over_size():
             # Shrunk below what is out: puts must reach the Pool, which closes the extra.
             r.set_flags(r.flags | shm.WAITERS)
         return back, released, killed
-
-    def _may_park(self) -> bool:
-        """Under self.lock: whether `_park` has something to do (leave slow mode, or park an
-        idle token of the Pool beyond those kept for gets on their way)."""
-        r, pool = self.region, self.rec.pool
-        if self.closed or self.off or r.flags & shm.CLOSED or pool.waiting() \
-                or self._over_size():
-            return False
-        # Only when the Pool has a token to park beyond those kept for gets on their way:
-        # slow mode with nothing to park stays on (no lock taken just to turn it off, and
-        # back on by the next get that finds nothing FREE).
-        return pool.free() > self.outstanding() and (bool(r.flags & shm.WAITERS)
-                                                     or self.nparked < len(self.parked))
-
-    def _park(self) -> None:
-        """Under self.lock: lease the Pool's idle tokens to the region, FREE, and leave slow
-        mode, all under the region's mutex (no client sees a half-done park)."""
-        r, pool = self.region, self.rec.pool
-        locked = self._try_lock(LOOP_WAIT)
-        if locked is None:
-            self._owe()
-            return
-        if not locked:  # a dead owner, or a lock set up again: the next sync checks first
-            r.set_flags(r.flags | shm.DIRTY)
-            r.unlock()
-            self._owe()
-            return
-        try:
-            if r.flags & (shm.CLOSED | shm.DIRTY):
-                return
-            # Gets counted on their way keep a token each in the Pool, where no fast get can
-            # take it: they are served when they arrive, and nobody overtakes them.
-            keep = self.outstanding()
-            parked, i = self.parked, -1
-            while True:
-                # A slot free by the supervisor's own record, not by its state byte: a
-                # client may have written ABSENT over a parked token's state, and parking
-                # there would forget that token's Pool lease for good.
-                try:
-                    i = parked.index(0, i + 1)
-                except ValueError:
-                    break
-                if keep and pool.free() <= keep:
-                    break
-                try:
-                    got = pool._acquire(self.holder)
-                    if got is CREATE:  # a token pool's fun is a plain constructor, no hook
-                        got = pool._create_for(self.holder)
-                except PoolClosed:
-                    r.set_flags(r.flags | shm.CLOSED)
-                    return
-                if type(got) is not Entry:
-                    break
-                self.parked[i] = got.lease
-                self.nparked += 1
-                self.nparks += 1
-                self.region.bump(i)
-                r.set_state(i, shm.FREE)
-            r.set_flags(r.flags & ~shm.WAITERS)
-        finally:
-            r.unlock()
 
     def _try_lock(self, wait: float) -> bool | None:
         """Under self.lock: the region's lock within ``wait`` (`shm.Region.try_lock`: True,
@@ -464,24 +404,6 @@ class FastRegion:
                 return
             time.sleep(0.001)
 
-    def _unpark_locked(self, states: tuple[int, ...], most: int = 1 << 30) -> list[int]:
-        """Under both locks: slots in ``states`` (``most`` of them) become ABSENT; their Pool
-        leases, to check in. (Found with the mapping's own search, not a Python loop over
-        every slot: this runs on every get and put in slow mode.)"""
-        r = self.region
-        back: list[int] = []
-        for st in states:
-            i = r.find(st)
-            while i >= 0 and len(back) < most:
-                self.region.bump(i)
-                r.set_state(i, shm.ABSENT)
-                if self.parked[i]:
-                    back.append(self.parked[i])
-                    self.nparked -= 1
-                self.parked[i] = 0
-                i = r.find(st)
-        return back
-
     def _checkin(self, leases: list[int]) -> None:
         self.nunparks += len(leases)
         for lease in leases:
@@ -507,11 +429,3 @@ class FastRegion:
             os.close(self.fd)
         except OSError:
             pass
-
-def regions_of(loop: Any) -> dict[int, FastRegion]:
-    """The lease loop's regions by pool id (kept after a pool is dropped, so that tokens
-    given back while it shuts down still reach it)."""
-    regions: dict[int, FastRegion] | None = loop.__dict__.get("fast_regions")
-    if regions is None:
-        regions = loop.__dict__.setdefault("fast_regions", {})
-    return regions

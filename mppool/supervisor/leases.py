@@ -43,7 +43,7 @@ from .. import protocol as P
 from ..clock import Clock
 from ..errors import TimeOut
 from ..holder import peer_holder
-from ..protocol import KIND_DISCARD, KIND_GET, KIND_PUT, parse_get, parse_put
+from ..protocol import KIND_DISCARD, KIND_GET
 from ..ratelog import RateLimitedLog
 from .acceptor import FdReserve
 from .conn import Conn, RemoteWaiter
@@ -51,6 +51,7 @@ from .requests import Requests
 
 if TYPE_CHECKING:
     from .core import Supervisor
+    from .fastregion import FastRegion
 
 log = logging.getLogger("mppool")
 
@@ -65,17 +66,21 @@ ACCEPT_BACKOFF = 0.1
 class _Poller:
     """epoll where there is one (Linux), poll elsewhere (macOS); timeouts in seconds."""
 
+    poll: Callable[[float | None, int], list[tuple[int, int]]]  # (timeout, max events)
+
     def __init__(self) -> None:
         self._epoll = hasattr(select, "epoll")
-        self._p: Any = select.epoll() if self._epoll else select.poll()
-        self.register = self._p.register
-        self.modify = self._p.modify
-        self.unregister = self._p.unregister
+        p: Any = select.epoll() if self._epoll else select.poll()
+        self._p = p
+        self.register = p.register
+        self.modify = p.modify
+        self.unregister = p.unregister
+        # epoll takes seconds (None: for ever) as they come: its own method, no Python frame
+        # per turn. maxevents matters: by default epoll allocates a FD_SETSIZE-long array per
+        # call.
+        self.poll = p.poll if self._epoll else self._poll_ms
 
-    def poll(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
-        if self._epoll:
-            # maxevents matters: by default epoll allocates a FD_SETSIZE-long array per call.
-            return self._p.poll(-1 if timeout is None else timeout, nfds)
+    def _poll_ms(self, timeout: float | None, nfds: int) -> list[tuple[int, int]]:
         return self._p.poll(None if timeout is None else timeout * 1000)
 
     def close(self) -> None:
@@ -89,6 +94,9 @@ class LeaseLoop(Requests):
                  handshake_timeout: float = P.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         self.sup = sup
         self.records = sup.by_id  # pool id -> Record (the same dict, read on the hot path)
+        # The fast path's regions by pool id (fastregion.py), kept after a pool is dropped so
+        # that tokens given back while it shuts down still reach it.
+        self.fast_regions: dict[int, FastRegion] = {}
         self.authkey = authkey
         self.max_message = max_message
         self.max_unread = max_unread
@@ -185,8 +193,13 @@ class LeaseLoop(Requests):
             if self.pending:
                 timeout = 0.0  # callbacks queued by the loop itself: no sleeping on them
             elif timers:
-                timeout = timers[0][0] - now()
-                timeout = 0.0 if timeout < 0.0 else MAX_POLL if timeout > MAX_POLL else timeout
+                # A timer whose purpose is gone (a handshake done, a waiter served) goes now,
+                # not at its deadline: until then every turn would read the clock twice.
+                while timers and _spent(timers[0]):
+                    heapq.heappop(timers)
+                if timers:
+                    timeout = timers[0][0] - now()
+                    timeout = 0.0 if timeout < 0.0 else MAX_POLL if timeout > MAX_POLL else timeout
             for fd, mask in poll(timeout, len(fds) + 2):
                 conn = fds.get(fd)
                 if conn is not None:
@@ -279,19 +292,20 @@ class LeaseLoop(Requests):
                 if conn.closed:
                     return
                 del frames[0]
-            for payload in frames:
-                kind = payload[0] if payload else 0
+            for msg in frames:
                 try:
-                    # The two messages of every lease cycle, decoded in place.
+                    # The two messages of every lease cycle come decoded by the reader, as
+                    # tuples (protocol.RequestReader); anything else is a payload.
                     # No *args: a call with a star goes the slow way through the interpreter.
-                    if kind == KIND_GET:
-                        rid, pool_id, timeout = parse_get(payload)
-                        self.get(conn, rid, pool_id, timeout)
-                    elif kind in (KIND_PUT, KIND_DISCARD):
-                        pool_id, lease, discard = parse_put(payload)
-                        self.put(conn, pool_id, lease, discard)
+                    if type(msg) is tuple:
+                        if msg[0] == KIND_GET:
+                            timeout = msg[3]
+                            self.get(conn, msg[1], msg[2],
+                                     None if timeout == P.POOL_TIMEOUT else timeout)
+                        else:
+                            self.put(conn, msg[1], msg[2], msg[0] == KIND_DISCARD)
                     else:
-                        self.dispatch(conn, P.decode_request(payload))
+                        self.dispatch(conn, P.decode_request(msg))
                 except P.ProtocolError:
                     raise
                 except Exception:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..counters import COUNTERS, HELP
 from ..shm import HOLD_BUCKETS
-from .fastregion import regions_of
 from .fastviews import fold_metrics
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ class _FastFold:
         self.sup, self.metrics = sup, metrics
 
     def collect(self) -> Iterator[Any]:
-        for region in list(regions_of(self.sup.loop).values()):
+        for region in list(self.sup.loop.fast_regions.values()):
             fold_metrics(region, self.metrics.wait, self.metrics.hold)
         return iter(())
 

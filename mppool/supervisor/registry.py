@@ -64,6 +64,9 @@ class Record:
         self.name = name
         self.id = pool_id  # what the lease channel names the pool by
         self.pool = pool
+        # Fixed at the pool's construction; read here by every get that does not name its
+        # own (a property would cost a Python call each time).
+        self.timeout: float | None = pool.timeout
         self.transfer = transfer
         self.kind = kind
         self.fingerprint = fingerprint

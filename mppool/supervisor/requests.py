@@ -27,7 +27,6 @@ from ..pool import CREATE, Entry
 from ..remote import WithValue, is_plain
 from .conn import Conn, RemoteWaiter
 from .fastmap import serve_fastmap
-from .fastregion import regions_of
 
 if TYPE_CHECKING:
     from .registry import Record
@@ -66,11 +65,11 @@ class Requests(_Loop):
         elif isinstance(msg, P.Bye):
             conn.bye = True  # its EOF, next, is a clean exit: leases still held are logged at INFO
         elif isinstance(msg, P.FastPoke):
-            region = regions_of(self).get(msg.pool_id)  # a pool shutting down too
+            region = self.fast_regions.get(msg.pool_id)  # a pool shutting down too
             if region is not None:
                 region.settle()
         elif isinstance(msg, P.FastGive):
-            region = regions_of(self).get(msg.pool_id)
+            region = self.fast_regions.get(msg.pool_id)
             if region is not None:
                 region.give(conn.id, msg.slot, msg.gen)
         elif isinstance(msg, P.FastMap):
@@ -107,13 +106,14 @@ class Requests(_Loop):
             return  # a retry for a client that left meanwhile
         pool = rec.pool
         if timeout is None:
-            timeout = pool.timeout
+            timeout = rec.timeout
         fast = rec.fast
         if fast is not None:  # the region goes slow; its FREE tokens back to the Pool
             fast.on_get(conn.id)
         try:
             # One decision; a waiter is made only if the get must queue.
-            got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter, conn, rid, rec)
+            got = pool._acquire(conn.holder, None if timeout == 0 else RemoteWaiter,
+                                (conn, rid, rec))
         except PoolClosed:
             conn.fail(rid, PoolClosed(f"pool {rec.name!r} is shutting down"))
             return
@@ -193,8 +193,7 @@ class Requests(_Loop):
                     pool._checkin(entry.lease)
                 return
             if rec.has_check and not pool._verify(entry):
-                left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
-                self.call_soon(lambda: self.get(conn, rid, rec.id, left))
+                self._get_again(conn, rid, rec, deadline)
                 return
         metrics = self.sup.metrics
         if metrics is not None:
@@ -215,7 +214,16 @@ class Requests(_Loop):
             conn.send_raw(P.encode_granted(rid, entry.lease, blob))
         if conn.closed:
             # The connection went away while we were leasing: it never got the object.
-            rec.pool._reclaim(lambda h: h.conn == conn.id)
+            _reclaim_conn(rec, conn)
+
+    # The closures of the rare paths are made in methods of their own: a lambda in a hot
+    # method would make its variables cells, created on every call (CPython 3.11).
+
+    def _get_again(self, conn: Conn, rid: int, rec: Record, deadline: float | None) -> None:
+        """The idle object a get was leased failed its check: the get again, on the loop,
+        with what is left of its time."""
+        left = None if deadline is None else max(0.0, deadline - self.sup.clock.now())
+        self.call_soon(lambda: self.get(conn, rid, rec.id, left))
 
     def put(self, conn: Conn, pool_id: int, lease: int, discard: bool = False) -> None:
         rec = self.records.get(pool_id)
@@ -223,9 +231,7 @@ class Requests(_Loop):
             return
         pool = rec.pool
         if conn.refs:
-            # list(): pool threads add refs (call()) while the loop drops them here.
-            for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
-                del conn.refs[ref]
+            _drop_refs(conn, lease)
         metrics = self.sup.metrics
         if metrics is not None:
             entry = pool._lent(lease, conn.holder)
@@ -297,3 +303,15 @@ class Requests(_Loop):
                     msg.rid, P.REF, (newref, f"{kind.__module__}.{kind.__qualname__}", *extra)))
         except Exception as exc:  # a result that does not pickle: the caller must not hang
             conn.fail(msg.rid, exc)
+
+
+def _reclaim_conn(rec: Record, conn: Conn) -> None:
+    """Take back whatever ``rec``'s pool lent to ``conn``, a connection that is gone."""
+    rec.pool._reclaim(lambda h: h.conn == conn.id)
+
+
+def _drop_refs(conn: Conn, lease: int) -> None:
+    """Forget the proxied sub-objects (cursors) of ``lease``, given back."""
+    # list(): pool threads add refs (call()) while the loop drops them here.
+    for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
+        del conn.refs[ref]

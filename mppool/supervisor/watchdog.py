@@ -27,7 +27,6 @@ from ..clock import Clock, clamp_wait
 from ..holder import Holder
 from ..ratelog import RateLimitedLog
 from ..sched import Scheduler
-from .fastregion import regions_of
 from .registry import Record, Registry
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ class Watchdog:
             rec.pool._drop_waiters(lambda w: getattr(w, "conn", None) is conn)
             if rec.reset is None or rec.submit(self._reclaim, rec, conn) is None:
                 self._reclaim(rec, conn)
-        for region in list(regions_of(self.loop).values()):  # fast leases (fastregion.py)
+        for region in list(self.loop.fast_regions.values()):  # fast leases (fastregion.py)
             region.release(conn.id, conn.bye, conn.holder.pid if conn.holder else None)
 
     def _reclaim(self, rec: Record, conn: Conn) -> None:
@@ -109,7 +108,7 @@ class Watchdog:
         process whose EOF is already on its way is left to the (instant) close path.
         """
         try:
-            for region in list(regions_of(self.loop).values()):  # on the loop's thread
+            for region in list(self.loop.fast_regions.values()):  # on the loop's thread
                 self.loop.call_soon(region.check_soon)
             suspects, self.suspects = self.suspects, set()
             for conn in list(self.loop.conns.values()):

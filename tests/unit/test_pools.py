@@ -7,8 +7,10 @@ having run, these tests wait, with a deadline, until the pool shows it (``waitin
 
 from __future__ import annotations
 
+import copy as copy_module
 import itertools
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -588,6 +590,25 @@ def test_token_pool_hands_out_distinct_tokens() -> None:
     s = pool.stats()
     assert (s["out"], s["available"]) == (0, 4)
     assert pool.free() == 4
+
+
+def test_a_token_pickles_as_a_distinct_token_with_its_number() -> None:
+    """A shared token pool's get unpickles the supervisor's token: same number, new object;
+    a subclass keeps the default pickling, its own attributes included."""
+    for number in (7, None):
+        token = Token(number)
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            copy = pickle.loads(pickle.dumps(token, protocol=protocol))
+            assert type(copy) is Token and copy is not token and copy.number == number
+    assert copy_module.copy(Token(3)).number == 3
+    copy = pickle.loads(pickle.dumps(_Labelled("x")))
+    assert type(copy) is _Labelled and (copy.number, copy.label) == (1, "x")
+
+
+class _Labelled(Token):
+    def __init__(self, label: str) -> None:
+        super().__init__(1)
+        self.label = label
 
 
 def test_token_pool_obj_and_waiting() -> None:

@@ -452,3 +452,81 @@ def test_a_large_frame_in_many_pieces_costs_linear_time() -> None:
     late = statistics.median(_feed_times(32 << 20)[-65:-1])  # not the completing feed
     floor = statistics.median(_append_times(32 << 20)[-64:])
     assert late < 10 * floor + 100e-6, (late, floor)
+
+
+# ------------------------------------------------------------- RequestReader, ReplyReader
+
+
+def _decoded_requests(pieces: list[bytes]) -> list[Any]:
+    """What the supervisor's reader hands over for ``pieces``, a payload copied to bytes."""
+    reader = P.RequestReader(1 << 20)
+    out: list[Any] = []
+    for piece in pieces:
+        out.extend(m if type(m) is tuple else bytes(m) for m in reader.feed(piece))
+    assert reader.buffered == 0
+    return out
+
+
+def _as_request(item: Any) -> P.Request:
+    """A RequestReader item as the message it stands for (how the lease loop reads it)."""
+    if type(item) is tuple:
+        if item[0] == P.KIND_GET:
+            return P.Get(item[1], item[2], None if item[3] == P.POOL_TIMEOUT else item[3])
+        return P.Put(item[1], item[2], item[0] == P.KIND_DISCARD)
+    return P.decode_request(item)
+
+
+def test_request_reader_decodes_gets_and_puts_as_decode_request_does() -> None:
+    frames = [P.encode_get(1, 2, None), P.encode_get(3, 4, 0.0), P.encode_get(5, 6, 2.5),
+              P.encode_put(7, 8), P.encode_put(9, 10, discard=True), P.encode_ping(11),
+              P.encode_call(12, 1, 13, 0, "m", None, {})]
+    expected = [P.decode_request(f[4:]) for f in frames]
+    stream = b"".join(frames)
+    for size in (1, 3, 7, len(stream)):
+        items = _decoded_requests([stream[i:i + size] for i in range(0, len(stream), size)])
+        assert [_as_request(m) for m in items] == expected, size
+        assert [type(m) is tuple for m in items] == [True] * 5 + [False] * 2, size
+    for frame, want in zip(frames, expected, strict=True):  # one whole frame per feed
+        assert [_as_request(m) for m in _decoded_requests([frame])] == [want]
+
+
+@pytest.mark.parametrize("body", [
+    struct.pack("!BIId", P.KIND_GET, 0, 1, 1.0),  # request id 0
+    struct.pack("!BIId", P.KIND_GET, 1, 1, math.nan),
+    struct.pack("!BIId", P.KIND_GET, 1, 1, -2.0),
+    struct.pack("!BIId", P.KIND_GET, 1, 1, 1.0) + b"x",  # too long
+    struct.pack("!BIQ", P.KIND_PUT, 1, 2)[:-1],  # too short
+    b"H" + bytes(80),  # a hello is never decoded
+])
+def test_request_reader_hands_a_malformed_get_or_put_over_as_it_came(body: bytes) -> None:
+    """Not decoded: decode_request refuses it in its turn, after the frames before it."""
+    for pieces in ([P.frame(body)], [P.encode_ping(1) + P.frame(body)]):
+        items = _decoded_requests(pieces)
+        assert items[-1] == body
+        if body[0] != ord("H"):
+            with pytest.raises(P.ProtocolError):
+                P.decode_request(items[-1])
+
+
+def test_reply_reader_decodes_grants_as_decode_reply_does() -> None:
+    frames = [P.encode_granted(1, 2, b"blob"), P.encode_granted(3, 4, bytes(5000)),
+              P.encode_reply(5, P.OK, 6), P.encode_granted_proxy(7, 8),
+              P.encode_granted(9, 10, b"")]
+    expected = [P.decode_reply(f[4:]) for f in frames]
+    stream = b"".join(frames)
+    for size in (1, 5, 4096, len(stream)):
+        reader = P.ReplyReader(1 << 20)
+        got = []
+        for i in range(0, len(stream), size):
+            for item in reader.feed(stream[i:i + size]):
+                rep = item if type(item) is P.Granted else P.decode_reply(item)
+                if type(rep) is P.Granted and rep.blob is not None:
+                    rep = P.Granted(rep.rid, rep.lease, bytes(rep.blob))
+                got.append(rep)
+        assert got == expected, size
+    for frame, want in zip(frames, expected, strict=True):  # one whole frame per feed
+        (item,) = P.ReplyReader(1 << 20).feed(frame)
+        rep = item if type(item) is P.Granted else P.decode_reply(item)
+        if type(rep) is P.Granted and rep.blob is not None:
+            rep = P.Granted(rep.rid, rep.lease, bytes(rep.blob))
+        assert rep == want
