@@ -66,15 +66,17 @@ _now = time.monotonic
 
 class _Slot(Generic[Conn]):
     """A live connection, the budget token it holds (None without a budget), when it was
-    made and when it was last handed out or returned (`_now`; recall.py reads both)."""
+    made, when it was last handed out or returned (`_now`) and how many times it was handed
+    out (recall.py reads the last three)."""
 
-    __slots__ = ("conn", "created", "stamp", "token")
+    __slots__ = ("conn", "created", "stamp", "token", "uses")
 
     def __init__(self, conn: Conn, token: Any) -> None:
         self.conn = conn
         self.token = token
         self.created = _now()
         self.stamp = 0.0
+        self.uses = 0
 
 
 class _Create:
@@ -265,6 +267,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
                 if (not closed and (fresh or self.check is None)) or await self._usable(
                         slot, closed):
                     self._pcounts["nuses"] += 1
+                    slot.uses += 1
                     slot.stamp = _now()
                     return slot
         except BaseException:
