@@ -53,6 +53,7 @@ class Measures:
     _members: set[int]
     _closed: bool
     _outage: Outage
+    _recalled: int
 
     def _init_measures(self, check: Callable[[Any], Any] | None, check_after: float,
                        max_waiting: int) -> None:
@@ -103,7 +104,8 @@ class Measures:
 
     def stats(self) -> dict[str, Any]:
         """A JSON-compatible snapshot: sizes, options, psycopg_pool's counters (since the
-        last `pop_stats`), and ``outage``: None, or how an outage of ``open()`` stands."""
+        last `pop_stats`), ``outage``: None, or how an outage of ``open()`` stands, and
+        ``recalled``: managers closed for the budget (recall.py) since the pool was made."""
         with self._lock:
             return {"name": str(self.name), "capacity": self.capacity,
                     "managers": len(self._members), "idle": len(self._idle),
@@ -113,7 +115,8 @@ class Measures:
                     "check_after": self._check_after if self._check is not None else None,
                     "reconnect_timeout": self._outage.timeout,
                     "outage": self._outage.describe(self._now()),
-                    "closed": self._closed, **self._report(pop=False)}
+                    "closed": self._closed, "recalled": self._recalled,
+                    **self._report(pop=False)}
 
     def pop_stats(self) -> dict[str, int]:
         """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
