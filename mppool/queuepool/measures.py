@@ -25,6 +25,14 @@ A take of an idle manager takes no lock to be counted: it adds its manager to ``
 atomic set operation), and the put that brings it back, which takes the pool lock anyway,
 counts it (``nuses``) with its ``usage``; the reports add the takes still out. Everything
 else is counted on paths that wait, open or fail anyway.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set when the pool is made (and prometheus_client
+installed), the counters are exported as running totals, which ``pop_stats()`` does not
+reset, under the names of the supervisor's metrics and the label ``pool`` (the pool's
+name): see `mppool.poolmetrics.instrument_counters`. They are written after takes, puts and
+``wait()``, at most every 50 ms (a deferred write brings the last change), and at
+``close()``; read under the pool's lock, never waited for (a busy lock defers the write).
+Otherwise nothing is imported and the class is left as it is.
 """
 
 from __future__ import annotations
@@ -37,9 +45,14 @@ from typing import Any
 
 from .. import counters
 from ..outage import Outage
+from ..poolmetrics import enabled as metrics_enabled
+from ..poolmetrics import instrument_counters
 from ..waiters import Waiter
 
 log = logging.getLogger("mppool")
+
+# After these, the counters are written (they count takes, puts and openings).
+METRICS_AFTER = ("take", "put", "wait")
 
 
 class Measures:
@@ -63,6 +76,27 @@ class Measures:
         self._max_waiting = max_waiting
         self._counts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
         self._out: set[int] = set()  # ids of the managers taken and not put back
+
+    def _export_metrics(self) -> None:
+        """Last in __init__: export the counters if metrics are on (PROMETHEUS_MULTIPROC_DIR)."""
+        if metrics_enabled():
+            instrument_counters(self, str(self.name), METRICS_AFTER, "close")
+
+    def _counter_totals(self) -> dict[str, int] | None:
+        """psycopg_pool's counters as running totals, which pop_stats() does not reset (for
+        Prometheus), the takes still out counted as in `_report`; None if the lock is busy
+        (or held by the caller): it is never waited for, the write that asked is deferred."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            out = len(self._out)
+            self._counts["nuses"] += out
+            try:
+                return counters.totals(self._counts)
+            finally:
+                self._counts["nuses"] -= out
+        finally:
+            self._lock.release()
 
     def _count(self, **deltas: float) -> None:
         with self._lock:

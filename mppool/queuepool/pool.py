@@ -170,6 +170,7 @@ class Pool(Measures, Recall, Lifecycle):
         self._init_recall()
         if open:
             self._start_recall()
+        self._export_metrics()  # PROMETHEUS_MULTIPROC_DIR: see measures.py
 
     def _now(self) -> float:
         return _now()
