@@ -135,7 +135,7 @@ def instrument(pool: Any) -> bool:
     m = _metrics_or_none()
     if m is None:
         return False
-    pool._metrics = _PoolMetrics(pool._name, m)
+    pool._metrics = _PoolMetrics(pool, m)
     pool.__class__ = _instrumented_class(type(pool))
     pool._metrics.refresh(pool)
     return True
@@ -155,14 +155,13 @@ class _Counters:
     """One pool's psycopg_pool counters, written as the running totals grow: at most every
     ``FLUSH_EVERY`` seconds from the calls that count (reading them costs a few microseconds,
     a get a fraction of that), the last change within ``FLUSH_EVERY`` by a deferred write.
-    It holds the pool weakly only (in a deferred write)."""
+    It holds the pool weakly."""
 
-    def __init__(self, name: str, m: _Metrics, defer: Callable[[float, Callable[[], None]], Any]
-                 ) -> None:
+    def __init__(self, pool: Any, name: str, m: _Metrics,
+                 defer: Callable[[float, Callable[[], None]], Any]) -> None:
         self.counters = tuple(c.labels(pool=name) for c in m.counters)
-        # The totals written so far. Kept by a forked child: the parent wrote those (its
-        # copy of the pool starts from them), the child writes what it adds.
-        self.sent = [0] * len(COUNTERS)
+        self.ref = weakref.ref(pool)
+        self.sent = [0] * len(COUNTERS)  # the totals written so far
         self.defer = defer  # defer(delay, fn): fn runs later (a scheduler thread, the loop)
         self.next_at = 0.0  # no write before this (time.monotonic()), unless forced
         self.deferred_at: float | None = None  # when the deferred write scheduled is due
@@ -171,9 +170,14 @@ class _Counters:
 
     def after_fork(self) -> None:
         """In a forked child: a lock held by another thread stays held, and the deferred
-        write is the parent's."""
+        write is the parent's; so are the counts so far (the parent writes them, written or
+        not yet): the child writes only what it adds to its copy of the pool."""
         self.lock = threading.Lock()
         self.next_at, self.deferred_at = 0.0, None
+        pool = self.ref()
+        totals = None if pool is None else pool._counter_totals()
+        if totals is not None:  # None: the pool's lock was held at the fork, the pool is dead
+            self.sent = [totals[k] for k in COUNTERS]
 
     def write_soon(self, pool: Any, force: bool = False) -> None:
         """After a call that may have counted: write now if the last write is old enough
@@ -187,21 +191,19 @@ class _Counters:
                 self.next_at = now + FLUSH_EVERY
                 if self._write(pool):
                     return
-            self._defer(pool, now)
+            self._defer(now)
         except Exception:
             log.debug("mppool: pool %r: metrics not written", _name_of(pool), exc_info=True)
 
-    def _defer(self, pool: Any, now: float) -> None:
+    def _defer(self, now: float) -> None:
         due = self.deferred_at
         if due is not None and now < due + 1.0:  # one is scheduled (and not lost with a loop)
             return
         delay = max(self.next_at - now, 0.001)
         self.deferred_at = now + delay
-        ref = weakref.ref(pool)
-
         def deferred() -> None:
             self.deferred_at = None
-            target = ref()
+            target = self.ref()
             if target is not None:
                 self.write_soon(target, force=True)
 
@@ -266,7 +268,7 @@ def instrument_counters(pool: Any, name: str, after: tuple[str, ...], final: str
     m = _metrics_or_none()
     if m is None:
         return False
-    pool._metrics_counters = _Counters(name, m, _on_loop if in_loop else _on_scheduler)
+    pool._metrics_counters = _Counters(pool, name, m, _on_loop if in_loop else _on_scheduler)
     pool.__class__ = _counting_class(type(pool), after, final)
     pool._metrics_counters.write_soon(pool, force=True)
     return True
@@ -311,11 +313,13 @@ _counting_classes: dict[type, type] = {}
 
 
 class _PoolMetrics:
-    """One pool's labelled metrics. It holds no reference to the pool: the methods of the
-    instrumented class pass it, so a pool dropped by its owner is still shut down at once."""
+    """One pool's labelled metrics. It holds no strong reference to the pool (the methods of
+    the instrumented class pass it; its counters keep a weak one), so a pool dropped by its
+    owner is still shut down at once."""
 
-    def __init__(self, name: str, m: _Metrics) -> None:
-        self.counters = _Counters(name, m, _on_scheduler)
+    def __init__(self, pool: Any, m: _Metrics) -> None:
+        name = pool._name
+        self.counters = _Counters(pool, name, m, _on_scheduler)
         self.wait = m.wait.labels(pool=name)
         self.gauges = (m.objects.labels(pool=name), m.in_use.labels(pool=name),
                        m.idle.labels(pool=name), m.waiting.labels(pool=name),

@@ -453,3 +453,28 @@ def test_the_last_counts_are_written_without_further_calls(tmp_path, kind):
     finally:
         stop_script(proc)
     assert scrape(directory, "burst")["mppool_pool_requests_num_total"] == 5
+
+
+@pytest.mark.slow
+def test_a_forked_child_adds_only_its_own_counts(tmp_path):
+    """A pool carried across fork(): the parent's counts so far (written or still to write,
+    by the parent) are not written again by the child, which writes only what it adds."""
+    assert run_in_worker(str(tmp_path), """
+        import os
+        import mppool
+        p = mppool.Pool(lambda i: object(), max_size=1, min_size=0, name="forked")
+        for _ in range(3):
+            p.ret(p.get())  # the first written at once, the others left to a deferred write
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(2):
+                p.ret(p.get())
+            p.shutdown()  # writes the child's counts at once
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        p.shutdown()
+        print("ok")
+    """) == "ok"
+    c = counters_of(str(tmp_path), "forked")
+    assert c["requests_num"] == 5, c  # 3 + 2, not 3 + 2 + what the parent had not written
