@@ -27,6 +27,10 @@ and reported as whole milliseconds. ``pop_stats()``
 returns them with psycopg_pool's gauges (``pool_min pool_max pool_size pool_available
 requests_waiting``) and sets them back to zero; ``stats()`` shows them too, without resetting.
 ProxyPatternPool's counters (``ncreated``, ``nborrows``...) are never reset.
+
+What a pop takes away is kept apart (``counts["popped"]``, added at `pop`, under the same
+lock), so that `totals` gives running totals since the pool was made, which no pop ever
+lowers: the values Prometheus counters need (poolmetrics.py).
 """
 
 from __future__ import annotations
@@ -69,11 +73,31 @@ def report(counts: dict[str, Any]) -> dict[str, int]:
 
 
 def pop(counts: dict[str, Any]) -> dict[str, int]:
-    """Under the pool lock: the counters as reported, then zero."""
+    """Under the pool lock: the counters as reported, then zero (what they were is added to
+    ``counts["popped"]``, for `totals`)."""
     out = report(counts)
+    popped = counts.get("popped")
+    if popped is None:
+        counts["popped"] = dict(out)
+    else:
+        for k, v in out.items():
+            popped[k] += v
     for k in KEPT:
         counts[k] = 0
     counts["requests_adj"] = -counts["nuses"]
+    return out
+
+
+def totals(counts: dict[str, Any]) -> dict[str, int]:
+    """Under the pool lock: the counters as running totals since the pool was made, which
+    `pop` does not reset (``report`` plus what the pops took away). A total only grows, but
+    for ``requests_num`` between a lease that ``check`` finds broken and the correction
+    (see `report`): a reader keeps the largest value it saw."""
+    out = report(counts)
+    popped = counts.get("popped")
+    if popped is not None:
+        for k, v in popped.items():
+            out[k] += v
     return out
 
 

@@ -74,6 +74,17 @@ class Views(PoolState):
                                       sum(1 for w in self._waiters if not w.done)),
                     **counters.pop(self._counts)}
 
+    def _counter_totals(self) -> dict[str, int] | None:
+        """psycopg_pool's counters as running totals, which pop_stats() does not reset (for
+        Prometheus counters: poolmetrics.py); None if the lock is busy (or held by the
+        caller): the lock is never waited for, the write that asked is deferred."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return counters.totals(self._counts)
+        finally:
+            self._lock.release()
+
     def __str__(self) -> str:
         return json.dumps(self.stats())
 

@@ -14,7 +14,7 @@ import pytest
 import mppool.aio.connection_pool as cp
 from mppool import PoolClosed
 from mppool.aio import ConnectionPool, ConnectionStrategy
-from mppool.budget import RECALL_PATIENCE
+from mppool.budget import RECALL_MIN_USES, RECALL_PATIENCE
 
 DEADLINE = 5.0
 
@@ -598,6 +598,9 @@ def test_busy_connection_goes_back_to_the_budget_at_its_return() -> None:
         a = ConnectionPool(strategy=s, max_size=1, budget=budget)
         b = ConnectionPool(strategy=Strategy(), max_size=1, budget=budget)
         release = asyncio.Event()
+        for _ in range(RECALL_MIN_USES):  # it has paid for its open: due after the patience
+            async with a.get_connection():
+                pass
 
         async def hold() -> None:
             async with a.get_connection():

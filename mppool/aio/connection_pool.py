@@ -24,7 +24,8 @@ as before:
   ``mppool.TooManyRequests`` at once.
 - psycopg_pool's counters (see `mppool.counters`) in ``stats()``, and ``pop_stats()``. A hand-out
   reads the clock once and a return once (for ``usage_ms``); the rest are counted on the slow
-  paths only.
+  paths only. With ``PROMETHEUS_MULTIPROC_DIR`` set, they are exported to Prometheus
+  (measures.py).
 - ``name=``: how errors, logs and ``stats()`` name the pool (psycopg_pool's ``name``).
 - psycopg_pool's lifecycle and reconnect options (`mppool.aio.lifecycle`): ``open=True``
   (False: acquires raise ``PoolClosed`` until ``await pool.open()``), ``await
@@ -48,11 +49,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Generic
 
-from .. import counters
 from ..errors import PoolClosed, TooManyRequests
 from ..outage import REFUSED
 from ..validate import check_callable, check_int, check_period
 from .lifecycle import Lifecycle, ReconnectFailed
+from .measures import Measures
 from .recall import RECALL_PERIOD, Recall
 from .strategy import AsyncBudget, Conn, ConnectionStrategy
 
@@ -66,15 +67,17 @@ _now = time.monotonic
 
 class _Slot(Generic[Conn]):
     """A live connection, the budget token it holds (None without a budget), when it was
-    made and when it was last handed out or returned (`_now`; recall.py reads both)."""
+    made, when it was last handed out or returned (`_now`) and how many times it was handed
+    out (recall.py reads the last three)."""
 
-    __slots__ = ("conn", "created", "stamp", "token")
+    __slots__ = ("conn", "created", "stamp", "token", "uses")
 
     def __init__(self, conn: Conn, token: Any) -> None:
         self.conn = conn
         self.token = token
         self.created = _now()
         self.stamp = 0.0
+        self.uses = 0
 
 
 class _Create:
@@ -105,7 +108,7 @@ class _Available:
         return len(self._idle)
 
 
-class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
+class ConnectionPool(Measures, Lifecycle, Recall, Generic[Conn]):
     """A pool of connections for one event loop at a time, optionally burstable, optionally
     under a budget shared by many processes.
 
@@ -167,11 +170,8 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
         self._waitq: deque[asyncio.Future[Any]] = deque()
         self._init_recall()
         self._background: set[asyncio.Task[Any]] = set()
-        self._counts = dict.fromkeys(
-            ("made", "make_errors", "make_refused", "closed", "close_errors", "stale", "burst_closed",
-             "recalled"), 0)
-        # psycopg_pool's counters as mppool.counters keeps them (nuses: acquires served).
-        self._pcounts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
+        self._init_measures()
+        self._export_metrics()  # PROMETHEUS_MULTIPROC_DIR: see measures.py
 
     # ---------------------------------------------------------------- counters
 
@@ -198,23 +198,6 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
 
     def _now(self) -> float:
         return _now()
-
-    def stats(self) -> dict[str, Any]:
-        """Current counts, totals since the pool was built, psycopg_pool's counters (since
-        the last `pop_stats`), ``outage``: None, or how a creation outage stands, and the
-        pool's ``name``."""
-        return {"name": self.name, "in_use": self.in_use, "idle": len(self._idle),
-                "allocating": self.currently_allocating,
-                "deallocating": self.currently_deallocating, "waiting": self._waiters,
-                **self._counts, **counters.report(self._pcounts),
-                "outage": self._outage.describe(_now())}
-
-    def pop_stats(self) -> dict[str, int]:
-        """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart
-        at 0. ``pool_min`` is 0 (nothing is kept open ahead), ``pool_max`` the limit
-        (``burst_limit`` if given)."""
-        return {**counters.gauges(0, self._limit(), self._total, len(self._idle), self._waiters),
-                **counters.pop(self._pcounts)}
 
     # ---------------------------------------------------------------- getting
 
@@ -265,6 +248,7 @@ class ConnectionPool(Lifecycle, Recall, Generic[Conn]):
                 if (not closed and (fresh or self.check is None)) or await self._usable(
                         slot, closed):
                     self._pcounts["nuses"] += 1
+                    slot.uses += 1
                     slot.stamp = _now()
                     return slot
         except BaseException:

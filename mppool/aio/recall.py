@@ -1,15 +1,18 @@
 """The budget recall of `mppool.aio.ConnectionPool`: when other processes wait for the budget
 its connections hold, connections go back to it, with the core pool's demand-based policy
-and its hysteresis (`mppool.budget`: ``recall_score``, ``plan_recall``, ``RECALL_PATIENCE``),
-so that an idle or busy process cannot starve the others and no connection is churned.
+and its hysteresis (`mppool.budget`: ``recall_wait``, ``plan_recall``, ``RECALL_PATIENCE``,
+``RECALL_MIN_USES``, ``RECALL_MAX_HOLD``, read at each call), so that an idle or busy process
+cannot starve the others and no connection is churned.
 
 - Only demand moves tokens: nothing goes back unless the budget's ``waiting()`` says another
   process waits, and never more connections than there are waiters.
 - An idle connection goes back once it is due: its idle time plus the demand's age (counted
-  from the connection's creation if later) reaches the patience; the longest idle first.
-- The rest of the demand falls on connections in use: each goes back at its return once due,
-  and only if ``waiting()``, asked again at that return, still says somebody waits (the
-  demand the last round saw may have been served since, by another process's recall).
+  from the connection's creation if later) reaches the patience, and it has paid for its
+  open (``RECALL_MIN_USES`` uses, or idle for the patience); the most owed first.
+- The rest of the demand falls on connections in use: each goes back at its return once due
+  (the score, and its uses or ``RECALL_MAX_HOLD`` of demand), and only if ``waiting()``,
+  asked again at that return, still says somebody waits (the demand the last round saw may
+  have been served since, by another process's recall).
 
 A task per pool runs a round every ``RECALL_PERIOD`` seconds (sooner when an idle connection
 falls due), only while the pool holds connections; the next acquire starts it again.
@@ -93,7 +96,7 @@ class Recall:
 
     async def recall(self) -> int:
         """One recall round now: give the idle connections that are due (see
-        `mppool.budget.recall_score`) back to a budget other processes wait for. Returns how
+        `mppool.budget.recall_wait`) back to a budget other processes wait for. Returns how
         many were closed now; connections in use go back at a return once due."""
         return (await self._recall_round())[0]
 
@@ -120,7 +123,8 @@ class Recall:
             self._recall_since = now
         idle = list(self._idle)
         close, later = budget.plan_recall(now, wanted, [(s.stamp, s.created) for s in idle],
-                                          self._recall_since, budget.RECALL_PATIENCE)
+                                          self._recall_since, budget.RECALL_PATIENCE,
+                                          [s.uses for s in idle])
         slots = [idle[i] for i in close]  # the most owed (the longest idle) first
         for slot in slots:
             self._idle.remove(slot)
@@ -136,12 +140,13 @@ class Recall:
 
     async def _recall_wanted(self, slot: Any) -> bool:
         """For a connection coming back while returns are armed (``_recall_n``): True if it
-        is due and somebody still waits for the budget, asked again now (a round trip only
-        on such returns: the demand the last round saw may have been served since)."""
+        is due (`mppool.budget.recall_wait`, as the core pool's ``_recall_due``) and somebody
+        still waits for the budget, asked again now (a round trip only on such returns: the
+        demand the last round saw may have been served since)."""
         since = self._recall_since
-        if since is None or budget.recall_score(self._now(), None, slot.created,
-                                                since) < budget.RECALL_PATIENCE:
-            return False
+        if since is None or budget.recall_wait(self._now(), None, slot.created, since,
+                                               slot.uses, budget.RECALL_PATIENCE) > 0.0:
+            return False  # not due: the score, or its uses (or the max hold), not reached
         try:
             wanted = int(await self.budget.waiting())
         except Exception:

@@ -25,6 +25,14 @@ A take of an idle manager takes no lock to be counted: it adds its manager to ``
 atomic set operation), and the put that brings it back, which takes the pool lock anyway,
 counts it (``nuses``) with its ``usage``; the reports add the takes still out. Everything
 else is counted on paths that wait, open or fail anyway.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set when the pool is made (and prometheus_client
+installed), the counters are exported as running totals, which ``pop_stats()`` does not
+reset, under the names of the supervisor's metrics and the label ``pool`` (the pool's
+name): see `mppool.poolmetrics.instrument_counters`. They are written after takes, puts and
+``wait()``, at most every 50 ms (a deferred write brings the last change), and at
+``close()``; read under the pool's lock, never waited for (a busy lock defers the write).
+Otherwise nothing is imported and the class is left as it is.
 """
 
 from __future__ import annotations
@@ -37,9 +45,14 @@ from typing import Any
 
 from .. import counters
 from ..outage import Outage
+from ..poolmetrics import enabled as metrics_enabled
+from ..poolmetrics import instrument_counters
 from ..waiters import Waiter
 
 log = logging.getLogger("mppool")
+
+# After these, the counters are written (they count takes, puts and openings).
+METRICS_AFTER = ("take", "put", "wait")
 
 
 class Measures:
@@ -53,6 +66,7 @@ class Measures:
     _members: set[int]
     _closed: bool
     _outage: Outage
+    _recalled: int
 
     def _init_measures(self, check: Callable[[Any], Any] | None, check_after: float,
                        max_waiting: int) -> None:
@@ -62,6 +76,27 @@ class Measures:
         self._max_waiting = max_waiting
         self._counts: dict[str, Any] = dict.fromkeys((*counters.KEPT, "nuses"), 0)
         self._out: set[int] = set()  # ids of the managers taken and not put back
+
+    def _export_metrics(self) -> None:
+        """Last in __init__: export the counters if metrics are on (PROMETHEUS_MULTIPROC_DIR)."""
+        if metrics_enabled():
+            instrument_counters(self, str(self.name), METRICS_AFTER, "close")
+
+    def _counter_totals(self) -> dict[str, int] | None:
+        """psycopg_pool's counters as running totals, which pop_stats() does not reset (for
+        Prometheus), the takes still out counted as in `_report`; None if the lock is busy
+        (or held by the caller): it is never waited for, the write that asked is deferred."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            out = len(self._out)
+            self._counts["nuses"] += out
+            try:
+                return counters.totals(self._counts)
+            finally:
+                self._counts["nuses"] -= out
+        finally:
+            self._lock.release()
 
     def _count(self, **deltas: float) -> None:
         with self._lock:
@@ -103,7 +138,8 @@ class Measures:
 
     def stats(self) -> dict[str, Any]:
         """A JSON-compatible snapshot: sizes, options, psycopg_pool's counters (since the
-        last `pop_stats`), and ``outage``: None, or how an outage of ``open()`` stands."""
+        last `pop_stats`), ``outage``: None, or how an outage of ``open()`` stands, and
+        ``recalled``: managers closed for the budget (recall.py) since the pool was made."""
         with self._lock:
             return {"name": str(self.name), "capacity": self.capacity,
                     "managers": len(self._members), "idle": len(self._idle),
@@ -113,7 +149,8 @@ class Measures:
                     "check_after": self._check_after if self._check is not None else None,
                     "reconnect_timeout": self._outage.timeout,
                     "outage": self._outage.describe(self._now()),
-                    "closed": self._closed, **self._report(pop=False)}
+                    "closed": self._closed, "recalled": self._recalled,
+                    **self._report(pop=False)}
 
     def pop_stats(self) -> dict[str, int]:
         """psycopg_pool's gauges and counters (see `mppool.counters`); the counters restart

@@ -14,9 +14,11 @@ Waiters are served first come, first served, and one that timed out never swallo
 manager (the core pool's `mppool.waiters.Waiter` protocol). With ``budget=`` (a shared token
 pool) every *open* manager holds one token, drawn before ``open()`` and given back when it is
 seen closed, whoever closed it (the pool, a repair, the user): so the resources open across
-all processes never exceed the budget. When another process waits for the budget, idle open
-managers are closed (the least recently used first) within ``RECALL_PERIOD``, and managers
-in use at their next put, so that an idle or busy process cannot starve the others.
+all processes never exceed the budget. When another process waits for the budget, open
+managers are closed for it with the core pool's recall policy and hysteresis (recall.py):
+idle ones once due, the longest idle first, ones in use at a put once due, never more than
+the processes waiting; so that an idle or busy process cannot starve the others, without
+reopening a resource at every take.
 
 Differences from queuepool, each so that nothing is lost or blocks for ever: a manager whose
 ``open()`` or repair raised goes back to the pool (closed) before the error propagates;
@@ -45,14 +47,14 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal
 
-from ..budget import RECALL_PERIOD, Budget, check_budget, give_back
+from ..budget import Budget, check_budget, give_back
 from ..errors import PoolClosed, TimeOut, TooManyRequests
 from ..holder import current_holder
-from ..sched import Task, default_scheduler
 from ..validate import check_callable, check_delay, check_duration, check_int, check_period, check_timeout
 from ..waiters import Waiter, withdraw
 from .lifecycle import Lifecycle
 from .measures import Measures
+from .recall import Recall
 
 __all__ = ["Pool", "ResourceManager"]
 
@@ -118,7 +120,7 @@ class ResourceManager:
         return False
 
 
-class Pool(Measures, Lifecycle):
+class Pool(Measures, Recall, Lifecycle):
     """A LIFO pool of the `ResourceManager` objects ``put()`` in it (queuepool's API)."""
 
     def __init__(self, name: str, capacity: int, maxIdleTime: float | None = 300.0,
@@ -165,14 +167,10 @@ class Pool(Measures, Lifecycle):
         self._closed = False
         self._recycler: threading.Thread | None = None
         self._stop = threading.Event()
-        self._recall: Task | None = None
-        self._recall_n = 0  # puts still to close for processes that wait for the budget
+        self._init_recall()
         if open:
             self._start_recall()
-
-    def _start_recall(self) -> None:
-        if self._budget is not None and callable(getattr(self._budget, "waiting", None)):
-            self._recall = default_scheduler().enter(RECALL_PERIOD, _weak_recall(self))
+        self._export_metrics()  # PROMETHEUS_MULTIPROC_DIR: see measures.py
 
     def _now(self) -> float:
         return _now()
@@ -268,11 +266,8 @@ class Pool(Measures, Lifecycle):
         try:
             self._recycle(r)
             r.putRepair()
-            if r._isOpen and self._recall_n > 0:  # demand seen by _recall_tick
-                with self._lock:
-                    recalled, self._recall_n = self._recall_n > 0, max(0, self._recall_n - 1)
-                if recalled:
-                    self._close(r, "another process waits for the budget")
+            if r._isOpen and self._recall_n > 0 and self._recall_wanted(r):  # see recall.py
+                self._close(r, "another process waits for the budget")
         except Exception:
             log.warning("mppool: queuepool %r: repair of %s failed, closing it", self.name, r,
                         exc_info=True)
@@ -332,8 +327,7 @@ class Pool(Measures, Lifecycle):
             waiters, self._waiters = self._waiters, deque()
             for w in waiters:
                 w.set(PoolClosed(f"queuepool {self.name!r} is shutting down"))
-        if self._recall is not None:
-            self._recall.cancel()
+        self._stop_recall()
         for r in idle:
             self._close(r, "the pool is closing")
         with self._lock:
@@ -435,42 +429,6 @@ class Pool(Measures, Lifecycle):
         with self._lock:
             token = self._tokens.pop(id(r), None)
         give_back(self._budget, token, str(self.name))
-
-    def _recall_tick(self) -> None:
-        """Another process waits for the budget: close idle open managers, oldest first,
-        and as many more at their next put as are still wanted."""
-        if self._closed:
-            return
-        try:
-            busy = bool(self._tokens)  # open managers, idle or in use
-            wanted = int(self._budget.waiting()) if busy else 0  # type: ignore[union-attr]
-            with self._lock:
-                victims = [r for r in self._idle if r._isOpen][:max(0, wanted)]
-                self._idle = [r for r in self._idle if all(r is not v for v in victims)]
-                # the rest is taken from managers in use, at their put
-                self._recall_n = max(0, wanted - len(victims))
-            if victims:
-                try:
-                    for r in victims:
-                        self._close(r, "another process waits for the budget")
-                finally:
-                    self._restore(victims)
-        except Exception:
-            log.debug("mppool: queuepool %r: budget recall failed", self.name, exc_info=True)
-        finally:
-            if not self._closed:
-                self._recall = default_scheduler().enter(RECALL_PERIOD, _weak_recall(self))
-
-
-def _weak_recall(pool: Pool) -> Any:
-    ref = weakref.ref(pool)
-
-    def tick() -> None:
-        target = ref()
-        if target is not None:
-            target._recall_tick()
-
-    return tick
 
 
 def _recycler_loop(ref: weakref.ReferenceType[Pool], stop: threading.Event, interval: float) -> None:

@@ -1,7 +1,9 @@
 """mppool.aio.ConnectionPool's budget recall, with the core pool's hysteresis (the pure
-``plan_recall``/``recall_score`` of mppool.budget): connections go back to a budget other
+``plan_recall``/``recall_wait`` of mppool.budget): connections go back to a budget other
 processes wait for only once due, the longest idle first, never more than wanted, and
-connections in use at a return once due if the budget still says somebody waits.
+connections in use at a return once due if the budget still says somebody waits. Due
+counts uses too: a busy connection short of ``RECALL_MIN_USES`` is kept until demand has
+waited ``RECALL_MAX_HOLD``; an idle one goes back after the patience whatever its uses.
 
 The pool's clock is a fake one moved by the tests; rounds are run by the tests
 (``pool.recall()``), the background task being put to sleep for an hour.
@@ -18,10 +20,12 @@ from helpers import ModuleClock, patch_now, run_bounded
 
 import mppool.aio.connection_pool as cp
 import mppool.aio.recall as aio_recall
+from mppool import budget
 from mppool.aio import ConnectionPool, ConnectionStrategy
-from mppool.budget import RECALL_PATIENCE
+from mppool.budget import RECALL_MAX_HOLD, RECALL_MIN_USES, RECALL_PATIENCE
 
 P = RECALL_PATIENCE
+U = RECALL_MIN_USES
 DEADLINE = 5.0
 
 
@@ -83,16 +87,26 @@ def live(s: Strategy) -> list[int]:
     return [c["n"] for c in s.made if not c["closed"]]
 
 
+async def serve(pool: ConnectionPool[dict[str, Any]], n: int) -> None:
+    """``n`` uses, back to back (the clock does not move)."""
+    for _ in range(n):
+        async with pool.get_connection():
+            pass
+
+
 def test_idle_connections_go_back_only_once_due_the_longest_idle_first(
         clock: ModuleClock) -> None:
     async def scenario() -> None:
         pool, s, b = make_pool(2)
+        for _ in range(U):  # both have paid for their opens: only the score counts
+            async with pool.get_connection(), pool.get_connection():
+                pass
         first, second = pool.get_connection(), pool.get_connection()
-        await first.__aenter__()
-        await second.__aenter__()
-        await first.__aexit__(None, None, None)  # connection 0 idle since 100.0
+        one = await first.__aenter__()
+        two = await second.__aenter__()
+        await first.__aexit__(None, None, None)  # idle since 100.0
         clock.t += 0.01
-        await second.__aexit__(None, None, None)  # connection 1 idle since 100.01
+        await second.__aexit__(None, None, None)  # idle since 100.01
         b.wanted = 1
         clock.t += 0.01
         # Idle 0.02 s and 0.01 s, the demand just seen: neither is due.
@@ -101,12 +115,12 @@ def test_idle_connections_go_back_only_once_due_the_longest_idle_first(
         assert n == 0 and later == pytest.approx((P - 0.02) / 2)  # two seconds a second
         clock.t += (P - 0.02) / 2 - 0.001
         assert await pool.recall() == 0 and live(s) == [0, 1], "kept: not due yet"
-        clock.t += 0.002  # connection 0 is due; connection 1, idle 0.01 s less, is not
-        assert await pool.recall() == 1 and live(s) == [1]
+        clock.t += 0.002  # the first is due; the second, idle 0.01 s less, is not
+        assert await pool.recall() == 1 and one["closed"] and not two["closed"]
         assert b.out == 1 and pool.stats()["recalled"] == 1
         clock.t += 1.0  # both would be due now, but one waiter is served: one goes back
         b.wanted = 0
-        assert await pool.recall() == 0 and live(s) == [1]
+        assert await pool.recall() == 0 and not two["closed"]
         await pool.close()
         assert b.out == 0
 
@@ -156,8 +170,7 @@ def test_a_new_connection_gets_the_whole_patience_however_old_the_demand(
         assert live(s) == [0] and pool.stats()["recalled"] == 0, "returned at once: kept"
         clock.t += 3600.0  # the demand is an hour old
         assert await pool.recall() == 1 and live(s) == []
-        async with pool.get_connection():
-            pass  # connection 1, made now
+        await serve(pool, U)  # connection 1, made now, paid for
         clock.t += 0.01
         assert await pool.recall() == 0 and live(s) == [1], "counted from its creation"
         clock.t += P / 2 + 0.001
@@ -167,9 +180,30 @@ def test_a_new_connection_gets_the_whole_patience_however_old_the_demand(
     run(scenario())
 
 
-def test_a_connection_in_use_goes_back_at_a_return_once_due(clock: ModuleClock) -> None:
+def test_an_idle_connection_goes_back_after_the_patience_whatever_its_uses(
+        clock: ModuleClock) -> None:
     async def scenario() -> None:
         pool, s, b = make_pool(1)
+        await serve(pool, 1)  # one use, then its process pauses
+        b.wanted = 1
+        clock.t += P / 2 + 0.001  # the score reached the patience, not its idle time
+        n, later = await pool._recall_round()
+        assert n == 0 and live(s) == [0], "short of uses and idle less than the patience"
+        assert later == pytest.approx(P / 2 - 0.001)
+        clock.t += later - 0.001
+        assert await pool.recall() == 0 and live(s) == [0]
+        clock.t += 0.002  # idle for the patience: its process does not need it
+        assert await pool.recall() == 1 and live(s) == [] and b.out == 0
+        await pool.close()
+
+    run(scenario())
+
+
+def test_a_connection_in_use_goes_back_at_a_return_once_due_and_paid_for(
+        clock: ModuleClock) -> None:
+    async def scenario() -> None:
+        pool, s, b = make_pool(1)
+        await serve(pool, U - 1)  # with the uses below, it has paid for its open
         b.wanted = 1
         async with pool.get_connection():
             assert await pool.recall() == 0
@@ -186,10 +220,57 @@ def test_a_connection_in_use_goes_back_at_a_return_once_due(clock: ModuleClock) 
     run(scenario())
 
 
+def test_a_busy_connection_short_of_uses_is_kept_until_the_max_hold(
+        clock: ModuleClock) -> None:
+    async def scenario() -> None:
+        pool, s, b = make_pool(1)
+        b.wanted = 1
+        cm = pool.get_connection()
+        await cm.__aenter__()  # a new connection, used without a pause
+        assert await pool.recall() == 0 and pool._recall_n == 1
+        seen = clock.t  # the demand and the connection both date from here
+        step = 1.5 * RECALL_MAX_HOLD / U  # too slow to reach its uses within the hold
+        uses = 1
+        while clock.t - seen + step < RECALL_MAX_HOLD:
+            clock.t += step
+            await cm.__aexit__(None, None, None)  # due by the score, not paid for: kept
+            assert live(s) == [0] and pool.stats()["recalled"] == 0, clock.t - seen
+            cm = pool.get_connection()
+            await cm.__aenter__()
+            uses += 1
+        assert uses < U
+        clock.t = seen + RECALL_MAX_HOLD  # demand has waited the max hold: it goes back
+        await cm.__aexit__(None, None, None)
+        assert live(s) == [] and b.out == 0 and pool.stats()["recalled"] == 1
+        await pool.close()
+
+    run(scenario())
+
+
+def test_the_knobs_are_read_at_each_call(clock: ModuleClock,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        pool, s, b = make_pool(1)
+        b.wanted = 1
+        async with pool.get_connection():
+            assert await pool.recall() == 0
+            clock.t += 0.02
+        assert live(s) == [0], "not due with the library's patience"
+        monkeypatch.setattr(budget, "RECALL_PATIENCE", 0.01)
+        monkeypatch.setattr(budget, "RECALL_MIN_USES", 1)
+        async with pool.get_connection():
+            pass
+        assert live(s) == [] and pool.stats()["recalled"] == 1
+        await pool.close()
+
+    run(scenario())
+
+
 def test_a_due_return_keeps_its_connection_if_nobody_waits_any_more(
         clock: ModuleClock) -> None:
     async def scenario() -> None:
         pool, s, b = make_pool(1)
+        await serve(pool, U)  # paid for: due by the score
         b.wanted = 1
         async with pool.get_connection():
             assert await pool.recall() == 0 and pool._recall_n == 1
@@ -206,6 +287,7 @@ def test_a_return_cancelled_while_asking_the_budget_keeps_its_connection(
         clock: ModuleClock) -> None:
     async def scenario() -> None:
         pool, s, b = make_pool(1)
+        await serve(pool, U)  # paid for: due by the score
         b.wanted = 1
         entered = asyncio.Event()
 
