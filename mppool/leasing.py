@@ -219,6 +219,17 @@ class Leasing(PoolState):
                 return None
             return entry
 
+    def _while_lent(self, lease: int, holder: Holder, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` (quick, no user code) under the lock if ``lease`` is lent to ``holder``;
+        False, without running it, if it is not (returned, killed, reclaimed): whatever
+        ``fn`` records then cannot outlive the lease unseen by whoever ends it next."""
+        with self._lock:
+            entry = self._using.get(lease)
+            if entry is None or entry.holder != holder:
+                return False
+            fn()
+            return True
+
     def _checkin(self, lease: int, discard: bool = False, holder: Holder | None = None) -> bool:
         """Return a leased entry; False (and a warning) if the lease is unknown, killed, or
         (``holder`` given) lent to somebody else: a lease is returned only by its holder."""

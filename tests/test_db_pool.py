@@ -27,6 +27,7 @@ from workers import (
     CursorLogDB,
     DummyConnection,
     DummyDBModule,
+    GateDB,
     RaisingDBModule,
     SlowDBModule,
 )
@@ -804,3 +805,35 @@ def test_tpooled_cursor_on_sqlite_behaves_as_sqlite_s(client: Any, db_path: str)
     assert [r for r in conn.cursor().execute("select count(*) from gargleblatz")] == [(2,)]
     pool.put(conn)
     pool.shutdown()
+
+
+# ------------------------------------------------ TpooledConnectionPool's cursors, attacked
+
+
+def test_tpooled_cursor_whose_execute_outlives_its_lease_is_not_the_next_holders(
+        client: Any, tmp_path: Path) -> None:
+    """An execute still running in the supervisor when its connection is returned (another
+    thread returned it) must not hand its caller a cursor on a connection lent to somebody
+    else: the call fails, and the cursor is forgotten there."""
+    log, gate = tmp_path / "cursors.log", tmp_path / "gate"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    conn = pool.get()
+    cur = conn.cursor()
+    runner = Runner()
+    res = runner.start(lambda: cur.execute("gate", str(gate)))
+    try:
+        wait_until(lambda: "waiting" in cursor_log(log), timeout=5, what="the execute to start")
+        pool.put(conn)  # returned while its cursor executes in the supervisor
+        nxt = pool.get(timeout=5)  # the next holder (max_size 1: the same connection)
+        gate.touch()
+        runner.join_all(10)
+        assert isinstance(res.get("error"), mppool.PoolClosed), res
+        with pytest.raises(Exception):  # noqa: B017 - whatever it is, it must not work
+            cur.fetchone()
+        wait_until(lambda: "closed" in cursor_log(log), timeout=5,
+                   what="the orphan cursor to be closed in the supervisor")
+        pool.put(nxt)
+    finally:
+        gate.touch()
+        runner.join_all(10)
+        pool.shutdown()

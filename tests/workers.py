@@ -451,3 +451,37 @@ class CursorLogDB:
 
     def connect(self, log: str, returns: str = "self") -> LoggedConnection:
         return LoggedConnection(log, returns)
+
+
+class GateCursor(LoggedCursor):
+    """A LoggedCursor whose ``execute("gate", path)`` hangs until the file ``path`` exists
+    (at most 10 s: a query the database is slow to answer), and whose ``execute("opaque")``
+    returns an object that does not pickle."""
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        if sql == "gate":
+            self._write(f"waiting {self.n}")
+            deadline = time.monotonic() + 10
+            while not os.path.exists(params) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self._write(f"released {self.n}")
+        if sql == "opaque":
+            self.rows = [(sql, params)]
+            return lambda: None  # not plain data, and no pickle takes it
+        return super().execute(sql, params)
+
+
+class GateConnection(LoggedConnection):
+    def cursor(self, *args: Any, **kwargs: Any) -> GateCursor:
+        if kwargs.get("fail"):
+            raise RuntimeError("cursor() refused")
+        self.made += 1
+        return GateCursor(self.log, self.made, self.returns)
+
+
+class GateDB:
+    """CursorLogDB whose cursors can hang in execute, return what does not pickle, and whose
+    ``cursor(fail=True)`` raises."""
+
+    def connect(self, log: str, returns: str = "self") -> GateConnection:
+        return GateConnection(log, returns)

@@ -66,7 +66,8 @@ class Conn:
         self.closed = False
         self.nonce = P.new_nonce()
         self.holder: Holder | None = None
-        self.refs: dict[int, tuple[int, Any]] = {}  # proxied sub-objects: ref -> (lease, obj)
+        # Proxied sub-objects (cursors): ref -> (lease, obj, its pool; None: a hosted object's).
+        self.refs: dict[int, tuple[int, Any, Any]] = {}
         # Gets queued in a pool, by request id, so that the client may withdraw one (Cancel).
         self.waiters: dict[int, RemoteWaiter] = {}
         self.refused = 0  # puts and calls refused (somebody else's lease)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
 from ..errors import PoolClosed, ServerUnavailable, TimeOut, TooManyRequests, add_hint
-from ..pool import CREATE, Entry
+from ..pool import CREATE, Entry, Pool
 from ..remote import WithValue, is_plain
 from .conn import Conn, RemoteWaiter
 from .fastmap import serve_fastmap
@@ -230,7 +230,7 @@ class Requests(_Loop):
         if rec is None:
             return
         pool = rec.pool
-        if conn.refs:
+        if conn.refs:  # its sub-objects (cursors) are unusable from now on
             _drop_refs(conn, lease)
         metrics = self.sup.metrics
         if metrics is not None:
@@ -242,14 +242,19 @@ class Requests(_Loop):
             if fut is not None:
                 conn.puts_running.add(fut)
                 fut.add_done_callback(conn.puts_running.discard)
-        elif not pool._checkin(lease, discard, conn.holder):
-            self._refused(conn, rec, lease)
+        else:
+            if not pool._checkin(lease, discard, conn.holder):
+                self._refused(conn, rec, lease)
+            if conn.refs:  # a call still running when the put came may have made one since
+                _drop_refs(conn, lease)
         if rec.fast is not None:
             rec.fast.settle()
 
     def _checkin(self, conn: Conn, rec: Record, lease: int, discard: bool) -> None:
         if not rec.pool._checkin(lease, discard, conn.holder):
             self._refused(conn, rec, lease)
+        if conn.refs:  # see put()
+            _drop_refs(conn, lease)
 
     def _refused(self, conn: Conn, rec: Record, lease: int) -> None:
         conn.refused += 1
@@ -271,13 +276,22 @@ class Requests(_Loop):
 
     def _call(self, conn: Conn, msg: P.Call, rec: Record | None = None) -> None:
         """On a pool's thread: a method call or attribute read on a proxied object."""
+        pool: Pool | None = None  # the pool the object belongs to (None: a hosted one)
         try:
             if msg.ref:
-                owner, target = conn.refs[msg.ref]
+                owner, target, pool = conn.refs[msg.ref]
+                # A sub-object (a cursor) is used only while its lease is lent to this
+                # connection: a killed or reclaimed lease leaves its refs behind, and the
+                # object (a DB connection) may be somebody else's by now.
+                if pool is not None and pool._lent(owner, conn.holder) is None:
+                    conn.refs.pop(msg.ref, None)
+                    raise PoolClosed(f"lease {owner} was killed, reclaimed or returned: this "
+                                     "object came from it and is no longer yours")
             elif rec is None:  # an object hosted with client.host(), shared by every process
                 owner, target = 0, self.sup.hosted[msg.lease]
             else:
-                entry = rec.pool._lent(msg.lease, conn.holder)
+                pool = rec.pool
+                entry = pool._lent(msg.lease, conn.holder)
                 if entry is None:
                     raise PoolClosed(f"pool {rec.name!r}: lease {msg.lease} was killed, reclaimed "
                                      "or returned (pool shutting down or object no longer yours)")
@@ -295,14 +309,29 @@ class Requests(_Loop):
         try:
             if not extra and is_plain(value):
                 conn.send_raw(P.encode_reply(msg.rid, P.OK, value))
-            else:
-                newref = next(self.refs)
-                conn.refs[newref] = (owner, value)
-                kind = type(value)
-                conn.send_raw(P.encode_reply(
-                    msg.rid, P.REF, (newref, f"{kind.__module__}.{kind.__qualname__}", *extra)))
+                return
+            newref = next(self.refs)
+            kind = type(value)
+            reply = P.encode_reply(
+                msg.rid, P.REF, (newref, f"{kind.__module__}.{kind.__qualname__}", *extra))
         except Exception as exc:  # a result that does not pickle: the caller must not hang
             conn.fail(msg.rid, exc)
+            return
+
+        def keep() -> None:
+            conn.refs[newref] = (owner, value, pool)
+
+        # Kept only while the lease is this connection's, checked under the pool's lock: a
+        # put (or kill) that came while the call ran ends the lease first and drops its refs
+        # after, so no ref outlives its lease unseen.
+        if pool is None:
+            keep()
+        elif not pool._while_lent(owner, conn.holder, keep):  # type: ignore[arg-type]
+            conn.fail(msg.rid, PoolClosed(
+                f"lease {owner} was returned, killed or reclaimed while the call ran: what it "
+                "returned is no longer yours"))
+            return
+        conn.send_raw(reply)
 
 
 def _reclaim_conn(rec: Record, conn: Conn) -> None:
@@ -313,5 +342,5 @@ def _reclaim_conn(rec: Record, conn: Conn) -> None:
 def _drop_refs(conn: Conn, lease: int) -> None:
     """Forget the proxied sub-objects (cursors) of ``lease``, given back."""
     # list(): pool threads add refs (call()) while the loop drops them here.
-    for ref in [r for r, (ls, _) in list(conn.refs.items()) if ls == lease]:
-        del conn.refs[ref]
+    for ref in [r for r, (ls, _, _) in list(conn.refs.items()) if ls == lease]:
+        conn.refs.pop(ref, None)  # the loop and a pool's thread may both be dropping it
