@@ -10,6 +10,7 @@ helper thread and used by other threads (in the supervisor, by its worker thread
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Runner, fork_ctx, wait_until
+from helpers import RawLease, Runner, fork_ctx, wait_until
 from workers import (
     DUMMY_CLOSED,
     CursorLogDB,
@@ -836,4 +837,220 @@ def test_tpooled_cursor_whose_execute_outlives_its_lease_is_not_the_next_holders
     finally:
         gate.touch()
         runner.join_all(10)
+        pool.shutdown()
+
+
+def _made_and_closed(log: Path) -> tuple[list[str], list[str]]:
+    """The cursors the supervisor made, and those it closed, by number."""
+    words = cursor_log(log)
+    return ([n for w, n in itertools.pairwise(words) if w == "made"],
+            [n for w, n in itertools.pairwise(words) if w == "closed"])
+
+
+def _all_closed(log: Path) -> bool:
+    made, closed = _made_and_closed(log)
+    return sorted(made) == sorted(set(closed)) and len(closed) == len(set(closed))
+
+
+def _books_balance(pool: TpooledConnectionPool, size: int) -> bool:
+    s = pool._pool.stats()
+    return s["nusing"] == 0 and s["navail"] + s["nusing"] <= size and s["nwaiting"] == 0
+
+
+def test_tpooled_execute_with_hostile_arguments_hurts_only_its_caller(
+        client: Any, tmp_path: Path) -> None:
+    """_mppool_execute called through the connection's proxy with what no DeferredCursor
+    sends: each call fails (or runs) for its caller alone, no cursor is left open, and the
+    connection still works."""
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    conn = pool.get()
+    base = conn._base  # the proxy of the served connection
+    try:
+        for cargs, ckwargs, method, exc in [
+                ((), {}, "__class__", TypeError),  # a new cursor with no arguments: refused
+                ((), {}, 5, TypeError),  # not a name
+                ((), {}, "no_such_method", AttributeError),
+                ((), {"fail": True}, "execute", RuntimeError),  # the driver's cursor() raises
+                ((), {"nope": 1}, "execute", TypeError),  # cursor() of the wrong arity
+                (5, {}, "execute", TypeError),  # not a tuple of arguments
+                ((), {}, "close", None),  # runs: a proxy of a closed cursor
+                ((), {}, "__del__", None)]:
+            if exc is None:
+                real, (kind, value) = base._mppool_execute(cargs, ckwargs, method, (), {})
+                assert (kind, value) == ("value", None)
+                assert real.closed is True
+                del real
+            else:
+                with pytest.raises(exc):
+                    base._mppool_execute(cargs, ckwargs, method, ("select 1",), {})
+        big = "x" * (4 << 20)  # a large query travels and comes back in one piece
+        cur = conn.cursor()
+        assert cur.execute(big) is cur and cur.fetchone() == (big, None)
+        cur.close()
+        with conn.cursor() as cur:
+            assert cur.execute("select 1", (2,)).fetchone() == ("select 1", (2,))
+        gc.collect()
+        wait_until(lambda: _all_closed(log), timeout=5, what="every cursor closed there")
+    finally:
+        pool.put(conn)
+    wait_until(lambda: _books_balance(pool, 1), timeout=5, what="the slot back")
+    pool.shutdown()
+
+
+def test_tpooled_execute_refused_after_return_and_from_another_connection(
+        client: Any, tmp_path: Path) -> None:
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    conn = pool.get()
+    base = conn._base
+    lease, pool_id = base._mp_lease, base._mp_pool_id
+    raw = RawLease(client)
+    try:
+        P = raw.P
+        call = ((), {}, "execute", ("pwned",), {})
+        rid = next(raw.rids)
+        raw.send(P.encode_call(rid, pool_id, lease, 0, "_mppool_execute", call, {}))
+        reply = raw.reply()
+        assert reply.status == P.ERR and isinstance(reply.value.unpack(), mppool.PoolClosed)
+        assert cursor_log(log) == []  # nothing ran on the holder's connection
+        pool.put(conn)
+        with pytest.raises(mppool.PoolClosed):  # the holder itself, after the return
+            base._mppool_execute(*call)
+        rid = next(raw.rids)  # and the old lease number, from the other connection
+        raw.send(P.encode_call(rid, pool_id, lease, 0, "_mppool_execute", call, {}))
+        assert raw.reply().status == P.ERR
+        assert cursor_log(log) == []
+    finally:
+        raw.close()
+    nxt = pool.get(timeout=5)
+    with nxt.cursor() as cur:
+        assert cur.execute("mine").fetchone() == ("mine", None)
+    pool.put(nxt)
+    wait_until(lambda: _books_balance(pool, 1), timeout=5, what="the slot back")
+    pool.shutdown()
+
+
+def test_tpooled_executes_that_hang_block_neither_the_loop_nor_other_pools(
+        client: Any, tmp_path: Path) -> None:
+    """A client pipelines more hanging executes than its pool has threads: every other pool
+    and the lease loop keep answering at once, and everything comes back once they end."""
+    from mppool.supervisor.registry import POOL_THREADS
+
+    log, other_log, gate = tmp_path / "cursors.log", tmp_path / "other.log", tmp_path / "gate"
+    stuck = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    other = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(other_log))
+    tokens = client.token_pool("attack-tokens", 1)
+    raw = RawLease(client)
+    try:
+        P = raw.P
+        granted = raw.get(stuck._pool._mp_route()[1], timeout=5)
+        assert isinstance(granted, P.Granted), granted
+        n = POOL_THREADS + 2
+        for _ in range(n):
+            rid = next(raw.rids)
+            raw.send(P.encode_call(rid, stuck._pool._mp_route()[1], granted.lease, 0,
+                                   "_mppool_execute", ((), {}, "execute", ("gate", str(gate)),
+                                                       {}), {}))
+        wait_until(lambda: cursor_log(log).count("waiting") == POOL_THREADS, timeout=5,
+                   what="every thread of the pool stuck in execute")
+        for _ in range(3):
+            t0 = time.monotonic()
+            conn = other.get(timeout=2)
+            with conn.cursor() as cur:
+                assert cur.execute("q").fetchone() == ("q", None)
+            other.put(conn)
+            tok = tokens.get(timeout=2)
+            tokens.ret(tok)
+            assert client.stats()["attack-tokens"]["nusing"] <= 1
+            assert time.monotonic() - t0 < 1.0
+        gate.touch()
+        replies = [raw.reply(timeout=10) for _ in range(n)]
+        assert all(r.status == P.REF for r in replies), replies
+        raw.send(P.encode_put(stuck._pool._mp_route()[1], granted.lease))
+        rid = next(raw.rids)
+        raw.send(P.encode_ping(rid))
+        assert raw.reply().rid == rid
+        wait_until(lambda: _all_closed(log), timeout=5, what="the returned lease's cursors closed")
+    finally:
+        gate.touch()
+        raw.close()
+    wait_until(lambda: _books_balance(stuck, 1), timeout=5, what="the slot back")
+    stuck.shutdown()
+    other.shutdown()
+
+
+def test_tpooled_execute_results_that_do_not_pickle(client: Any, tmp_path: Path) -> None:
+    """A result that is not data arrives as None; one that looks like data but does not
+    pickle fails that execute, and the cursor it made is not kept there."""
+    log = tmp_path / "cursors.log"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log),
+                                 returns="value")
+    conn = pool.get()
+    try:
+        cur = conn.cursor()
+        assert cur.execute("opaque") is None
+        assert cur.fetchone() == ("opaque", None)
+        cur.close()
+        bad = conn.cursor()
+        with pytest.raises(Exception, match="pickle"):
+            bad.execute("plain-opaque")
+        gc.collect()
+        # Closed in the supervisor while this process still holds the connection: its ref
+        # was not kept for a reply that never went out.
+        wait_until(lambda: _all_closed(log), timeout=5, what="the unsent cursor closed there")
+    finally:
+        pool.put(conn)
+    pool.shutdown()
+
+
+def test_a_deferred_cursor_closed_from_many_threads(client: Any, tmp_path: Path) -> None:
+    """close() racing with itself and with every use: each use raises the closed-cursor
+    error, and the supervisor's cursor is closed once, while the connection is still held;
+    an execute that was running when close() came leaves no cursor behind either."""
+    log, gate = tmp_path / "cursors.log", tmp_path / "gate"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    conn = pool.get()
+    runner = Runner()
+    try:
+        cur = conn.cursor()
+        cur.execute("select 1")
+        barrier = threading.Barrier(8)
+
+        def hammer(i: int) -> list[str]:
+            barrier.wait(5)
+            cur.close()
+            errors = []
+            for use in (lambda: cur.execute("x"), lambda: cur.fetchone(), lambda: cur.rowcount,
+                        lambda: setattr(cur, "arraysize", 3), lambda: list(cur)):
+                try:
+                    use()
+                except RuntimeError as exc:  # GateDB has no InterfaceError: RuntimeError
+                    errors.append(str(exc))
+            return errors
+
+        boxes = [runner.start(lambda i=i: hammer(i)) for i in range(8)]
+        runner.join_all(10)
+        for box in boxes:
+            assert box.get("result") == ["the cursor is closed"] * 5, box
+        assert cur.closed is True
+        wait_until(lambda: _made_and_closed(log) == (["1"], ["1"]), timeout=5,
+                   what="the cursor closed once")
+        # An execute still running when another thread closes its cursor.
+        slow = conn.cursor()
+        box = runner.start(lambda: slow.execute("gate", str(gate)))
+        wait_until(lambda: "waiting" in cursor_log(log), timeout=5, what="the execute to start")
+        slow.close()
+        gate.touch()
+        runner.join_all(10)
+        assert "error" not in box, box
+        assert slow.closed is True
+        with pytest.raises(RuntimeError, match="cursor is closed"):
+            slow.fetchone()
+        wait_until(lambda: _all_closed(log), timeout=5,
+                   what="the cursor closed there while the DeferredCursor lives")
+    finally:
+        gate.touch()
+        runner.join_all(10)
+        pool.put(conn)
         pool.shutdown()

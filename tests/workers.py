@@ -456,7 +456,9 @@ class CursorLogDB:
 class GateCursor(LoggedCursor):
     """A LoggedCursor whose ``execute("gate", path)`` hangs until the file ``path`` exists
     (at most 10 s: a query the database is slow to answer), and whose ``execute("opaque")``
-    returns an object that does not pickle."""
+    returns an object that does not pickle (``"plain-opaque"``: one that looks like data)."""
+
+    closed = True  # until __init__ ran: a cursor whose __init__ raised has nothing to close
 
     def execute(self, sql: str, params: Any = None) -> Any:
         if sql == "gate":
@@ -468,12 +470,15 @@ class GateCursor(LoggedCursor):
         if sql == "opaque":
             self.rows = [(sql, params)]
             return lambda: None  # not plain data, and no pickle takes it
+        if sql == "plain-opaque":
+            # Looks like plain data (an exception in a tuple) but does not pickle either.
+            return (ValueError(lambda: None),)
         return super().execute(sql, params)
 
 
 class GateConnection(LoggedConnection):
-    def cursor(self, *args: Any, **kwargs: Any) -> GateCursor:
-        if kwargs.get("fail"):
+    def cursor(self, fail: bool = False) -> GateCursor:
+        if fail:
             raise RuntimeError("cursor() refused")
         self.made += 1
         return GateCursor(self.log, self.made, self.returns)

@@ -62,6 +62,11 @@ class DeferredCursor:
         real, (kind, value) = self._mp_conn._mppool_execute(self._mp_args, self._mp_kwargs,
                                                            method, args, kwargs)
         object.__setattr__(self, "_mp_real", real)
+        if self._mp_closed:
+            # Another thread closed this cursor while the execute ran, and found no cursor to
+            # drop: drop it now, or the supervisor keeps it open until the connection's
+            # return. (close() marks first and looks second, so one of the two drops it.)
+            self._mp_drop()
         return self if kind == "self" else value
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
@@ -75,11 +80,14 @@ class DeferredCursor:
 
     def close(self) -> None:
         """Forget the cursor, here and (without waiting) in the supervisor."""
+        object.__setattr__(self, "_mp_closed", True)  # before looking: see _mp_execute
+        self._mp_drop()
+
+    def _mp_drop(self) -> None:
         real = self._mp_real
         object.__setattr__(self, "_mp_real", None)
-        object.__setattr__(self, "_mp_closed", True)
         if real is not None:
-            real._mp_release()
+            real._mp_release()  # twice at worst (racing threads): a second drop is a no-op
 
     @property
     def closed(self) -> Any:
