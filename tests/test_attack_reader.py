@@ -63,7 +63,7 @@ def _make_obj(i: int) -> dict[str, Any]:
 
 def _normal(frames: list[Any]) -> list[Any]:
     """Frames as comparable values (a payload may be bytes or a view)."""
-    return [f if type(f) is tuple or isinstance(f, P.Granted) and f.blob is None
+    return [f if type(f) is tuple or (isinstance(f, P.Granted) and f.blob is None)
             else (f.rid, f.lease, bytes(f.blob)) if isinstance(f, P.Granted) else bytes(f)
             for f in frames]
 
