@@ -811,11 +811,11 @@ def test_tpooled_cursor_on_sqlite_behaves_as_sqlite_s(client: Any, db_path: str)
 # ------------------------------------------------ TpooledConnectionPool's cursors, attacked
 
 
-def test_tpooled_cursor_whose_execute_outlives_its_lease_is_not_the_next_holders(
+def test_tpooled_connection_returned_while_its_cursor_executes_goes_back_after_it(
         client: Any, tmp_path: Path) -> None:
-    """An execute still running in the supervisor when its connection is returned (another
-    thread returned it) must not hand its caller a cursor on a connection lent to somebody
-    else: the call fails, and the cursor is forgotten there."""
+    """A connection returned (by another thread) while an execute still runs on it in the
+    supervisor is lent again only once that execute has ended: the next holder never shares
+    it with the old holder's query, and the old holder's cursor is dead by then."""
     log, gate = tmp_path / "cursors.log", tmp_path / "gate"
     pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
     conn = pool.get()
@@ -825,14 +825,21 @@ def test_tpooled_cursor_whose_execute_outlives_its_lease_is_not_the_next_holders
     try:
         wait_until(lambda: "waiting" in cursor_log(log), timeout=5, what="the execute to start")
         pool.put(conn)  # returned while its cursor executes in the supervisor
-        nxt = pool.get(timeout=5)  # the next holder (max_size 1: the same connection)
+        nxt_box = runner.start(lambda: pool.get(timeout=8))  # the next holder
+        wait_until(lambda: pool._pool.stats()["nwaiting"] == 1, timeout=5,
+                   what="the next holder waiting for the busy connection")
+        assert pool._pool.stats()["nusing"] == 1 and not nxt_box["done"]
         gate.touch()
-        runner.join_all(10)
-        assert isinstance(res.get("error"), mppool.PoolClosed), res
+        wait_until(lambda: nxt_box["done"], timeout=5, what="the next holder served")
+        nxt = nxt_box["result"]
+        assert cursor_log(log).index("released") >= 0  # the execute ended first
+        assert res.get("result") is cur, res  # the old holder's execute finished as usual
         with pytest.raises(Exception):  # noqa: B017 - whatever it is, it must not work
-            cur.fetchone()
-        wait_until(lambda: "closed" in cursor_log(log), timeout=5,
-                   what="the orphan cursor to be closed in the supervisor")
+            cur.fetchone()  # but its cursor died with the return
+        with nxt.cursor() as mine:
+            assert mine.execute("mine").fetchone() == ("mine", None)
+        wait_until(lambda: _all_closed(log), timeout=5,
+                   what="the old holder's cursor closed in the supervisor")
         pool.put(nxt)
     finally:
         gate.touch()

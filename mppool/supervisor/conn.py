@@ -75,6 +75,12 @@ class Conn:
         # Puts still running on a pool's threads (hooks): a Ping is answered after them, so
         # a client's sync() means "every put I sent has taken effect".
         self.puts_running: set[Future[Any]] = set()
+        # Proxied calls still running on a lease's object, by lease, and the puts of those
+        # leases held until they end (lease -> (pool id, discard, done)): the object is not
+        # lent again while a call of its last holder still runs on it.
+        self.calls: dict[int, int] = {}  # under calls_lock: pool threads end the calls
+        self.calls_lock = threading.Lock()
+        self.held_puts: dict[int, tuple[int, bool, Future[Any]]] = {}
 
     def send_raw(self, data: bytes) -> None:
         with self.wlock:

@@ -373,6 +373,7 @@ class LeaseLoop(Requests):
         conn.sock.close()
         conn.refs.clear()
         conn.waiters.clear()
+        conn.held_puts.clear()  # what they would give back, release_conn takes back
         if conn.holder is not None:
             self.sup.release_conn(conn)
 

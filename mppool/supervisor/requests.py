@@ -229,6 +229,8 @@ class Requests(_Loop):
         rec = self.records.get(pool_id)
         if rec is None:
             return
+        if conn.calls and self._hold_put(conn, pool_id, lease, discard):
+            return
         pool = rec.pool
         if conn.refs:  # its sub-objects (cursors) are unusable from now on
             _drop_refs(conn, lease)
@@ -278,7 +280,60 @@ class Requests(_Loop):
         if rec is None:
             conn.fail(msg.rid, self.sup.registry.unknown(msg.pool_id))
             return
-        self.submit(rec, conn, msg.rid, self._call, conn, msg, rec)
+        ref = conn.refs.get(msg.ref) if msg.ref else None
+        lease = msg.lease if ref is None else ref[0]  # whose object the call runs on
+        with conn.calls_lock:
+            conn.calls[lease] = conn.calls.get(lease, 0) + 1
+        if self.submit(rec, conn, msg.rid, self._tracked_call, conn, msg, rec, lease) is None:
+            self._call_ended(conn, lease)
+
+    # A put of a lease whose object a call still runs on (another thread of the client
+    # returned it meanwhile) is held until the last such call ends: otherwise the next holder
+    # would share the object with that call (a query still running on its DB connection).
+
+    def _hold_put(self, conn: Conn, pool_id: int, lease: int, discard: bool) -> bool:
+        """On the loop: hold this put if calls on ``lease`` run; False if none does."""
+        with conn.calls_lock:
+            if lease not in conn.calls:
+                return False
+            if lease not in conn.held_puts:
+                done: Future[Any] = Future()  # a Ping waits for it, as for a put with hooks
+                conn.puts_running.add(done)
+                done.add_done_callback(conn.puts_running.discard)
+                conn.held_puts[lease] = (pool_id, discard, done)
+        return True
+
+    def _tracked_call(self, conn: Conn, msg: P.Call, rec: Record, lease: int) -> None:
+        try:
+            self._call(conn, msg, rec)
+        finally:
+            self._call_ended(conn, lease)
+
+    def _call_ended(self, conn: Conn, lease: int) -> None:
+        """Any thread: a call on ``lease``'s object ended; the loop makes a put held for it."""
+        with conn.calls_lock:
+            left = conn.calls[lease] - 1
+            if left:
+                conn.calls[lease] = left
+                return
+            del conn.calls[lease]
+            if lease not in conn.held_puts:
+                return
+        self.call_soon(lambda: self._release_put(conn, lease))
+
+    def _release_put(self, conn: Conn, lease: int) -> None:
+        with conn.calls_lock:
+            if lease in conn.calls:  # a call came meanwhile: its end releases the put
+                return
+            held = conn.held_puts.pop(lease, None)
+        if held is None:
+            return
+        pool_id, discard, done = held
+        try:
+            if not conn.closed:  # else release_conn took it back
+                self.put(conn, pool_id, lease, discard)
+        finally:
+            done.set_result(None)
 
     def _call(self, conn: Conn, msg: P.Call, rec: Record | None = None) -> None:
         """On a pool's thread: a method call or attribute read on a proxied object."""
