@@ -296,3 +296,27 @@ def test_slow_health_check_does_not_stall_other_pools(client):
     t0 = time.monotonic()
     wait_until(lambda: other.stats()["nkilled"] == 1, timeout=2.5, what="the lease kill")
     assert time.monotonic() - t0 < 2.5  # well before the 3 s health check ends
+
+
+class _Box:
+    """A proxied object whose ``inner()`` is another proxied object (a cursor's stand-in)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def inner(self) -> _Box:
+        return _Box(self.i + 100)
+
+
+def test_killed_lease_takes_its_sub_objects_with_it(client):
+    """A proxied sub-object (a cursor) of a killed lease is refused from then on: it was
+    usable for as long as the connection lived, on an object no longer its holder's."""
+    pool = client.pool("kl-sub", _Box, transfer="proxy", max_size=1, max_using_delay_kill=0.2)
+    box = pool.get()
+    inner = box.inner()
+    assert inner.i == 100
+    wait_until(lambda: pool.stats()["nkilled"] == 1, what="lease killed")
+    with pytest.raises(mppool.PoolClosed, match="killed, reclaimed or returned"):
+        inner.i  # noqa: B018 - the read is the test
+    with pytest.raises(mppool.PoolClosed):
+        inner.inner()

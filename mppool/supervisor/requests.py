@@ -232,14 +232,14 @@ class Requests(_Loop):
         if conn.calls and self._hold_put(conn, pool_id, lease, discard):
             return
         pool = rec.pool
-        if conn.refs:  # its sub-objects (cursors) are unusable from now on
-            _drop_refs(conn, lease)
         metrics = self.sup.metrics
         if metrics is not None:
             entry = pool._lent(lease, conn.holder)
             if entry is not None:
                 metrics.hold.labels(rec.name).observe(self.sup.clock.now() - entry.last_get)
         if rec.slow_ret or discard:  # hooks run: on the pool's threads, off the loop
+            if conn.refs:  # its sub-objects (cursors) are unusable from now on
+                _drop_refs(conn, lease)
             if pool._lent(lease, conn.holder) is None:
                 # Not its lease: refused here, as _checkin would refuse it there. A thread
                 # hand-off each, for a flood of discards of random leases, stalled every
@@ -253,7 +253,7 @@ class Requests(_Loop):
         else:
             if not pool._checkin(lease, discard, conn.holder):
                 self._refused(conn, rec, lease)
-            if conn.refs:  # a call still running when the put came may have made one since
+            if conn.refs:  # after the checkin: see _call, which keeps a ref only if still lent
                 _drop_refs(conn, lease)
         if rec.fast is not None:
             rec.fast.settle()
@@ -340,7 +340,11 @@ class Requests(_Loop):
         pool: Pool | None = None  # the pool the object belongs to (None: a hosted one)
         try:
             if msg.ref:
-                owner, target, pool = conn.refs[msg.ref]
+                held = conn.refs.get(msg.ref)
+                if held is None:
+                    raise PoolClosed(f"proxied object {msg.ref} is gone: dropped, or its lease "
+                                     "was returned, killed or reclaimed")
+                owner, target, pool = held
                 # A sub-object (a cursor) is used only while its lease is lent to this
                 # connection: a killed or reclaimed lease leaves its refs behind, and the
                 # object (a DB connection) may be somebody else's by now.
