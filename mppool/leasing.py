@@ -15,7 +15,7 @@ These methods are underscored because they are the supervisor's and the thin poo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from .errors import PoolClosed, TimeOut, TooManyRequests
@@ -275,14 +275,17 @@ class Leasing(PoolState):
         self._settle()
         return True
 
-    def _reclaim(self, pred: Callable[[Holder], bool], reset: PoolHook | None = None) -> int:
-        """Take back every lease whose holder matches ``pred`` (a holder that died).
+    def _reclaim(self, pred: Callable[[Holder], bool], reset: PoolHook | None = None,
+                 spare: Container[int] = ()) -> int:
+        """Take back every lease whose holder matches ``pred`` (a holder that died), but
+        those in ``spare`` (a call of the dead holder still runs on their object).
 
         With ``reset``, each object is reset (e.g. rolled back) and reused; if the reset
         fails it is closed. Without it, objects go straight back to the pool.
         """
         with self._lock:
-            leases = [k for k, e in self._using.items() if e.holder is not None and pred(e.holder)]
+            leases = [k for k, e in self._using.items()
+                      if e.holder is not None and pred(e.holder) and k not in spare]
             entries = [self._using.pop(k) for k in leases]
             self._nchecking += len(entries)
         for entry in entries:

@@ -1061,3 +1061,37 @@ def test_a_deferred_cursor_closed_from_many_threads(client: Any, tmp_path: Path)
         runner.join_all(10)
         pool.put(conn)
         pool.shutdown()
+
+
+def test_tpooled_connection_of_a_client_gone_mid_query_is_lent_again_after_the_query(
+        client: Any, tmp_path: Path) -> None:
+    """A client that dies while its query runs in the supervisor: its connection is taken
+    back only once that query has ended, never lent to the next holder alongside it."""
+    log, gate = tmp_path / "cursors.log", tmp_path / "gate"
+    pool = TpooledConnectionPool(GateDB(), client=client, max_size=1, log=str(log))
+    pid = pool._pool._mp_route()[1]
+    raw = RawLease(client)
+    runner = Runner()
+    try:
+        granted = raw.get(pid, timeout=5)
+        rid = next(raw.rids)
+        raw.send(raw.P.encode_call(rid, pid, granted.lease, 0, "_mppool_execute",
+                                   ((), {}, "execute", ("gate", str(gate)), {}), {}))
+        wait_until(lambda: "waiting" in cursor_log(log), timeout=5, what="the query to start")
+        raw.close()  # the client is gone, its query still running
+        nxt_box = runner.start(lambda: pool.get(timeout=8))
+        wait_until(lambda: pool._pool.stats()["nwaiting"] == 1, timeout=5,
+                   what="the next holder waiting while the dead client's query runs")
+        assert pool._pool.stats()["nusing"] == 1 and not nxt_box["done"]
+        gate.touch()
+        wait_until(lambda: nxt_box["done"], timeout=5, what="the next holder served")
+        assert "released" in cursor_log(log)
+        nxt = nxt_box["result"]
+        with nxt.cursor() as mine:
+            assert mine.execute("mine").fetchone() == ("mine", None)
+        pool.put(nxt)
+    finally:
+        gate.touch()
+        raw.close()
+        runner.join_all(10)
+        pool.shutdown()

@@ -285,7 +285,7 @@ class Requests(_Loop):
         with conn.calls_lock:
             conn.calls[lease] = conn.calls.get(lease, 0) + 1
         if self.submit(rec, conn, msg.rid, self._tracked_call, conn, msg, rec, lease) is None:
-            self._call_ended(conn, lease)
+            self._call_ended(conn, lease, rec)
 
     # A put of a lease whose object a call still runs on (another thread of the client
     # returned it meanwhile) is held until the last such call ends: otherwise the next holder
@@ -307,19 +307,23 @@ class Requests(_Loop):
         try:
             self._call(conn, msg, rec)
         finally:
-            self._call_ended(conn, lease)
+            self._call_ended(conn, lease, rec)
 
-    def _call_ended(self, conn: Conn, lease: int) -> None:
-        """Any thread: a call on ``lease``'s object ended; the loop makes a put held for it."""
+    def _call_ended(self, conn: Conn, lease: int, rec: Record | None = None) -> None:
+        """Any thread: a call on ``lease``'s object ended; the loop makes a put held for it,
+        or takes the lease back if the client is gone (the watchdog left it while busy)."""
         with conn.calls_lock:
             left = conn.calls[lease] - 1
             if left:
                 conn.calls[lease] = left
                 return
             del conn.calls[lease]
-            if lease not in conn.held_puts:
-                return
-        self.call_soon(lambda: self._release_put(conn, lease))
+            held = lease in conn.held_puts
+        if conn.closed:
+            if rec is not None and conn.holder is not None:
+                self.call_soon(lambda: self.sup.watchdog.reclaim_rest(rec, conn))
+        elif held:
+            self.call_soon(lambda: self._release_put(conn, lease))
 
     def _release_put(self, conn: Conn, lease: int) -> None:
         with conn.calls_lock:

@@ -86,9 +86,20 @@ class Watchdog:
         for region in list(self.loop.fast_regions.values()):  # fast leases (fastregion.py)
             region.release(conn.id, conn.bye, conn.holder.pid if conn.holder else None)
 
+    def reclaim_rest(self, rec: Record, conn: Conn) -> None:
+        """On the loop: the last call on an object of ``conn``, closed, ended: take back
+        what ``release_conn`` had to leave (see `_reclaim`)."""
+        if rec.reset is None or rec.submit(self._reclaim, rec, conn) is None:
+            self._reclaim(rec, conn)
+
     def _reclaim(self, rec: Record, conn: Conn) -> None:
         cid = conn.id
-        n = rec.pool._reclaim(lambda h: h.conn == cid, reset=rec.reset)
+        # A lease whose object a call of this client still runs on stays out until that
+        # call ends (requests.py, _call_ended): lent again now, the object would be shared
+        # by its next holder and that call (a query still running on a DB connection).
+        with conn.calls_lock:
+            busy = set(conn.calls)
+        n = rec.pool._reclaim(lambda h: h.conn == cid, reset=rec.reset, spare=busy)
         if n:
             self.nreclaimed += n
             pid = conn.holder.pid if conn.holder is not None else "?"
