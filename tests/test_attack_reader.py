@@ -328,6 +328,49 @@ def test_a_malformed_frame_closes_that_connection_and_gives_back_what_it_held(
     healthy(w)
 
 
+@pytest.mark.parametrize("first", [
+    pytest.param(lambda pid: _get(1, pid, 0.0), id="get"),
+    pytest.param(lambda pid: _put(pid, 1), id="put"),
+    pytest.param(lambda pid: _put(pid, 1, b"D"), id="discard"),
+])
+def test_a_get_or_put_before_the_key_is_proved_is_refused(world: World, first: Any) -> None:
+    """The reader decodes a well-formed get or put before the handshake too: taken for the
+    hello, it is refused like any other frame that is not one, and nothing is served."""
+    w = world
+    raw = RawLease(w.client, handshake=False)
+    try:
+        from mppool.channel import _recv_frame
+
+        P.decode_nonce(_recv_frame(raw.sock))
+        raw.send(first(w.ids[TOKENS]) + _get(2, w.ids[TOKENS], 0.0))
+        raw.sock.settimeout(DEADLINE)
+        try:
+            data = raw.sock.recv(65536)
+        except ConnectionResetError:  # closed with some of what we sent unread: also refused
+            data = b""
+        assert data == b"", "a peer without the key got an answer"
+    finally:
+        raw.close()
+    healthy(w)
+
+
+def test_a_get_sent_with_the_hello_is_served_after_the_ack(world: World) -> None:
+    w = world
+    raw = RawLease(w.client, handshake=False)
+    try:
+        from mppool.channel import _recv_frame
+
+        nonce = P.decode_nonce(_recv_frame(raw.sock))
+        raw.send(P.encode_hello(P.digest(w.server.authkey, nonce), P.new_nonce(), 1, 0.0, "x")
+                 + _get(1, w.ids[TOKENS], 0.0))
+        P.decode_ack(_recv_frame(raw.sock))
+        granted = raw.reply(timeout=DEADLINE)
+        assert isinstance(granted, P.Granted) and granted.rid == 1, granted
+    finally:
+        raw.close()
+    healthy(w)
+
+
 def test_frames_at_the_limit_are_served(world: World) -> None:
     w = world
     raw = RawLease(w.client)
