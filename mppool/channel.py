@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import framing, handshake
 from . import protocol as P
 from .address import Address, display
 from .errors import ServerUnavailable, TimeOut
@@ -64,12 +65,13 @@ class Channel:
             sock.connect(address if isinstance(address, str) else tuple(address))
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nonce = P.decode_nonce(_recv_frame(sock))
-            mine = P.new_nonce()
+            nonce = handshake.decode_nonce(_recv_frame(sock))
+            mine = handshake.new_nonce()
             h = current_holder()
-            sock.sendall(P.encode_hello(P.digest(authkey, nonce), mine, h.pid, h.start, h.host))
-            answer, conn_id, instance = P.decode_ack(_recv_frame(sock))
-            if not hmac.compare_digest(answer, P.digest(authkey, mine)):
+            sock.sendall(handshake.encode_hello(handshake.digest(authkey, nonce), mine, h.pid,
+                                                h.start, h.host))
+            answer, conn_id, instance = handshake.decode_ack(_recv_frame(sock))
+            if not hmac.compare_digest(answer, handshake.digest(authkey, mine)):
                 raise P.ProtocolError("the supervisor does not know the key")
         except (OSError, EOFError, P.ProtocolError) as exc:
             sock.close()
@@ -87,7 +89,7 @@ class Channel:
         self._late: dict[int, Callable[[Any], None]] = {}
         self._drain_lock = threading.Lock()
         self._draining = False
-        self._reader = P.ReplyReader(MAX_REPLY)
+        self._reader = framing.ReplyReader(MAX_REPLY)
         self._frames: list[Any] = []
         self._rids = itertools.count(1)
         self._broken: str | None = None

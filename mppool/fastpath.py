@@ -33,8 +33,8 @@ import socket
 import time
 from typing import Any
 
+from . import framing, shm
 from . import protocol as P
-from . import shm
 from .address import display
 from .channel import Channel
 from .client import FAST_TOKEN_POOL, SharedPool, _attach_client, granted
@@ -173,7 +173,7 @@ def map_region(chan: Channel, authkey: bytes, pool_id: int) -> shm.Region:
         sock.sendall(P.encode_fastmap(rid, pool_id, chan.conn_id))
         deadline = time.monotonic() + chan.timeout
         data, fds = b"", []
-        reader = P.FrameReader(1 << 16)
+        reader = framing.FrameReader(1 << 16)
         frames: list[Any] = []
         while not frames:
             if time.monotonic() >= deadline:

@@ -8,8 +8,9 @@ validation live in one place::
       encode_get / encode_put / encode_request ──▶ RequestReader.feed ─▶ decode_request
       ReplyReader.feed ─▶ decode_reply        ◀── encode_granted / encode_reply
 
-(The readers decode the messages of every lease cycle, a get, a put and a grant, as they
-cut them out of the stream; the decoders take every other message.)
+(The readers, in `mppool.framing`, decode the messages of every lease cycle, a get, a put
+and a grant, as they cut them out of the stream; the decoders here take every other message.
+The handshake that comes first is `mppool.handshake`.)
 
 A frame is a 4-byte big-endian length and a payload. The payload of the three messages of
 every lease cycle is a fixed struct, told apart by its first byte; every other message is a
@@ -22,7 +23,7 @@ stdlib pickle of a tuple (pickle always starts with 0x80), and dill never travel
     b"K" pool_id                  FastPoke     (a fast lease given back in slow mode)
     b"k" pool_id slot generation  FastGive     (a fast lease given back through the supervisor)
 
-Nothing is unpickled before the peer proved it holds the key (the handshake below is raw
+Nothing is unpickled before the peer proved it holds the key (the handshake is raw
 structs). After that, every field of every request is still checked as strictly as the API
 checks its arguments: a NaN or negative timeout, an unknown operation or a frame longer than
 the limit is a `ProtocolError`, on which the supervisor closes that one connection.
@@ -30,10 +31,6 @@ the limit is a `ProtocolError`, on which the supervisor closes that one connecti
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import math
-import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -201,171 +198,6 @@ class Reply:
 
 Request = (Get | Put | Call | DropRef | Ping | Waiting | Cancel | Bye | FastMap | FastPoke
            | FastGive)
-
-
-# --------------------------------------------------------------------------- framing
-
-
-class FrameReader:
-    """Splits a byte stream into payloads, refusing any frame longer than ``limit``.
-
-    Small payloads are slices of what was received (copying a few dozen bytes costs less
-    than making a view of them); payloads over ``COPY_MAX`` are views, never copies. Only the
-    start of an incomplete frame is kept, and the buffer then grows by appending until the
-    frame is complete, so a large frame arriving in many pieces costs linear time, never a
-    copy of the whole buffer per piece.
-    """
-
-    __slots__ = ("_buf", "_need", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._buf = bytearray()
-        self._need = HEADER_SIZE  # bytes the next frame needs before it is worth parsing
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[Any]:
-        """Payloads completed by ``data`` (bytes, or views of immutable bytes: both stay
-        valid)."""
-        if self._buf:
-            joined = self._joined(data)
-            if joined is None:
-                return []
-            data = joined
-        end = len(data)
-        if end >= HEADER_SIZE:
-            (n,) = _unpack_header(data)
-            if end == HEADER_SIZE + n and n <= self.limit:  # exactly one whole frame: the common case
-                return [data[HEADER_SIZE:] if n <= COPY_MAX else memoryview(data)[HEADER_SIZE:]]
-        return self._split(data, end)
-
-    def _joined(self, data: bytes) -> bytes | None:
-        """The buffered start of a frame and ``data``, if that completes it (else None, and
-        ``data`` is kept)."""
-        self._buf += data
-        if len(self._buf) < self._need:
-            return None
-        joined, self._buf = bytes(self._buf), bytearray()
-        return joined
-
-    def _split(self, data: bytes, end: int) -> list[Any]:
-        """Every frame in ``data`` (usually whole ones: a put and a get in one recv), each
-        as `_cut` makes it; the start of an incomplete one is kept."""
-        size = HEADER_SIZE
-        limit = self.limit
-        cut = self._cut
-        frames: list[Any] = []
-        pos = 0
-        while end - pos >= size:
-            (n,) = _unpack_header(data, pos)
-            if n > limit:
-                raise ProtocolError(f"a frame of {n} bytes is over the limit of {limit}")
-            start = pos + size
-            if start + n > end:
-                self._need = size + n
-                break
-            pos = start + n
-            frames.append(cut(data, start, n))
-        else:
-            self._need = size
-        if pos < end:
-            self._buf = bytearray(memoryview(data)[pos:])  # the start of a frame: wait for the rest
-        return frames
-
-    def _cut(self, data: bytes, start: int, n: int) -> Any:
-        """The frame of ``n`` bytes at ``start``: its payload."""
-        return data[start:start + n] if n <= COPY_MAX else memoryview(data)[start:start + n]
-
-
-class RequestReader(FrameReader):
-    """The supervisor's reader (see `FrameReader`): a well-formed get or put, the two
-    requests of every lease cycle, comes out decoded as it is cut, as the tuple its struct
-    unpacks to: ``(KIND_GET, rid, pool_id, timeout)`` (``timeout`` `POOL_TIMEOUT`: the pool's
-    own) or ``(KIND_PUT or KIND_DISCARD, pool_id, lease)``. No payload is copied and no
-    function called for them. Any other frame (the handshake's included: a hello is neither)
-    comes out as its payload, for `decode_request`, which refuses a malformed get or put in
-    its turn."""
-
-    __slots__ = ()
-
-    def feed(self, data: bytes) -> list[Any]:
-        # FrameReader._split with the decoding inline: no Python call per frame.
-        if self._buf:
-            joined = self._joined(data)
-            if joined is None:
-                return []
-            data = joined
-        end = len(data)
-        limit = self.limit
-        frames: list[Any] = []
-        pos = 0
-        while end - pos >= HEADER_SIZE:
-            (n,) = _unpack_header(data, pos)
-            if n > limit:
-                raise ProtocolError(f"a frame of {n} bytes is over the limit of {limit}")
-            start = pos + HEADER_SIZE
-            if start + n > end:
-                self._need = HEADER_SIZE + n
-                break
-            pos = start + n
-            kind = data[start] if n else 0
-            if kind == KIND_GET and n == GET_SIZE:
-                msg = _unpack_get(data, start)
-                timeout = msg[3]
-                if msg[1] and (0.0 <= timeout <= MAX_TIMEOUT or timeout == POOL_TIMEOUT):
-                    frames.append(msg)
-                    continue
-            elif n == PUT_SIZE and kind in _PUT_KINDS:
-                frames.append(_unpack_put(data, start))
-                continue
-            frames.append(data[start:pos] if n <= COPY_MAX else memoryview(data)[start:pos])
-        else:
-            self._need = HEADER_SIZE
-        if pos < end:
-            self._buf = bytearray(memoryview(data)[pos:])  # the start of a frame: wait for the rest
-        return frames
-
-
-class ReplyReader(FrameReader):
-    """A client's reader (see `FrameReader`): a grant of a copied object, the reply of every
-    lease cycle, comes out decoded as it is cut, a `Granted` (its blob is the only copy made
-    of it); any other frame comes out as its payload, for `decode_reply`."""
-
-    __slots__ = ()
-
-    def feed(self, data: bytes) -> list[Any]:
-        if self._buf:
-            joined = self._joined(data)
-            if joined is None:
-                return []
-            data = joined
-        end = len(data)
-        if end >= HEADER_SIZE:
-            (n,) = _unpack_header(data)
-            if end == HEADER_SIZE + n and n <= self.limit:
-                # Exactly one whole frame, the common case: _cut's decoding, inline.
-                if n > _OK_BODY_SIZE and data[HEADER_SIZE] == KIND_OK:
-                    rid, lease = _unpack_ok_body(data, HEADER_SIZE + 1)
-                    # No __init__ call: a dataclass's is a Python function.
-                    reply = _new_granted(Granted)
-                    reply.rid = rid
-                    reply.lease = lease
-                    reply.blob = data[_GRANTED_BLOB:] if n <= COPY_MAX \
-                        else memoryview(data)[_GRANTED_BLOB:]
-                    return [reply]
-                return [data[HEADER_SIZE:] if n <= COPY_MAX else memoryview(data)[HEADER_SIZE:]]
-        return self._split(data, end)
-
-    def _cut(self, data: bytes, start: int, n: int) -> Any:
-        if n > _OK_BODY_SIZE and data[start] == KIND_OK:
-            rid, lease = _unpack_ok_body(data, start + 1)
-            blob = start + 1 + _OK_BODY_SIZE
-            return Granted(rid, lease, data[blob:start + n] if n <= COPY_MAX
-                           else memoryview(data)[blob:start + n])
-        return data[start:start + n] if n <= COPY_MAX else memoryview(data)[start:start + n]
 
 
 def frame(payload: bytes) -> bytes:
@@ -536,62 +368,3 @@ def decode_reply(payload: Any) -> Granted | Reply:
 
 def encode_granted_proxy(rid: int, lease: int) -> bytes:
     return encode_reply(rid, GRANTED, lease)
-
-
-# --------------------------------------------------------------------------- handshake
-#
-# Raw structs, never pickle: nothing is unpickled from a peer that has not proved it knows the
-# key (a pickle can run code). Mutual: each side answers the other's nonce.
-#   supervisor -> client  b"N" nonce(32)
-#   client -> supervisor  b"H" hmac(key, nonce)(32) client_nonce(32) pid start_time host
-#   supervisor -> client  b"A" hmac(key, client_nonce)(32) conn_id instance
-#
-# ``instance`` names this run of the supervisor (random at start): pool ids are valid only on
-# the instance that issued them, and a client that reconnects to a restarted supervisor at
-# the same address learns so from it.
-
-NONCE_SIZE = 32
-_HELLO = struct.Struct("!c32s32sId")
-_ACK = struct.Struct("!c32sQQ")
-
-
-def new_nonce() -> bytes:
-    return os.urandom(NONCE_SIZE)
-
-
-def digest(authkey: bytes, nonce: bytes) -> bytes:
-    return hmac.new(authkey, nonce, hashlib.sha256).digest()
-
-
-def encode_nonce(nonce: bytes) -> bytes:
-    return frame(b"N" + nonce)
-
-
-def decode_nonce(payload: bytes) -> bytes:
-    if len(payload) != 1 + NONCE_SIZE or payload[:1] != b"N":
-        raise ProtocolError("not a supervisor's greeting")
-    return bytes(payload[1:])
-
-
-def encode_hello(answer: bytes, client_nonce: bytes, pid: int, start: float, host: str) -> bytes:
-    return frame(_HELLO.pack(b"H", answer, client_nonce, pid, start) + host.encode()[:255])
-
-
-def decode_hello(payload: Any) -> tuple[bytes, bytes, int, float, str]:
-    if len(payload) < _HELLO.size or len(payload) > _HELLO.size + 255 or payload[0] != b"H"[0]:
-        raise ProtocolError("not a hello")
-    _, answer, client_nonce, pid, start = _HELLO.unpack_from(payload)
-    if not math.isfinite(start):
-        raise ProtocolError("a hello with a start time that is not a number")
-    return answer, client_nonce, pid, start, bytes(payload[_HELLO.size:]).decode(errors="replace")
-
-
-def encode_ack(answer: bytes, conn_id: int, instance: int) -> bytes:
-    return frame(_ACK.pack(b"A", answer, conn_id, instance))
-
-
-def decode_ack(payload: bytes) -> tuple[bytes, int, int]:
-    if len(payload) != _ACK.size or payload[:1] != b"A":
-        raise ProtocolError("not a handshake acknowledgement")
-    _, answer, conn_id, instance = _ACK.unpack(payload)
-    return answer, conn_id, instance

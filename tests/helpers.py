@@ -206,6 +206,8 @@ class RawLease:
         import os
         import socket
 
+        from mppool import framing
+        from mppool import handshake as hs
         from mppool import protocol as P
         from mppool.channel import _recv_frame
 
@@ -217,11 +219,11 @@ class RawLease:
         self.P = P
         self.rids = itertools.count(1)
         if handshake:
-            nonce = P.decode_nonce(_recv_frame(self.sock))
-            self.sock.sendall(P.encode_hello(P.digest(client.authkey, nonce), P.new_nonce(),
+            nonce = hs.decode_nonce(_recv_frame(self.sock))
+            self.sock.sendall(hs.encode_hello(hs.digest(client.authkey, nonce), hs.new_nonce(),
                                              os.getpid() if pid is None else pid, start, host))
-            _, self.conn_id, _ = P.decode_ack(_recv_frame(self.sock))
-        self.reader = P.FrameReader(1 << 30)
+            _, self.conn_id, _ = hs.decode_ack(_recv_frame(self.sock))
+        self.reader = framing.FrameReader(1 << 30)
         self.frames: list[Any] = []
 
     def send(self, data: bytes) -> None:

@@ -1,5 +1,5 @@
-"""The lease channel's readers, attacked: protocol.RequestReader (the supervisor's, which
-decodes gets and puts inline as it cuts them) and protocol.ReplyReader (a client's, which
+"""The lease channel's readers, attacked: framing.RequestReader (the supervisor's, which
+decodes gets and puts inline as it cuts them) and framing.ReplyReader (a client's, which
 decodes grants inline).
 
 The readers alone: any stream cut at any byte boundary yields what it yields in one piece,
@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mppool
+from mppool import framing, handshake
 from mppool import protocol as P
 from mppool.channel import Channel
 
@@ -68,7 +69,7 @@ def _normal(frames: list[Any]) -> list[Any]:
             for f in frames]
 
 
-def _feed_in_pieces(reader: P.FrameReader, stream: bytes, cuts: list[int]) -> list[Any]:
+def _feed_in_pieces(reader: framing.FrameReader, stream: bytes, cuts: list[int]) -> list[Any]:
     out: list[Any] = []
     last = 0
     for cut in [*cuts, len(stream)]:
@@ -92,28 +93,28 @@ STREAM = b"".join(REQUESTS)
 
 
 def test_request_reader_gives_the_same_frames_however_the_stream_is_cut() -> None:
-    whole = _feed_in_pieces(P.RequestReader(1 << 20), STREAM, [])
+    whole = _feed_in_pieces(framing.RequestReader(1 << 20), STREAM, [])
     assert len(whole) == len(REQUESTS)
     assert [type(f) is tuple for f in whole] == [True] * 3 + [False] + [True] * 2 + [False] * 13
     for cut in range(1, len(STREAM)):
-        assert _feed_in_pieces(P.RequestReader(1 << 20), STREAM, [cut]) == whole, cut
+        assert _feed_in_pieces(framing.RequestReader(1 << 20), STREAM, [cut]) == whole, cut
     # Byte by byte, and in pieces of 2, 3, ... 64 bytes.
     for step in range(1, 65):
         cuts = list(range(step, len(STREAM), step))
-        assert _feed_in_pieces(P.RequestReader(1 << 20), STREAM, cuts) == whole, step
+        assert _feed_in_pieces(framing.RequestReader(1 << 20), STREAM, cuts) == whole, step
 
 
 def test_request_reader_refuses_a_header_over_its_limit_before_the_body() -> None:
-    r = P.RequestReader(4096)
+    r = framing.RequestReader(4096)
     assert r.feed(P.HEADER.pack(4096)) == []  # at the limit: waits for its body
     assert r.feed(b"\x80" * 4095) == []
     assert _normal(r.feed(b"\x80")) == [b"\x80" * 4096]
     with pytest.raises(P.ProtocolError, match="4097 bytes is over the limit"):
         r.feed(P.HEADER.pack(4097))  # nothing of the body sent yet
-    r = P.RequestReader(4096)
+    r = framing.RequestReader(4096)
     with pytest.raises(P.ProtocolError):  # behind a valid get, in the same recv
         r.feed(_get(1, 1, 0.0) + P.HEADER.pack(0xFFFFFFFF))
-    r = P.RequestReader(4096)
+    r = framing.RequestReader(4096)
     assert r.feed(_get(1, 1, 0.0)[:10]) == []
     with pytest.raises(P.ProtocolError):  # the rest of a frame, then a header over the limit
         r.feed(_get(1, 1, 0.0)[10:] + P.HEADER.pack(1 << 31))
@@ -132,7 +133,7 @@ def test_inline_decoding_accepts_exactly_what_decode_request_accepts(
         payload = bytes([kind]) + body[:12].ljust(12, b"\0")
     else:
         payload = bytes([kind]) + body
-    (out,) = P.RequestReader(1 << 20).feed(_frame(payload))
+    (out,) = framing.RequestReader(1 << 20).feed(_frame(payload))
     try:
         decoded: Any = P.decode_request(payload)
     except P.ProtocolError:
@@ -155,16 +156,16 @@ REPLY_STREAM = b"".join(REPLIES)
 
 
 def test_reply_reader_gives_the_same_frames_however_the_stream_is_cut() -> None:
-    whole = _feed_in_pieces(P.ReplyReader(1 << 20), REPLY_STREAM, [])
+    whole = _feed_in_pieces(framing.ReplyReader(1 << 20), REPLY_STREAM, [])
     assert whole[:2] == [(1, 2, b"blob"), (0xFFFFFFFF, (1 << 64) - 1, b"")]
     assert len(whole) == len(REPLIES)
     for cut in range(1, len(REPLY_STREAM)):
-        assert _feed_in_pieces(P.ReplyReader(1 << 20), REPLY_STREAM, [cut]) == whole, cut
+        assert _feed_in_pieces(framing.ReplyReader(1 << 20), REPLY_STREAM, [cut]) == whole, cut
     for step in (1, 2, 3, 7, 13, 64):
         cuts = list(range(step, len(REPLY_STREAM), step))
-        assert _feed_in_pieces(P.ReplyReader(1 << 20), REPLY_STREAM, cuts) == whole, step
+        assert _feed_in_pieces(framing.ReplyReader(1 << 20), REPLY_STREAM, cuts) == whole, step
     with pytest.raises(P.ProtocolError):  # one whole frame over the limit, the fast path's case
-        P.ReplyReader(8).feed(_frame(b"O" * 9))
+        framing.ReplyReader(8).feed(_frame(b"O" * 9))
 
 
 # ------------------------------------------------------------------------ a real supervisor
@@ -341,7 +342,7 @@ def test_a_get_or_put_before_the_key_is_proved_is_refused(world: World, first: A
     try:
         from mppool.channel import _recv_frame
 
-        P.decode_nonce(_recv_frame(raw.sock))
+        handshake.decode_nonce(_recv_frame(raw.sock))
         raw.send(first(w.ids[TOKENS]) + _get(2, w.ids[TOKENS], 0.0))
         raw.sock.settimeout(DEADLINE)
         try:
@@ -360,10 +361,11 @@ def test_a_get_sent_with_the_hello_is_served_after_the_ack(world: World) -> None
     try:
         from mppool.channel import _recv_frame
 
-        nonce = P.decode_nonce(_recv_frame(raw.sock))
-        raw.send(P.encode_hello(P.digest(w.server.authkey, nonce), P.new_nonce(), 1, 0.0, "x")
-                 + _get(1, w.ids[TOKENS], 0.0))
-        P.decode_ack(_recv_frame(raw.sock))
+        nonce = handshake.decode_nonce(_recv_frame(raw.sock))
+        hello = handshake.encode_hello(handshake.digest(w.server.authkey, nonce),
+                                       handshake.new_nonce(), 1, 0.0, "x")
+        raw.send(hello + _get(1, w.ids[TOKENS], 0.0))
+        handshake.decode_ack(_recv_frame(raw.sock))
         granted = raw.reply(timeout=DEADLINE)
         assert isinstance(granted, P.Granted) and granted.rid == 1, granted
     finally:
@@ -544,11 +546,11 @@ class FakeSupervisor:
         self.conn = conn
         conn.settimeout(5)
         try:
-            nonce = P.new_nonce()
-            conn.sendall(P.encode_nonce(nonce))
-            answer, client_nonce, *_ = P.decode_hello(_recv_frame(conn))
-            assert answer == P.digest(self.authkey, nonce)
-            conn.sendall(P.encode_ack(P.digest(self.authkey, client_nonce), 1, 1))
+            nonce = handshake.new_nonce()
+            conn.sendall(handshake.encode_nonce(nonce))
+            answer, client_nonce, *_ = handshake.decode_hello(_recv_frame(conn))
+            assert answer == handshake.digest(self.authkey, nonce)
+            conn.sendall(handshake.encode_ack(handshake.digest(self.authkey, client_nonce), 1, 1))
             conn.recv(65536)  # the client's first request, whatever it is
             conn.sendall(self.script)
             conn.recv(65536)  # stay open: the client must not need an EOF to give up

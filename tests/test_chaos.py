@@ -28,8 +28,8 @@ from helpers import fork_ctx, wait_until
 from workers import CHAOS_OBJS, CHAOS_TOKENS, chaos_pools, chaos_restart_worker
 
 import mppool
+from mppool import handshake, shm
 from mppool import protocol as P
-from mppool import shm
 
 pytestmark = [pytest.mark.slow, pytest.mark.kill]
 
@@ -214,9 +214,10 @@ class Chaos:
             elif kind == 1:
                 frames = [P.HEADER.pack(0xFFFFFFFF) + b"\0" * 100_000]
             else:
-                nonce = P.decode_nonce(_read_frame(sock))
-                sock.sendall(P.encode_hello(P.digest(self.authkey, nonce), P.new_nonce(),
-                                            os.getpid(), 0.0, "chaos"))
+                nonce = handshake.decode_nonce(_read_frame(sock))
+                sock.sendall(handshake.encode_hello(handshake.digest(self.authkey, nonce),
+                                                    handshake.new_nonce(), os.getpid(), 0.0,
+                                                    "chaos"))
                 _read_frame(sock)  # the ack
                 pool_ids = list(range(1, 8))
                 # The workers' real leases, returned (and discarded) from this connection.

@@ -25,8 +25,8 @@ from helpers import NEEDS_FAST_PATH, fork_ctx, start_ready, wait_until
 from test_fastpath import accounted, fast_pool
 
 import mppool
+from mppool import framing, shm
 from mppool import protocol as P
-from mppool import shm
 from mppool.errors import TimeOut
 from mppool.fastpath import FastToken
 
@@ -207,7 +207,7 @@ def fastmap(client: Any, pool_id: Any, conn: Any) -> str:
             os.close(fd)
         if not data:
             return "closed"
-        reply = P.decode_reply(P.FrameReader(1 << 16).feed(data)[0])
+        reply = P.decode_reply(framing.FrameReader(1 << 16).feed(data)[0])
         return f"{'OK' if reply.status == P.OK else 'ERR'} fds={len(fds)}"
     finally:
         side.close()

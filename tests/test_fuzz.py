@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mppool
+from mppool import framing, handshake
 from mppool import protocol as P
 
 EXAMPLES = int(os.environ.get("MPPOOL_FUZZ_EXAMPLES", "60"))
@@ -135,7 +136,7 @@ class Hostile:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(IO_TIMEOUT)
         self.sock.connect(w.lease_address)
-        self.reader = P.FrameReader(1 << 31)
+        self.reader = framing.FrameReader(1 << 31)
         self.frames: list[Any] = []
         self.dead = False  # the supervisor closed it (or a send failed)
         self.desync = False  # sent a frame that was cut short: replies are not to be expected
@@ -143,12 +144,12 @@ class Hostile:
         self.leases: dict[int, int] = {}  # lease -> pool id, granted to this connection
         self.rids = iter(range(1, 1 << 31))
         if authed:
-            nonce = P.decode_nonce(self._read_frame(P.MAX_HANDSHAKE))
-            mine = P.new_nonce()
-            self.sock.sendall(P.encode_hello(P.digest(w.authkey, nonce), mine, os.getpid(),
+            nonce = handshake.decode_nonce(self._read_frame(P.MAX_HANDSHAKE))
+            mine = handshake.new_nonce()
+            self.sock.sendall(handshake.encode_hello(handshake.digest(w.authkey, nonce), mine, os.getpid(),
                                              0.0, "fuzz"))
-            answer, self.conn_id, _ = P.decode_ack(self._read_frame(P.MAX_HANDSHAKE))
-            assert answer == P.digest(w.authkey, mine)
+            answer, self.conn_id, _ = handshake.decode_ack(self._read_frame(P.MAX_HANDSHAKE))
+            assert answer == handshake.digest(w.authkey, mine)
 
     @property
     def authed(self) -> bool:
@@ -292,14 +293,14 @@ def run_action(w: World, conns: list[Hostile], i: int, reroute: bool,
         h.desync = True
     elif kind == "hello":
         how, extra = action[1], action[2]
-        answer = P.digest(w.authkey if how != "wrong-key" else b"not the key", os.urandom(32))
-        hello = P.encode_hello(answer, P.new_nonce(), os.getpid(), 0.0, "x")
+        answer = handshake.digest(w.authkey if how != "wrong-key" else b"not the key", os.urandom(32))
+        hello = handshake.encode_hello(answer, handshake.new_nonce(), os.getpid(), 0.0, "x")
         if how == "truncated":
             hello = P.frame(hello[4:4 + extra % 70])
         elif how == "oversized":
             hello = P.frame(hello[4:] + b"h" * (256 + extra))
         elif how == "nan-start":
-            hello = P.frame(struct.pack("!c32s32sId", b"H", answer, P.new_nonce(), 1, math.nan))
+            hello = P.frame(struct.pack("!c32s32sId", b"H", answer, handshake.new_nonce(), 1, math.nan))
         elif how == "empty":
             hello = P.frame(b"")
         h.send(hello)
@@ -597,7 +598,7 @@ def test_huge_frame_before_the_key_is_refused_at_once(world: World) -> None:
     rss0 = proc.memory_info().rss
     h = Hostile(w, authed=False)
     h.sock.settimeout(IO_TIMEOUT)
-    assert P.decode_nonce(h._read_frame(P.MAX_HANDSHAKE))
+    assert handshake.decode_nonce(h._read_frame(P.MAX_HANDSHAKE))
     h.send(P.HEADER.pack(0xFFFFFFFF))
     chunk = b"\0" * (1 << 20)
     sent = 0

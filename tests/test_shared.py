@@ -397,6 +397,7 @@ class _Evil:
 def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
     import socket as _socket
 
+    from mppool import handshake
     from mppool import protocol as P
     from mppool.channel import _recv_frame
 
@@ -417,8 +418,9 @@ def test_no_pickle_is_loaded_before_the_key_is_proved(address, tmp_path):
         with _socket.socket(family, _socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(lease_addr if isinstance(lease_addr, str) else tuple(lease_addr))
-            nonce = P.decode_nonce(_recv_frame(s))
-            s.sendall(P.encode_hello(P.digest(b"wrong", nonce), P.new_nonce(), 1, 0.0, "h"))
+            nonce = handshake.decode_nonce(_recv_frame(s))
+            s.sendall(handshake.encode_hello(handshake.digest(b"wrong", nonce),
+                                             handshake.new_nonce(), 1, 0.0, "h"))
             assert s.recv(100) == b""
         assert mppool.connect(srv.address, srv.authkey).info()["pid"] == srv.pid  # still serving
     assert not marker.exists()

@@ -24,6 +24,7 @@ import hmac
 import itertools
 from typing import Any
 
+from .. import framing, handshake
 from .. import protocol as P
 from ..address import Address, display
 from ..errors import ServerUnavailable
@@ -60,13 +61,13 @@ class AsyncChannel:
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await open_stream(address, limit=P.RECV_SIZE)
-                nonce = P.decode_nonce(await _read_frame(reader))
-                mine = P.new_nonce()
+                nonce = handshake.decode_nonce(await _read_frame(reader))
+                mine = handshake.new_nonce()
                 h = current_holder()
-                writer.write(P.encode_hello(P.digest(authkey, nonce), mine, h.pid, h.start,
+                writer.write(handshake.encode_hello(handshake.digest(authkey, nonce), mine, h.pid, h.start,
                                             h.host))
-                answer, conn_id, instance = P.decode_ack(await _read_frame(reader))
-                if not hmac.compare_digest(answer, P.digest(authkey, mine)):
+                answer, conn_id, instance = handshake.decode_ack(await _read_frame(reader))
+                if not hmac.compare_digest(answer, handshake.digest(authkey, mine)):
                     raise P.ProtocolError("the supervisor does not know the key")
         except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError,
                 P.ProtocolError) as exc:
@@ -139,7 +140,7 @@ class AsyncChannel:
     # ------------------------------------------------------------------ the reader task
 
     async def _read_loop(self) -> None:
-        frames = P.ReplyReader(MAX_REPLY)
+        frames = framing.ReplyReader(MAX_REPLY)
         pending = self._pending
         why = "supervisor connection lost: closed"
         try:

@@ -1,6 +1,6 @@
 """One client connection as the lease loop sees it, and a get it has queued in a pool.
 
-A ``Conn`` is a client process: its socket, its read buffer (a `protocol.RequestReader` capped
+A ``Conn`` is a client process: its socket, its read buffer (a `framing.RequestReader` capped
 at 4 KiB until the key is proved, ``max_message`` after), its unread replies (capped at
 ``max_unread``: past that the client is cut off), its holder (pid and start time, from the
 kernel on unix sockets) and the proxied sub-objects (cursors) it holds. ``send_raw`` may be
@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from .. import framing, handshake
 from .. import protocol as P
 from ..holder import Holder
 from ..remote import PackedException
@@ -60,11 +61,11 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.id = cid
-        self.reader = P.RequestReader(P.MAX_HANDSHAKE)
+        self.reader = framing.RequestReader(P.MAX_HANDSHAKE)
         self.wbuf = bytearray()
         self.wlock = threading.Lock()
         self.closed = False
-        self.nonce = P.new_nonce()
+        self.nonce = handshake.new_nonce()
         self.holder: Holder | None = None
         # Proxied sub-objects (cursors): ref -> (lease, obj, its pool; None: a hosted object's).
         self.refs: dict[int, tuple[int, Any, Any]] = {}

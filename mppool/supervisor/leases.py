@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import handshake
 from .. import protocol as P
 from ..clock import Clock
 from ..errors import TimeOut
@@ -263,7 +264,7 @@ class LeaseLoop(Requests):
             self.handshaking += 1
             self.poller.register(conn.fd, _READ)
             self.at(self.sup.clock.now() + self.handshake_timeout, 1, conn)
-            conn.send_raw(P.encode_nonce(conn.nonce))
+            conn.send_raw(handshake.encode_nonce(conn.nonce))
 
     def pause_listening(self) -> None:
         if self.listening:
@@ -295,7 +296,7 @@ class LeaseLoop(Requests):
             for msg in frames:
                 try:
                     # The two messages of every lease cycle come decoded by the reader, as
-                    # tuples (protocol.RequestReader); anything else is a payload.
+                    # tuples (framing.RequestReader); anything else is a payload.
                     # No *args: a call with a star goes the slow way through the interpreter.
                     if type(msg) is tuple:
                         if msg[0] == KIND_GET:
@@ -318,8 +319,8 @@ class LeaseLoop(Requests):
 
     def hello(self, conn: Conn, payload: Any) -> None:
         try:
-            answer, client_nonce, pid, start, host = P.decode_hello(payload)
-            ok = hmac.compare_digest(answer, P.digest(self.authkey, conn.nonce))
+            answer, client_nonce, pid, start, host = handshake.decode_hello(payload)
+            ok = hmac.compare_digest(answer, handshake.digest(self.authkey, conn.nonce))
         except P.ProtocolError:
             ok = False
         if not ok:
@@ -330,7 +331,7 @@ class LeaseLoop(Requests):
         conn.holder = peer_holder(conn.sock, pid, start, host, conn.id)
         conn.reader.limit = self.max_message
         self.handshaking -= 1
-        conn.send_raw(P.encode_ack(P.digest(self.authkey, client_nonce), conn.id,
+        conn.send_raw(handshake.encode_ack(handshake.digest(self.authkey, client_nonce), conn.id,
                                    self.sup.instance))
 
     def flush(self, conn: Conn) -> None:

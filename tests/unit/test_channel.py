@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mppool import ServerUnavailable, TimeOut
+from mppool import ServerUnavailable, TimeOut, framing, handshake
 from mppool import protocol as P
 from mppool.channel import READ_SLICE, Channel
 
@@ -59,23 +59,23 @@ class FakeSupervisor:
             if self.greeting == b"":  # closed before a word is said
                 conn.close()
                 return
-            nonce = P.new_nonce()
-            conn.sendall(self.greeting if self.greeting is not None else P.encode_nonce(nonce))
-            reader = P.FrameReader(P.MAX_HANDSHAKE)
+            nonce = handshake.new_nonce()
+            conn.sendall(self.greeting if self.greeting is not None else handshake.encode_nonce(nonce))
+            reader = framing.FrameReader(P.MAX_HANDSHAKE)
             frames: list[Any] = []
             while not frames:
                 data = conn.recv(4096)
                 if not data:
                     return  # the client gave up on the handshake
                 frames = reader.feed(data)
-            self.hello = P.decode_hello(frames[0])
+            self.hello = handshake.decode_hello(frames[0])
             answer, client_nonce = self.hello[0], self.hello[1]
-            assert hmac.compare_digest(answer, P.digest(KEY, nonce)), "wrong answer"
-            conn.sendall(P.encode_ack(P.digest(self.key, client_nonce), self.conn_id, 7))
+            assert hmac.compare_digest(answer, handshake.digest(KEY, nonce)), "wrong answer"
+            conn.sendall(handshake.encode_ack(handshake.digest(self.key, client_nonce), self.conn_id, 7))
             if not self.read:
                 return
             conn.settimeout(None)
-            reader = P.FrameReader(1 << 26)
+            reader = framing.FrameReader(1 << 26)
             while True:
                 data = conn.recv(65536)
                 if not data:

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
+from mppool import framing, handshake
 from mppool import protocol as P
 from mppool.remote import PackedException
 
 
 def payload(frame: bytes) -> memoryview:
     """The one payload of an encoded frame, as the other end's FrameReader hands it over."""
-    frames = P.FrameReader(1 << 30).feed(frame)
+    frames = framing.FrameReader(1 << 30).feed(frame)
     assert len(frames) == 1
     return frames[0]
 
@@ -263,66 +264,67 @@ def test_error_reply_carries_a_packed_exception() -> None:
 
 
 def test_nonce_round_trip() -> None:
-    nonce = P.new_nonce()
-    assert len(nonce) == P.NONCE_SIZE and nonce != P.new_nonce()
-    frame = P.encode_nonce(nonce)
-    assert P.decode_nonce(frame[4:]) == nonce
-    assert P.decode_nonce(payload(frame)) == nonce  # a memoryview too
+    nonce = handshake.new_nonce()
+    assert len(nonce) == handshake.NONCE_SIZE and nonce != handshake.new_nonce()
+    frame = handshake.encode_nonce(nonce)
+    assert handshake.decode_nonce(frame[4:]) == nonce
+    assert handshake.decode_nonce(payload(frame)) == nonce  # a memoryview too
 
 
 @pytest.mark.parametrize("body", [b"", b"N", b"N" + bytes(31), b"N" + bytes(33), b"H" + bytes(32)])
 def test_a_bad_greeting_is_refused(body: bytes) -> None:
     with pytest.raises(P.ProtocolError):
-        P.decode_nonce(body)
+        handshake.decode_nonce(body)
 
 
 @pytest.mark.parametrize("host", ["", "web-1", "h\u00f6st.example", "x" * 255])
 def test_hello_round_trip(host: str) -> None:
-    answer, nonce = P.digest(b"key", b"n" * 32), P.new_nonce()
-    frame = P.encode_hello(answer, nonce, 4242, 1234.56, host)
+    answer, nonce = handshake.digest(b"key", b"n" * 32), handshake.new_nonce()
+    frame = handshake.encode_hello(answer, nonce, 4242, 1234.56, host)
     for body in (frame[4:], payload(frame)):
-        assert P.decode_hello(body) == (answer, nonce, 4242, 1234.56, host)
+        assert handshake.decode_hello(body) == (answer, nonce, 4242, 1234.56, host)
 
 
 def test_hello_host_is_cut_to_255_bytes() -> None:
-    _, _, _, _, host = P.decode_hello(P.encode_hello(bytes(32), bytes(32), 1, 0.0, "h" * 1000)[4:])
+    hello = handshake.encode_hello(bytes(32), bytes(32), 1, 0.0, "h" * 1000)
+    _, _, _, _, host = handshake.decode_hello(hello[4:])
     assert host == "h" * 255
 
 
 def test_a_bad_hello_is_refused() -> None:
-    good = P.encode_hello(bytes(32), bytes(32), 1, 2.0, "host")[4:]
+    good = handshake.encode_hello(bytes(32), bytes(32), 1, 2.0, "host")[4:]
     size = struct.calcsize("!c32s32sId")
     for body in (good[:size - 1], b"X" + good[1:], good[:size] + b"h" * 256, b""):
         with pytest.raises(P.ProtocolError):
-            P.decode_hello(body)
+            handshake.decode_hello(body)
     for start in (math.nan, math.inf, -math.inf):
         bad = struct.pack("!c32s32sId", b"H", bytes(32), bytes(32), 1, start)
         with pytest.raises(P.ProtocolError, match="start time"):
-            P.decode_hello(bad)
+            handshake.decode_hello(bad)
 
 
 def test_ack_round_trip() -> None:
-    answer = P.digest(b"key", b"nonce")
-    frame = P.encode_ack(answer, (1 << 64) - 1, 12345)
-    assert P.decode_ack(frame[4:]) == (answer, (1 << 64) - 1, 12345)
-    assert P.decode_ack(bytes(payload(frame))) == (answer, (1 << 64) - 1, 12345)
+    answer = handshake.digest(b"key", b"nonce")
+    frame = handshake.encode_ack(answer, (1 << 64) - 1, 12345)
+    assert handshake.decode_ack(frame[4:]) == (answer, (1 << 64) - 1, 12345)
+    assert handshake.decode_ack(bytes(payload(frame))) == (answer, (1 << 64) - 1, 12345)
     for body in (frame[4:-1], frame[4:] + b"\0", b"N" + frame[5:], b""):
         with pytest.raises(P.ProtocolError):
-            P.decode_ack(body)
+            handshake.decode_ack(body)
 
 
 def test_digest_is_hmac_sha256_of_the_nonce() -> None:
     import hashlib
     import hmac
 
-    key, nonce = os.urandom(32), P.new_nonce()
-    assert P.digest(key, nonce) == hmac.new(key, nonce, hashlib.sha256).digest()
-    assert P.digest(key, nonce) != P.digest(key + b"x", nonce)
+    key, nonce = os.urandom(32), handshake.new_nonce()
+    assert handshake.digest(key, nonce) == hmac.new(key, nonce, hashlib.sha256).digest()
+    assert handshake.digest(key, nonce) != handshake.digest(key + b"x", nonce)
 
 
 def test_handshake_frames_fit_the_handshake_limit() -> None:
-    hello = P.encode_hello(bytes(32), bytes(32), 1, 0.0, "h" * 1000)
-    for frame in (P.encode_nonce(bytes(32)), hello, P.encode_ack(bytes(32), 1, 2)):
+    hello = handshake.encode_hello(bytes(32), bytes(32), 1, 0.0, "h" * 1000)
+    for frame in (handshake.encode_nonce(bytes(32)), hello, handshake.encode_ack(bytes(32), 1, 2)):
         (n,) = P.HEADER.unpack_from(frame)
         assert n == len(frame) - 4 <= P.MAX_HANDSHAKE
 
@@ -341,7 +343,7 @@ def _stream() -> tuple[bytes, list[bytes]]:
     return b"".join(frames), [f[4:] for f in frames]
 
 
-def _feed_all(reader: P.FrameReader, pieces: list[bytes]) -> list[bytes]:
+def _feed_all(reader: framing.FrameReader, pieces: list[bytes]) -> list[bytes]:
     out: list[bytes] = []
     for piece in pieces:
         out.extend(bytes(f) for f in reader.feed(piece))  # copied before the next feed
@@ -350,7 +352,7 @@ def _feed_all(reader: P.FrameReader, pieces: list[bytes]) -> list[bytes]:
 
 def test_many_frames_in_one_feed() -> None:
     stream, expected = _stream()
-    reader = P.FrameReader(1 << 20)
+    reader = framing.FrameReader(1 << 20)
     assert _feed_all(reader, [stream]) == expected
     assert reader.buffered == 0
 
@@ -361,12 +363,12 @@ def test_frames_split_at_every_byte_boundary() -> None:
     n = 6
     head = stream[:sum(4 + len(body) for body in expected[:n])]
     for cut in range(len(head) + 1):
-        reader = P.FrameReader(1 << 20)
+        reader = framing.FrameReader(1 << 20)
         assert _feed_all(reader, [head[:cut], head[cut:]]) == expected[:n], cut
         assert reader.buffered == 0
     # The whole stream, one byte at a time, and in pieces of every size up to 7 bytes.
     for size in range(1, 8):
-        reader = P.FrameReader(1 << 20)
+        reader = framing.FrameReader(1 << 20)
         pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
         assert _feed_all(reader, pieces) == expected, size
 
@@ -374,12 +376,12 @@ def test_frames_split_at_every_byte_boundary() -> None:
 def test_frames_split_around_every_cut_of_the_large_frame() -> None:
     stream, expected = _stream()
     for cut in [*range(0, len(stream), 997), len(stream)]:
-        reader = P.FrameReader(1 << 20)
+        reader = framing.FrameReader(1 << 20)
         assert _feed_all(reader, [stream[:cut], stream[cut:]]) == expected, cut
 
 
 def test_empty_feeds_change_nothing() -> None:
-    reader = P.FrameReader(100)
+    reader = framing.FrameReader(100)
     assert reader.feed(b"") == []
     assert reader.feed(P.encode_ping(1)[:3]) == []
     assert reader.feed(b"") == []
@@ -387,36 +389,36 @@ def test_empty_feeds_change_nothing() -> None:
 
 
 def test_the_limit_is_enforced_from_the_header_alone() -> None:
-    reader = P.FrameReader(1000)
+    reader = framing.FrameReader(1000)
     with pytest.raises(P.ProtocolError, match="1001 bytes"):
         reader.feed(P.HEADER.pack(1001))  # no byte of the body has arrived
-    reader = P.FrameReader(1000)
+    reader = framing.FrameReader(1000)
     assert reader.feed(P.HEADER.pack(0xFFFFFFFF)[:2]) == []
     with pytest.raises(P.ProtocolError):
         reader.feed(P.HEADER.pack(0xFFFFFFFF)[2:])
 
 
 def test_the_limit_is_enforced_after_good_frames_and_for_a_whole_frame() -> None:
-    reader = P.FrameReader(1000)
+    reader = framing.FrameReader(1000)
     with pytest.raises(P.ProtocolError):
         reader.feed(P.encode_ping(1) + P.HEADER.pack(1001))
-    reader = P.FrameReader(1000)
+    reader = framing.FrameReader(1000)
     with pytest.raises(P.ProtocolError):
         reader.feed(P.frame(bytes(1001)))  # the whole frame in one feed
-    reader = P.FrameReader(1000)
+    reader = framing.FrameReader(1000)
     assert [bytes(f) for f in reader.feed(P.frame(bytes(1000)))] == [bytes(1000)]
 
 
 def test_handshake_limit_refuses_a_large_first_frame() -> None:
     with pytest.raises(P.ProtocolError):
-        P.FrameReader(P.MAX_HANDSHAKE).feed(P.HEADER.pack(P.MAX_HANDSHAKE + 1))
+        framing.FrameReader(P.MAX_HANDSHAKE).feed(P.HEADER.pack(P.MAX_HANDSHAKE + 1))
 
 
 def _feed_times(size: int, piece: int = 65536) -> list[float]:
     """The time of each feed() of one frame of ``size`` bytes arriving in ``piece``-byte
     recv()s."""
     chunk = bytes(piece)
-    reader = P.FrameReader(1 << 30)
+    reader = framing.FrameReader(1 << 30)
     pieces = [P.HEADER.pack(size) + chunk[:piece - 4]]
     left = size - (piece - 4)
     pieces += [chunk] * (left // piece)
@@ -459,7 +461,7 @@ def test_a_large_frame_in_many_pieces_costs_linear_time() -> None:
 
 def _decoded_requests(pieces: list[bytes]) -> list[Any]:
     """What the supervisor's reader hands over for ``pieces``, a payload copied to bytes."""
-    reader = P.RequestReader(1 << 20)
+    reader = framing.RequestReader(1 << 20)
     out: list[Any] = []
     for piece in pieces:
         out.extend(m if type(m) is tuple else bytes(m) for m in reader.feed(piece))
@@ -515,7 +517,7 @@ def test_reply_reader_decodes_grants_as_decode_reply_does() -> None:
     expected = [P.decode_reply(f[4:]) for f in frames]
     stream = b"".join(frames)
     for size in (1, 5, 4096, len(stream)):
-        reader = P.ReplyReader(1 << 20)
+        reader = framing.ReplyReader(1 << 20)
         got = []
         for i in range(0, len(stream), size):
             for item in reader.feed(stream[i:i + size]):
@@ -525,7 +527,7 @@ def test_reply_reader_decodes_grants_as_decode_reply_does() -> None:
                 got.append(rep)
         assert got == expected, size
     for frame, want in zip(frames, expected, strict=True):  # one whole frame per feed
-        (item,) = P.ReplyReader(1 << 20).feed(frame)
+        (item,) = framing.ReplyReader(1 << 20).feed(frame)
         rep = item if type(item) is P.Granted else P.decode_reply(item)
         if type(rep) is P.Granted and rep.blob is not None:
             rep = P.Granted(rep.rid, rep.lease, bytes(rep.blob))
