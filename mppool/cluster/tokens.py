@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PoolClosed, ServerUnavailable, TimeOut
@@ -178,7 +178,9 @@ class ClusterTokens:
         self.agent.forget(self, [member], returning=True)
         return True
 
-    def _reclaim(self, pred: Callable[[Holder], bool], reset: Any = None) -> int:
+    def _reclaim(self, pred: Callable[[Holder], bool], reset: Any = None,
+                 spare: Container[int] = ()) -> int:
+        # ``spare``: the core Pool's signature; a token has no proxied calls to wait for.
         with self._lock:
             leases = [k for k, e in self._using.items() if e.holder is not None and pred(e.holder)]
             members = [self._take(k) for k in leases]
