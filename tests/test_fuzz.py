@@ -146,8 +146,8 @@ class Hostile:
         if authed:
             nonce = handshake.decode_nonce(self._read_frame(P.MAX_HANDSHAKE))
             mine = handshake.new_nonce()
-            self.sock.sendall(handshake.encode_hello(handshake.digest(w.authkey, nonce), mine, os.getpid(),
-                                             0.0, "fuzz"))
+            self.sock.sendall(handshake.encode_hello(handshake.digest(w.authkey, nonce), mine,
+                                                     os.getpid(), 0.0, "fuzz"))
             answer, self.conn_id, _ = handshake.decode_ack(self._read_frame(P.MAX_HANDSHAKE))
             assert answer == handshake.digest(w.authkey, mine)
 

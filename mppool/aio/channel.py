@@ -64,8 +64,8 @@ class AsyncChannel:
                 nonce = handshake.decode_nonce(await _read_frame(reader))
                 mine = handshake.new_nonce()
                 h = current_holder()
-                writer.write(handshake.encode_hello(handshake.digest(authkey, nonce), mine, h.pid, h.start,
-                                            h.host))
+                writer.write(handshake.encode_hello(handshake.digest(authkey, nonce), mine, h.pid,
+                                                    h.start, h.host))
                 answer, conn_id, instance = handshake.decode_ack(await _read_frame(reader))
                 if not hmac.compare_digest(answer, handshake.digest(authkey, mine)):
                     raise P.ProtocolError("the supervisor does not know the key")

@@ -331,8 +331,8 @@ class LeaseLoop(Requests):
         conn.holder = peer_holder(conn.sock, pid, start, host, conn.id)
         conn.reader.limit = self.max_message
         self.handshaking -= 1
-        conn.send_raw(handshake.encode_ack(handshake.digest(self.authkey, client_nonce), conn.id,
-                                   self.sup.instance))
+        conn.send_raw(handshake.encode_ack(handshake.digest(self.authkey, client_nonce),
+                                           conn.id, self.sup.instance))
 
     def flush(self, conn: Conn) -> None:
         with conn.wlock:
