@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import math
 import threading
 import time
@@ -322,3 +323,13 @@ def _no_fast_path() -> str | None:
 # wherever a C compiler is (without one, token pools keep the normal path, tested anyway).
 NEEDS_FAST_PATH = pytest.mark.skipif(_no_fast_path() is not None,
                                      reason=f"no fast path here: {_no_fast_path()}")
+
+
+def check_outage_half_a_second_in(stats: dict[str, Any]) -> None:
+    """``stats()`` of a pool whose only creation attempt failed 0.5 s ago (a fake clock) with
+    ConnectionRefusedError("the database is down"): its ``outage`` entry says so."""
+    outage = stats["outage"]
+    assert outage["failing_for"] == pytest.approx(0.5) and outage["attempts"] == 1
+    assert 0.4 - 1e-9 <= outage["next_attempt_in"] <= 0.6 + 1e-9  # 1 s +-10%, 0.5 s ago
+    assert outage["error"] == "ConnectionRefusedError: the database is down"
+    json.dumps(stats)  # JSON-compatible, outage included
